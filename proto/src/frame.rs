@@ -1,0 +1,212 @@
+//! Transport frames and length-delimited framing.
+//!
+//! On the wire a frame is a 4-byte big-endian length `n` followed by `n`
+//! bytes of postcard-encoded [`Frame`]. Receivers refuse a length above their
+//! maximum *before* reading or allocating the payload.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ErrorCode, ProtoError};
+use crate::ids::{AgentId, Capability, Nonce, RequestId};
+use crate::keys::PublicKey;
+use crate::signed::SignedEnvelope;
+
+/// Default maximum frame payload: 4 MiB.
+pub const DEFAULT_MAX_FRAME: usize = 4 * 1024 * 1024;
+/// Length prefix size.
+pub const FRAME_HEADER_LEN: usize = 4;
+
+/// What the broker tells an agent whose registration it accepted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    /// The registered id.
+    pub agent_id: AgentId,
+    /// The broker's id.
+    pub broker_id: AgentId,
+    /// The broker's identity key (it signs toolsDiscovered).
+    pub broker_key: PublicKey,
+    /// How often the broker expects a heartbeat.
+    pub heartbeat_interval_ms: u64,
+    /// Silence longer than this evicts the agent.
+    pub grace_ms: u64,
+    /// The broker's maximum frame size.
+    pub max_frame: u32,
+}
+
+/// A transport message between a client (agent or caller) and a broker.
+/// postcard encodes variants by index: only append.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Frame {
+    /// Client to broker: an envelope signed by the session's agent.
+    Envelope(SignedEnvelope),
+    /// Broker to client: a relayed envelope and the key the broker holds for
+    /// its sender, so the recipient can verify it.
+    Deliver {
+        /// The envelope, bytes untouched.
+        envelope: SignedEnvelope,
+        /// The sender's registered public key.
+        signer: PublicKey,
+    },
+    /// Registration accepted.
+    Accepted(Accepted),
+    /// Registration refused; the broker closes the connection.
+    Denied {
+        /// Why.
+        code: ErrorCode,
+        /// Detail.
+        reason: String,
+    },
+    /// Liveness probe (either direction).
+    Heartbeat {
+        /// Echoed by the ack.
+        seq: u64,
+    },
+    /// Answer to a heartbeat.
+    HeartbeatAck {
+        /// The probe's sequence number.
+        seq: u64,
+    },
+    /// Terminal failure of a toolCall or discoverTools.
+    CallFailed {
+        /// The request.
+        request_id: RequestId,
+        /// Why.
+        code: ErrorCode,
+        /// Detail.
+        message: String,
+    },
+    /// An envelope or request (by its nonce) was accepted.
+    Ack {
+        /// Nonce of the acknowledged envelope or subscription.
+        nonce: Nonce,
+    },
+    /// An envelope or request (by its nonce) was refused.
+    Nack {
+        /// Nonce of the refused envelope or subscription.
+        nonce: Nonce,
+        /// Why.
+        code: ErrorCode,
+        /// Detail.
+        message: String,
+    },
+    /// Subscribe the session to an event topic.
+    Subscribe {
+        /// Correlates the ack.
+        nonce: Nonce,
+        /// Topic.
+        topic: Capability,
+    },
+    /// Unsubscribe from a topic.
+    Unsubscribe {
+        /// Correlates the ack.
+        nonce: Nonce,
+        /// Topic.
+        topic: Capability,
+    },
+    /// Connection-level error; the sender closes the connection after it.
+    Error {
+        /// Why.
+        code: ErrorCode,
+        /// Detail.
+        message: String,
+    },
+}
+
+/// Appends the length-prefixed encoding of `frame` to `out`.
+///
+/// # Errors
+/// [`ProtoError::Encode`] on serialisation failure; [`ProtoError::TooLarge`]
+/// when the payload exceeds `max`.
+pub fn encode_frame(frame: &Frame, out: &mut Vec<u8>, max: usize) -> Result<(), ProtoError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER_LEN]);
+    let mut v = std::mem::take(out);
+    v = postcard::to_extend(frame, v).map_err(|e| ProtoError::Encode(e.to_string()))?;
+    *out = v;
+    let len = out.len() - start - FRAME_HEADER_LEN;
+    if len > max {
+        out.truncate(start);
+        return Err(ProtoError::TooLarge { len, max });
+    }
+    let len32 = u32::try_from(len).map_err(|_| ProtoError::TooLarge { len, max })?;
+    out[start..start + FRAME_HEADER_LEN].copy_from_slice(&len32.to_be_bytes());
+    Ok(())
+}
+
+/// Reads the payload length from a frame header, refusing lengths above `max`.
+///
+/// # Errors
+/// [`ProtoError::TooLarge`].
+pub fn frame_len(header: [u8; FRAME_HEADER_LEN], max: usize) -> Result<usize, ProtoError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > max {
+        Err(ProtoError::TooLarge { len, max })
+    } else {
+        Ok(len)
+    }
+}
+
+/// Decodes one frame payload (without its length prefix). Trailing bytes are an error.
+///
+/// # Errors
+/// [`ProtoError::Malformed`].
+pub fn decode_frame_payload(payload: &[u8]) -> Result<Frame, ProtoError> {
+    let (frame, rest) =
+        postcard::take_from_bytes::<Frame>(payload).map_err(|e| ProtoError::Malformed {
+            what: "frame",
+            detail: e.to_string(),
+        })?;
+    if rest.is_empty() {
+        Ok(frame)
+    } else {
+        Err(ProtoError::Malformed {
+            what: "frame",
+            detail: format!("{} trailing bytes", rest.len()),
+        })
+    }
+}
+
+/// Incremental decoder of a byte stream into frames (sans-IO): push bytes as
+/// they arrive, pull complete frames. Memory stays within one maximum frame
+/// plus the bytes pushed at once.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl FrameDecoder {
+    /// A decoder refusing payloads above `max` bytes.
+    pub fn new(max: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            max,
+        }
+    }
+
+    /// Appends received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed.
+    ///
+    /// # Errors
+    /// [`ProtoError::TooLarge`] or [`ProtoError::Malformed`]; the stream is
+    /// unusable afterwards.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, ProtoError> {
+        let Some(header) = self.buf.get(..FRAME_HEADER_LEN) else {
+            return Ok(None);
+        };
+        let mut h = [0u8; FRAME_HEADER_LEN];
+        h.copy_from_slice(header);
+        let len = frame_len(h, self.max)?;
+        let Some(payload) = self.buf.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + len) else {
+            return Ok(None);
+        };
+        let frame = decode_frame_payload(payload)?;
+        self.buf.drain(..FRAME_HEADER_LEN + len);
+        Ok(Some(frame))
+    }
+}

@@ -1,0 +1,55 @@
+//! The FEM wire protocol, without I/O.
+//!
+//! * [`Envelope`]s (registerAgent, toolCall, toolResult, ...) carry a common
+//!   [`Header`] (sender, timestamp in ms, 128-bit nonce) and one [`Body`].
+//! * A [`SignedEnvelope`] holds the *exact encoded bytes* of an envelope and an
+//!   Ed25519 signature over a domain-separation tag followed by those bytes (see
+//!   `proto/README.md`). Relays forward it untouched, so the final recipient
+//!   verifies the original sender's signature.
+//! * [`Frame`]s are the transport messages between a client and a broker:
+//!   postcard-encoded and length-delimited, with a hard maximum size.
+//! * [`NonceCache`] implements replay protection: a timestamp window plus a
+//!   per-sender nonce set covering that window.
+//!
+//! ```no_run
+//! use fem_proto::{Body, Envelope, Header, SigningKey, SignedEnvelope, AgentId};
+//! # fn demo(body: Body) -> Result<(), fem_proto::ProtoError> {
+//! let key = SigningKey::generate();
+//! let env = Envelope::new(Header::now(AgentId::new("agent-1")?), body);
+//! let signed = SignedEnvelope::sign(&env, &key)?;
+//! let checked = signed.verify(&key.public_key())?;
+//! assert_eq!(checked, env);
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+mod envelope;
+mod error;
+mod frame;
+mod ids;
+mod keys;
+mod replay;
+mod serde_util;
+mod signed;
+
+pub use envelope::{
+    Body, DiscoverTools, DiscoveredTool, EmbodimentUpdate, EmitEvent, Envelope, EnvelopeType,
+    Header, JsonText, RegisterAgent, RegisterBroker, RenderInstruction, Revoke, Target, ToolCall,
+    ToolOutcome, ToolResult, ToolSpec, ToolsDiscovered, now_ms,
+};
+pub use error::{ErrorCode, ProtoError};
+pub use frame::{
+    Accepted, DEFAULT_MAX_FRAME, FRAME_HEADER_LEN, Frame, FrameDecoder, decode_frame_payload,
+    encode_frame, frame_len,
+};
+pub use ids::{AgentId, Capability, CapabilityPattern, MAX_ID_LEN, MAX_NAME_LEN, Nonce, RequestId};
+pub use keys::{PublicKey, Signature, SigningKey};
+pub use replay::{DEFAULT_REPLAY_WINDOW_MS, NonceCache};
+pub use signed::{Format, SIGNATURE_DOMAIN, SignedEnvelope, signing_input};
+
+/// ALPN protocol id of the native client protocol (QUIC and TLS/TCP).
+pub const ALPN_NATIVE: &[u8] = b"fem/1";
+/// ALPN protocol id of broker-to-broker federation links.
+pub const ALPN_FEDERATION: &[u8] = b"fem-fed/1";
+/// Protocol version carried in the signature domain tag.
+pub const PROTOCOL_VERSION: u8 = 1;

@@ -1,0 +1,176 @@
+//! Signatures over exact bytes with domain separation.
+
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::{Envelope, EnvelopeType};
+use crate::error::ProtoError;
+use crate::keys::{PublicKey, Signature, SigningKey};
+
+/// First bytes of every signing input: protocol name and version.
+pub const SIGNATURE_DOMAIN: &[u8] = b"fem/1 ";
+
+/// How an envelope's bytes are encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Format {
+    /// postcard (the native protocol).
+    Postcard,
+    /// UTF-8 JSON (the HTTP gateway and other-language clients).
+    Json,
+}
+
+impl Format {
+    /// The name used in the domain tag.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Postcard => "postcard",
+            Self::Json => "json",
+        }
+    }
+}
+
+/// The message a signature covers:
+/// `"fem/1 " || format || " " || type || "\n" || bytes`.
+pub fn signing_input(format: Format, kind: EnvelopeType, bytes: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(SIGNATURE_DOMAIN.len() + 32 + bytes.len());
+    v.extend_from_slice(SIGNATURE_DOMAIN);
+    v.extend_from_slice(format.as_str().as_bytes());
+    v.push(b' ');
+    v.extend_from_slice(kind.as_str().as_bytes());
+    v.push(b'\n');
+    v.extend_from_slice(bytes);
+    v
+}
+
+/// An envelope as signed: its exact encoded bytes and the signature over them.
+///
+/// Relays forward this value untouched; re-encoding a [`Frame`](crate::Frame)
+/// that contains it reproduces the same `bytes`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedEnvelope {
+    /// Encoding of `bytes`.
+    pub format: Format,
+    /// The encoded [`Envelope`].
+    #[serde(with = "crate::serde_util::vec_bytes")]
+    pub bytes: Vec<u8>,
+    /// Ed25519 signature over [`signing_input`].
+    pub signature: Signature,
+}
+
+impl SignedEnvelope {
+    /// Encodes `env` with postcard and signs it.
+    ///
+    /// # Errors
+    /// [`ProtoError::Encode`] if encoding fails.
+    pub fn sign(env: &Envelope, key: &SigningKey) -> Result<Self, ProtoError> {
+        let bytes = postcard::to_stdvec(env).map_err(|e| ProtoError::Encode(e.to_string()))?;
+        Ok(Self::sign_bytes(Format::Postcard, env.kind(), bytes, key))
+    }
+
+    /// Encodes `env` as JSON and signs it.
+    ///
+    /// # Errors
+    /// [`ProtoError::Encode`] if encoding fails.
+    pub fn sign_json(env: &Envelope, key: &SigningKey) -> Result<Self, ProtoError> {
+        let bytes = serde_json::to_vec(env).map_err(|e| ProtoError::Encode(e.to_string()))?;
+        Ok(Self::sign_bytes(Format::Json, env.kind(), bytes, key))
+    }
+
+    fn sign_bytes(format: Format, kind: EnvelopeType, bytes: Vec<u8>, key: &SigningKey) -> Self {
+        let signature = key.sign(&signing_input(format, kind, &bytes));
+        Self {
+            format,
+            bytes,
+            signature,
+        }
+    }
+
+    /// Decodes the envelope **without** checking the signature (to learn the
+    /// sender, then look up its key).
+    ///
+    /// # Errors
+    /// [`ProtoError::Malformed`] when the bytes do not decode.
+    pub fn open(&self) -> Result<Envelope, ProtoError> {
+        match self.format {
+            Format::Postcard => {
+                let (env, rest) =
+                    postcard::take_from_bytes::<Envelope>(&self.bytes).map_err(|e| {
+                        ProtoError::Malformed {
+                            what: "envelope",
+                            detail: e.to_string(),
+                        }
+                    })?;
+                if !rest.is_empty() {
+                    return Err(ProtoError::Malformed {
+                        what: "envelope",
+                        detail: format!("{} trailing bytes", rest.len()),
+                    });
+                }
+                Ok(env)
+            }
+            Format::Json => {
+                serde_json::from_slice(&self.bytes).map_err(|e| ProtoError::Malformed {
+                    what: "envelope",
+                    detail: e.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Checks the signature of an envelope already decoded with [`Self::open`].
+    ///
+    /// # Errors
+    /// [`ProtoError::InvalidSignature`].
+    pub fn verify_opened(&self, kind: EnvelopeType, key: &PublicKey) -> Result<(), ProtoError> {
+        key.verify(
+            &signing_input(self.format, kind, &self.bytes),
+            &self.signature,
+        )
+    }
+
+    /// Decodes and verifies against `key`.
+    ///
+    /// # Errors
+    /// [`ProtoError::Malformed`] or [`ProtoError::InvalidSignature`].
+    pub fn verify(&self, key: &PublicKey) -> Result<Envelope, ProtoError> {
+        let env = self.open()?;
+        self.verify_opened(env.kind(), key)?;
+        Ok(env)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AgentId, Body, Header, Revoke};
+
+    fn env() -> Envelope {
+        Envelope::new(
+            Header::now(AgentId::new("a").unwrap()),
+            Body::Revoke(Revoke {
+                target: AgentId::new("a").unwrap(),
+                reason: "bye".into(),
+            }),
+        )
+    }
+
+    #[test]
+    fn both_formats_verify_and_tamper_fails() {
+        let k = SigningKey::generate();
+        for s in [
+            SignedEnvelope::sign(&env(), &k).unwrap(),
+            SignedEnvelope::sign_json(&env(), &k).unwrap(),
+        ] {
+            s.verify(&k.public_key()).unwrap();
+            let mut t = s.clone();
+            let last = t.bytes.len() - 2;
+            t.bytes[last] ^= 1;
+            assert!(t.verify(&k.public_key()).is_err());
+            // The same bytes under another type tag do not verify.
+            assert!(
+                s.verify_opened(EnvelopeType::ToolCall, &k.public_key())
+                    .is_err()
+            );
+        }
+    }
+}
