@@ -45,10 +45,7 @@ impl NonceCache {
                 window_ms: self.window_ms,
             });
         }
-        let cutoff = now.saturating_sub(self.window_ms);
-        if self.seen.first().is_some_and(|f| f.0 < cutoff) {
-            self.seen = self.seen.split_off(&(cutoff, [0; 16]));
-        }
+        self.expire(now);
         if self.seen.contains(&(ts, nonce.0)) {
             return Err(ProtoError::Replayed);
         }
@@ -57,6 +54,14 @@ impl NonceCache {
         }
         self.seen.insert((ts, nonce.0));
         Ok(())
+    }
+
+    /// Forgets nonces older than the window (they are refused as stale anyway).
+    pub fn expire(&mut self, now: u64) {
+        let cutoff = now.saturating_sub(self.window_ms);
+        if self.seen.first().is_some_and(|f| f.0 < cutoff) {
+            self.seen = self.seen.split_off(&(cutoff, [0; 16]));
+        }
     }
 
     /// Number of nonces held.

@@ -1,0 +1,120 @@
+//! Tools an agent serves.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use fem_proto::{AgentId, Capability, ErrorCode, JsonText, PublicKey, RequestId, ToolSpec};
+use futures::future::BoxFuture;
+
+use crate::SdkError;
+
+/// One call as the handler sees it (already verified).
+#[derive(Clone, Debug)]
+pub struct ToolRequest {
+    /// The caller (signature verified).
+    pub caller: AgentId,
+    /// The caller's key.
+    pub caller_key: PublicKey,
+    /// Request id.
+    pub request_id: RequestId,
+    /// Tool name.
+    pub tool: Capability,
+    /// Parameters, valid against the tool's schema.
+    pub params: serde_json::Value,
+    /// When the caller stops waiting.
+    pub deadline: Instant,
+}
+
+/// A typed tool failure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ToolError {
+    /// Code sent to the caller.
+    pub code: ErrorCode,
+    /// Message sent to the caller.
+    pub message: String,
+}
+
+impl ToolError {
+    /// A failure with a code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ToolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for ToolError {}
+
+type Handler = dyn Fn(ToolRequest) -> BoxFuture<'static, Result<serde_json::Value, ToolError>> + Send + Sync;
+
+/// A tool: its spec, compiled schema and handler.
+#[derive(Clone)]
+pub struct Tool {
+    pub(crate) spec: ToolSpec,
+    pub(crate) validator: Arc<jsonschema::Validator>,
+    pub(crate) handler: Arc<Handler>,
+}
+
+impl fmt::Debug for Tool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tool").field("name", &self.spec.name).finish_non_exhaustive()
+    }
+}
+
+impl Tool {
+    /// A tool named `name` (dotted, e.g. `shell.run`) whose parameters must
+    /// match the JSON Schema `schema`.
+    ///
+    /// # Errors
+    /// [`SdkError::Config`] for an invalid name or schema.
+    pub fn new<F, Fut>(name: &str, description: &str, schema: serde_json::Value, handler: F) -> Result<Self, SdkError>
+    where
+        F: Fn(ToolRequest) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<serde_json::Value, ToolError>> + Send + 'static,
+    {
+        let name = Capability::new(name)?;
+        let validator = jsonschema::validator_for(&schema)
+            .map_err(|e| SdkError::Config(format!("tool {name}: invalid JSON Schema: {e}")))?;
+        Ok(Self {
+            spec: ToolSpec {
+                name,
+                description: description.to_owned(),
+                input_schema: JsonText::from_value(&schema),
+            },
+            validator: Arc::new(validator),
+            handler: Arc::new(move |req| Box::pin(handler(req))),
+        })
+    }
+
+    /// The tool's spec.
+    pub fn spec(&self) -> &ToolSpec {
+        &self.spec
+    }
+
+    /// Checks parameters against the schema.
+    pub(crate) fn validate(&self, params: &serde_json::Value) -> Result<(), ToolError> {
+        let errors: Vec<String> = self
+            .validator
+            .iter_errors(params)
+            .take(5)
+            .map(|e| format!("{}: {e}", e.instance_path))
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ToolError::new(
+                ErrorCode::BadRequest,
+                format!("parameters do not match the schema of {}: {}", self.spec.name, errors.join("; ")),
+            ))
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! Running one child process under the policy: scrubbed environment, own
+//! process group, resource limits, bounded output capture and a deadline.
+
+use std::{
+    io,
+    os::unix::process::ExitStatusExt,
+    path::{Path, PathBuf},
+    process::{ExitStatus, Stdio},
+    time::Duration,
+};
+
+use nix::{
+    libc,
+    sys::signal::{Signal, killpg},
+    unistd::Pid,
+};
+use rlimit::Resource;
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    process::Command,
+    time::Instant,
+};
+
+use super::{Policy, SANDBOX_PATH, SandboxError, push_bounded};
+
+/// How long to keep draining the pipes once the child has exited or been
+/// killed. Only processes that escaped the process group (setsid) can keep the
+/// pipes open that long; after this we stop reading and return what we have.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// Size of each read from a child pipe.
+const READ_CHUNK: usize = 32 * 1024;
+
+/// One execution request, already validated against the policy.
+pub(super) struct Spec {
+    /// Absolute path of the allowed program to execute.
+    pub(super) program: PathBuf,
+    /// Arguments after argv[0].
+    pub(super) args: Vec<String>,
+    /// Working directory (already checked against the policy).
+    pub(super) cwd: PathBuf,
+    /// Data for the child's stdin; `None` means /dev/null.
+    pub(super) stdin: Option<String>,
+    /// Effective deadline for the whole run.
+    pub(super) timeout: Duration,
+    /// Value of TMPDIR in the child.
+    pub(super) tmpdir: PathBuf,
+    /// Tool name, for the log line.
+    pub(super) tool: &'static str,
+}
+
+/// Resource limits for the child, already clamped to what the agent may set.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    cpu_seconds: u64,
+    address_space: u64,
+    processes: u64,
+}
+
+impl Limits {
+    fn for_policy(policy: &Policy) -> Result<Self, SandboxError> {
+        for resource in [Resource::CPU, Resource::AS, Resource::NPROC, Resource::CORE] {
+            // Checked here, in the parent, so that `rlimit::setrlimit` cannot
+            // take its allocating "unsupported" error path in the child.
+            if !resource.is_supported() {
+                return Err(SandboxError::Internal(format!(
+                    "resource limit {resource:?} is not supported on this platform"
+                )));
+            }
+        }
+        Ok(Self {
+            cpu_seconds: clamp_to_hard(Resource::CPU, policy.cpu_seconds),
+            address_space: clamp_to_hard(Resource::AS, policy.memory_bytes),
+            processes: clamp_to_hard(Resource::NPROC, policy.max_processes),
+        })
+    }
+}
+
+/// An unprivileged process cannot raise a hard limit: ask for at most the
+/// agent's own hard limit so that setrlimit in the child cannot fail on EPERM.
+fn clamp_to_hard(resource: Resource, wanted: u64) -> u64 {
+    match rlimit::getrlimit(resource) {
+        Ok((_, hard)) => wanted.min(hard),
+        Err(_) => wanted,
+    }
+}
+
+/// Applies the resource limits in the forked child, right before exec.
+#[allow(unsafe_code)]
+fn install_limits(cmd: &mut Command, limits: Limits) {
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe operations are allowed. It only calls setrlimit(2),
+    // which is async-signal-safe; `rlimit::setrlimit` is a thin wrapper that
+    // builds a plain struct on the stack and, on failure, returns
+    // `io::Error::last_os_error()` (no allocation). Its only allocating path,
+    // the "unsupported resource" error, is ruled out by `Limits::for_policy`,
+    // which checked every resource in the parent. `limits` is `Copy`, so the
+    // closure touches no shared or locked state.
+    unsafe {
+        cmd.pre_exec(move || {
+            rlimit::setrlimit(Resource::CORE, 0, 0)?;
+            rlimit::setrlimit(Resource::CPU, limits.cpu_seconds, limits.cpu_seconds)?;
+            rlimit::setrlimit(Resource::AS, limits.address_space, limits.address_space)?;
+            rlimit::setrlimit(Resource::NPROC, limits.processes, limits.processes)?;
+            Ok(())
+        });
+    }
+}
+
+/// Sends SIGKILL to the child's whole process group, and does so on drop
+/// while armed (the run future was cancelled or returned early).
+struct GroupKiller {
+    pgid: Pid,
+    armed: bool,
+}
+
+impl GroupKiller {
+    fn kill(&self) {
+        // Never signal group 0 (our own group) or 1 (init's).
+        if self.pgid.as_raw() > 1 {
+            // ESRCH (group already gone) is the normal case after exit.
+            let _ = killpg(self.pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        if self.armed {
+            self.kill();
+        }
+    }
+}
+
+/// Output of one stream, capped.
+struct Capture {
+    buf: Vec<u8>,
+    cap: usize,
+    truncated: bool,
+}
+
+impl Capture {
+    fn new(cap: usize) -> Self {
+        Self { buf: Vec::new(), cap, truncated: false }
+    }
+
+    fn push(&mut self, data: &[u8]) {
+        if push_bounded(&mut self.buf, data, self.cap) {
+            self.truncated = true;
+        }
+    }
+
+    /// Lossy UTF-8; a multi-byte character cut by truncation is dropped
+    /// rather than turned into U+FFFD.
+    fn into_string(self) -> String {
+        let mut buf = self.buf;
+        if self.truncated
+            && let Err(e) = std::str::from_utf8(&buf)
+            && e.error_len().is_none()
+        {
+            buf.truncate(e.valid_up_to());
+        }
+        match String::from_utf8(buf) {
+            Ok(s) => s,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        }
+    }
+}
+
+fn spawn_error(program: &Path, e: io::Error) -> SandboxError {
+    if e.raw_os_error() == Some(libc::E2BIG) {
+        SandboxError::BadRequest("argument list too long".to_owned())
+    } else if e.kind() == io::ErrorKind::InvalidInput {
+        SandboxError::BadRequest(format!("cannot start {}: {e}", program.display()))
+    } else {
+        SandboxError::Io { context: format!("cannot start {}", program.display()), source: e }
+    }
+}
+
+/// Runs `spec` to completion, timeout or cancellation and returns the result
+/// JSON of shell.run / code.execute.
+pub(super) async fn run(policy: &Policy, spec: Spec) -> Result<Value, SandboxError> {
+    let limits = Limits::for_policy(policy)?;
+    let mut cmd = Command::new(&spec.program);
+    cmd.args(&spec.args)
+        .current_dir(&spec.cwd)
+        .env_clear()
+        .env("PATH", SANDBOX_PATH)
+        .env("HOME", policy.work_dir())
+        .env("LANG", "C.UTF-8")
+        .env("TMPDIR", &spec.tmpdir)
+        .stdin(if spec.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    install_limits(&mut cmd, limits);
+
+    let started = Instant::now();
+    let mut child = cmd.spawn().map_err(|e| spawn_error(&spec.program, e))?;
+    // The child is the leader of a new group whose id is its pid.
+    let Some(pgid) = child.id().and_then(|id| i32::try_from(id).ok()).filter(|&id| id > 1) else {
+        return Err(SandboxError::Internal("spawned child has no usable process id".to_owned()));
+    };
+    let mut group = GroupKiller { pgid: Pid::from_raw(pgid), armed: true };
+    let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(SandboxError::Internal("child output pipes are missing".to_owned()));
+    };
+
+    // Feed stdin concurrently with reading, so a child that writes before it
+    // reads cannot deadlock us. Dropping the pipe afterwards sends EOF.
+    let stdin_pipe = child.stdin.take();
+    let stdin_data = spec.stdin;
+    let feed = async move {
+        if let (Some(mut pipe), Some(data)) = (stdin_pipe, stdin_data)
+            && let Err(e) = pipe.write_all(data.as_bytes()).await
+            && e.kind() != io::ErrorKind::BrokenPipe
+        {
+            tracing::debug!(error = %e, "writing child stdin failed");
+        }
+    };
+    tokio::pin!(feed);
+
+    let deadline = started + spec.timeout;
+    let mut out = Capture::new(policy.max_output_bytes);
+    let mut err = Capture::new(policy.max_output_bytes);
+    let mut out_chunk = vec![0u8; READ_CHUNK];
+    let mut err_chunk = vec![0u8; READ_CHUNK];
+    let (mut out_open, mut err_open, mut fed) = (true, true, false);
+    let mut status: Option<ExitStatus> = None;
+    let mut timed_out = false;
+    // Set once the child has exited or was killed: from then on we only drain.
+    let mut drain_deadline: Option<Instant> = None;
+
+    while status.is_none() || out_open || err_open {
+        let wake = drain_deadline.unwrap_or(deadline);
+        tokio::select! {
+            r = stdout.read(&mut out_chunk), if out_open => match r {
+                Ok(0) | Err(_) => out_open = false,
+                Ok(n) => out.push(&out_chunk[..n]),
+            },
+            r = stderr.read(&mut err_chunk), if err_open => match r {
+                Ok(0) | Err(_) => err_open = false,
+                Ok(n) => err.push(&err_chunk[..n]),
+            },
+            () = &mut feed, if !fed => fed = true,
+            r = child.wait(), if status.is_none() => {
+                let st = r.map_err(|e| SandboxError::Io {
+                    context: "waiting for the child".to_owned(),
+                    source: e,
+                })?;
+                status = Some(st);
+                // Leftover background processes of the group die with the
+                // leader, which also closes the pipes they hold.
+                group.kill();
+                drain_deadline.get_or_insert_with(|| Instant::now() + DRAIN_GRACE);
+            }
+            () = tokio::time::sleep_until(wake) => {
+                if drain_deadline.is_some() {
+                    // Something outside the group keeps the pipes open, or the
+                    // killed child is not reaped yet: give up waiting.
+                    break;
+                }
+                timed_out = true;
+                group.kill();
+                drain_deadline = Some(Instant::now() + DRAIN_GRACE);
+            }
+        }
+    }
+    if status.is_none() {
+        status = child.try_wait().ok().flatten();
+    }
+    if status.is_some() {
+        // The group was killed right after the leader was reaped; do not
+        // signal the (possibly recycled) id again.
+        group.armed = false;
+    }
+
+    let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let exit_code = status.and_then(|s| s.code());
+    let signal = status.and_then(|s| s.signal());
+    let truncated = out.truncated || err.truncated;
+    tracing::info!(
+        tool = spec.tool,
+        program = %spec.program.display(),
+        exit_code,
+        signal,
+        timed_out,
+        truncated,
+        duration_ms,
+        "sandboxed execution finished"
+    );
+    Ok(json!({
+        "stdout": out.into_string(),
+        "stderr": err.into_string(),
+        "exit_code": exit_code,
+        "signal": signal,
+        "timed_out": timed_out,
+        "truncated": truncated,
+        "duration_ms": duration_ms,
+    }))
+}

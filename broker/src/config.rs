@@ -1,0 +1,64 @@
+//! The broker's library configuration (plain struct with defaults; the binary
+//! maps flags, FEM_* variables and files onto it).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fem_proto::{AgentId, DEFAULT_MAX_FRAME, DEFAULT_REPLAY_WINDOW_MS};
+
+use crate::tls::TlsSource;
+
+/// Broker configuration.
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    /// Address for QUIC (UDP) and TLS (TCP), same port number.
+    pub listen: SocketAddr,
+    /// Keeps the identity key and the generated certificates.
+    pub data_dir: PathBuf,
+    /// Certificate source.
+    pub tls: TlsSource,
+    /// Extra names for a generated certificate (besides localhost, loopbacks, host name).
+    pub tls_names: Vec<String>,
+    /// The broker's id.
+    pub broker_id: AgentId,
+    /// Maximum concurrent client connections.
+    pub max_connections: usize,
+    /// Maximum frame payload in bytes.
+    pub max_frame: usize,
+    /// Heartbeat interval announced to agents.
+    pub heartbeat_interval: Duration,
+    /// Silence after which an agent is evicted.
+    pub heartbeat_grace: Duration,
+    /// Accepted clock skew for envelope timestamps, ms.
+    pub replay_window_ms: u64,
+    /// Upper bound on any call's deadline.
+    pub max_call_timeout: Duration,
+    /// Frames queued per session before it counts as a slow consumer.
+    pub session_queue: usize,
+    /// Time allowed between connecting and registering.
+    pub registration_timeout: Duration,
+    /// Grace period for in-flight calls at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            data_dir: PathBuf::from("fem-data"),
+            tls: TlsSource::SelfSigned,
+            tls_names: Vec::new(),
+            broker_id: AgentId::new("fem-broker").unwrap_or_else(|_| unreachable!()),
+            max_connections: 10_000,
+            max_frame: DEFAULT_MAX_FRAME,
+            heartbeat_interval: Duration::from_secs(10),
+            heartbeat_grace: Duration::from_secs(30),
+            replay_window_ms: DEFAULT_REPLAY_WINDOW_MS,
+            max_call_timeout: Duration::from_secs(600),
+            session_queue: 1024,
+            registration_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}

@@ -1,0 +1,434 @@
+//! Shared broker state: registry, pending calls, subscriptions, and the
+//! per-message operations that act on them.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use fem_proto::{
+    AgentId, Body, Capability, DiscoverTools, DiscoveredTool, Envelope, ErrorCode, Frame, Header, NonceCache,
+    ProtoError, PublicKey, RequestId, SignedEnvelope, SigningKey, ToolCall, ToolResult, ToolsDiscovered,
+};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::config::BrokerConfig;
+use crate::metrics::Metrics;
+use crate::registry::{AgentEntry, Registry, SessionTx};
+
+/// Key of a call in flight: the agent executing it and the caller's request id.
+pub(crate) type PendingKey = (AgentId, RequestId);
+
+/// A call awaiting its terminal answer.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    seq: u64,
+    caller: AgentId,
+    caller_tx: SessionTx,
+    target: Arc<AgentEntry>,
+    started: Instant,
+}
+
+/// Maximum nonces remembered per sender within one replay window.
+const MAX_NONCES_PER_SENDER: usize = 200_000;
+/// Maximum tools in one discovery answer.
+const MAX_DISCOVERY: usize = 1000;
+
+/// State shared by every session of one broker.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: BrokerConfig,
+    pub(crate) identity: SigningKey,
+    pub(crate) broker_key: PublicKey,
+    pub(crate) registry: Registry,
+    pub(crate) metrics: Metrics,
+    pub(crate) conn_limit: Arc<Semaphore>,
+    pub(crate) ready: AtomicBool,
+    pending: DashMap<PendingKey, Pending>,
+    deadlines: mpsc::UnboundedSender<(Instant, u64, PendingKey)>,
+    nonces: DashMap<AgentId, Mutex<NonceCache>>,
+    subs: DashMap<Capability, Vec<(AgentId, u64, SessionTx)>>,
+    session_seq: AtomicU64,
+    call_seq: AtomicU64,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Shared {
+    /// Creates the state and spawns its deadline and janitor tasks.
+    pub(crate) fn new(config: BrokerConfig, identity: SigningKey, metrics: Metrics) -> Arc<Self> {
+        let (dl_tx, dl_rx) = mpsc::unbounded_channel();
+        let (shutdown, _) = watch::channel(false);
+        let shared = Arc::new(Self {
+            broker_key: identity.public_key(),
+            identity,
+            registry: Registry::default(),
+            metrics,
+            conn_limit: Arc::new(Semaphore::new(config.max_connections)),
+            ready: AtomicBool::new(false),
+            pending: DashMap::new(),
+            deadlines: dl_tx,
+            nonces: DashMap::new(),
+            subs: DashMap::new(),
+            session_seq: AtomicU64::new(1),
+            call_seq: AtomicU64::new(1),
+            shutdown,
+            config,
+        });
+        tokio::spawn(deadline_task(Arc::downgrade(&shared), dl_rx));
+        tokio::spawn(janitor_task(Arc::downgrade(&shared)));
+        shared
+    }
+
+    pub(crate) fn next_session_id(&self) -> u64 {
+        self.session_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    pub(crate) fn begin_shutdown(&self) {
+        self.ready.store(false, Ordering::Relaxed);
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Calls awaiting an answer.
+    pub(crate) fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Timestamp window and per-sender nonce check.
+    pub(crate) fn check_replay(&self, sender: &AgentId, h: &Header) -> Result<(), ProtoError> {
+        let cache = self
+            .nonces
+            .entry(sender.clone())
+            .or_insert_with(|| Mutex::new(NonceCache::new(self.config.replay_window_ms, MAX_NONCES_PER_SENDER)));
+        let mut c = cache.lock().map_err(|_| ProtoError::RateLimited)?;
+        c.check(h.timestamp_ms, &h.nonce, fem_proto::now_ms())
+    }
+
+    /// Removes a session's agent (if still current) and answers its calls.
+    pub(crate) fn unregister(&self, entry: &Arc<AgentEntry>) {
+        if self.registry.remove(&entry.id, entry.session_id) {
+            self.metrics.agents_changed(-1);
+            let _ = self.metrics.agent_queue_length.remove_label_values(&[entry.id.as_str()]);
+            info!(agent = %entry.id, "agent unregistered");
+        }
+        self.fail_calls_to(entry, "agent disconnected with the call in flight");
+        self.unsubscribe_session(&entry.id, entry.session_id);
+    }
+
+    /// Answers AGENT_UNAVAILABLE to every call in flight to this session.
+    pub(crate) fn fail_calls_to(&self, entry: &Arc<AgentEntry>, why: &str) {
+        let keys: Vec<PendingKey> = self
+            .pending
+            .iter()
+            .filter(|p| p.key().0 == entry.id && p.value().target.session_id == entry.session_id)
+            .map(|p| p.key().clone())
+            .collect();
+        for key in keys {
+            if let Some((key, p)) = self
+                .pending
+                .remove_if(&key, |_, p| p.target.session_id == entry.session_id)
+            {
+                self.finish(
+                    p,
+                    Frame::CallFailed {
+                        request_id: key.1,
+                        code: ErrorCode::AgentUnavailable,
+                        message: format!("{}: {why}", entry.id),
+                    },
+                    ErrorCode::AgentUnavailable.as_str(),
+                );
+            }
+        }
+    }
+
+    /// Releases the agent slot, records metrics and sends the terminal answer.
+    fn finish(&self, p: Pending, answer: Frame, outcome: &str) {
+        p.target.release();
+        self.metrics.calls_in_flight.dec();
+        self.metrics
+            .agent_queue_length
+            .with_label_values(&[p.target.id.as_str()])
+            .set(i64::from(p.target.in_flight()));
+        self.metrics.tool_calls.with_label_values(&[outcome]).inc();
+        self.metrics
+            .tool_call_duration
+            .with_label_values(&[outcome])
+            .observe(p.started.elapsed().as_secs_f64());
+        self.send_or_drop_slow(&p.caller, &p.caller_tx, answer);
+    }
+
+    /// Sends without waiting; a receiver whose queue is full is a slow
+    /// consumer and its session is closed, so other clients never wait on it.
+    fn send_or_drop_slow(&self, id: &AgentId, tx: &SessionTx, frame: Frame) {
+        match tx.try_send(frame) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => debug!(agent = %id, "receiver gone; answer dropped"),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!(agent = %id, "slow consumer: queue full; closing its session");
+                self.metrics.refusals.with_label_values(&[ErrorCode::SlowConsumer.as_str()]).inc();
+                if let Some(e) = self.registry.get(id) {
+                    e.evict.notify_one();
+                }
+            }
+        }
+    }
+
+    /// Routes a verified toolCall to an agent.
+    pub(crate) fn route_call(&self, caller: &Arc<AgentEntry>, call: ToolCall, signed: SignedEnvelope, started: Instant) {
+        let fail = |code: ErrorCode, message: String| {
+            self.metrics.tool_calls.with_label_values(&[code.as_str()]).inc();
+            debug!(request = %call.request_id, %code, %message, "call refused");
+            self.send_or_drop_slow(
+                &caller.id,
+                &caller.tx,
+                Frame::CallFailed {
+                    request_id: call.request_id,
+                    code,
+                    message,
+                },
+            );
+        };
+        let now = fem_proto::now_ms();
+        if call.deadline_ms <= now {
+            return fail(ErrorCode::Timeout, "the call's deadline has already passed".into());
+        }
+        let budget = Duration::from_millis(call.deadline_ms - now).min(self.config.max_call_timeout);
+        let target = match self.registry.select(&call.target, &call.tool) {
+            Ok(t) => t,
+            Err((code, message)) => return fail(code, message),
+        };
+        let key = (target.id.clone(), call.request_id);
+        let seq = self.call_seq.fetch_add(1, Ordering::Relaxed);
+        {
+            use dashmap::mapref::entry::Entry;
+            match self.pending.entry(key.clone()) {
+                Entry::Occupied(_) => {
+                    target.release();
+                    return fail(
+                        ErrorCode::BadRequest,
+                        format!("request id {} is already in flight to {}", call.request_id, target.id),
+                    );
+                }
+                Entry::Vacant(v) => {
+                    v.insert(Pending {
+                        seq,
+                        caller: caller.id.clone(),
+                        caller_tx: caller.tx.clone(),
+                        target: Arc::clone(&target),
+                        started,
+                    });
+                }
+            }
+        }
+        self.metrics.calls_in_flight.inc();
+        self.metrics
+            .agent_queue_length
+            .with_label_values(&[target.id.as_str()])
+            .set(i64::from(target.in_flight()));
+        let _ = self.deadlines.send((Instant::now() + budget, seq, key.clone()));
+        debug!(request = %call.request_id, tool = %call.tool, agent = %target.id, "routing call");
+        let deliver = Frame::Deliver {
+            envelope: signed,
+            signer: caller.key,
+        };
+        if target.tx.try_send(deliver).is_err() {
+            if let Some((key, p)) = self.pending.remove_if(&key, |_, p| p.seq == seq) {
+                self.finish(
+                    p,
+                    Frame::CallFailed {
+                        request_id: key.1,
+                        code: ErrorCode::AgentUnavailable,
+                        message: format!("agent {} cannot accept calls (queue full or closing)", target.id),
+                    },
+                    ErrorCode::AgentUnavailable.as_str(),
+                );
+            }
+        }
+    }
+
+    /// Relays a verified toolResult to the caller of the matching call.
+    pub(crate) fn deliver_result(&self, agent: &Arc<AgentEntry>, result: ToolResult, signed: SignedEnvelope, _h: &Header) {
+        let key = (agent.id.clone(), result.request_id);
+        let Some((_, p)) = self
+            .pending
+            .remove_if(&key, |_, p| p.target.session_id == agent.session_id && p.caller == result.caller)
+        else {
+            debug!(request = %result.request_id, "late or unknown toolResult dropped");
+            self.metrics.refusals.with_label_values(&["LATE_RESULT"]).inc();
+            return;
+        };
+        let outcome = match &result.outcome {
+            fem_proto::ToolOutcome::Success(_) => "ok",
+            fem_proto::ToolOutcome::Error { code, .. } => code.as_str(),
+        };
+        self.finish(
+            p,
+            Frame::Deliver {
+                envelope: signed,
+                signer: agent.key,
+            },
+            outcome,
+        );
+    }
+
+    /// Answers discoverTools with a broker-signed toolsDiscovered.
+    pub(crate) fn discover(&self, caller: &Arc<AgentEntry>, q: &DiscoverTools) {
+        let limit = match q.limit {
+            0 => MAX_DISCOVERY,
+            n => (n as usize).min(MAX_DISCOVERY),
+        };
+        let agents = match &q.capability {
+            Some(p) => self.registry.matching(p),
+            None => self.registry.snapshot(),
+        };
+        let mut tools = Vec::new();
+        'outer: for a in agents {
+            let p = a.profile();
+            if let Some(env) = &q.environment {
+                if p.metadata.get("environment") != Some(env) {
+                    continue;
+                }
+            }
+            for t in &p.tools {
+                if tools.len() >= limit {
+                    break 'outer;
+                }
+                tools.push(DiscoveredTool {
+                    agent_id: a.id.clone(),
+                    broker_id: self.config.broker_id.clone(),
+                    capabilities: p.capabilities.clone(),
+                    tool: t.clone(),
+                });
+            }
+        }
+        let env = Envelope::new(
+            crate::session::broker_header(&self.config.broker_id),
+            Body::ToolsDiscovered(ToolsDiscovered {
+                request_id: q.request_id,
+                tools,
+            }),
+        );
+        let frame = match SignedEnvelope::sign(&env, &self.identity) {
+            Ok(signed) => Frame::Deliver {
+                envelope: signed,
+                signer: self.broker_key,
+            },
+            Err(e) => Frame::CallFailed {
+                request_id: q.request_id,
+                code: ErrorCode::Internal,
+                message: e.to_string(),
+            },
+        };
+        self.send_or_drop_slow(&caller.id, &caller.tx, frame);
+    }
+
+    pub(crate) fn subscribe(&self, entry: &Arc<AgentEntry>, topic: Capability) {
+        let mut v = self.subs.entry(topic).or_default();
+        v.retain(|(id, _, _)| id != &entry.id);
+        v.push((entry.id.clone(), entry.session_id, entry.tx.clone()));
+    }
+
+    pub(crate) fn unsubscribe(&self, id: &AgentId, topic: &Capability) {
+        if let Some(mut v) = self.subs.get_mut(topic) {
+            v.retain(|(x, _, _)| x != id);
+        }
+        self.subs.remove_if(topic, |_, v| v.is_empty());
+    }
+
+    fn unsubscribe_session(&self, id: &AgentId, session: u64) {
+        self.subs.retain(|_, v| {
+            v.retain(|(x, s, _)| !(x == id && *s == session));
+            !v.is_empty()
+        });
+    }
+
+    /// Fans an event out to the topic's subscribers (not back to its sender).
+    pub(crate) fn emit(&self, sender: &Arc<AgentEntry>, topic: &Capability, signed: &SignedEnvelope) {
+        let targets: Vec<(AgentId, SessionTx)> = self
+            .subs
+            .get(topic)
+            .map(|v| {
+                v.iter()
+                    .filter(|(id, _, _)| id != &sender.id)
+                    .map(|(id, _, tx)| (id.clone(), tx.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (id, tx) in targets {
+            self.send_or_drop_slow(
+                &id,
+                &tx,
+                Frame::Deliver {
+                    envelope: signed.clone(),
+                    signer: sender.key,
+                },
+            );
+        }
+    }
+
+    fn expire(&self, seq: u64, key: &PendingKey) {
+        if let Some((key, p)) = self.pending.remove_if(key, |_, p| p.seq == seq) {
+            let waited = p.started.elapsed();
+            self.finish(
+                p,
+                Frame::CallFailed {
+                    request_id: key.1,
+                    code: ErrorCode::Timeout,
+                    message: format!("no answer from {} within the deadline ({} ms)", key.0, waited.as_millis()),
+                },
+                ErrorCode::Timeout.as_str(),
+            );
+        }
+    }
+}
+
+/// One task answers TIMEOUT at each call's deadline (no task per call).
+async fn deadline_task(shared: std::sync::Weak<Shared>, mut rx: mpsc::UnboundedReceiver<(Instant, u64, PendingKey)>) {
+    let mut heap: BinaryHeap<Reverse<(Instant, u64, PendingKey)>> = BinaryHeap::new();
+    loop {
+        let next = heap.peek().map(|Reverse((at, _, _))| *at);
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(item) => heap.push(Reverse(item)),
+                None => return,
+            },
+            () = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let Some(shared) = shared.upgrade() else { return };
+                let now = Instant::now();
+                while heap.peek().is_some_and(|Reverse((at, _, _))| *at <= now) {
+                    if let Some(Reverse((_, seq, key))) = heap.pop() {
+                        shared.expire(seq, &key);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Forgets nonce caches of agents that are gone and whose window has passed.
+async fn janitor_task(shared: std::sync::Weak<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else { return };
+        let now = fem_proto::now_ms();
+        shared.nonces.retain(|id, cache| {
+            shared.registry.get(id).is_some()
+                || cache.lock().map(|mut c| {
+                    c.expire(now);
+                    !c.is_empty()
+                }).unwrap_or(false)
+        });
+    }
+}

@@ -1,0 +1,236 @@
+//! The FEM broker as a library: bind, run, shut down.
+//!
+//! Agents connect over QUIC (UDP) or TLS 1.3 over TCP on the same port number,
+//! register with a signed registerAgent, and exchange signed envelopes. The
+//! broker routes each toolCall to a live agent (by id or capability pattern)
+//! and routes the toolResult back, answering every call exactly once: the
+//! result, or a typed error (NO_ROUTE, TIMEOUT, AGENT_UNAVAILABLE, ...).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), fem_broker::BrokerError> {
+//! let broker = fem_broker::Broker::bind(fem_broker::BrokerConfig::default()).await?;
+//! println!("listening on {}", broker.local_addr());
+//! broker.shutdown().await;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+mod config;
+mod core;
+mod http;
+mod metrics;
+mod registry;
+mod server;
+mod session;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+pub use config::BrokerConfig;
+pub use metrics::Metrics;
+pub use registry::{AgentEntry, Profile, Registry};
+pub use tls::TlsSource;
+
+use crate::core::Shared;
+
+/// Errors of the broker library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    /// Invalid configuration or unreadable files.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Binding a socket failed.
+    #[error("bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Metrics registration failed.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+impl BrokerError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Entry point: [`Broker::bind`] returns a running broker.
+#[derive(Debug)]
+pub struct Broker {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    fingerprint: [u8; 32],
+    ca_path: Option<PathBuf>,
+    endpoint: quinn::Endpoint,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Broker {
+    /// Loads keys and certificates, binds TCP and UDP on the same port and
+    /// starts serving. With port 0, a free port is chosen for both.
+    ///
+    /// # Errors
+    /// [`BrokerError::Config`], [`BrokerError::Io`] or [`BrokerError::Bind`].
+    pub async fn bind(config: BrokerConfig) -> Result<Self, BrokerError> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| BrokerError::io(&config.data_dir, e))?;
+        let identity = tls::load_or_create_identity(&config.data_dir)?;
+        let names = cert_names(&config);
+        let material = tls::load_material(&config.tls, &config.data_dir, &names)?;
+        let tcp_tls = tls::server_config(&material, &[fem_proto::ALPN_NATIVE, b"h2", b"http/1.1"])?;
+        let quic_tls = tls::server_config(&material, &[fem_proto::ALPN_NATIVE])?;
+
+        let (listener, udp) = bind_pair(config.listen).await?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| BrokerError::Bind { addr: config.listen, source: e })?;
+
+        let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(quic_tls)
+            .map_err(|e| BrokerError::Config(format!("QUIC TLS: {e}")))?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_concurrent_bidi_streams(4u32.into());
+        transport.max_concurrent_uni_streams(0u32.into());
+        transport.max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(config.heartbeat_grace + Duration::from_secs(5))
+                .map_err(|e| BrokerError::Config(format!("idle timeout: {e}")))?,
+        ));
+        server_config.transport_config(Arc::new(transport));
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            udp,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|e| BrokerError::Bind { addr: local_addr, source: e })?;
+
+        let metrics = Metrics::new()?;
+        let shared = Shared::new(config, identity, metrics);
+        let tasks = vec![
+            tokio::spawn(server::tcp_accept_loop(Arc::clone(&shared), listener, Arc::new(tcp_tls))),
+            tokio::spawn(server::quic_accept_loop(Arc::clone(&shared), endpoint.clone())),
+        ];
+        shared.ready.store(true, Ordering::Relaxed);
+        tracing::info!(
+            addr = %local_addr,
+            broker_id = %shared.config.broker_id,
+            fingerprint = %hex::encode(material.fingerprint),
+            identity = %shared.broker_key,
+            ca = ?material.ca_path,
+            "fem-broker listening (QUIC on UDP, TLS on TCP)"
+        );
+        Ok(Self {
+            shared,
+            local_addr,
+            fingerprint: material.fingerprint,
+            ca_path: material.ca_path,
+            endpoint,
+            tasks,
+        })
+    }
+
+    /// The bound address (TCP and UDP share the port).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// SHA-256 of the served certificate, as clients pin it.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
+    }
+
+    /// The development CA certificate, when the certificate was generated.
+    pub fn ca_path(&self) -> Option<&Path> {
+        self.ca_path.as_deref()
+    }
+
+    /// The registry of connected agents.
+    pub fn registry(&self) -> &Registry {
+        &self.shared.registry
+    }
+
+    /// The broker's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Stops accepting connections, lets calls in flight finish for up to
+    /// the configured grace period, then closes every session.
+    pub async fn shutdown(self) {
+        self.shared.ready.store(false, Ordering::Relaxed);
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.endpoint.set_server_config(None);
+        let deadline = Instant::now() + self.shared.config.shutdown_grace;
+        while self.shared.pending_len() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.shared.begin_shutdown();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.endpoint.close(0u32.into(), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+fn cert_names(config: &BrokerConfig) -> Vec<String> {
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    let ip = config.listen.ip();
+    if !ip.is_unspecified() && !names.contains(&ip.to_string()) {
+        names.push(ip.to_string());
+    }
+    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let h = h.trim().to_owned();
+        if !h.is_empty() && !names.contains(&h) {
+            names.push(h);
+        }
+    }
+    for n in &config.tls_names {
+        if !names.contains(n) {
+            names.push(n.clone());
+        }
+    }
+    names
+}
+
+/// Binds TCP and UDP on the same port; with port 0, retries until both get one.
+async fn bind_pair(addr: SocketAddr) -> Result<(tokio::net::TcpListener, std::net::UdpSocket), BrokerError> {
+    let mut last = None;
+    for _ in 0..20 {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| BrokerError::Bind { addr, source: e })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| BrokerError::Bind { addr, source: e })?;
+        match std::net::UdpSocket::bind(bound) {
+            Ok(udp) => return Ok((listener, udp)),
+            Err(e) if addr.port() == 0 => last = Some(e),
+            Err(e) => return Err(BrokerError::Bind { addr: bound, source: e }),
+        }
+    }
+    Err(BrokerError::Bind {
+        addr,
+        source: last.unwrap_or_else(|| std::io::Error::other("no free port")),
+    })
+}

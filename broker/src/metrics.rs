@@ -1,0 +1,132 @@
+//! Prometheus metrics: one registry created at start and passed around.
+
+use prometheus::{
+    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// The broker's metrics.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Current registered agents (name kept from the original deployment guide).
+    pub registered_agents_total: IntGauge,
+    /// Current registered agents (conventional name).
+    pub registered_agents: IntGauge,
+    /// Envelopes processed (all types).
+    pub messages_processed_total: IntCounter,
+    /// Envelopes by type and outcome.
+    pub envelopes: IntCounterVec,
+    /// Open connections by transport.
+    pub connections: IntGaugeVec,
+    /// Tool calls by outcome (ok or error code).
+    pub tool_calls: IntCounterVec,
+    /// Tool-call duration seen at the broker.
+    pub tool_call_duration: HistogramVec,
+    /// Calls in flight.
+    pub calls_in_flight: IntGauge,
+    /// Refusals by reason (error code).
+    pub refusals: IntCounterVec,
+    /// Registrations by outcome.
+    pub registrations: IntCounterVec,
+    /// Frames queued towards each agent session.
+    pub agent_queue_length: IntGaugeVec,
+    /// Envelope verification time.
+    pub verify_seconds: Histogram,
+}
+
+impl Metrics {
+    /// Creates and registers every metric in a fresh registry.
+    ///
+    /// # Errors
+    /// Only on duplicate registration (a programming error).
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let registered_agents_total = IntGauge::new(
+            "fem_broker_registered_agents_total",
+            "Agents currently registered (gauge; name kept from the FEM deployment guide).",
+        )?;
+        let registered_agents = IntGauge::new("fem_broker_registered_agents", "Agents currently registered.")?;
+        let messages_processed_total =
+            IntCounter::new("fem_broker_messages_processed_total", "Envelopes processed by the broker.")?;
+        let envelopes = IntCounterVec::new(
+            Opts::new("fem_broker_envelopes_total", "Envelopes received, by type and outcome."),
+            &["type", "outcome"],
+        )?;
+        let connections = IntGaugeVec::new(
+            Opts::new("fem_broker_connections", "Open client connections, by transport."),
+            &["transport"],
+        )?;
+        let tool_calls = IntCounterVec::new(
+            Opts::new("fem_broker_tool_calls_total", "Tool calls answered, by outcome."),
+            &["outcome"],
+        )?;
+        let tool_call_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "fem_broker_tool_call_duration_seconds",
+                "Time from a call's arrival to its terminal answer.",
+            )
+            .buckets(prometheus::exponential_buckets(0.0001, 2.5, 16)?),
+            &["outcome"],
+        )?;
+        let calls_in_flight = IntGauge::new("fem_broker_calls_in_flight", "Tool calls awaiting an answer.")?;
+        let refusals = IntCounterVec::new(
+            Opts::new("fem_broker_refusals_total", "Envelopes or connections refused, by reason."),
+            &["reason"],
+        )?;
+        let registrations = IntCounterVec::new(
+            Opts::new("fem_broker_registrations_total", "Registration attempts, by outcome."),
+            &["outcome"],
+        )?;
+        let agent_queue_length = IntGaugeVec::new(
+            Opts::new("fem_broker_agent_queue_length", "Calls in flight to each agent."),
+            &["agent"],
+        )?;
+        let verify_seconds = Histogram::with_opts(
+            HistogramOpts::new("fem_broker_verify_seconds", "Signature and replay checks per envelope.")
+                .buckets(prometheus::exponential_buckets(0.00001, 2.0, 12)?),
+        )?;
+        registry.register(Box::new(registered_agents_total.clone()))?;
+        registry.register(Box::new(registered_agents.clone()))?;
+        registry.register(Box::new(messages_processed_total.clone()))?;
+        registry.register(Box::new(envelopes.clone()))?;
+        registry.register(Box::new(connections.clone()))?;
+        registry.register(Box::new(tool_calls.clone()))?;
+        registry.register(Box::new(tool_call_duration.clone()))?;
+        registry.register(Box::new(calls_in_flight.clone()))?;
+        registry.register(Box::new(refusals.clone()))?;
+        registry.register(Box::new(registrations.clone()))?;
+        registry.register(Box::new(agent_queue_length.clone()))?;
+        registry.register(Box::new(verify_seconds.clone()))?;
+        Ok(Self {
+            registry,
+            registered_agents_total,
+            registered_agents,
+            messages_processed_total,
+            envelopes,
+            connections,
+            tool_calls,
+            tool_call_duration,
+            calls_in_flight,
+            refusals,
+            registrations,
+            agent_queue_length,
+            verify_seconds,
+        })
+    }
+
+    /// Adds `delta` to both registered-agent gauges.
+    pub fn agents_changed(&self, delta: i64) {
+        self.registered_agents_total.add(delta);
+        self.registered_agents.add(delta);
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if TextEncoder::new().encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
