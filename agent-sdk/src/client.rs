@@ -102,6 +102,8 @@ struct Inner {
     handler_timeout: Duration,
     broker_key: Mutex<Option<PublicKey>>,
     shutdown: tokio::sync::watch::Sender<bool>,
+    /// Becomes true when the connection task has ended.
+    finished: tokio::sync::watch::Receiver<bool>,
 }
 
 impl fmt::Debug for Inner {
@@ -230,6 +232,7 @@ async fn start(
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (out_tx, out_rx) = mpsc::channel(1024);
     let (shutdown, _) = tokio::sync::watch::channel(false);
+    let (finished_tx, finished) = tokio::sync::watch::channel(false);
     let inner = Arc::new(Inner {
         id,
         key,
@@ -246,10 +249,18 @@ async fn start(
         handler_timeout,
         broker_key: Mutex::new(None),
         shutdown: shutdown.clone(),
+        finished,
     });
+    let weak = Arc::downgrade(&inner);
     let (first_tx, first_rx) = oneshot::channel();
     let span = info_span!("agent", id = %inner.id);
-    tokio::spawn(connection_task(Arc::downgrade(&inner), out_rx, first_tx).instrument(span));
+    tokio::spawn(
+        async move {
+            connection_task(weak, out_rx, first_tx).await;
+            let _ = finished_tx.send(true);
+        }
+        .instrument(span),
+    );
     match first_rx.await {
         Ok(Ok(())) => Ok(Client {
             inner,
@@ -466,9 +477,17 @@ impl Client {
         r
     }
 
-    /// Closes the connection (pending calls fail with AGENT_UNAVAILABLE).
+    /// Starts closing the connection (pending calls fail with AGENT_UNAVAILABLE).
     pub fn close(&self) {
         let _ = self.inner.shutdown.send(true);
+    }
+
+    /// Closes the connection and waits (up to 2 s) until the broker has been
+    /// told, so it unregisters the agent at once.
+    pub async fn shutdown(&self) {
+        self.close();
+        let mut f = self.inner.finished.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(2), f.wait_for(|d| *d)).await;
     }
 }
 

@@ -29,6 +29,8 @@
 //! ```
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "cli")]
+pub mod cli;
 mod client;
 pub mod keys;
 pub mod tls;

@@ -5,15 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use fem_agent_sdk::cli::LogArgs;
 use fem_broker::{Broker, BrokerConfig, TlsSource};
 use fem_proto::AgentId;
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
 
 /// FEM broker: signed agent registration and tool-call routing over QUIC and TLS.
 #[derive(Debug, Parser)]
@@ -55,12 +50,8 @@ struct Args {
     /// Grace period for in-flight calls on SIGTERM.
     #[arg(long, env = "FEM_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
-    /// Log level (overridden by RUST_LOG).
-    #[arg(long, env = "FEM_LOG_LEVEL", default_value = "info")]
-    log_level: String,
-    /// Log format.
-    #[arg(long, env = "FEM_LOG_FORMAT", value_enum, default_value = "text")]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 fn parse_listen(s: &str) -> anyhow::Result<SocketAddr> {
@@ -84,16 +75,6 @@ fn host_name() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "fem-broker".to_owned())
-}
-
-fn init_logging(level: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().flatten_event(true).init(),
-    }
 }
 
 fn config(args: &Args) -> anyhow::Result<BrokerConfig> {
@@ -141,7 +122,7 @@ async fn wait_for_signal() {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(&args.log_level, args.log_format);
+    args.log.init("info");
     let run = async {
         let cfg = config(&args)?;
         let broker = Broker::bind(cfg).await?;

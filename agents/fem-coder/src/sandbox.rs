@@ -148,11 +148,16 @@ impl Policy {
             return invalid("timeout must be greater than zero");
         }
         if opts.cpu_seconds == 0 || opts.memory_bytes == 0 || opts.max_processes == 0 {
-            return invalid("cpu_seconds, memory_bytes and max_processes must be greater than zero");
+            return invalid(
+                "cpu_seconds, memory_bytes and max_processes must be greater than zero",
+            );
         }
         let work_dir = canonical_dir(&opts.work_dir, "work dir")?;
-        let raw_roots =
-            if opts.allow_paths.is_empty() { vec![work_dir.clone()] } else { opts.allow_paths };
+        let raw_roots = if opts.allow_paths.is_empty() {
+            vec![work_dir.clone()]
+        } else {
+            opts.allow_paths
+        };
         let mut roots: Vec<PathBuf> = Vec::with_capacity(raw_roots.len());
         for raw in &raw_roots {
             let root = canonical_dir(raw, "allowed path")?;
@@ -205,7 +210,11 @@ impl Policy {
             roots.join(", "),
             self.work_dir.display(),
             programs.join(", "),
-            if self.allows_shell() { "allowed" } else { "denied" },
+            if self.allows_shell() {
+                "allowed"
+            } else {
+                "denied"
+            },
             self.timeout.as_millis(),
             self.max_output_bytes,
             self.max_file_bytes,
@@ -227,7 +236,9 @@ impl Policy {
 
     /// The allowed programs that were found: configured name and absolute path.
     pub fn programs(&self) -> impl Iterator<Item = (&str, &Path)> {
-        self.programs.iter().map(|(name, path)| (name.as_str(), path.as_path()))
+        self.programs
+            .iter()
+            .map(|(name, path)| (name.as_str(), path.as_path()))
     }
 
     /// Whether `shell.run` accepts `command` (i.e. `sh` is allowed).
@@ -247,26 +258,37 @@ impl Policy {
             return Some(path);
         }
         let wanted = Path::new(argv0);
-        self.programs.values().find(|p| p.as_path() == wanted).map(PathBuf::as_path)
+        self.programs
+            .values()
+            .find(|p| p.as_path() == wanted)
+            .map(PathBuf::as_path)
     }
 
     fn program_names(&self) -> String {
-        self.programs.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+        self.programs
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// `timeout_ms` 0 is rejected; larger values are clamped to the policy.
     fn effective_timeout(&self, timeout_ms: Option<u64>) -> Result<Duration, SandboxError> {
         match timeout_ms {
             None => Ok(self.timeout),
-            Some(0) => Err(SandboxError::BadRequest("timeout_ms must be at least 1".to_owned())),
+            Some(0) => Err(SandboxError::BadRequest(
+                "timeout_ms must be at least 1".to_owned(),
+            )),
             Some(ms) => Ok(Duration::from_millis(ms).min(self.timeout)),
         }
     }
 }
 
 fn canonical_dir(raw: &Path, what: &str) -> Result<PathBuf, SandboxError> {
-    let dir = std::fs::canonicalize(raw)
-        .map_err(|e| SandboxError::Io { context: format!("{what} {}", raw.display()), source: e })?;
+    let dir = std::fs::canonicalize(raw).map_err(|e| SandboxError::Io {
+        context: format!("{what} {}", raw.display()),
+        source: e,
+    })?;
     if !dir.is_dir() {
         return Err(SandboxError::InvalidPolicy(format!(
             "{what} {} is not a directory",
@@ -304,7 +326,11 @@ fn push_bounded(buf: &mut Vec<u8>, data: &[u8], cap: usize) -> bool {
     let take = data.len().min(room);
     if take > 0 {
         if buf.capacity() - buf.len() < take {
-            let target = buf.capacity().saturating_mul(2).max(buf.len() + take).min(cap);
+            let target = buf
+                .capacity()
+                .saturating_mul(2)
+                .max(buf.len() + take)
+                .min(cap);
             buf.reserve_exact(target - buf.len());
         }
         buf.extend_from_slice(&data[..take]);
@@ -386,7 +412,9 @@ struct FileReadParams {
 
 fn parse_params<T: DeserializeOwned>(tool: &str, params: Value) -> Result<T, SandboxError> {
     if !params.is_object() {
-        return Err(SandboxError::BadRequest(format!("{tool} parameters must be a JSON object")));
+        return Err(SandboxError::BadRequest(format!(
+            "{tool} parameters must be a JSON object"
+        )));
     }
     serde_json::from_value(params)
         .map_err(|e| SandboxError::BadRequest(format!("invalid {tool} parameters: {e}")))
@@ -403,7 +431,9 @@ fn check_stdin(stdin: Option<&String>) -> Result<(), SandboxError> {
 
 fn check_no_nul(what: &str, s: &str) -> Result<(), SandboxError> {
     if s.contains('\0') {
-        return Err(SandboxError::BadRequest(format!("{what} contains a NUL byte")));
+        return Err(SandboxError::BadRequest(format!(
+            "{what} contains a NUL byte"
+        )));
     }
     Ok(())
 }
@@ -427,7 +457,9 @@ pub async fn shell_run(policy: &Policy, params: Value) -> Result<Value, SandboxE
         (Some(argv), None) => {
             let mut argv = argv.into_iter();
             let Some(argv0) = argv.next() else {
-                return Err(SandboxError::BadRequest("argv must not be empty".to_owned()));
+                return Err(SandboxError::BadRequest(
+                    "argv must not be empty".to_owned(),
+                ));
             };
             let args: Vec<String> = argv.collect();
             check_no_nul("argv", &argv0)?;
@@ -444,7 +476,9 @@ pub async fn shell_run(policy: &Policy, params: Value) -> Result<Value, SandboxE
         }
         (None, Some(command)) => {
             if command.trim().is_empty() {
-                return Err(SandboxError::BadRequest("command must not be empty".to_owned()));
+                return Err(SandboxError::BadRequest(
+                    "command must not be empty".to_owned(),
+                ));
             }
             check_no_nul("command", &command)?;
             let Some(sh) = policy.program("sh") else {
@@ -462,7 +496,9 @@ pub async fn shell_run(policy: &Policy, params: Value) -> Result<Value, SandboxE
             ));
         }
         (None, None) => {
-            return Err(SandboxError::BadRequest("one of `argv` or `command` is required".to_owned()));
+            return Err(SandboxError::BadRequest(
+                "one of `argv` or `command` is required".to_owned(),
+            ));
         }
     };
     let cwd = match p.cwd {
@@ -513,11 +549,17 @@ pub async fn code_execute(policy: &Policy, params: Value) -> Result<Value, Sandb
     let dir = tempfile::Builder::new()
         .prefix("fem-coder-")
         .tempdir()
-        .map_err(|e| SandboxError::Io { context: "creating a temporary directory".to_owned(), source: e })?;
+        .map_err(|e| SandboxError::Io {
+            context: "creating a temporary directory".to_owned(),
+            source: e,
+        })?;
     let file = dir.path().join(file_name);
     tokio::fs::write(&file, p.code.as_bytes())
         .await
-        .map_err(|e| SandboxError::Io { context: format!("writing {}", file.display()), source: e })?;
+        .map_err(|e| SandboxError::Io {
+            context: format!("writing {}", file.display()),
+            source: e,
+        })?;
     let spec = exec::Spec {
         program,
         args: vec![file.to_string_lossy().into_owned()],
@@ -548,7 +590,10 @@ pub async fn code_execute(policy: &Policy, params: Value) -> Result<Value, Sandb
 /// `Internal` for read failures.
 pub async fn file_read(policy: &Policy, params: Value) -> Result<Value, SandboxError> {
     let p: FileReadParams = parse_params(FILE_READ, params)?;
-    let limit = p.max_bytes.unwrap_or(policy.max_file_bytes).min(policy.max_file_bytes);
+    let limit = p
+        .max_bytes
+        .unwrap_or(policy.max_file_bytes)
+        .min(policy.max_file_bytes);
     let path = fs::resolve_in_roots(policy, &p.path, "path").await?;
     let roots = policy.roots.clone();
     let read_path = path.clone();
@@ -587,7 +632,10 @@ fn encode_content(mut bytes: Vec<u8>, truncated: bool) -> (String, &'static str)
             Err(e) => bytes = e.into_bytes(),
         }
     }
-    (base64::engine::general_purpose::STANDARD.encode(&bytes), "base64")
+    (
+        base64::engine::general_purpose::STANDARD.encode(&bytes),
+        "base64",
+    )
 }
 
 const SCHEMA_DIALECT: &str = "https://json-schema.org/draft/2020-12/schema";
@@ -690,4 +738,776 @@ pub fn file_read_schema() -> Value {
         "required": ["path"],
         "additionalProperties": false
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::{future::Future, os::unix::fs::symlink, time::Instant};
+
+    use super::*;
+
+    /// Upper bound for any single test step that runs processes.
+    const STEP_LIMIT: Duration = Duration::from_secs(30);
+
+    async fn bounded<F: Future>(fut: F) -> F::Output {
+        tokio::time::timeout(STEP_LIMIT, fut)
+            .await
+            .expect("test step timed out")
+    }
+
+    fn options_in(root: &Path) -> PolicyOptions {
+        PolicyOptions {
+            allow_paths: vec![root.to_path_buf()],
+            work_dir: root.to_path_buf(),
+            ..PolicyOptions::default()
+        }
+    }
+
+    fn policy_in(root: &Path) -> Policy {
+        Policy::new(options_in(root)).unwrap()
+    }
+
+    fn policy_with(root: &Path, tweak: impl FnOnce(&mut PolicyOptions)) -> Policy {
+        let mut opts = options_in(root);
+        tweak(&mut opts);
+        Policy::new(opts).unwrap()
+    }
+
+    async fn shell(policy: &Policy, params: Value) -> Result<Value, SandboxError> {
+        bounded(shell_run(policy, params)).await
+    }
+
+    async fn read(policy: &Policy, params: Value) -> Result<Value, SandboxError> {
+        bounded(file_read(policy, params)).await
+    }
+
+    fn assert_denied(r: Result<Value, SandboxError>) {
+        match r {
+            Err(e @ SandboxError::PermissionDenied(_)) => {
+                assert_eq!(e.code(), ErrorCode::PermissionDenied);
+            }
+            other => panic!("expected PermissionDenied, got {other:?}"),
+        }
+    }
+
+    fn assert_bad_request(r: Result<Value, SandboxError>) -> String {
+        match r {
+            Err(e @ SandboxError::BadRequest(_)) => {
+                assert_eq!(e.code(), ErrorCode::BadRequest);
+                e.to_string()
+            }
+            other => panic!("expected BadRequest, got {other:?}"),
+        }
+    }
+
+    // ---- policy ----
+
+    #[test]
+    fn policy_canonicalizes_and_resolves_programs() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_with(dir.path(), |o| {
+            o.allow_paths.push(dir.path().join("."));
+            o.allow_programs
+                .push("definitely-not-a-program-xyz".to_owned());
+        });
+        assert_eq!(policy.roots(), &[dir.path().canonicalize().unwrap()]);
+        assert_eq!(policy.work_dir(), dir.path().canonicalize().unwrap());
+        assert!(policy.program("definitely-not-a-program-xyz").is_none());
+        let echo = policy.program("echo").unwrap().to_path_buf();
+        assert!(echo.is_absolute());
+        assert_eq!(policy.program(echo.to_str().unwrap()), Some(echo.as_path()));
+        assert!(policy.allows_shell());
+        let line = policy.describe();
+        assert!(
+            line.contains("shell=allowed") && line.contains("echo"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn policy_rejects_bad_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let err = Policy::new(PolicyOptions {
+            allow_paths: vec![missing],
+            ..options_in(dir.path())
+        })
+        .unwrap_err();
+        assert!(matches!(err, SandboxError::Io { .. }), "{err:?}");
+        assert_eq!(err.code(), ErrorCode::Internal);
+
+        let other = tempfile::tempdir().unwrap();
+        let err = Policy::new(PolicyOptions {
+            allow_paths: vec![other.path().to_path_buf()],
+            ..options_in(dir.path())
+        })
+        .unwrap_err();
+        assert!(matches!(err, SandboxError::InvalidPolicy(_)), "{err:?}");
+
+        let err = Policy::new(PolicyOptions {
+            timeout: Duration::ZERO,
+            ..options_in(dir.path())
+        })
+        .unwrap_err();
+        assert!(matches!(err, SandboxError::InvalidPolicy(_)), "{err:?}");
+
+        // Empty allow_paths means [work_dir].
+        let policy = Policy::new(PolicyOptions {
+            allow_paths: vec![],
+            ..options_in(dir.path())
+        })
+        .unwrap();
+        assert_eq!(policy.roots(), &[dir.path().canonicalize().unwrap()]);
+    }
+
+    #[test]
+    fn error_codes() {
+        assert_eq!(
+            SandboxError::Internal("x".into()).code(),
+            ErrorCode::Internal
+        );
+        let io = SandboxError::Io {
+            context: "x".into(),
+            source: io::Error::other("y"),
+        };
+        assert_eq!(io.code(), ErrorCode::Internal);
+    }
+
+    #[test]
+    fn bounded_push_never_exceeds_cap() {
+        let mut buf = Vec::new();
+        assert!(!push_bounded(&mut buf, &[1; 600], 1000));
+        assert!(push_bounded(&mut buf, &[2; 600], 1000));
+        assert_eq!(buf.len(), 1000);
+        assert!(buf.capacity() <= 1000);
+        assert!(push_bounded(&mut buf, &[3; 1], 1000));
+        assert_eq!(buf.len(), 1000);
+    }
+
+    // ---- shell.run ----
+
+    #[tokio::test]
+    async fn argv_echo_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_in(dir.path());
+        let r = shell(&policy, json!({"argv": ["echo", "hi"]}))
+            .await
+            .unwrap();
+        assert_eq!(r["stdout"], "hi\n");
+        assert_eq!(r["stderr"], "");
+        assert_eq!(r["exit_code"], 0);
+        assert_eq!(r["signal"], Value::Null);
+        assert_eq!(r["timed_out"], false);
+        assert_eq!(r["truncated"], false);
+        assert!(r["duration_ms"].is_u64());
+    }
+
+    #[tokio::test]
+    async fn argv0_may_be_the_resolved_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_in(dir.path());
+        let echo = policy.program("echo").unwrap().to_str().unwrap().to_owned();
+        let r = shell(&policy, json!({"argv": [echo, "x"]})).await.unwrap();
+        assert_eq!(r["stdout"], "x\n");
+    }
+
+    #[tokio::test]
+    async fn program_not_allowed_is_denied() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_in(dir.path());
+        assert_denied(shell(&policy, json!({"argv": ["rm", "-rf", "x"]})).await);
+        assert_denied(shell(&policy, json!({"argv": ["/bin/rm", "x"]})).await);
+        // A different path with an allowed name is not the allowed program.
+        assert_denied(shell(&policy, json!({"argv": ["./echo", "x"]})).await);
+        let policy = policy_with(dir.path(), |o| o.allow_programs = vec!["echo".into()]);
+        assert_denied(shell(&policy, json!({"argv": ["cat", "/etc/passwd"]})).await);
+    }
+
+    #[tokio::test]
+    async fn command_runs_with_shell_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_in(dir.path());
+        let r = shell(&policy, json!({"command": "echo hi | wc -c"}))
+            .await
+            .unwrap();
+        assert_eq!(r["stdout"].as_str().unwrap().trim(), "3");
+        assert_eq!(r["exit_code"], 0);
+    }
+
+    #[tokio::test]
+    async fn command_without_sh_is_denied() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_with(dir.path(), |o| o.allow_programs.retain(|p| p != "sh"));
+        assert!(!policy.allows_shell());
+        let err = shell(&policy, json!({"command": "echo hi"}))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("shell commands are not allowed"),
+            "{err}"
+        );
+        assert_denied(Err(err));
+        // argv still works.
+        let r = shell(&policy, json!({"argv": ["echo", "ok"]}))
+            .await
+            .unwrap();
+        assert_eq!(r["stdout"], "ok\n");
+    }
+
+    #[tokio::test]
+    async fn argv_metacharacters_are_literal() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_in(dir.path());
+        let evil = "$(id); rm -rf x `id` | cat > y && echo *";
+        let r = shell(&policy, json!({"argv": ["echo", evil]}))
+            .await
+            .unwrap();
+        assert_eq!(r["stdout"], format!("{evil}\n"));
+        assert!(!dir.path().join("y").exists());
+    }
+
+    #[tokio::test]
+    async fn nonzero_exit_code_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_in(dir.path());
+        let r = shell(&policy, json!({"argv": ["false"]})).await.unwrap();
+        assert_eq!(r["exit_code"], 1);
+        let r = shell(&policy, json!({"command": "echo oops >&2; exit 3"}))
+            .await
+            .unwrap();
+        assert_eq!(r["exit_code"], 3);
+        assert_eq!(r["stderr"], "oops\n");
+        assert_eq!(r["signal"], Value::Null);
+    }
+
+    #[tokio::test]
+    async fn stdin_is_passed_and_defaults_to_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_in(dir.path());
+        let r = shell(&policy, json!({"argv": ["cat"], "stdin": "hello\nworld"}))
+            .await
+            .unwrap();
+        assert_eq!(r["stdout"], "hello\nworld");
+        // No stdin: /dev/null, so cat ends at once instead of hanging.
+        let r = shell(&policy, json!({"argv": ["cat"]})).await.unwrap();
+        assert_eq!(r["stdout"], "");
+        // A child that ignores a large stdin must not wedge the call.
+        let big = "x".repeat(4 * 1024 * 1024);
+        let r = shell(&policy, json!({"argv": ["true"], "stdin": big}))
+            .await
+            .unwrap();
+        assert_eq!(r["exit_code"], 0);
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_in(dir.path());
+        let started = Instant::now();
+        let r = shell(
+            &policy,
+            json!({"command": "sleep 30; echo late", "timeout_ms": 200}),
+        )
+        .await
+        .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(r["timed_out"], true);
+        assert_eq!(r["exit_code"], Value::Null);
+        assert_eq!(r["signal"], 9);
+        assert_eq!(r["stdout"], "");
+    }
+
+    #[tokio::test]
+    async fn policy_timeout_caps_the_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_with(dir.path(), |o| o.timeout = Duration::from_millis(300));
+        let started = Instant::now();
+        let r = shell(
+            &policy,
+            json!({"command": "sleep 30", "timeout_ms": 3_600_000}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r["timed_out"], true);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn background_children_do_not_hold_the_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_in(dir.path());
+        let started = Instant::now();
+        let r = shell(&policy, json!({"command": "sleep 30 & echo started"}))
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(r["stdout"], "started\n");
+        assert_eq!(r["exit_code"], 0);
+        assert_eq!(r["timed_out"], false);
+    }
+
+    fn process_is_gone(pid: i32) -> bool {
+        // Gone, or a zombie waiting for a reaper (it no longer runs).
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state == "Z" || state == "X"),
+        }
+    }
+
+    #[tokio::test]
+    async fn dropping_the_call_kills_the_group() {
+        if !Path::new("/proc/self/stat").exists() {
+            eprintln!("skipping: /proc is not available");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_in(dir.path());
+        let pid_file = dir.path().join("pid");
+        let cmd = format!("sleep 30 & echo $! > {}; wait", pid_file.display());
+        let mut call = Box::pin(shell_run(&policy, json!({"command": cmd})));
+        // Let it start the background sleep, then drop the future.
+        let started = Instant::now();
+        let pid = loop {
+            tokio::select! {
+                r = &mut call => panic!("the call finished early: {r:?}"),
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+            let written = std::fs::read_to_string(&pid_file).unwrap_or_default();
+            if let Ok(pid) = written.trim().parse::<i32>() {
+                break pid;
+            }
+            assert!(started.elapsed() < STEP_LIMIT, "the command never started");
+        };
+        assert!(!process_is_gone(pid));
+        drop(call);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !process_is_gone(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "background sleep {pid} survived the drop"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn output_is_truncated_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_with(dir.path(), |o| o.max_output_bytes = 1000);
+        // 10 MB through a pipeline (inside sh, any program on PATH runs).
+        let r = shell(
+            &policy,
+            json!({"command": "head -c 10000000 /dev/zero | tr '\\0' a; echo done >&2"}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r["truncated"], true);
+        assert_eq!(r["stdout"].as_str().unwrap().len(), 1000);
+        assert_eq!(r["stderr"], "done\n");
+        assert_eq!(r["exit_code"], 0);
+
+        let r = shell(
+            &policy,
+            json!({"argv": ["head", "-c", "10000000", "/dev/zero"]}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r["truncated"], true);
+        assert_eq!(r["stdout"].as_str().unwrap().len(), 1000);
+        assert_eq!(r["exit_code"], 0);
+    }
+
+    #[tokio::test]
+    async fn truncation_does_not_split_characters() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_with(dir.path(), |o| o.max_output_bytes = 5);
+        // "é" is two bytes: 5 bytes would cut the third one in half.
+        let r = shell(&policy, json!({"argv": ["echo", "ééé"]}))
+            .await
+            .unwrap();
+        assert_eq!(r["stdout"], "éé");
+        assert_eq!(r["truncated"], true);
+    }
+
+    #[tokio::test]
+    async fn cwd_is_confined() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let policy = policy_in(dir.path());
+        let r = shell(&policy, json!({"argv": ["pwd"], "cwd": "sub"}))
+            .await
+            .unwrap();
+        let expected = dir.path().canonicalize().unwrap().join("sub");
+        assert_eq!(r["stdout"], format!("{}\n", expected.display()));
+        let r = shell(&policy, json!({"argv": ["pwd"]})).await.unwrap();
+        assert_eq!(r["stdout"], format!("{}\n", policy.work_dir().display()));
+
+        let outside = tempfile::tempdir().unwrap();
+        let outside = outside.path().to_str().unwrap().to_owned();
+        assert_denied(shell(&policy, json!({"argv": ["pwd"], "cwd": outside})).await);
+        assert_denied(shell(&policy, json!({"argv": ["pwd"], "cwd": "/"})).await);
+        assert_denied(shell(&policy, json!({"argv": ["pwd"], "cwd": ".."})).await);
+        assert_bad_request(shell(&policy, json!({"argv": ["pwd"], "cwd": "nope"})).await);
+    }
+
+    #[tokio::test]
+    async fn resource_limits_are_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_with(dir.path(), |o| {
+            o.cpu_seconds = 7;
+            o.memory_bytes = 512 * MIB;
+            o.max_processes = 100;
+        });
+        let r = shell(
+            &policy,
+            json!({"command": "ulimit -t; ulimit -v; ulimit -c; ulimit -p"}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r["stdout"], "7\n524288\n0\n100\n", "{r}");
+    }
+
+    #[tokio::test]
+    async fn environment_is_scrubbed() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_in(dir.path());
+        let r = shell(&policy, json!({"argv": ["env"]})).await.unwrap();
+        let out = r["stdout"].as_str().unwrap();
+        let mut keys: Vec<&str> = out
+            .lines()
+            .filter_map(|line| line.split_once('=').map(|(k, _)| k))
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["HOME", "LANG", "PATH", "TMPDIR"], "{out}");
+        assert!(out.contains(&format!("PATH={SANDBOX_PATH}\n")));
+        assert!(out.contains(&format!("HOME={}\n", policy.work_dir().display())));
+        assert!(out.contains("LANG=C.UTF-8\n"));
+        // Nothing of the test process's own environment leaks.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if !["HOME", "LANG", "PATH", "TMPDIR"].contains(&key.as_ref()) {
+                assert!(
+                    !out.contains(&format!("{key}=")),
+                    "{key} leaked into the child"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_params_are_bad_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_in(dir.path());
+        let msg = assert_bad_request(shell(&policy, json!({"argv": ["echo"], "env": {}})).await);
+        assert!(msg.contains("unknown field `env`"), "{msg}");
+        assert_bad_request(shell(&policy, json!({"argv": []})).await);
+        assert_bad_request(shell(&policy, json!({})).await);
+        assert_bad_request(shell(&policy, json!({"argv": ["echo"], "command": "echo"})).await);
+        assert_bad_request(shell(&policy, json!({"argv": "echo hi"})).await);
+        assert_bad_request(shell(&policy, json!({"argv": ["echo", 1]})).await);
+        assert_bad_request(shell(&policy, json!({"argv": ["echo"], "timeout_ms": 0})).await);
+        assert_bad_request(shell(&policy, json!({"argv": ["echo"], "timeout_ms": -5})).await);
+        assert_bad_request(shell(&policy, json!({"argv": ["echo", "a\0b"]})).await);
+        assert_bad_request(shell(&policy, json!(["echo"])).await);
+        assert_bad_request(shell(&policy, Value::Null).await);
+        let msg = assert_bad_request(
+            bounded(code_execute(
+                &policy,
+                json!({"language": "ruby", "code": "1"}),
+            ))
+            .await,
+        );
+        assert!(msg.contains("ruby"), "{msg}");
+        assert_bad_request(read(&policy, json!({"path": "x", "follow": true})).await);
+        assert_bad_request(read(&policy, json!({"path": ""})).await);
+    }
+
+    // ---- code.execute ----
+
+    #[tokio::test]
+    async fn code_execute_python() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_in(dir.path());
+        if policy.program("python3").is_none() {
+            eprintln!("skipping: python3 is not installed in {SANDBOX_PATH}");
+            return;
+        }
+        let code = "import os, sys\nprint(sum(range(10)))\nprint(os.getcwd() == os.environ['TMPDIR'])\nprint(sys.stdin.read().upper())";
+        let r = bounded(code_execute(
+            &policy,
+            json!({"language": "python", "code": code, "stdin": "abc"}),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(r["stdout"], "45\nTrue\nABC\n", "{r}");
+        assert_eq!(r["exit_code"], 0);
+    }
+
+    #[tokio::test]
+    async fn code_execute_sh_runs_in_a_removed_temp_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_in(dir.path());
+        let r = bounded(code_execute(
+            &policy,
+            json!({"language": "sh", "code": "pwd; ls; exit 4"}),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(r["exit_code"], 4);
+        let out = r["stdout"].as_str().unwrap();
+        let mut lines = out.lines();
+        let tmp = PathBuf::from(lines.next().unwrap());
+        assert!(
+            tmp.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("fem-coder-"),
+            "{out}"
+        );
+        assert_eq!(lines.next(), Some("main.sh"));
+        assert!(
+            !tmp.exists(),
+            "temporary directory {} was not removed",
+            tmp.display()
+        );
+    }
+
+    #[tokio::test]
+    async fn code_execute_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_in(dir.path());
+        let r = bounded(code_execute(
+            &policy,
+            json!({"language": "sh", "code": "sleep 30", "timeout_ms": 200}),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(r["timed_out"], true);
+    }
+
+    #[tokio::test]
+    async fn code_execute_interpreter_not_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_with(dir.path(), |o| o.allow_programs = vec!["echo".into()]);
+        assert_denied(
+            bounded(code_execute(
+                &policy,
+                json!({"language": "python", "code": "print(1)"}),
+            ))
+            .await,
+        );
+        assert_denied(
+            bounded(code_execute(
+                &policy,
+                json!({"language": "sh", "code": "id"}),
+            ))
+            .await,
+        );
+    }
+
+    #[tokio::test]
+    async fn code_execute_rejects_huge_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy_in(dir.path());
+        let code = "#".repeat(MAX_CODE_BYTES + 1);
+        assert_bad_request(
+            bounded(code_execute(
+                &policy,
+                json!({"language": "sh", "code": code}),
+            ))
+            .await,
+        );
+    }
+
+    // ---- file.read ----
+
+    #[tokio::test]
+    async fn file_read_inside_root() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/a.txt"), "héllo\n").unwrap();
+        let policy = policy_in(dir.path());
+        let r = read(&policy, json!({"path": "sub/a.txt"})).await.unwrap();
+        let canonical = dir.path().canonicalize().unwrap().join("sub/a.txt");
+        assert_eq!(r["path"], canonical.to_str().unwrap());
+        assert_eq!(r["content"], "héllo\n");
+        assert_eq!(r["encoding"], "utf8");
+        assert_eq!(r["size"], 7);
+        assert_eq!(r["truncated"], false);
+        // Absolute paths and harmless `..` inside the root work too.
+        let abs = dir.path().join("sub/../sub/./a.txt");
+        let r = read(&policy, json!({"path": abs.to_str().unwrap()}))
+            .await
+            .unwrap();
+        assert_eq!(r["path"], canonical.to_str().unwrap());
+    }
+
+    #[tokio::test]
+    async fn file_read_outside_root_is_denied() {
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(base.path().join("secret"), "s3cret").unwrap();
+        let policy = policy_in(&root);
+        let secret = base.path().join("secret");
+        assert_denied(read(&policy, json!({"path": secret.to_str().unwrap()})).await);
+        assert_denied(read(&policy, json!({"path": "/etc/passwd"})).await);
+        // `..` escape.
+        assert_denied(read(&policy, json!({"path": "../secret"})).await);
+        assert_denied(read(&policy, json!({"path": "sub/../../secret"})).await);
+        // Non-existent paths outside do not reveal that they are missing.
+        assert_denied(read(&policy, json!({"path": "../missing"})).await);
+        let msg = assert_bad_request(read(&policy, json!({"path": "missing"})).await);
+        assert!(msg.contains("not found"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn file_read_symlink_escape_is_denied() {
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("root");
+        let outside = base.path().join("outside");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret"), "s3cret").unwrap();
+        symlink(outside.join("secret"), root.join("link")).unwrap();
+        symlink(&outside, root.join("dirlink")).unwrap();
+        std::fs::write(root.join("ok"), "fine").unwrap();
+        symlink(root.join("ok"), root.join("innerlink")).unwrap();
+        let policy = policy_in(&root);
+        assert_denied(read(&policy, json!({"path": "link"})).await);
+        assert_denied(read(&policy, json!({"path": "dirlink/secret"})).await);
+        // cwd through the symlinked directory is refused as well.
+        assert_denied(shell(&policy, json!({"argv": ["pwd"], "cwd": "dirlink"})).await);
+        // A symlink that stays inside the root is fine.
+        let r = read(&policy, json!({"path": "innerlink"})).await.unwrap();
+        assert_eq!(r["content"], "fine");
+        assert!(r["path"].as_str().unwrap().ends_with("/ok"));
+    }
+
+    #[tokio::test]
+    async fn file_read_sibling_prefix_is_denied() {
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("a");
+        let sibling = base.path().join("ab");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::create_dir(&sibling).unwrap();
+        std::fs::write(sibling.join("f"), "nope").unwrap();
+        let policy = policy_in(&root);
+        assert_denied(
+            read(
+                &policy,
+                json!({"path": sibling.join("f").to_str().unwrap()}),
+            )
+            .await,
+        );
+        assert_denied(read(&policy, json!({"path": "../ab/f"})).await);
+    }
+
+    #[tokio::test]
+    async fn file_read_binary_is_base64() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = [0u8, 159, 146, 150, 255, b'a'];
+        std::fs::write(dir.path().join("bin"), data).unwrap();
+        let policy = policy_in(dir.path());
+        let r = read(&policy, json!({"path": "bin"})).await.unwrap();
+        assert_eq!(r["encoding"], "base64");
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(r["content"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(decoded, data);
+        assert_eq!(r["size"], 6);
+    }
+
+    #[tokio::test]
+    async fn file_read_truncates() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("big"), "0123456789".repeat(1000)).unwrap();
+        let policy = policy_with(dir.path(), |o| o.max_file_bytes = 100);
+        let r = read(&policy, json!({"path": "big", "max_bytes": 5}))
+            .await
+            .unwrap();
+        assert_eq!(r["content"], "01234");
+        assert_eq!(r["truncated"], true);
+        assert_eq!(r["size"], 10_000);
+        // max_bytes cannot exceed the policy cap.
+        let r = read(&policy, json!({"path": "big", "max_bytes": 1_000_000}))
+            .await
+            .unwrap();
+        assert_eq!(r["content"].as_str().unwrap().len(), 100);
+        assert_eq!(r["truncated"], true);
+        // Exactly the file size is not truncated.
+        std::fs::write(dir.path().join("small"), "abc").unwrap();
+        let r = read(&policy, json!({"path": "small", "max_bytes": 3}))
+            .await
+            .unwrap();
+        assert_eq!(r["content"], "abc");
+        assert_eq!(r["truncated"], false);
+        let r = read(&policy, json!({"path": "small", "max_bytes": 0}))
+            .await
+            .unwrap();
+        assert_eq!(r["content"], "");
+        assert_eq!(r["truncated"], true);
+        // A character cut by truncation is dropped, and the result stays utf8.
+        std::fs::write(dir.path().join("utf"), "aé").unwrap();
+        let r = read(&policy, json!({"path": "utf", "max_bytes": 2}))
+            .await
+            .unwrap();
+        assert_eq!(r["encoding"], "utf8");
+        assert_eq!(r["content"], "a");
+        assert_eq!(r["truncated"], true);
+    }
+
+    #[tokio::test]
+    async fn file_read_rejects_non_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let policy = policy_in(dir.path());
+        let msg = assert_bad_request(read(&policy, json!({"path": "sub"})).await);
+        assert!(msg.contains("not a regular file"), "{msg}");
+        let msg = assert_bad_request(read(&policy, json!({"path": "."})).await);
+        assert!(msg.contains("not a regular file"), "{msg}");
+    }
+
+    // ---- schemas ----
+
+    #[test]
+    fn schemas_are_valid_and_match_the_params() {
+        for schema in [
+            shell_run_schema(),
+            code_execute_schema(),
+            file_read_schema(),
+        ] {
+            assert_eq!(schema["$schema"], SCHEMA_DIALECT);
+            assert!(jsonschema::meta::is_valid(&schema), "{schema}");
+        }
+        let shell = jsonschema::validator_for(&shell_run_schema()).unwrap();
+        assert!(shell.is_valid(&json!({"argv": ["git", "status"], "cwd": "x", "timeout_ms": 5})));
+        assert!(shell.is_valid(&json!({"command": "echo hi | wc -c", "stdin": ""})));
+        assert!(!shell.is_valid(&json!({"argv": ["a"], "command": "b"})));
+        assert!(!shell.is_valid(&json!({"argv": []})));
+        assert!(!shell.is_valid(&json!({})));
+        assert!(!shell.is_valid(&json!({"argv": ["a"], "extra": 1})));
+        let code = jsonschema::validator_for(&code_execute_schema()).unwrap();
+        assert!(code.is_valid(&json!({"language": "python", "code": "print(1)"})));
+        assert!(!code.is_valid(&json!({"language": "ruby", "code": "1"})));
+        assert!(!code.is_valid(&json!({"language": "sh"})));
+        let file = jsonschema::validator_for(&file_read_schema()).unwrap();
+        assert!(file.is_valid(&json!({"path": "a", "max_bytes": 10})));
+        assert!(!file.is_valid(&json!({"path": "a", "max_bytes": -1})));
+        assert!(!file.is_valid(&json!({"max_bytes": 1})));
+    }
 }

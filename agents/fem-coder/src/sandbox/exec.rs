@@ -142,7 +142,11 @@ struct Capture {
 
 impl Capture {
     fn new(cap: usize) -> Self {
-        Self { buf: Vec::new(), cap, truncated: false }
+        Self {
+            buf: Vec::new(),
+            cap,
+            truncated: false,
+        }
     }
 
     fn push(&mut self, data: &[u8]) {
@@ -155,11 +159,14 @@ impl Capture {
     /// rather than turned into U+FFFD.
     fn into_string(self) -> String {
         let mut buf = self.buf;
-        if self.truncated
-            && let Err(e) = std::str::from_utf8(&buf)
-            && e.error_len().is_none()
-        {
-            buf.truncate(e.valid_up_to());
+        if self.truncated {
+            let cut = match std::str::from_utf8(&buf) {
+                Err(e) if e.error_len().is_none() => Some(e.valid_up_to()),
+                _ => None,
+            };
+            if let Some(len) = cut {
+                buf.truncate(len);
+            }
         }
         match String::from_utf8(buf) {
             Ok(s) => s,
@@ -174,7 +181,10 @@ fn spawn_error(program: &Path, e: io::Error) -> SandboxError {
     } else if e.kind() == io::ErrorKind::InvalidInput {
         SandboxError::BadRequest(format!("cannot start {}: {e}", program.display()))
     } else {
-        SandboxError::Io { context: format!("cannot start {}", program.display()), source: e }
+        SandboxError::Io {
+            context: format!("cannot start {}", program.display()),
+            source: e,
+        }
     }
 }
 
@@ -190,7 +200,11 @@ pub(super) async fn run(policy: &Policy, spec: Spec) -> Result<Value, SandboxErr
         .env("HOME", policy.work_dir())
         .env("LANG", "C.UTF-8")
         .env("TMPDIR", &spec.tmpdir)
-        .stdin(if spec.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if spec.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -200,12 +214,23 @@ pub(super) async fn run(policy: &Policy, spec: Spec) -> Result<Value, SandboxErr
     let started = Instant::now();
     let mut child = cmd.spawn().map_err(|e| spawn_error(&spec.program, e))?;
     // The child is the leader of a new group whose id is its pid.
-    let Some(pgid) = child.id().and_then(|id| i32::try_from(id).ok()).filter(|&id| id > 1) else {
-        return Err(SandboxError::Internal("spawned child has no usable process id".to_owned()));
+    let Some(pgid) = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .filter(|&id| id > 1)
+    else {
+        return Err(SandboxError::Internal(
+            "spawned child has no usable process id".to_owned(),
+        ));
     };
-    let mut group = GroupKiller { pgid: Pid::from_raw(pgid), armed: true };
+    let mut group = GroupKiller {
+        pgid: Pid::from_raw(pgid),
+        armed: true,
+    };
     let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
-        return Err(SandboxError::Internal("child output pipes are missing".to_owned()));
+        return Err(SandboxError::Internal(
+            "child output pipes are missing".to_owned(),
+        ));
     };
 
     // Feed stdin concurrently with reading, so a child that writes before it
@@ -213,11 +238,13 @@ pub(super) async fn run(policy: &Policy, spec: Spec) -> Result<Value, SandboxErr
     let stdin_pipe = child.stdin.take();
     let stdin_data = spec.stdin;
     let feed = async move {
-        if let (Some(mut pipe), Some(data)) = (stdin_pipe, stdin_data)
-            && let Err(e) = pipe.write_all(data.as_bytes()).await
-            && e.kind() != io::ErrorKind::BrokenPipe
-        {
-            tracing::debug!(error = %e, "writing child stdin failed");
+        if let (Some(mut pipe), Some(data)) = (stdin_pipe, stdin_data) {
+            match pipe.write_all(data.as_bytes()).await {
+                Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
+                    tracing::debug!(error = %e, "writing child stdin failed");
+                }
+                _ => {}
+            }
         }
     };
     tokio::pin!(feed);

@@ -39,7 +39,12 @@ fn lexical_normalize(path: &Path) -> PathBuf {
 }
 
 fn roots_list(policy: &Policy) -> String {
-    policy.roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+    policy
+        .roots
+        .iter()
+        .map(|r| r.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn outside(policy: &Policy, what: &str, raw: &str) -> SandboxError {
@@ -62,7 +67,9 @@ pub(super) async fn resolve_in_roots(
     what: &str,
 ) -> Result<PathBuf, SandboxError> {
     if raw.is_empty() {
-        return Err(SandboxError::BadRequest(format!("{what} must not be empty")));
+        return Err(SandboxError::BadRequest(format!(
+            "{what} must not be empty"
+        )));
     }
     if raw.len() > MAX_PATH_LEN {
         return Err(SandboxError::BadRequest(format!(
@@ -70,7 +77,9 @@ pub(super) async fn resolve_in_roots(
         )));
     }
     if raw.contains('\0') {
-        return Err(SandboxError::BadRequest(format!("{what} contains a NUL byte")));
+        return Err(SandboxError::BadRequest(format!(
+            "{what} contains a NUL byte"
+        )));
     }
     let joined = policy.work_dir.join(raw);
     match tokio::fs::canonicalize(&joined).await {
@@ -97,8 +106,13 @@ pub(super) async fn resolve_dir(policy: &Policy, raw: &str) -> Result<PathBuf, S
     let dir = resolve_in_roots(policy, raw, "cwd").await?;
     match tokio::fs::metadata(&dir).await {
         Ok(meta) if meta.is_dir() => Ok(dir),
-        Ok(_) => Err(SandboxError::BadRequest(format!("cwd `{raw}` is not a directory"))),
-        Err(e) => Err(SandboxError::Io { context: format!("cwd `{raw}`"), source: e }),
+        Ok(_) => Err(SandboxError::BadRequest(format!(
+            "cwd `{raw}` is not a directory"
+        ))),
+        Err(e) => Err(SandboxError::Io {
+            context: format!("cwd `{raw}`"),
+            source: e,
+        }),
     }
 }
 
@@ -123,7 +137,10 @@ fn open_error(path: &Path, e: io::Error) -> SandboxError {
         io::ErrorKind::PermissionDenied => {
             SandboxError::PermissionDenied(format!("`{shown}` is not readable: {e}"))
         }
-        _ => SandboxError::Io { context: format!("opening `{shown}`"), source: e },
+        _ => SandboxError::Io {
+            context: format!("opening `{shown}`"),
+            source: e,
+        },
     }
 }
 
@@ -155,9 +172,10 @@ pub(super) fn read_bounded(
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
         .map_err(|e| open_error(path, e))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| SandboxError::Io { context: format!("stat `{}`", path.display()), source: e })?;
+    let meta = file.metadata().map_err(|e| SandboxError::Io {
+        context: format!("stat `{}`", path.display()),
+        source: e,
+    })?;
     if !meta.is_file() {
         return Err(not_regular(path));
     }
@@ -167,8 +185,10 @@ pub(super) fn read_bounded(
     let cap = usize::try_from(limit).unwrap_or(usize::MAX);
     let mut bytes = Vec::with_capacity(cap.min(usize::try_from(size).unwrap_or(usize::MAX)));
     let mut chunk = vec![0u8; READ_CHUNK.min(cap.max(1))];
-    let read_err =
-        |e: io::Error| SandboxError::Io { context: format!("reading `{}`", path.display()), source: e };
+    let read_err = |e: io::Error| SandboxError::Io {
+        context: format!("reading `{}`", path.display()),
+        source: e,
+    };
     let mut reader = (&file).take(limit);
     loop {
         match reader.read(&mut chunk) {
@@ -194,7 +214,11 @@ pub(super) fn read_bounded(
     } else {
         false
     };
-    Ok(FileContent { size, bytes, truncated })
+    Ok(FileContent {
+        size,
+        bytes,
+        truncated,
+    })
 }
 
 /// Closes the window between canonicalization and open (an intermediate
