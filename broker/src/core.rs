@@ -295,7 +295,14 @@ impl Shared {
                     continue;
                 }
             }
-            for t in &p.tools {
+            // Prefer the tools whose own name matches the pattern; an agent
+            // whose tools are named otherwise lists all of them.
+            let named: Vec<_> = match &q.capability {
+                Some(pat) => p.tools.iter().filter(|t| pat.matches(&t.name)).collect(),
+                None => Vec::new(),
+            };
+            let listed: Vec<_> = if named.is_empty() { p.tools.iter().collect() } else { named };
+            for t in listed {
                 if tools.len() >= limit {
                     break 'outer;
                 }

@@ -1,0 +1,202 @@
+//! `fem-coder`: registers code.execute, shell.run and file.read with a broker
+//! and runs them inside the sandbox policy.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use fem_agent_sdk::cli::{ConnectArgs, LogArgs};
+use fem_agent_sdk::{AgentBuilder, SdkError, Tool, ToolError, keys};
+use fem_coder::sandbox::{self, Policy, PolicyOptions, SandboxError};
+use fem_proto::{AgentId, SigningKey};
+
+/// FEM agent with sandboxed code.execute, shell.run and file.read tools.
+#[derive(Debug, Parser)]
+#[command(name = "fem-coder", version)]
+struct Args {
+    #[command(flatten)]
+    conn: ConnectArgs,
+    /// Agent id (default: the host name).
+    #[arg(long, env = "FEM_AGENT_ID")]
+    agent: Option<String>,
+    /// Capabilities (and tools) to offer: any of code.execute, shell.run, file.read.
+    #[arg(long, env = "FEM_AGENT_CAPABILITIES", value_delimiter = ',', default_value = "code.execute,shell.run,file.read")]
+    capabilities: Vec<String>,
+    /// Private key file (created 0600 if missing). Without it a fresh key is used per run.
+    #[arg(long, env = "FEM_AGENT_KEY")]
+    key: Option<PathBuf>,
+    /// Directory file.read and cwd may use (repeatable; default: the work directory).
+    #[arg(long = "allow-path", env = "FEM_ALLOW_PATHS", value_delimiter = ',')]
+    allow_paths: Vec<PathBuf>,
+    /// Program shell.run and code.execute may start (repeatable; replaces the defaults:
+    /// echo ls cat git python3 sh pwd wc head tail grep uname date env true false).
+    /// Shell commands ({"command": ...}) are allowed only when sh is allowed.
+    #[arg(long = "allow-program", env = "FEM_ALLOW_PROGRAMS", value_delimiter = ',')]
+    allow_programs: Vec<String>,
+    /// Working directory of commands (default: the current directory).
+    #[arg(long, env = "FEM_WORK_DIR")]
+    work_dir: Option<PathBuf>,
+    /// Maximum run time of one tool call.
+    #[arg(long, env = "FEM_TOOL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Output kept per stream (stdout, stderr), bytes.
+    #[arg(long, env = "FEM_MAX_OUTPUT_BYTES", default_value_t = 1024 * 1024)]
+    max_output_bytes: usize,
+    /// Maximum bytes file.read returns.
+    #[arg(long, env = "FEM_MAX_FILE_BYTES", default_value_t = 1024 * 1024)]
+    max_file_bytes: u64,
+    /// CPU seconds per child (RLIMIT_CPU).
+    #[arg(long, env = "FEM_CPU_SECONDS", default_value_t = 30)]
+    cpu_seconds: u64,
+    /// Address space per child in bytes (RLIMIT_AS).
+    #[arg(long, env = "FEM_MEMORY_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    memory_bytes: u64,
+    /// Processes per user for the child (RLIMIT_NPROC; not enforced for root).
+    #[arg(long, env = "FEM_MAX_PROCESSES", default_value_t = 256)]
+    max_processes: u64,
+    /// Calls served at once.
+    #[arg(long, env = "FEM_MAX_CONCURRENT", default_value_t = 10)]
+    max_concurrent: usize,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "fem-coder".to_owned())
+}
+
+fn tool_error(e: SandboxError) -> ToolError {
+    ToolError::new(e.code(), e.to_string())
+}
+
+fn tools(policy: &Arc<Policy>, caps: &[String]) -> anyhow::Result<Vec<Tool>> {
+    let mut out = Vec::new();
+    for cap in caps {
+        let p = Arc::clone(policy);
+        let tool = match cap.as_str() {
+            sandbox::SHELL_RUN => Tool::new(
+                sandbox::SHELL_RUN,
+                "Run a program (argv, no shell) or, where the policy allows a shell, a shell command",
+                sandbox::shell_run_schema(),
+                move |req| {
+                    let p = Arc::clone(&p);
+                    async move { sandbox::shell_run(&p, req.params).await.map_err(tool_error) }
+                },
+            )?,
+            sandbox::CODE_EXECUTE => Tool::new(
+                sandbox::CODE_EXECUTE,
+                "Run a python or sh snippet in a fresh temporary directory",
+                sandbox::code_execute_schema(),
+                move |req| {
+                    let p = Arc::clone(&p);
+                    async move { sandbox::code_execute(&p, req.params).await.map_err(tool_error) }
+                },
+            )?,
+            sandbox::FILE_READ => Tool::new(
+                sandbox::FILE_READ,
+                "Read a file inside the allowed roots",
+                sandbox::file_read_schema(),
+                move |req| {
+                    let p = Arc::clone(&p);
+                    async move { sandbox::file_read(&p, req.params).await.map_err(tool_error) }
+                },
+            )?,
+            other => anyhow::bail!("unknown capability {other:?}: fem-coder offers code.execute, shell.run, file.read"),
+        };
+        out.push(tool);
+    }
+    Ok(out)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let defaults = PolicyOptions::default();
+    let work_dir = match &args.work_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_dir()?,
+    };
+    let policy = Arc::new(Policy::new(PolicyOptions {
+        // Empty means "the work directory" (see PolicyOptions).
+        allow_paths: args.allow_paths.clone(),
+        allow_programs: if args.allow_programs.is_empty() {
+            defaults.allow_programs
+        } else {
+            args.allow_programs.clone()
+        },
+        work_dir,
+        timeout: args.timeout,
+        max_output_bytes: args.max_output_bytes,
+        max_file_bytes: args.max_file_bytes,
+        cpu_seconds: args.cpu_seconds,
+        memory_bytes: args.memory_bytes,
+        max_processes: args.max_processes,
+    })?);
+    tracing::info!(policy = %policy.describe(), "sandbox policy");
+    let id = AgentId::new(args.agent.clone().unwrap_or_else(host_name))?;
+    let key = match &args.key {
+        Some(p) => keys::load_or_generate_key(p)?,
+        None => SigningKey::generate(),
+    };
+    let opts = args.conn.options()?.call_timeout(args.timeout);
+    let tools = tools(&policy, &args.capabilities)?;
+    // Keep trying until the broker accepts us (it may start after us).
+    let mut backoff = Duration::from_millis(250);
+    let client = loop {
+        let mut b = AgentBuilder::new(id.clone(), key.clone())
+            .max_concurrent(args.max_concurrent)
+            .call_timeout(args.timeout);
+        for c in &args.capabilities {
+            b = b.capability(c)?;
+        }
+        for t in &tools {
+            b = b.tool(t.clone());
+        }
+        match b.connect(opts.clone()).await {
+            Ok(c) => break c,
+            Err(e @ SdkError::Config(_)) => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot register yet");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
+    tracing::info!(agent = %id, key = %key.public_key(), "fem-coder registered");
+    wait_for_signal().await;
+    tracing::info!("signal received; closing");
+    client.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    args.log.init("info");
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fem-coder: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

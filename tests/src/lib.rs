@@ -1,0 +1,348 @@
+//! Test support: loopback addresses, in-process brokers, broker and agent
+//! processes killed on drop (their logs dumped when a test fails), raw
+//! protocol connections and a tiny HTTPS client.
+#![allow(clippy::unwrap_used, unreachable_pub, missing_debug_implementations)]
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use fem_agent_sdk::wire::FrameReader;
+use fem_agent_sdk::{AgentBuilder, Client, Options, Tool, ToolError, Trust};
+use fem_broker::{Broker, BrokerConfig};
+use fem_proto::{AgentId, SigningKey};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// The port every test broker uses, each on its own loopback address.
+pub const PORT: u16 = 8443;
+
+/// The loopback address of test host `n` (1..=60000): 127.0.x.y, never 127.0.0.1.
+pub fn host(n: u16) -> SocketAddr {
+    let n = u32::from(n) + 1;
+    SocketAddr::from(([127, 0, (n / 250) as u8, (n % 250 + 2) as u8], PORT))
+}
+
+/// Installs a test log subscriber once (RUST_LOG controls it).
+pub fn logs() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// A broker running in this process, with its data directory.
+pub struct TestBroker {
+    /// The broker.
+    pub broker: Broker,
+    /// Its data directory (certificate, keys).
+    pub dir: tempfile::TempDir,
+}
+
+impl TestBroker {
+    /// Starts a broker on `addr` with test-friendly settings, adjusted by `tweak`.
+    pub async fn start(addr: SocketAddr, tweak: impl FnOnce(&mut BrokerConfig)) -> Self {
+        logs();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = BrokerConfig {
+            listen: addr,
+            data_dir: dir.path().to_owned(),
+            broker_id: AgentId::new(format!("broker-{}", addr.ip())).unwrap(),
+            shutdown_grace: Duration::from_millis(500),
+            ..BrokerConfig::default()
+        };
+        tweak(&mut cfg);
+        let broker = Broker::bind(cfg).await.unwrap();
+        Self { broker, dir }
+    }
+
+    /// The development CA clients trust.
+    pub fn ca(&self) -> PathBuf {
+        self.broker.ca_path().unwrap().to_owned()
+    }
+
+    /// Client options for this broker (`https://IP:PORT`, CA trust, fast reconnects).
+    pub fn options(&self) -> Options {
+        options_for(self.broker.local_addr(), &self.ca())
+    }
+}
+
+/// Client options for a broker at `addr` trusting `ca`.
+pub fn options_for(addr: SocketAddr, ca: &Path) -> Options {
+    Options::new(&format!("https://{addr}"))
+        .unwrap()
+        .trust(Trust::CaFile(ca.to_owned()))
+        .backoff(Duration::from_millis(50), Duration::from_millis(500))
+        .heartbeat(Duration::from_millis(500))
+}
+
+/// Connects a caller with a fresh key.
+pub async fn caller(id: &str, opts: Options) -> Client {
+    Client::connect(AgentId::new(id).unwrap(), SigningKey::generate(), opts)
+        .await
+        .unwrap()
+}
+
+/// An `echo` tool (returns its parameters) that counts its calls.
+pub fn echo_tool(counter: Arc<Mutex<u32>>) -> Tool {
+    Tool::new(
+        "echo",
+        "Returns its parameters",
+        serde_json::json!({"type": "object"}),
+        move |req| {
+            let counter = Arc::clone(&counter);
+            async move {
+                *counter.lock().unwrap() += 1;
+                if let Some(ms) = req.params.get("sleep_ms").and_then(serde_json::Value::as_u64) {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                if req.params.get("fail").is_some() {
+                    return Err(ToolError::new(fem_proto::ErrorCode::ToolFailed, "asked to fail"));
+                }
+                Ok(req.params)
+            }
+        },
+    )
+    .unwrap()
+}
+
+/// Connects an agent `id` with capability `echo.basic` and the `echo` tool.
+pub async fn echo_agent(id: &str, opts: Options, max_concurrent: usize) -> (Client, Arc<Mutex<u32>>) {
+    let counter = Arc::new(Mutex::new(0));
+    let client = AgentBuilder::new(AgentId::new(id).unwrap(), SigningKey::generate())
+        .capability("echo.basic")
+        .unwrap()
+        .tool(echo_tool(Arc::clone(&counter)))
+        .max_concurrent(max_concurrent)
+        .connect(opts)
+        .await
+        .unwrap();
+    (client, counter)
+}
+
+/// Polls `f` until it is true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn tls_client(ca: &Path, alpn: &[u8]) -> tokio_rustls::TlsConnector {
+    let cfg = fem_agent_sdk::tls::client_config(&Trust::CaFile(ca.to_owned()), &[alpn]).unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A raw native-protocol connection over TLS/TCP, for hostile-input tests.
+pub struct RawConn {
+    /// Frame reader.
+    pub reader: FrameReader<tokio::io::ReadHalf<TlsStream>>,
+    /// Byte writer.
+    pub writer: tokio::io::WriteHalf<TlsStream>,
+}
+
+impl RawConn {
+    /// Connects with ALPN fem/1.
+    pub async fn connect(addr: SocketAddr, ca: &Path) -> Self {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let tls = tls_client(ca, fem_proto::ALPN_NATIVE).connect(name, tcp).await.unwrap();
+        let (r, w) = tokio::io::split(tls);
+        Self {
+            reader: FrameReader::new(r, 64 * 1024 * 1024),
+            writer: w,
+        }
+    }
+
+    /// Sends a frame.
+    pub async fn send(&mut self, f: &fem_proto::Frame) {
+        let mut buf = Vec::new();
+        fem_proto::encode_frame(f, &mut buf, usize::MAX).unwrap();
+        self.send_bytes(&buf).await;
+    }
+
+    /// Sends raw bytes.
+    pub async fn send_bytes(&mut self, b: &[u8]) {
+        self.writer.write_all(b).await.unwrap();
+        self.writer.flush().await.unwrap();
+    }
+
+    /// The next frame within 5 s (None at end of stream or on a read error).
+    pub async fn recv(&mut self) -> Option<fem_proto::Frame> {
+        tokio::time::timeout(Duration::from_secs(5), self.reader.next())
+            .await
+            .expect("no frame within 5 s")
+            .ok()
+            .flatten()
+    }
+}
+
+/// GET `path` over HTTPS (HTTP/1.1) from a broker; returns status and body.
+pub async fn https_get(addr: SocketAddr, ca: &Path, path: &str) -> (u16, String) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let mut tls = tls_client(ca, b"http/1.1").connect(name, tcp).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// Path of a workspace binary, built once per test process.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let dir = exe.parent().unwrap().parent().unwrap().to_owned();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--bins", "-p", "fem-broker", "-p", "fem-coder", "-p", "fem-cli"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("cargo build");
+        assert!(st.success(), "building the binaries failed");
+        dir
+    });
+    dir.join(name)
+}
+
+/// A child process killed on drop; its output is dumped if the test panicked.
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Proc {
+    /// Spawns `bin(name)` with `args`; stdout and stderr go to a log file.
+    pub fn spawn(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("out.log");
+        let f = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(bin(name));
+        cmd.args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        Self {
+            name: name.to_owned(),
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the process printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until a line of output contains `needle`; returns that line.
+    pub async fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let end = Instant::now() + timeout;
+        loop {
+            let f = std::fs::File::open(&self.log).unwrap();
+            if let Some(line) = BufReader::new(f).lines().map_while(Result::ok).find(|l| l.contains(needle)) {
+                return line;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("{} exited ({st}) before printing {needle:?}:\n{}", self.name, self.output());
+            }
+            assert!(Instant::now() < end, "{} did not print {needle:?} within {timeout:?}:\n{}", self.name, self.output());
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Sends a signal (e.g. "KILL", "TERM").
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status();
+    }
+
+    /// Kills the process and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for exit up to `timeout`; returns the exit status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("----- output of {} -----\n{}\n-----", self.name, self.output());
+        }
+    }
+}
+
+/// Extracts `key=value` from a log line.
+pub fn log_field(line: &str, key: &str) -> Option<String> {
+    let pat = format!("{key}=");
+    let start = line.find(&pat)? + pat.len();
+    let rest = &line[start..];
+    let v: String = rest
+        .trim_start_matches('"')
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '"')
+        .collect();
+    Some(v)
+}
+
+/// Runs `fem` with `args` to completion (bounded by 60 s); returns (exit code, stdout, stderr).
+pub async fn run_fem(args: &[&str]) -> (i32, String, String) {
+    let mut cmd = tokio::process::Command::new(bin("fem"));
+    cmd.args(args).env_remove("RUST_LOG").stdin(Stdio::null()).kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("fem did not finish within 60 s")
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
