@@ -1,0 +1,17 @@
+//! Integration tests over real loopback sockets (QUIC, TLS/TCP) and real
+//! processes. Each broker has its own 127.0.x.y address on port 8443.
+#![allow(clippy::unwrap_used)]
+
+mod calls;
+mod hostile;
+mod processes;
+
+use std::future::Future;
+use std::time::Duration;
+
+/// Runs a test body with a hard time bound.
+pub(crate) async fn bounded<F: Future<Output = ()>>(secs: u64, f: F) {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .unwrap_or_else(|_| panic!("test exceeded its {secs} s bound"));
+}
