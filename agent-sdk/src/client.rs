@@ -754,7 +754,9 @@ async fn run_once(
         let _ = wtx.send(Frame::Subscribe { nonce: Nonce::random(), topic }).await;
     }
 
-    let grace = Duration::from_millis(accepted.grace_ms.max(1000)).max(inner.opts.heartbeat * 3);
+    // The broker answers every heartbeat, so three silent intervals mean
+    // the broker (or the path to it) is gone.
+    let grace = inner.opts.heartbeat * 3;
     let mut hb = tokio::time::interval(inner.opts.heartbeat);
     hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_rx = Instant::now();

@@ -34,6 +34,8 @@ pub struct BrokerConfig {
     pub replay_window_ms: u64,
     /// Upper bound on any call's deadline.
     pub max_call_timeout: Duration,
+    /// Calls that may wait at the broker for a slot on one agent.
+    pub agent_queue_limit: usize,
     /// Frames queued per session before it counts as a slow consumer.
     pub session_queue: usize,
     /// Time allowed between connecting and registering.
@@ -56,6 +58,7 @@ impl Default for BrokerConfig {
             heartbeat_grace: Duration::from_secs(30),
             replay_window_ms: DEFAULT_REPLAY_WINDOW_MS,
             max_call_timeout: Duration::from_secs(600),
+            agent_queue_limit: 1024,
             session_queue: 1024,
             registration_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),

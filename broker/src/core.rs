@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::BrokerConfig;
 use crate::metrics::Metrics;
-use crate::registry::{AgentEntry, Registry, SessionTx};
+use crate::registry::{AgentEntry, Queued, Registry, Selection, SessionTx};
 
 /// Key of a call in flight: the agent executing it and the caller's request id.
 pub(crate) type PendingKey = (AgentId, RequestId);
@@ -30,6 +30,8 @@ pub(crate) struct Pending {
     caller_tx: SessionTx,
     target: Arc<AgentEntry>,
     started: Instant,
+    /// True once the call took a concurrency slot on its agent (false while it waits in the queue).
+    holds_slot: bool,
 }
 
 /// Maximum nonces remembered per sender within one replay window.
@@ -129,6 +131,7 @@ impl Shared {
             .filter(|p| p.key().0 == entry.id && p.value().target.session_id == entry.session_id)
             .map(|p| p.key().clone())
             .collect();
+        entry.clear_queue();
         for key in keys {
             if let Some((key, p)) = self
                 .pending
@@ -149,12 +152,11 @@ impl Shared {
 
     /// Releases the agent slot, records metrics and sends the terminal answer.
     fn finish(&self, p: Pending, answer: Frame, outcome: &str) {
-        p.target.release();
+        if p.holds_slot {
+            p.target.release();
+            self.pump(&p.target);
+        }
         self.metrics.calls_in_flight.dec();
-        self.metrics
-            .agent_queue_length
-            .with_label_values(&[p.target.id.as_str()])
-            .set(i64::from(p.target.in_flight()));
         self.metrics.tool_calls.with_label_values(&[outcome]).inc();
         self.metrics
             .tool_call_duration
@@ -199,8 +201,9 @@ impl Shared {
             return fail(ErrorCode::Timeout, "the call's deadline has already passed".into());
         }
         let budget = Duration::from_millis(call.deadline_ms - now).min(self.config.max_call_timeout);
-        let target = match self.registry.select(&call.target, &call.tool) {
-            Ok(t) => t,
+        let (target, holds_slot) = match self.registry.select(&call.target, &call.tool, self.config.agent_queue_limit) {
+            Ok(Selection::Slot(t)) => (t, true),
+            Ok(Selection::Queue(t)) => (t, false),
             Err((code, message)) => return fail(code, message),
         };
         let key = (target.id.clone(), call.request_id);
@@ -209,7 +212,9 @@ impl Shared {
             use dashmap::mapref::entry::Entry;
             match self.pending.entry(key.clone()) {
                 Entry::Occupied(_) => {
-                    target.release();
+                    if holds_slot {
+                        target.release();
+                    }
                     return fail(
                         ErrorCode::BadRequest,
                         format!("request id {} is already in flight to {}", call.request_id, target.id),
@@ -222,23 +227,57 @@ impl Shared {
                         caller_tx: caller.tx.clone(),
                         target: Arc::clone(&target),
                         started,
+                        holds_slot,
                     });
                 }
             }
         }
         self.metrics.calls_in_flight.inc();
-        self.metrics
-            .agent_queue_length
-            .with_label_values(&[target.id.as_str()])
-            .set(i64::from(target.in_flight()));
         let _ = self.deadlines.send((Instant::now() + budget, seq, key.clone()));
-        debug!(request = %call.request_id, tool = %call.tool, agent = %target.id, "routing call");
         let deliver = Frame::Deliver {
             envelope: signed,
             signer: caller.key,
         };
+        if holds_slot {
+            debug!(request = %call.request_id, tool = %call.tool, agent = %target.id, "routing call");
+            self.send_to_agent(&target, &key, seq, deliver);
+        } else {
+            debug!(request = %call.request_id, tool = %call.tool, agent = %target.id, "agent busy; call queued");
+            let queued = Queued {
+                key: key.clone(),
+                seq,
+                deliver,
+            };
+            let limit = self.config.agent_queue_limit;
+            if target.enqueue(queued, limit, |q| self.is_pending(&q.key, q.seq)) {
+                self.metrics
+                    .agent_queue_length
+                    .with_label_values(&[target.id.as_str()])
+                    .set(i64::try_from(target.queued()).unwrap_or(i64::MAX));
+                // A slot may have freed between selection and enqueueing.
+                self.pump(&target);
+            } else if let Some((key, p)) = self.pending.remove_if(&key, |_, p| p.seq == seq) {
+                self.finish(
+                    p,
+                    Frame::CallFailed {
+                        request_id: key.1,
+                        code: ErrorCode::RateLimited,
+                        message: format!("agent {} is at its concurrency limit and its queue is full", key.0),
+                    },
+                    ErrorCode::RateLimited.as_str(),
+                );
+            }
+        }
+    }
+
+    fn is_pending(&self, key: &PendingKey, seq: u64) -> bool {
+        self.pending.get(key).is_some_and(|p| p.seq == seq)
+    }
+
+    /// Sends a call that holds a slot; an agent that cannot take it fails it at once.
+    fn send_to_agent(&self, target: &Arc<AgentEntry>, key: &PendingKey, seq: u64, deliver: Frame) {
         if target.tx.try_send(deliver).is_err() {
-            if let Some((key, p)) = self.pending.remove_if(&key, |_, p| p.seq == seq) {
+            if let Some((key, p)) = self.pending.remove_if(key, |_, p| p.seq == seq) {
                 self.finish(
                     p,
                     Frame::CallFailed {
@@ -250,6 +289,33 @@ impl Shared {
                 );
             }
         }
+    }
+
+    /// Moves waiting calls onto free slots of `agent`, oldest first,
+    /// skipping calls that expired while they waited.
+    fn pump(&self, agent: &Arc<AgentEntry>) {
+        while agent.queued() > 0 && agent.try_acquire() {
+            let Some(q) = agent.dequeue() else {
+                agent.release();
+                break;
+            };
+            let taken = match self.pending.get_mut(&q.key) {
+                Some(mut p) if p.seq == q.seq => {
+                    p.holds_slot = true;
+                    true
+                }
+                _ => false,
+            };
+            if taken {
+                self.send_to_agent(agent, &q.key, q.seq, q.deliver);
+            } else {
+                agent.release();
+            }
+        }
+        self.metrics
+            .agent_queue_length
+            .with_label_values(&[agent.id.as_str()])
+            .set(i64::try_from(agent.queued()).unwrap_or(i64::MAX));
     }
 
     /// Relays a verified toolResult to the caller of the matching call.

@@ -35,6 +35,9 @@ struct Args {
     /// Maximum concurrent agent connections.
     #[arg(long, env = "FEM_MAX_CONNECTIONS", default_value_t = 10_000)]
     max_connections: usize,
+    /// Calls that may wait at the broker for a slot on one agent (beyond: RATE_LIMITED).
+    #[arg(long, env = "FEM_AGENT_QUEUE_LIMIT", default_value_t = 1024)]
+    agent_queue_limit: usize,
     /// Maximum frame size in bytes.
     #[arg(long, env = "FEM_MAX_FRAME_SIZE", default_value_t = fem_proto::DEFAULT_MAX_FRAME)]
     max_frame_size: usize,
@@ -96,6 +99,7 @@ fn config(args: &Args) -> anyhow::Result<BrokerConfig> {
         broker_id,
         max_connections: args.max_connections,
         max_frame: args.max_frame_size,
+        agent_queue_limit: args.agent_queue_limit,
         heartbeat_interval: args.heartbeat_interval,
         heartbeat_grace: args.heartbeat_grace,
         replay_window_ms: u64::try_from(args.replay_window.as_millis())?,

@@ -79,7 +79,7 @@ impl Metrics {
             &["outcome"],
         )?;
         let agent_queue_length = IntGaugeVec::new(
-            Opts::new("fem_broker_agent_queue_length", "Calls in flight to each agent."),
+            Opts::new("fem_broker_agent_queue_length", "Calls waiting at the broker for a free slot on each agent."),
             &["agent"],
         )?;
         let verify_seconds = Histogram::with_opts(

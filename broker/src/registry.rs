@@ -1,8 +1,8 @@
 //! Registered agents, the capability index, and route selection.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use dashmap::DashMap;
 use fem_proto::{AgentId, Capability, CapabilityPattern, ErrorCode, Frame, PublicKey, Target, ToolSpec};
@@ -42,8 +42,28 @@ pub struct AgentEntry {
     /// Time of the last frame received, ms since the epoch.
     pub last_seen_ms: AtomicU64,
     profile: RwLock<Profile>,
+    /// Calls waiting for a free slot, oldest first.
+    queue: Mutex<VecDeque<Queued>>,
+    queued: AtomicUsize,
     /// Notified to close the session (revoke, replacement).
     pub(crate) evict: Notify,
+}
+
+/// A call waiting at the broker for a slot on its agent.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    pub(crate) key: crate::core::PendingKey,
+    pub(crate) seq: u64,
+    pub(crate) deliver: Frame,
+}
+
+/// Where [`Registry::select`] placed a call.
+#[derive(Debug)]
+pub(crate) enum Selection {
+    /// A slot was taken on this agent: send now.
+    Slot(Arc<AgentEntry>),
+    /// Every candidate is at its limit: wait in this agent's queue.
+    Queue(Arc<AgentEntry>),
 }
 
 impl AgentEntry {
@@ -68,6 +88,8 @@ impl AgentEntry {
             in_flight: AtomicU32::new(0),
             last_seen_ms: AtomicU64::new(now),
             profile: RwLock::new(profile),
+            queue: Mutex::new(VecDeque::new()),
+            queued: AtomicUsize::new(0),
             evict: Notify::new(),
         }
     }
@@ -89,6 +111,46 @@ impl AgentEntry {
         let _ = self
             .in_flight
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// Calls waiting at the broker for a slot on this agent.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    fn queue_lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Queued>> {
+        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Appends a waiting call; `still_pending` prunes calls that expired
+    /// when the queue is full. False when the queue stays full.
+    pub(crate) fn enqueue(&self, q: Queued, limit: usize, still_pending: impl Fn(&Queued) -> bool) -> bool {
+        let mut queue = self.queue_lock();
+        if queue.len() >= limit {
+            queue.retain(|x| still_pending(x));
+        }
+        if queue.len() >= limit {
+            return false;
+        }
+        queue.push_back(q);
+        self.queued.store(queue.len(), Ordering::Relaxed);
+        true
+    }
+
+    /// Takes the oldest waiting call.
+    pub(crate) fn dequeue(&self) -> Option<Queued> {
+        let mut queue = self.queue_lock();
+        let q = queue.pop_front();
+        self.queued.store(queue.len(), Ordering::Relaxed);
+        q
+    }
+
+    /// Drops every waiting call (the session ended; the calls are answered
+    /// through the pending table).
+    pub(crate) fn clear_queue(&self) {
+        let mut queue = self.queue_lock();
+        queue.clear();
+        self.queued.store(0, Ordering::Relaxed);
     }
 
     /// A copy of the profile.
@@ -222,13 +284,20 @@ impl Registry {
         ids.iter().filter_map(|id| self.get(id)).collect()
     }
 
-    /// Picks a live agent for a call and takes a concurrency slot on it:
-    /// fewest calls in flight, round robin among ties, never above an
-    /// agent's limit.
+    /// Picks a live agent for a call: fewest calls in flight, round robin
+    /// among ties, never above an agent's limit; takes a slot on it. When
+    /// every candidate is at its limit (or already has calls waiting, so
+    /// waiting calls keep their order), picks the shortest queue below
+    /// `queue_limit`.
     ///
     /// # Errors
     /// `NO_ROUTE`, `TOOL_NOT_FOUND` or `RATE_LIMITED` with a reason.
-    pub(crate) fn select(&self, target: &Target, tool: &Capability) -> Result<Arc<AgentEntry>, (ErrorCode, String)> {
+    pub(crate) fn select(
+        &self,
+        target: &Target,
+        tool: &Capability,
+        queue_limit: usize,
+    ) -> Result<Selection, (ErrorCode, String)> {
         let mut candidates = match target {
             Target::Agent(id) => {
                 let e = self
@@ -255,25 +324,38 @@ impl Registry {
             }
         };
         candidates.retain(|e| e.max_concurrent > 0);
-        let n = candidates.len();
+        if candidates.is_empty() {
+            return Err((ErrorCode::NoRoute, format!("no agent matching the target serves calls ({tool})")));
+        }
         let start = self.rr.fetch_add(1, Ordering::Relaxed);
-        while !candidates.is_empty() {
-            let len = candidates.len();
+        let pick = |list: &[Arc<AgentEntry>], load: &dyn Fn(&AgentEntry) -> usize| {
+            let len = list.len();
             let mut best = start % len;
             for i in 1..len {
                 let j = (start + i) % len;
-                if candidates[j].in_flight() < candidates[best].in_flight() {
+                if load(&list[j]) < load(&list[best]) {
                     best = j;
                 }
             }
-            let e = candidates.swap_remove(best);
+            best
+        };
+        let mut free: Vec<_> = candidates.iter().filter(|e| e.queued() == 0).cloned().collect();
+        while !free.is_empty() {
+            let best = pick(&free, &|e| e.in_flight() as usize);
+            let e = free.swap_remove(best);
             if e.try_acquire() {
-                return Ok(e);
+                return Ok(Selection::Slot(e));
             }
         }
-        Err((
-            ErrorCode::RateLimited,
-            format!("all {n} matching agents are at their concurrency limit"),
-        ))
+        let best = pick(&candidates, &|e| e.queued());
+        let e = candidates.swap_remove(best);
+        if e.queued() < queue_limit {
+            Ok(Selection::Queue(e))
+        } else {
+            Err((
+                ErrorCode::RateLimited,
+                format!("agent {} is at its concurrency limit and {} calls are waiting", e.id, e.queued()),
+            ))
+        }
     }
 }

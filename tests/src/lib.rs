@@ -217,7 +217,9 @@ pub fn bin(name: &str) -> PathBuf {
         let dir = exe.parent().unwrap().parent().unwrap().to_owned();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--bins", "-p", "fem-broker", "-p", "fem-coder", "-p", "fem-cli"]);
+        // Same package selection as `cargo build --workspace --bins`, so the
+        // README's test command finds everything already built.
+        cmd.args(["build", "--workspace", "--bins"]);
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }

@@ -1,5 +1,6 @@
 //! Registration and routing with in-process brokers and SDK clients.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fem_agent_sdk::{AgentBuilder, Origin, Tool, Transport};
@@ -73,14 +74,15 @@ async fn deadline_gives_timeout_and_late_result_is_dropped() {
         let c = caller("caller-4", b.options()).await;
         let t = Instant::now();
         let e = c
-            .call_with_timeout(by_id("slow-4"), "echo", json!({"sleep_ms": 1500}), Duration::from_millis(300))
+            .call_with_timeout(by_id("slow-4"), "echo", json!({"sleep_ms": 2500}), Duration::from_millis(300))
             .await
             .unwrap_err();
+        // The broker answers at the deadline, well before the agent would.
         assert_eq!((e.code, e.origin), (ErrorCode::Timeout, Origin::Broker));
-        assert!(t.elapsed() < Duration::from_millis(1200), "timeout came late: {:?}", t.elapsed());
+        assert!(t.elapsed() < Duration::from_millis(2500), "TIMEOUT only after {:?}", t.elapsed());
         // The late result arrives after the deadline and is dropped; the
         // next call still gets exactly its own answer.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
         let r = c.call(by_id("slow-4"), "echo", json!({"n": 2})).await.unwrap();
         assert_eq!(r, json!({"n": 2}));
     })
@@ -114,19 +116,63 @@ async fn two_agents_share_load() {
 }
 
 #[tokio::test]
-async fn concurrency_limit_is_never_exceeded() {
+async fn concurrency_limit_queue_and_overflow() {
     bounded(60, async {
-        let b = TestBroker::start(host(6), |_| {}).await;
-        let (_a, _) = echo_agent("limited-6", b.options(), 2).await;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let b = TestBroker::start(host(6), |c| c.agent_queue_limit = 4).await;
+        let now = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let tool = {
+            let (now, peak) = (Arc::clone(&now), Arc::clone(&peak));
+            Tool::new("echo", "slow echo", json!({"type": "object"}), move |req| {
+                let (now, peak) = (Arc::clone(&now), Arc::clone(&peak));
+                async move {
+                    let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(n, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    now.fetch_sub(1, Ordering::SeqCst);
+                    Ok(req.params)
+                }
+            })
+            .unwrap()
+        };
+        let _a = AgentBuilder::new(AgentId::new("limited-6").unwrap(), SigningKey::generate())
+            .tool(tool)
+            .max_concurrent(2)
+            .connect(b.options())
+            .await
+            .unwrap();
         let c = caller("caller-6", b.options()).await;
-        let slow = |c: fem_agent_sdk::Client| async move { c.call(by_id("limited-6"), "echo", json!({"sleep_ms": 800})).await };
-        let t1 = tokio::spawn(slow(c.clone()));
-        let t2 = tokio::spawn(slow(c.clone()));
-        assert!(eventually(Duration::from_secs(5), || b.broker.registry().get(&AgentId::new("limited-6").unwrap()).unwrap().in_flight() == 2).await);
+        // 2 run at once, 4 wait at the broker, the 7th is refused.
+        let mut tasks = Vec::new();
+        for i in 0..6 {
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move { c.call(by_id("limited-6"), "echo", json!({"i": i})).await }));
+        }
+        let entry = b.broker.registry().get(&AgentId::new("limited-6").unwrap()).unwrap();
+        assert!(eventually(Duration::from_secs(5), || entry.queued() == 4 && entry.in_flight() == 2).await);
         let e = c.call(by_id("limited-6"), "echo", json!({})).await.unwrap_err();
-        assert_eq!(e.code, ErrorCode::RateLimited);
-        assert!(t1.await.unwrap().is_ok() && t2.await.unwrap().is_ok());
-        c.call(by_id("limited-6"), "echo", json!({})).await.unwrap();
+        assert_eq!(e.code, ErrorCode::RateLimited, "{e}");
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(t.await.unwrap().unwrap(), json!({"i": i}));
+        }
+        assert_eq!(peak.load(Ordering::SeqCst), 2, "the agent's limit was exceeded");
+        // A call whose deadline passes while it waits is answered TIMEOUT once.
+        let mut slow = Vec::new();
+        for _ in 0..2 {
+            let c = c.clone();
+            slow.push(tokio::spawn(async move { c.call(by_id("limited-6"), "echo", json!({})).await }));
+        }
+        assert!(eventually(Duration::from_secs(5), || entry.in_flight() == 2).await);
+        let e = c
+            .call_with_timeout(by_id("limited-6"), "echo", json!({}), Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::Timeout);
+        for t in slow {
+            t.await.unwrap().unwrap();
+        }
+        assert!(eventually(Duration::from_secs(5), || entry.queued() == 0 && entry.in_flight() == 0).await);
     })
     .await;
 }
