@@ -53,7 +53,9 @@ impl ConnectArgs {
             TransportArg::Quic => Some(Transport::Quic),
             TransportArg::Tcp => Some(Transport::Tcp),
         };
-        let mut o = Options::new(&self.broker)?.trust(trust).heartbeat(self.heartbeat);
+        let mut o = Options::new(&self.broker)?
+            .trust(trust)
+            .heartbeat(self.heartbeat);
         if let Some(t) = transport {
             o = o.transport(t);
         }

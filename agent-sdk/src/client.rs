@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use fem_proto::{
-    ALPN_NATIVE, AgentId, Body, Capability, CapabilityPattern, DiscoverTools, DiscoveredTool, EmbodimentUpdate,
-    EmitEvent, Envelope, ErrorCode, Frame, Header, JsonText, Nonce, NonceCache, PublicKey, RegisterAgent,
-    RequestId, Revoke, SignedEnvelope, SigningKey, Target, ToolCall, ToolOutcome, ToolResult,
+    ALPN_NATIVE, AgentId, Body, Capability, CapabilityPattern, DiscoverTools, DiscoveredTool,
+    EmbodimentUpdate, EmitEvent, Envelope, ErrorCode, Frame, Header, JsonText, Nonce, NonceCache,
+    PublicKey, RegisterAgent, RequestId, Revoke, SignedEnvelope, SigningKey, Target, ToolCall,
+    ToolOutcome, ToolResult,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -75,6 +76,7 @@ pub struct Event {
 }
 
 type Reply = Result<serde_json::Value, CallError>;
+type AckTx = oneshot::Sender<Result<(), CallError>>;
 
 /// Frames tagged with the connection epoch they belong to: frames of a
 /// previous connection are never sent on a new one (no silent re-execution).
@@ -93,7 +95,7 @@ struct Inner {
     /// Current connection epoch; 0 while disconnected.
     epoch: AtomicU64,
     pending: Mutex<HashMap<RequestId, PendingCall>>,
-    acks: Mutex<HashMap<Nonce, (u64, oneshot::Sender<Result<(), CallError>>)>>,
+    acks: Mutex<HashMap<Nonce, (u64, AckTx)>>,
     subs: Mutex<HashMap<Capability, Vec<mpsc::Sender<Event>>>>,
     tools: Mutex<BTreeMap<Capability, Tool>>,
     capabilities: Mutex<Vec<Capability>>,
@@ -108,7 +110,9 @@ struct Inner {
 
 impl fmt::Debug for Inner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Inner").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("Inner")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -203,7 +207,11 @@ impl AgentBuilder {
     /// [`SdkError::Connect`] when the first attempt fails, [`SdkError::Denied`]
     /// when the broker refuses the registration.
     pub async fn connect(self, opts: Options) -> Result<Client, SdkError> {
-        let tools = self.tools.into_iter().map(|t| (t.spec.name.clone(), t)).collect();
+        let tools = self
+            .tools
+            .into_iter()
+            .map(|t| (t.spec.name.clone(), t))
+            .collect();
         start(
             self.id,
             self.key,
@@ -277,7 +285,10 @@ impl Client {
     /// # Errors
     /// As [`AgentBuilder::connect`].
     pub async fn connect(id: AgentId, key: SigningKey, opts: Options) -> Result<Self, SdkError> {
-        AgentBuilder::new(id, key).max_concurrent(0).connect(opts).await
+        AgentBuilder::new(id, key)
+            .max_concurrent(0)
+            .connect(opts)
+            .await
     }
 
     /// This client's agent id.
@@ -309,12 +320,16 @@ impl Client {
 
     fn sign(&self, body: Body) -> Result<SignedEnvelope, CallError> {
         let env = Envelope::new(Header::now(self.inner.id.clone()), body);
-        SignedEnvelope::sign(&env, &self.inner.key).map_err(|e| CallError::local(ErrorCode::Internal, e.to_string()))
+        SignedEnvelope::sign(&env, &self.inner.key)
+            .map_err(|e| CallError::local(ErrorCode::Internal, e.to_string()))
     }
 
     fn connected_epoch(&self) -> Result<u64, CallError> {
         match self.inner.epoch.load(Ordering::Acquire) {
-            0 => Err(CallError::local(ErrorCode::AgentUnavailable, "not connected to the broker")),
+            0 => Err(CallError::local(
+                ErrorCode::AgentUnavailable,
+                "not connected to the broker",
+            )),
             e => Ok(e),
         }
     }
@@ -325,7 +340,12 @@ impl Client {
     /// A [`CallError`]: from the broker (NO_ROUTE, TIMEOUT, AGENT_UNAVAILABLE,
     /// RATE_LIMITED, ...), the agent (BAD_REQUEST, PERMISSION_DENIED,
     /// TOOL_FAILED, ...) or locally (not connected).
-    pub async fn call(&self, target: Target, tool: &str, params: serde_json::Value) -> Result<serde_json::Value, CallError> {
+    pub async fn call(
+        &self,
+        target: Target,
+        tool: &str,
+        params: serde_json::Value,
+    ) -> Result<serde_json::Value, CallError> {
         self.call_with_timeout(target, tool, params, self.inner.opts.call_timeout)
             .await
     }
@@ -341,9 +361,11 @@ impl Client {
         params: serde_json::Value,
         timeout: Duration,
     ) -> Result<serde_json::Value, CallError> {
-        let tool = Capability::new(tool).map_err(|e| CallError::local(ErrorCode::BadRequest, e.to_string()))?;
+        let tool = Capability::new(tool)
+            .map_err(|e| CallError::local(ErrorCode::BadRequest, e.to_string()))?;
         let request_id = RequestId::random();
-        let deadline_ms = fem_proto::now_ms() + u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX / 2);
+        let deadline_ms =
+            fem_proto::now_ms() + u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX / 2);
         let signed = self.sign(Body::ToolCall(ToolCall {
             request_id,
             target,
@@ -354,25 +376,48 @@ impl Client {
         self.request(request_id, signed, timeout).await
     }
 
-    async fn request(&self, request_id: RequestId, signed: SignedEnvelope, timeout: Duration) -> Result<serde_json::Value, CallError> {
+    async fn request(
+        &self,
+        request_id: RequestId,
+        signed: SignedEnvelope,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, CallError> {
         if signed.bytes.len() + 128 > self.inner.opts.max_frame {
-            return Err(CallError::local(ErrorCode::TooLarge, "request exceeds the maximum frame size"));
+            return Err(CallError::local(
+                ErrorCode::TooLarge,
+                "request exceeds the maximum frame size",
+            ));
         }
         let epoch = self.connected_epoch()?;
         let (tx, rx) = oneshot::channel();
         lock(&self.inner.pending).insert(request_id, PendingCall { epoch, tx });
-        if self.inner.out.send((epoch, Frame::Envelope(signed))).await.is_err() {
+        if self
+            .inner
+            .out
+            .send((epoch, Frame::Envelope(signed)))
+            .await
+            .is_err()
+        {
             lock(&self.inner.pending).remove(&request_id);
-            return Err(CallError::local(ErrorCode::AgentUnavailable, "connection closed"));
+            return Err(CallError::local(
+                ErrorCode::AgentUnavailable,
+                "connection closed",
+            ));
         }
         // The broker answers TIMEOUT at the deadline; the local timer only
         // guards against a broker that never answers.
         match tokio::time::timeout(timeout + Duration::from_secs(2), rx).await {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(CallError::local(ErrorCode::AgentUnavailable, "connection closed")),
+            Ok(Err(_)) => Err(CallError::local(
+                ErrorCode::AgentUnavailable,
+                "connection closed",
+            )),
             Err(_) => {
                 lock(&self.inner.pending).remove(&request_id);
-                Err(CallError::local(ErrorCode::Timeout, "no answer from the broker"))
+                Err(CallError::local(
+                    ErrorCode::Timeout,
+                    "no answer from the broker",
+                ))
             }
         }
     }
@@ -381,7 +426,11 @@ impl Client {
     ///
     /// # Errors
     /// A [`CallError`].
-    pub async fn discover(&self, capability: Option<CapabilityPattern>, limit: u32) -> Result<Vec<DiscoveredTool>, CallError> {
+    pub async fn discover(
+        &self,
+        capability: Option<CapabilityPattern>,
+        limit: u32,
+    ) -> Result<Vec<DiscoveredTool>, CallError> {
         let request_id = RequestId::random();
         let signed = self.sign(Body::DiscoverTools(DiscoverTools {
             request_id,
@@ -389,7 +438,9 @@ impl Client {
             environment: None,
             limit,
         }))?;
-        let v = self.request(request_id, signed, self.inner.opts.call_timeout).await?;
+        let v = self
+            .request(request_id, signed, self.inner.opts.call_timeout)
+            .await?;
         serde_json::from_value(v).map_err(|e| CallError::local(ErrorCode::Internal, e.to_string()))
     }
 
@@ -398,14 +449,23 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         lock(&self.inner.acks).insert(nonce, (epoch, tx));
         if self.inner.out.send((epoch, frame)).await.is_err() {
-            return Err(CallError::local(ErrorCode::AgentUnavailable, "connection closed"));
+            return Err(CallError::local(
+                ErrorCode::AgentUnavailable,
+                "connection closed",
+            ));
         }
         match tokio::time::timeout(self.inner.opts.call_timeout, rx).await {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(CallError::local(ErrorCode::AgentUnavailable, "connection closed")),
+            Ok(Err(_)) => Err(CallError::local(
+                ErrorCode::AgentUnavailable,
+                "connection closed",
+            )),
             Err(_) => {
                 lock(&self.inner.acks).remove(&nonce);
-                Err(CallError::local(ErrorCode::Timeout, "no acknowledgement from the broker"))
+                Err(CallError::local(
+                    ErrorCode::Timeout,
+                    "no acknowledgement from the broker",
+                ))
             }
         }
     }
@@ -425,7 +485,8 @@ impl Client {
     /// # Errors
     /// A [`CallError`].
     pub async fn emit(&self, topic: &str, payload: serde_json::Value) -> Result<(), CallError> {
-        let topic = Capability::new(topic).map_err(|e| CallError::local(ErrorCode::BadRequest, e.to_string()))?;
+        let topic = Capability::new(topic)
+            .map_err(|e| CallError::local(ErrorCode::BadRequest, e.to_string()))?;
         self.send_acked(Body::EmitEvent(EmitEvent {
             topic,
             payload: JsonText::from_value(&payload),
@@ -439,9 +500,13 @@ impl Client {
     /// # Errors
     /// A [`CallError`].
     pub async fn subscribe(&self, topic: &str) -> Result<mpsc::Receiver<Event>, CallError> {
-        let topic = Capability::new(topic).map_err(|e| CallError::local(ErrorCode::BadRequest, e.to_string()))?;
+        let topic = Capability::new(topic)
+            .map_err(|e| CallError::local(ErrorCode::BadRequest, e.to_string()))?;
         let (tx, rx) = mpsc::channel(256);
-        lock(&self.inner.subs).entry(topic.clone()).or_default().push(tx);
+        lock(&self.inner.subs)
+            .entry(topic.clone())
+            .or_default()
+            .push(tx);
         let nonce = Nonce::random();
         self.acked(nonce, Frame::Subscribe { nonce, topic }).await?;
         Ok(rx)
@@ -453,7 +518,10 @@ impl Client {
     /// A [`CallError`].
     pub async fn update_tools(&self, tools: Vec<Tool>) -> Result<(), CallError> {
         let specs = tools.iter().map(|t| t.spec.clone()).collect();
-        *lock(&self.inner.tools) = tools.into_iter().map(|t| (t.spec.name.clone(), t)).collect();
+        *lock(&self.inner.tools) = tools
+            .into_iter()
+            .map(|t| (t.spec.name.clone(), t))
+            .collect();
         self.send_acked(Body::EmbodimentUpdate(EmbodimentUpdate {
             tools: specs,
             capabilities: None,
@@ -565,7 +633,8 @@ async fn open_link(opts: &Options) -> Result<Link, SdkError> {
 }
 
 fn server_name(host: &str) -> Result<rustls::pki_types::ServerName<'static>, String> {
-    rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| format!("server name {host:?}: {e}"))
+    rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("server name {host:?}: {e}"))
 }
 
 async fn open_quic(
@@ -580,7 +649,8 @@ async fn open_quic(
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
     let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| format!("QUIC endpoint: {e}"))?;
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| format!("QUIC TLS: {e}"))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| format!("QUIC TLS: {e}"))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(opts.heartbeat.min(Duration::from_secs(10))));
@@ -591,7 +661,10 @@ async fn open_quic(
         .map_err(|e| format!("QUIC connect: {e}"))?
         .await
         .map_err(|e| format!("QUIC: {e}"))?;
-    let (send, recv) = conn.open_bi().await.map_err(|e| format!("QUIC stream: {e}"))?;
+    let (send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| format!("QUIC stream: {e}"))?;
     Ok(Link {
         reader: Box::new(recv),
         writer: Box::new(send),
@@ -688,7 +761,10 @@ async fn run_once(
 
     // Register.
     let reg = {
-        let tools = lock(&inner.tools).values().map(|t| t.spec.clone()).collect();
+        let tools = lock(&inner.tools)
+            .values()
+            .map(|t| t.spec.clone())
+            .collect();
         Body::RegisterAgent(RegisterAgent {
             public_key: inner.key.public_key(),
             capabilities: lock(&inner.capabilities).clone(),
@@ -751,7 +827,12 @@ async fn run_once(
     // Re-subscribe.
     let topics: Vec<Capability> = lock(&inner.subs).keys().cloned().collect();
     for topic in topics {
-        let _ = wtx.send(Frame::Subscribe { nonce: Nonce::random(), topic }).await;
+        let _ = wtx
+            .send(Frame::Subscribe {
+                nonce: Nonce::random(),
+                topic,
+            })
+            .await;
     }
 
     // The broker answers every heartbeat, so three silent intervals mean
@@ -807,16 +888,28 @@ async fn run_once(
 fn fail_pending(inner: &Inner, which: impl Fn(u64) -> bool, why: &str) {
     let calls: Vec<PendingCall> = {
         let mut p = lock(&inner.pending);
-        let ids: Vec<RequestId> = p.iter().filter(|(_, c)| which(c.epoch)).map(|(k, _)| *k).collect();
+        let ids: Vec<RequestId> = p
+            .iter()
+            .filter(|(_, c)| which(c.epoch))
+            .map(|(k, _)| *k)
+            .collect();
         ids.iter().filter_map(|k| p.remove(k)).collect()
     };
     for c in calls {
-        let _ = c.tx.send(Err(CallError::local(ErrorCode::AgentUnavailable, why)));
+        let _ =
+            c.tx.send(Err(CallError::local(ErrorCode::AgentUnavailable, why)));
     }
     let acks: Vec<oneshot::Sender<Result<(), CallError>>> = {
         let mut a = lock(&inner.acks);
-        let ids: Vec<Nonce> = a.iter().filter(|(_, (e, _))| which(*e)).map(|(k, _)| *k).collect();
-        ids.iter().filter_map(|k| a.remove(k)).map(|(_, tx)| tx).collect()
+        let ids: Vec<Nonce> = a
+            .iter()
+            .filter(|(_, (e, _))| which(*e))
+            .map(|(k, _)| *k)
+            .collect();
+        ids.iter()
+            .filter_map(|k| a.remove(k))
+            .map(|(_, tx)| tx)
+            .collect()
     };
     for tx in acks {
         let _ = tx.send(Err(CallError::local(ErrorCode::AgentUnavailable, why)));
@@ -852,10 +945,21 @@ fn handle_inbound(
             let cache = replay
                 .entry(env.header.sender.clone())
                 .or_insert_with(|| NonceCache::new(fem_proto::DEFAULT_REPLAY_WINDOW_MS, 1_000_000));
-            if let Err(e) = cache.check(env.header.timestamp_ms, &env.header.nonce, fem_proto::now_ms()) {
+            if let Err(e) = cache.check(
+                env.header.timestamp_ms,
+                &env.header.nonce,
+                fem_proto::now_ms(),
+            ) {
                 warn!(error = %e, sender = %env.header.sender, "dropping a replayed or stale envelope");
                 if let Body::ToolCall(c) = &env.body {
-                    reply_error(inner, epoch, c.request_id, env.header.sender.clone(), e.code(), e.to_string());
+                    reply_error(
+                        inner,
+                        epoch,
+                        c.request_id,
+                        env.header.sender.clone(),
+                        e.code(),
+                        e.to_string(),
+                    );
                 }
                 return true;
             }
@@ -864,9 +968,12 @@ fn handle_inbound(
                 Body::ToolCall(call) => serve_call(inner, epoch, header, signer, call, sem),
                 Body::ToolResult(r) => {
                     let reply = match r.outcome {
-                        ToolOutcome::Success(v) => v
-                            .parse()
-                            .map_err(|e| CallError::local(ErrorCode::BadRequest, format!("agent sent invalid JSON: {e}"))),
+                        ToolOutcome::Success(v) => v.parse().map_err(|e| {
+                            CallError::local(
+                                ErrorCode::BadRequest,
+                                format!("agent sent invalid JSON: {e}"),
+                            )
+                        }),
                         ToolOutcome::Error { code, message } => Err(CallError {
                             code,
                             message,
@@ -880,9 +987,13 @@ fn handle_inbound(
                 Body::ToolsDiscovered(d) => {
                     let trusted = *lock(&inner.broker_key) == Some(signer);
                     let reply = if trusted {
-                        serde_json::to_value(&d.tools).map_err(|e| CallError::local(ErrorCode::Internal, e.to_string()))
+                        serde_json::to_value(&d.tools)
+                            .map_err(|e| CallError::local(ErrorCode::Internal, e.to_string()))
                     } else {
-                        Err(CallError::local(ErrorCode::InvalidSignature, "discovery answer not signed by the broker"))
+                        Err(CallError::local(
+                            ErrorCode::InvalidSignature,
+                            "discovery answer not signed by the broker",
+                        ))
                     };
                     resolve(inner, &d.request_id, reply);
                 }
@@ -905,7 +1016,11 @@ fn handle_inbound(
             }
             true
         }
-        Frame::CallFailed { request_id, code, message } => {
+        Frame::CallFailed {
+            request_id,
+            code,
+            message,
+        } => {
             resolve(
                 inner,
                 &request_id,
@@ -923,7 +1038,11 @@ fn handle_inbound(
             }
             true
         }
-        Frame::Nack { nonce, code, message } => {
+        Frame::Nack {
+            nonce,
+            code,
+            message,
+        } => {
             if let Some((_, tx)) = lock(&inner.acks).remove(&nonce) {
                 let _ = tx.send(Err(CallError {
                     code,
@@ -953,7 +1072,14 @@ fn handle_inbound(
     }
 }
 
-fn reply_error(inner: &Arc<Inner>, epoch: u64, request_id: RequestId, caller: AgentId, code: ErrorCode, message: String) {
+fn reply_error(
+    inner: &Arc<Inner>,
+    epoch: u64,
+    request_id: RequestId,
+    caller: AgentId,
+    code: ErrorCode,
+    message: String,
+) {
     send_result(
         inner,
         epoch,
@@ -970,33 +1096,72 @@ fn send_result(inner: &Arc<Inner>, epoch: u64, result: ToolResult) {
     match SignedEnvelope::sign(&env, &inner.key) {
         Ok(s) => {
             if inner.out.try_send((epoch, Frame::Envelope(s))).is_err() {
-                warn!("outgoing queue full; result dropped (the broker answers the caller at the deadline)");
+                warn!(
+                    "outgoing queue full; result dropped (the broker answers the caller at the deadline)"
+                );
             }
         }
         Err(e) => warn!(error = %e, "cannot sign a result"),
     }
 }
 
-fn serve_call(inner: &Arc<Inner>, epoch: u64, header: Header, signer: PublicKey, call: ToolCall, sem: &Arc<Semaphore>) {
+fn serve_call(
+    inner: &Arc<Inner>,
+    epoch: u64,
+    header: Header,
+    signer: PublicKey,
+    call: ToolCall,
+    sem: &Arc<Semaphore>,
+) {
     let caller = header.sender;
     let addressed = match &call.target {
         Target::Agent(id) => id == &inner.id,
         Target::Capability(p) => lock(&inner.capabilities).iter().any(|c| p.matches(c)),
     };
     if !addressed {
-        return reply_error(inner, epoch, call.request_id, caller, ErrorCode::BadRequest, "call not addressed to this agent".into());
+        return reply_error(
+            inner,
+            epoch,
+            call.request_id,
+            caller,
+            ErrorCode::BadRequest,
+            "call not addressed to this agent".into(),
+        );
     }
     let Some(tool) = lock(&inner.tools).get(&call.tool).cloned() else {
-        return reply_error(inner, epoch, call.request_id, caller, ErrorCode::ToolNotFound, format!("no tool {}", call.tool));
+        return reply_error(
+            inner,
+            epoch,
+            call.request_id,
+            caller,
+            ErrorCode::ToolNotFound,
+            format!("no tool {}", call.tool),
+        );
     };
     let now = fem_proto::now_ms();
     if call.deadline_ms <= now {
-        return reply_error(inner, epoch, call.request_id, caller, ErrorCode::Timeout, "deadline passed before execution".into());
+        return reply_error(
+            inner,
+            epoch,
+            call.request_id,
+            caller,
+            ErrorCode::Timeout,
+            "deadline passed before execution".into(),
+        );
     }
     let budget = Duration::from_millis(call.deadline_ms - now).min(inner.handler_timeout);
     let params = match call.parameters.parse() {
         Ok(p) => p,
-        Err(e) => return reply_error(inner, epoch, call.request_id, caller, ErrorCode::BadRequest, e.to_string()),
+        Err(e) => {
+            return reply_error(
+                inner,
+                epoch,
+                call.request_id,
+                caller,
+                ErrorCode::BadRequest,
+                e.to_string(),
+            );
+        }
     };
     if let Err(e) = tool.validate(&params) {
         return reply_error(inner, epoch, call.request_id, caller, e.code, e.message);
@@ -1023,7 +1188,10 @@ fn serve_call(inner: &Arc<Inner>, epoch: u64, header: Header, signer: PublicKey,
                     message: format!("handler exceeded {} ms", budget.as_millis()),
                 },
             };
-            debug!(ok = matches!(outcome, ToolOutcome::Success(_)), "call served");
+            debug!(
+                ok = matches!(outcome, ToolOutcome::Success(_)),
+                "call served"
+            );
             send_result(
                 &inner,
                 epoch,

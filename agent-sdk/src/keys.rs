@@ -15,7 +15,8 @@ use crate::SdkError;
 /// # Errors
 /// [`SdkError::Key`] when unreadable or malformed.
 pub fn load_key(path: &Path) -> Result<SigningKey, SdkError> {
-    let text = fs::read_to_string(path).map_err(|e| SdkError::Key(format!("{}: {e}", path.display())))?;
+    let text =
+        fs::read_to_string(path).map_err(|e| SdkError::Key(format!("{}: {e}", path.display())))?;
     let mut seed = [0u8; 32];
     hex::decode_to_slice(text.trim(), &mut seed)
         .map_err(|_| SdkError::Key(format!("{}: expected 64 hex digits", path.display())))?;
@@ -33,7 +34,8 @@ pub fn save_key(path: &Path, key: &SigningKey) -> Result<(), SdkError> {
         .mode(0o600)
         .open(path)
         .map_err(|e| SdkError::Key(format!("{}: {e}", path.display())))?;
-    writeln!(f, "{}", hex::encode(key.seed())).map_err(|e| SdkError::Key(format!("{}: {e}", path.display())))
+    writeln!(f, "{}", hex::encode(key.seed()))
+        .map_err(|e| SdkError::Key(format!("{}: {e}", path.display())))
 }
 
 /// Writes a public key file (hex).
@@ -41,7 +43,8 @@ pub fn save_key(path: &Path, key: &SigningKey) -> Result<(), SdkError> {
 /// # Errors
 /// [`SdkError::Key`] on I/O failure.
 pub fn save_public_key(path: &Path, key: &PublicKey) -> Result<(), SdkError> {
-    fs::write(path, format!("{key}\n")).map_err(|e| SdkError::Key(format!("{}: {e}", path.display())))
+    fs::write(path, format!("{key}\n"))
+        .map_err(|e| SdkError::Key(format!("{}: {e}", path.display())))
 }
 
 /// Reads a public key file (hex).
@@ -49,7 +52,8 @@ pub fn save_public_key(path: &Path, key: &PublicKey) -> Result<(), SdkError> {
 /// # Errors
 /// [`SdkError::Key`] when unreadable or malformed.
 pub fn load_public_key(path: &Path) -> Result<PublicKey, SdkError> {
-    let text = fs::read_to_string(path).map_err(|e| SdkError::Key(format!("{}: {e}", path.display())))?;
+    let text =
+        fs::read_to_string(path).map_err(|e| SdkError::Key(format!("{}: {e}", path.display())))?;
     text.trim()
         .parse()
         .map_err(|_| SdkError::Key(format!("{}: expected 64 hex digits", path.display())))
@@ -82,7 +86,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("k/agent.key");
         let k = load_or_generate_key(&p).unwrap();
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert_eq!(load_key(&p).unwrap().public_key(), k.public_key());
         assert!(save_key(&p, &k).is_err(), "must not overwrite");
         let pubp = dir.path().join("agent.pub");

@@ -119,12 +119,17 @@ impl Options {
     /// # Errors
     /// [`SdkError::Config`] for a malformed URL or unknown scheme.
     pub fn new(url: &str) -> Result<Self, SdkError> {
-        let u = url::Url::parse(url).map_err(|e| SdkError::Config(format!("broker URL {url:?}: {e}")))?;
+        let u = url::Url::parse(url)
+            .map_err(|e| SdkError::Config(format!("broker URL {url:?}: {e}")))?;
         let transport = match u.scheme() {
             "https" | "fem" => Transport::Auto,
             "quic" => Transport::Quic,
             "tls" | "tcp" => Transport::Tcp,
-            s => return Err(SdkError::Config(format!("broker URL {url:?}: unknown scheme {s:?}"))),
+            s => {
+                return Err(SdkError::Config(format!(
+                    "broker URL {url:?}: unknown scheme {s:?}"
+                )));
+            }
         };
         let host = match u.host() {
             Some(url::Host::Domain(d)) => d.to_owned(),

@@ -33,10 +33,16 @@ impl Trust {
     ///
     /// # Errors
     /// [`SdkError::Config`] for conflicting options or a malformed pin.
-    pub fn from_options(ca: Option<PathBuf>, pin: Option<&str>, insecure: bool) -> Result<Self, SdkError> {
+    pub fn from_options(
+        ca: Option<PathBuf>,
+        pin: Option<&str>,
+        insecure: bool,
+    ) -> Result<Self, SdkError> {
         let given = usize::from(ca.is_some()) + usize::from(pin.is_some()) + usize::from(insecure);
         if given > 1 {
-            return Err(SdkError::Config("give at most one of --ca, --pin and --insecure".into()));
+            return Err(SdkError::Config(
+                "give at most one of --ca, --pin and --insecure".into(),
+            ));
         }
         if let Some(ca) = ca {
             return Ok(Self::CaFile(ca));
@@ -44,11 +50,16 @@ impl Trust {
         if let Some(pin) = pin {
             let hexpart = pin.trim().trim_start_matches("sha256:").replace(':', "");
             let mut b = [0u8; 32];
-            hex::decode_to_slice(&hexpart, &mut b)
-                .map_err(|_| SdkError::Config("--pin needs the 64 hex digits of a SHA-256 fingerprint".into()))?;
+            hex::decode_to_slice(&hexpart, &mut b).map_err(|_| {
+                SdkError::Config("--pin needs the 64 hex digits of a SHA-256 fingerprint".into())
+            })?;
             return Ok(Self::Pin(b));
         }
-        Ok(if insecure { Self::Insecure } else { Self::System })
+        Ok(if insecure {
+            Self::Insecure
+        } else {
+            Self::System
+        })
     }
 }
 
@@ -81,7 +92,10 @@ pub fn client_config(trust: &Trust, alpn: &[&[u8]]) -> Result<rustls::ClientConf
                     .map_err(|e| SdkError::Config(format!("--ca {}: {e}", path.display())))?;
             }
             if roots.is_empty() {
-                return Err(SdkError::Config(format!("--ca {}: no certificate found", path.display())));
+                return Err(SdkError::Config(format!(
+                    "--ca {}: no certificate found",
+                    path.display()
+                )));
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
@@ -93,10 +107,15 @@ pub fn client_config(trust: &Trust, alpn: &[&[u8]]) -> Result<rustls::ClientConf
             }))
             .with_no_client_auth(),
         Trust::Insecure => {
-            tracing::warn!("TLS certificate verification is DISABLED (--insecure); use only for development");
+            tracing::warn!(
+                "TLS certificate verification is DISABLED (--insecure); use only for development"
+            );
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(FingerprintVerifier { pin: None, provider }))
+                .with_custom_certificate_verifier(Arc::new(FingerprintVerifier {
+                    pin: None,
+                    provider,
+                }))
                 .with_no_client_auth()
         }
     };
@@ -153,10 +172,17 @@ impl ServerCertVerifier for FingerprintVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

@@ -54,7 +54,8 @@ impl fmt::Display for ToolError {
 
 impl std::error::Error for ToolError {}
 
-type Handler = dyn Fn(ToolRequest) -> BoxFuture<'static, Result<serde_json::Value, ToolError>> + Send + Sync;
+type Handler =
+    dyn Fn(ToolRequest) -> BoxFuture<'static, Result<serde_json::Value, ToolError>> + Send + Sync;
 
 /// A tool: its spec, compiled schema and handler.
 #[derive(Clone)]
@@ -66,7 +67,9 @@ pub struct Tool {
 
 impl fmt::Debug for Tool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Tool").field("name", &self.spec.name).finish_non_exhaustive()
+        f.debug_struct("Tool")
+            .field("name", &self.spec.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -76,7 +79,12 @@ impl Tool {
     ///
     /// # Errors
     /// [`SdkError::Config`] for an invalid name or schema.
-    pub fn new<F, Fut>(name: &str, description: &str, schema: serde_json::Value, handler: F) -> Result<Self, SdkError>
+    pub fn new<F, Fut>(
+        name: &str,
+        description: &str,
+        schema: serde_json::Value,
+        handler: F,
+    ) -> Result<Self, SdkError>
     where
         F: Fn(ToolRequest) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<serde_json::Value, ToolError>> + Send + 'static,
@@ -113,7 +121,11 @@ impl Tool {
         } else {
             Err(ToolError::new(
                 ErrorCode::BadRequest,
-                format!("parameters do not match the schema of {}: {}", self.spec.name, errors.join("; ")),
+                format!(
+                    "parameters do not match the schema of {}: {}",
+                    self.spec.name,
+                    errors.join("; ")
+                ),
             ))
         }
     }

@@ -1,7 +1,9 @@
 //! Async framing over any byte stream (QUIC stream or TLS/TCP), shared by the
 //! SDK and the broker.
 
-use fem_proto::{FRAME_HEADER_LEN, Frame, ProtoError, decode_frame_payload, encode_frame, frame_len};
+use fem_proto::{
+    FRAME_HEADER_LEN, Frame, ProtoError, decode_frame_payload, encode_frame, frame_len,
+};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader};
 use tokio::sync::mpsc;
 

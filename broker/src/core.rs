@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use fem_proto::{
-    AgentId, Body, Capability, DiscoverTools, DiscoveredTool, Envelope, ErrorCode, Frame, Header, NonceCache,
-    ProtoError, PublicKey, RequestId, SignedEnvelope, SigningKey, ToolCall, ToolResult, ToolsDiscovered,
+    AgentId, Body, Capability, DiscoverTools, DiscoveredTool, Envelope, ErrorCode, Frame, Header,
+    NonceCache, ProtoError, PublicKey, RequestId, SignedEnvelope, SigningKey, ToolCall, ToolResult,
+    ToolsDiscovered,
 };
 use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{debug, info, warn};
@@ -104,10 +105,12 @@ impl Shared {
 
     /// Timestamp window and per-sender nonce check.
     pub(crate) fn check_replay(&self, sender: &AgentId, h: &Header) -> Result<(), ProtoError> {
-        let cache = self
-            .nonces
-            .entry(sender.clone())
-            .or_insert_with(|| Mutex::new(NonceCache::new(self.config.replay_window_ms, MAX_NONCES_PER_SENDER)));
+        let cache = self.nonces.entry(sender.clone()).or_insert_with(|| {
+            Mutex::new(NonceCache::new(
+                self.config.replay_window_ms,
+                MAX_NONCES_PER_SENDER,
+            ))
+        });
         let mut c = cache.lock().map_err(|_| ProtoError::RateLimited)?;
         c.check(h.timestamp_ms, &h.nonce, fem_proto::now_ms())
     }
@@ -116,7 +119,10 @@ impl Shared {
     pub(crate) fn unregister(&self, entry: &Arc<AgentEntry>) {
         if self.registry.remove(&entry.id, entry.session_id) {
             self.metrics.agents_changed(-1);
-            let _ = self.metrics.agent_queue_length.remove_label_values(&[entry.id.as_str()]);
+            let _ = self
+                .metrics
+                .agent_queue_length
+                .remove_label_values(&[entry.id.as_str()]);
             info!(agent = %entry.id, "agent unregistered");
         }
         self.fail_calls_to(entry, "agent disconnected with the call in flight");
@@ -170,10 +176,15 @@ impl Shared {
     fn send_or_drop_slow(&self, id: &AgentId, tx: &SessionTx, frame: Frame) {
         match tx.try_send(frame) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Closed(_)) => debug!(agent = %id, "receiver gone; answer dropped"),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                debug!(agent = %id, "receiver gone; answer dropped")
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 warn!(agent = %id, "slow consumer: queue full; closing its session");
-                self.metrics.refusals.with_label_values(&[ErrorCode::SlowConsumer.as_str()]).inc();
+                self.metrics
+                    .refusals
+                    .with_label_values(&[ErrorCode::SlowConsumer.as_str()])
+                    .inc();
                 if let Some(e) = self.registry.get(id) {
                     e.evict.notify_one();
                 }
@@ -182,9 +193,18 @@ impl Shared {
     }
 
     /// Routes a verified toolCall to an agent.
-    pub(crate) fn route_call(&self, caller: &Arc<AgentEntry>, call: ToolCall, signed: SignedEnvelope, started: Instant) {
+    pub(crate) fn route_call(
+        &self,
+        caller: &Arc<AgentEntry>,
+        call: ToolCall,
+        signed: SignedEnvelope,
+        started: Instant,
+    ) {
         let fail = |code: ErrorCode, message: String| {
-            self.metrics.tool_calls.with_label_values(&[code.as_str()]).inc();
+            self.metrics
+                .tool_calls
+                .with_label_values(&[code.as_str()])
+                .inc();
             debug!(request = %call.request_id, %code, %message, "call refused");
             self.send_or_drop_slow(
                 &caller.id,
@@ -198,14 +218,22 @@ impl Shared {
         };
         let now = fem_proto::now_ms();
         if call.deadline_ms <= now {
-            return fail(ErrorCode::Timeout, "the call's deadline has already passed".into());
+            return fail(
+                ErrorCode::Timeout,
+                "the call's deadline has already passed".into(),
+            );
         }
-        let budget = Duration::from_millis(call.deadline_ms - now).min(self.config.max_call_timeout);
-        let (target, holds_slot) = match self.registry.select(&call.target, &call.tool, self.config.agent_queue_limit) {
-            Ok(Selection::Slot(t)) => (t, true),
-            Ok(Selection::Queue(t)) => (t, false),
-            Err((code, message)) => return fail(code, message),
-        };
+        let budget =
+            Duration::from_millis(call.deadline_ms - now).min(self.config.max_call_timeout);
+        let (target, holds_slot) =
+            match self
+                .registry
+                .select(&call.target, &call.tool, self.config.agent_queue_limit)
+            {
+                Ok(Selection::Slot(t)) => (t, true),
+                Ok(Selection::Queue(t)) => (t, false),
+                Err((code, message)) => return fail(code, message),
+            };
         let key = (target.id.clone(), call.request_id);
         let seq = self.call_seq.fetch_add(1, Ordering::Relaxed);
         {
@@ -217,7 +245,10 @@ impl Shared {
                     }
                     return fail(
                         ErrorCode::BadRequest,
-                        format!("request id {} is already in flight to {}", call.request_id, target.id),
+                        format!(
+                            "request id {} is already in flight to {}",
+                            call.request_id, target.id
+                        ),
                     );
                 }
                 Entry::Vacant(v) => {
@@ -233,7 +264,9 @@ impl Shared {
             }
         }
         self.metrics.calls_in_flight.inc();
-        let _ = self.deadlines.send((Instant::now() + budget, seq, key.clone()));
+        let _ = self
+            .deadlines
+            .send((Instant::now() + budget, seq, key.clone()));
         let deliver = Frame::Deliver {
             envelope: signed,
             signer: caller.key,
@@ -262,7 +295,10 @@ impl Shared {
                     Frame::CallFailed {
                         request_id: key.1,
                         code: ErrorCode::RateLimited,
-                        message: format!("agent {} is at its concurrency limit and its queue is full", key.0),
+                        message: format!(
+                            "agent {} is at its concurrency limit and its queue is full",
+                            key.0
+                        ),
                     },
                     ErrorCode::RateLimited.as_str(),
                 );
@@ -283,7 +319,10 @@ impl Shared {
                     Frame::CallFailed {
                         request_id: key.1,
                         code: ErrorCode::AgentUnavailable,
-                        message: format!("agent {} cannot accept calls (queue full or closing)", target.id),
+                        message: format!(
+                            "agent {} cannot accept calls (queue full or closing)",
+                            target.id
+                        ),
                     },
                     ErrorCode::AgentUnavailable.as_str(),
                 );
@@ -319,14 +358,22 @@ impl Shared {
     }
 
     /// Relays a verified toolResult to the caller of the matching call.
-    pub(crate) fn deliver_result(&self, agent: &Arc<AgentEntry>, result: ToolResult, signed: SignedEnvelope, _h: &Header) {
+    pub(crate) fn deliver_result(
+        &self,
+        agent: &Arc<AgentEntry>,
+        result: ToolResult,
+        signed: SignedEnvelope,
+        _h: &Header,
+    ) {
         let key = (agent.id.clone(), result.request_id);
-        let Some((_, p)) = self
-            .pending
-            .remove_if(&key, |_, p| p.target.session_id == agent.session_id && p.caller == result.caller)
-        else {
+        let Some((_, p)) = self.pending.remove_if(&key, |_, p| {
+            p.target.session_id == agent.session_id && p.caller == result.caller
+        }) else {
             debug!(request = %result.request_id, "late or unknown toolResult dropped");
-            self.metrics.refusals.with_label_values(&["LATE_RESULT"]).inc();
+            self.metrics
+                .refusals
+                .with_label_values(&["LATE_RESULT"])
+                .inc();
             return;
         };
         let outcome = match &result.outcome {
@@ -367,7 +414,11 @@ impl Shared {
                 Some(pat) => p.tools.iter().filter(|t| pat.matches(&t.name)).collect(),
                 None => Vec::new(),
             };
-            let listed: Vec<_> = if named.is_empty() { p.tools.iter().collect() } else { named };
+            let listed: Vec<_> = if named.is_empty() {
+                p.tools.iter().collect()
+            } else {
+                named
+            };
             for t in listed {
                 if tools.len() >= limit {
                     break 'outer;
@@ -422,7 +473,12 @@ impl Shared {
     }
 
     /// Fans an event out to the topic's subscribers (not back to its sender).
-    pub(crate) fn emit(&self, sender: &Arc<AgentEntry>, topic: &Capability, signed: &SignedEnvelope) {
+    pub(crate) fn emit(
+        &self,
+        sender: &Arc<AgentEntry>,
+        topic: &Capability,
+        signed: &SignedEnvelope,
+    ) {
         let targets: Vec<(AgentId, SessionTx)> = self
             .subs
             .get(topic)
@@ -453,7 +509,11 @@ impl Shared {
                 Frame::CallFailed {
                     request_id: key.1,
                     code: ErrorCode::Timeout,
-                    message: format!("no answer from {} within the deadline ({} ms)", key.0, waited.as_millis()),
+                    message: format!(
+                        "no answer from {} within the deadline ({} ms)",
+                        key.0,
+                        waited.as_millis()
+                    ),
                 },
                 ErrorCode::Timeout.as_str(),
             );
@@ -462,7 +522,10 @@ impl Shared {
 }
 
 /// One task answers TIMEOUT at each call's deadline (no task per call).
-async fn deadline_task(shared: std::sync::Weak<Shared>, mut rx: mpsc::UnboundedReceiver<(Instant, u64, PendingKey)>) {
+async fn deadline_task(
+    shared: std::sync::Weak<Shared>,
+    mut rx: mpsc::UnboundedReceiver<(Instant, u64, PendingKey)>,
+) {
     let mut heap: BinaryHeap<Reverse<(Instant, u64, PendingKey)>> = BinaryHeap::new();
     loop {
         let next = heap.peek().map(|Reverse((at, _, _))| *at);
@@ -494,14 +557,19 @@ async fn janitor_task(shared: std::sync::Weak<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(30));
     loop {
         tick.tick().await;
-        let Some(shared) = shared.upgrade() else { return };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
         let now = fem_proto::now_ms();
         shared.nonces.retain(|id, cache| {
             shared.registry.get(id).is_some()
-                || cache.lock().map(|mut c| {
-                    c.expire(now);
-                    !c.is_empty()
-                }).unwrap_or(false)
+                || cache
+                    .get_mut()
+                    .map(|c| {
+                        c.expire(now);
+                        !c.is_empty()
+                    })
+                    .unwrap_or(false)
         });
     }
 }

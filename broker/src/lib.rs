@@ -93,7 +93,8 @@ impl Broker {
     /// [`BrokerError::Config`], [`BrokerError::Io`] or [`BrokerError::Bind`].
     pub async fn bind(config: BrokerConfig) -> Result<Self, BrokerError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| BrokerError::io(&config.data_dir, e))?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| BrokerError::io(&config.data_dir, e))?;
         let identity = tls::load_or_create_identity(&config.data_dir)?;
         let names = cert_names(&config);
         let material = tls::load_material(&config.tls, &config.data_dir, &names)?;
@@ -101,9 +102,10 @@ impl Broker {
         let quic_tls = tls::server_config(&material, &[fem_proto::ALPN_NATIVE])?;
 
         let (listener, udp) = bind_pair(config.listen).await?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|e| BrokerError::Bind { addr: config.listen, source: e })?;
+        let local_addr = listener.local_addr().map_err(|e| BrokerError::Bind {
+            addr: config.listen,
+            source: e,
+        })?;
 
         let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(quic_tls)
             .map_err(|e| BrokerError::Config(format!("QUIC TLS: {e}")))?;
@@ -122,13 +124,23 @@ impl Broker {
             udp,
             Arc::new(quinn::TokioRuntime),
         )
-        .map_err(|e| BrokerError::Bind { addr: local_addr, source: e })?;
+        .map_err(|e| BrokerError::Bind {
+            addr: local_addr,
+            source: e,
+        })?;
 
         let metrics = Metrics::new()?;
         let shared = Shared::new(config, identity, metrics);
         let tasks = vec![
-            tokio::spawn(server::tcp_accept_loop(Arc::clone(&shared), listener, Arc::new(tcp_tls))),
-            tokio::spawn(server::quic_accept_loop(Arc::clone(&shared), endpoint.clone())),
+            tokio::spawn(server::tcp_accept_loop(
+                Arc::clone(&shared),
+                listener,
+                Arc::new(tcp_tls),
+            )),
+            tokio::spawn(server::quic_accept_loop(
+                Arc::clone(&shared),
+                endpoint.clone(),
+            )),
         ];
         shared.ready.store(true, Ordering::Relaxed);
         tracing::info!(
@@ -194,7 +206,11 @@ impl Broker {
 }
 
 fn cert_names(config: &BrokerConfig) -> Vec<String> {
-    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
     let ip = config.listen.ip();
     if !ip.is_unspecified() && !names.contains(&ip.to_string()) {
         names.push(ip.to_string());
@@ -214,7 +230,9 @@ fn cert_names(config: &BrokerConfig) -> Vec<String> {
 }
 
 /// Binds TCP and UDP on the same port; with port 0, retries until both get one.
-async fn bind_pair(addr: SocketAddr) -> Result<(tokio::net::TcpListener, std::net::UdpSocket), BrokerError> {
+async fn bind_pair(
+    addr: SocketAddr,
+) -> Result<(tokio::net::TcpListener, std::net::UdpSocket), BrokerError> {
     let mut last = None;
     for _ in 0..20 {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -226,7 +244,12 @@ async fn bind_pair(addr: SocketAddr) -> Result<(tokio::net::TcpListener, std::ne
         match std::net::UdpSocket::bind(bound) {
             Ok(udp) => return Ok((listener, udp)),
             Err(e) if addr.port() == 0 => last = Some(e),
-            Err(e) => return Err(BrokerError::Bind { addr: bound, source: e }),
+            Err(e) => {
+                return Err(BrokerError::Bind {
+                    addr: bound,
+                    source: e,
+                });
+            }
         }
     }
     Err(BrokerError::Bind {

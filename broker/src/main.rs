@@ -58,7 +58,11 @@ struct Args {
 }
 
 fn parse_listen(s: &str) -> anyhow::Result<SocketAddr> {
-    let s = if s.starts_with(':') { format!("0.0.0.0{s}") } else { s.to_owned() };
+    let s = if s.starts_with(':') {
+        format!("0.0.0.0{s}")
+    } else {
+        s.to_owned()
+    };
     s.to_socket_addrs()
         .map_err(|e| anyhow::anyhow!("--listen {s:?}: {e}"))?
         .next()
@@ -110,7 +114,10 @@ fn config(args: &Args) -> anyhow::Result<BrokerConfig> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

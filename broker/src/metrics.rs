@@ -1,8 +1,8 @@
 //! Prometheus metrics: one registry created at start and passed around.
 
 use prometheus::{
-    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The broker's metrics.
@@ -46,19 +46,33 @@ impl Metrics {
             "fem_broker_registered_agents_total",
             "Agents currently registered (gauge; name kept from the FEM deployment guide).",
         )?;
-        let registered_agents = IntGauge::new("fem_broker_registered_agents", "Agents currently registered.")?;
-        let messages_processed_total =
-            IntCounter::new("fem_broker_messages_processed_total", "Envelopes processed by the broker.")?;
+        let registered_agents = IntGauge::new(
+            "fem_broker_registered_agents",
+            "Agents currently registered.",
+        )?;
+        let messages_processed_total = IntCounter::new(
+            "fem_broker_messages_processed_total",
+            "Envelopes processed by the broker.",
+        )?;
         let envelopes = IntCounterVec::new(
-            Opts::new("fem_broker_envelopes_total", "Envelopes received, by type and outcome."),
+            Opts::new(
+                "fem_broker_envelopes_total",
+                "Envelopes received, by type and outcome.",
+            ),
             &["type", "outcome"],
         )?;
         let connections = IntGaugeVec::new(
-            Opts::new("fem_broker_connections", "Open client connections, by transport."),
+            Opts::new(
+                "fem_broker_connections",
+                "Open client connections, by transport.",
+            ),
             &["transport"],
         )?;
         let tool_calls = IntCounterVec::new(
-            Opts::new("fem_broker_tool_calls_total", "Tool calls answered, by outcome."),
+            Opts::new(
+                "fem_broker_tool_calls_total",
+                "Tool calls answered, by outcome.",
+            ),
             &["outcome"],
         )?;
         let tool_call_duration = HistogramVec::new(
@@ -69,22 +83,37 @@ impl Metrics {
             .buckets(prometheus::exponential_buckets(0.0001, 2.5, 16)?),
             &["outcome"],
         )?;
-        let calls_in_flight = IntGauge::new("fem_broker_calls_in_flight", "Tool calls awaiting an answer.")?;
+        let calls_in_flight = IntGauge::new(
+            "fem_broker_calls_in_flight",
+            "Tool calls awaiting an answer.",
+        )?;
         let refusals = IntCounterVec::new(
-            Opts::new("fem_broker_refusals_total", "Envelopes or connections refused, by reason."),
+            Opts::new(
+                "fem_broker_refusals_total",
+                "Envelopes or connections refused, by reason.",
+            ),
             &["reason"],
         )?;
         let registrations = IntCounterVec::new(
-            Opts::new("fem_broker_registrations_total", "Registration attempts, by outcome."),
+            Opts::new(
+                "fem_broker_registrations_total",
+                "Registration attempts, by outcome.",
+            ),
             &["outcome"],
         )?;
         let agent_queue_length = IntGaugeVec::new(
-            Opts::new("fem_broker_agent_queue_length", "Calls waiting at the broker for a free slot on each agent."),
+            Opts::new(
+                "fem_broker_agent_queue_length",
+                "Calls waiting at the broker for a free slot on each agent.",
+            ),
             &["agent"],
         )?;
         let verify_seconds = Histogram::with_opts(
-            HistogramOpts::new("fem_broker_verify_seconds", "Signature and replay checks per envelope.")
-                .buckets(prometheus::exponential_buckets(0.00001, 2.0, 12)?),
+            HistogramOpts::new(
+                "fem_broker_verify_seconds",
+                "Signature and replay checks per envelope.",
+            )
+            .buckets(prometheus::exponential_buckets(0.00001, 2.0, 12)?),
         )?;
         registry.register(Box::new(registered_agents_total.clone()))?;
         registry.register(Box::new(registered_agents.clone()))?;
@@ -124,7 +153,10 @@ impl Metrics {
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        if TextEncoder::new().encode(&self.registry.gather(), &mut buf).is_err() {
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .is_err()
+        {
             return String::new();
         }
         String::from_utf8(buf).unwrap_or_default()

@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use dashmap::DashMap;
-use fem_proto::{AgentId, Capability, CapabilityPattern, ErrorCode, Frame, PublicKey, Target, ToolSpec};
+use fem_proto::{
+    AgentId, Capability, CapabilityPattern, ErrorCode, Frame, PublicKey, Target, ToolSpec,
+};
 use tokio::sync::{Notify, mpsc};
 
 /// Frames towards one session.
@@ -102,7 +104,9 @@ impl AgentEntry {
     /// Takes one concurrency slot if the agent is below its limit.
     pub(crate) fn try_acquire(&self) -> bool {
         self.in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < self.max_concurrent).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < self.max_concurrent).then_some(n + 1)
+            })
             .is_ok()
     }
 
@@ -119,12 +123,19 @@ impl AgentEntry {
     }
 
     fn queue_lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Queued>> {
-        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Appends a waiting call; `still_pending` prunes calls that expired
     /// when the queue is full. False when the queue stays full.
-    pub(crate) fn enqueue(&self, q: Queued, limit: usize, still_pending: impl Fn(&Queued) -> bool) -> bool {
+    pub(crate) fn enqueue(
+        &self,
+        q: Queued,
+        limit: usize,
+        still_pending: impl Fn(&Queued) -> bool,
+    ) -> bool {
         let mut queue = self.queue_lock();
         if queue.len() >= limit {
             queue.retain(|x| still_pending(x));
@@ -304,14 +315,20 @@ impl Registry {
                     .get(id)
                     .ok_or_else(|| (ErrorCode::NoRoute, format!("no agent {id} is registered")))?;
                 if !e.has_tool(tool) {
-                    return Err((ErrorCode::ToolNotFound, format!("agent {id} offers no tool {tool}")));
+                    return Err((
+                        ErrorCode::ToolNotFound,
+                        format!("agent {id} offers no tool {tool}"),
+                    ));
                 }
                 vec![e]
             }
             Target::Capability(p) => {
                 let all = self.matching(p);
                 if all.is_empty() {
-                    return Err((ErrorCode::NoRoute, format!("no agent has a capability matching {p}")));
+                    return Err((
+                        ErrorCode::NoRoute,
+                        format!("no agent has a capability matching {p}"),
+                    ));
                 }
                 let with_tool: Vec<_> = all.into_iter().filter(|e| e.has_tool(tool)).collect();
                 if with_tool.is_empty() {
@@ -325,7 +342,10 @@ impl Registry {
         };
         candidates.retain(|e| e.max_concurrent > 0);
         if candidates.is_empty() {
-            return Err((ErrorCode::NoRoute, format!("no agent matching the target serves calls ({tool})")));
+            return Err((
+                ErrorCode::NoRoute,
+                format!("no agent matching the target serves calls ({tool})"),
+            ));
         }
         let start = self.rr.fetch_add(1, Ordering::Relaxed);
         let pick = |list: &[Arc<AgentEntry>], load: &dyn Fn(&AgentEntry) -> usize| {
@@ -339,7 +359,11 @@ impl Registry {
             }
             best
         };
-        let mut free: Vec<_> = candidates.iter().filter(|e| e.queued() == 0).cloned().collect();
+        let mut free: Vec<_> = candidates
+            .iter()
+            .filter(|e| e.queued() == 0)
+            .cloned()
+            .collect();
         while !free.is_empty() {
             let best = pick(&free, &|e| e.in_flight() as usize);
             let e = free.swap_remove(best);
@@ -354,7 +378,11 @@ impl Registry {
         } else {
             Err((
                 ErrorCode::RateLimited,
-                format!("agent {} is at its concurrency limit and {} calls are waiting", e.id, e.queued()),
+                format!(
+                    "agent {} is at its concurrency limit and {} calls are waiting",
+                    e.id,
+                    e.queued()
+                ),
             ))
         }
     }

@@ -18,7 +18,11 @@ use crate::core::Shared;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub(crate) async fn tcp_accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+pub(crate) async fn tcp_accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let http = crate::http::router(Arc::clone(&shared));
     loop {
@@ -37,25 +41,31 @@ pub(crate) async fn tcp_accept_loop(shared: Arc<Shared>, listener: TcpListener, 
         let http = http.clone();
         tokio::spawn(
             async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        debug!(error = %e, "TLS handshake failed");
-                        shared.metrics.refusals.with_label_values(&["TLS_HANDSHAKE"]).inc();
-                        return;
-                    }
-                    Err(_) => {
-                        debug!("TLS handshake timed out");
-                        return;
-                    }
-                };
+                let tls =
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            debug!(error = %e, "TLS handshake failed");
+                            shared
+                                .metrics
+                                .refusals
+                                .with_label_values(&["TLS_HANDSHAKE"])
+                                .inc();
+                            return;
+                        }
+                        Err(_) => {
+                            debug!("TLS handshake timed out");
+                            return;
+                        }
+                    };
                 let native = tls.get_ref().1.alpn_protocol() == Some(ALPN_NATIVE);
                 if native {
                     let (r, w) = tokio::io::split(tls);
                     serve_native(shared, r, w, "tcp", peer).await;
                 } else {
                     let svc = TowerToHyperService::new(http);
-                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
                         debug!(error = %e, "HTTP connection ended with an error");
                     }
@@ -76,17 +86,20 @@ pub(crate) async fn quic_accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpo
                     Ok(Ok(c)) => c,
                     Ok(Err(e)) => {
                         debug!(error = %e, "QUIC handshake failed");
-                        shared.metrics.refusals.with_label_values(&["TLS_HANDSHAKE"]).inc();
+                        shared
+                            .metrics
+                            .refusals
+                            .with_label_values(&["TLS_HANDSHAKE"])
+                            .inc();
                         return;
                     }
                     Err(_) => return,
                 };
-                let (send, recv) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await {
-                    Ok(Ok(s)) => s,
-                    _ => {
-                        conn.close(1u32.into(), b"no stream");
-                        return;
-                    }
+                let Ok(Ok((send, recv))) =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await
+                else {
+                    conn.close(1u32.into(), b"no stream");
+                    return;
                 };
                 serve_native(shared, recv, send, "quic", peer).await;
                 // Let the peer read our last frames and close first.
@@ -98,12 +111,18 @@ pub(crate) async fn quic_accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpo
     }
 }
 
-async fn serve_native<R, W>(shared: Arc<Shared>, r: R, w: W, transport: &'static str, peer: SocketAddr)
-where
+async fn serve_native<R, W>(
+    shared: Arc<Shared>,
+    r: R,
+    w: W,
+    transport: &'static str,
+    peer: SocketAddr,
+) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let permit: Option<OwnedSemaphorePermit> = Arc::clone(&shared.conn_limit).try_acquire_owned().ok();
+    let permit: Option<OwnedSemaphorePermit> =
+        Arc::clone(&shared.conn_limit).try_acquire_owned().ok();
     if permit.is_none() {
         shared
             .metrics
@@ -113,10 +132,17 @@ where
         let (tx, rx) = mpsc::channel(1);
         let _ = tx.try_send(Frame::Denied {
             code: ErrorCode::TooManyConnections,
-            reason: format!("connection limit of {} reached", shared.config.max_connections),
+            reason: format!(
+                "connection limit of {} reached",
+                shared.config.max_connections
+            ),
         });
         drop(tx);
-        let _ = tokio::time::timeout(Duration::from_secs(2), write_loop(rx, w, shared.config.max_frame)).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            write_loop(rx, w, shared.config.max_frame),
+        )
+        .await;
         return;
     }
     crate::session::run(shared, r, w, transport, peer).await;

@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use fem_agent_sdk::wire::{FrameReader, ReadError, write_loop};
 use fem_proto::{
-    Accepted, AgentId, Body, Envelope, ErrorCode, Frame, Header, ProtoError, RegisterAgent, SignedEnvelope, ToolSpec,
+    Accepted, AgentId, Body, Envelope, ErrorCode, Frame, Header, ProtoError, RegisterAgent,
+    SignedEnvelope, ToolSpec,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -16,8 +17,13 @@ use crate::core::Shared;
 use crate::registry::{AgentEntry, Insert, Profile};
 
 /// Serves one connection until it closes, is evicted or the broker stops.
-pub(crate) async fn run<R, W>(shared: Arc<Shared>, reader: R, writer: W, transport: &'static str, peer: SocketAddr)
-where
+pub(crate) async fn run<R, W>(
+    shared: Arc<Shared>,
+    reader: R,
+    writer: W,
+    transport: &'static str,
+    peer: SocketAddr,
+) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -34,12 +40,24 @@ where
             .in_current_span(),
         );
         let mut reader = FrameReader::new(reader, max);
-        shared.metrics.connections.with_label_values(&[transport]).inc();
+        shared
+            .metrics
+            .connections
+            .with_label_values(&[transport])
+            .inc();
         let entry = match register(&shared, &mut reader, &tx, transport).await {
             Ok(entry) => Some(entry),
             Err((code, reason)) => {
-                shared.metrics.registrations.with_label_values(&[code.as_str()]).inc();
-                shared.metrics.refusals.with_label_values(&[code.as_str()]).inc();
+                shared
+                    .metrics
+                    .registrations
+                    .with_label_values(&[code.as_str()])
+                    .inc();
+                shared
+                    .metrics
+                    .refusals
+                    .with_label_values(&[code.as_str()])
+                    .inc();
                 info!(%code, %reason, "registration refused");
                 let _ = tx.try_send(Frame::Denied { code, reason });
                 None
@@ -53,7 +71,11 @@ where
         drop(tx);
         drop(reader);
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer_task).await;
-        shared.metrics.connections.with_label_values(&[transport]).dec();
+        shared
+            .metrics
+            .connections
+            .with_label_values(&[transport])
+            .dec();
     }
     .instrument(span)
     .await;
@@ -73,24 +95,42 @@ async fn register<R: AsyncRead + Unpin>(
 ) -> Result<Arc<AgentEntry>, Refusal> {
     let first = tokio::time::timeout(shared.config.registration_timeout, reader.next())
         .await
-        .map_err(|_| (ErrorCode::NotRegistered, "no registerAgent within the registration timeout".to_owned()))?
+        .map_err(|_| {
+            (
+                ErrorCode::NotRegistered,
+                "no registerAgent within the registration timeout".to_owned(),
+            )
+        })?
         .map_err(|e| read_refusal(&e))?
-        .ok_or_else(|| (ErrorCode::NotRegistered, "connection closed before registering".to_owned()))?;
+        .ok_or_else(|| {
+            (
+                ErrorCode::NotRegistered,
+                "connection closed before registering".to_owned(),
+            )
+        })?;
     let Frame::Envelope(signed) = first else {
-        return Err((ErrorCode::NotRegistered, "the first frame must be a signed registerAgent".to_owned()));
+        return Err((
+            ErrorCode::NotRegistered,
+            "the first frame must be a signed registerAgent".to_owned(),
+        ));
     };
     let env = signed.open().map_err(|e| refusal(&e))?;
     let Body::RegisterAgent(reg) = env.body else {
         return Err((
             ErrorCode::NotRegistered,
-            format!("the first envelope must be registerAgent, not {}", env.body.kind()),
+            format!(
+                "the first envelope must be registerAgent, not {}",
+                env.body.kind()
+            ),
         ));
     };
     let id = env.header.sender.clone();
     signed
         .verify_opened(fem_proto::EnvelopeType::RegisterAgent, &reg.public_key)
         .map_err(|e| refusal(&e))?;
-    shared.check_replay(&id, &env.header).map_err(|e| refusal(&e))?;
+    shared
+        .check_replay(&id, &env.header)
+        .map_err(|e| refusal(&e))?;
     validate_tools(&reg.tools)?;
     let RegisterAgent {
         public_key,
@@ -126,7 +166,11 @@ async fn register<R: AsyncRead + Unpin>(
         }
         Insert::Done(None) => shared.metrics.agents_changed(1),
     }
-    shared.metrics.registrations.with_label_values(&["accepted"]).inc();
+    shared
+        .metrics
+        .registrations
+        .with_label_values(&["accepted"])
+        .inc();
     let accepted = Frame::Accepted(Accepted {
         agent_id: id.clone(),
         broker_id: shared.config.broker_id.clone(),
@@ -156,14 +200,23 @@ pub(crate) fn validate_tools(tools: &[ToolSpec]) -> Result<(), Refusal> {
     let mut names = std::collections::HashSet::new();
     for t in tools {
         if !names.insert(&t.name) {
-            return Err((ErrorCode::BadRequest, format!("tool {} is declared twice", t.name)));
+            return Err((
+                ErrorCode::BadRequest,
+                format!("tool {} is declared twice", t.name),
+            ));
         }
-        let schema = t
-            .input_schema
-            .parse()
-            .map_err(|e| (ErrorCode::BadRequest, format!("tool {}: schema is not JSON: {e}", t.name)))?;
-        jsonschema::validator_for(&schema)
-            .map_err(|e| (ErrorCode::BadRequest, format!("tool {}: invalid JSON Schema: {e}", t.name)))?;
+        let schema = t.input_schema.parse().map_err(|e| {
+            (
+                ErrorCode::BadRequest,
+                format!("tool {}: schema is not JSON: {e}", t.name),
+            )
+        })?;
+        jsonschema::validator_for(&schema).map_err(|e| {
+            (
+                ErrorCode::BadRequest,
+                format!("tool {}: invalid JSON Schema: {e}", t.name),
+            )
+        })?;
     }
     Ok(())
 }
@@ -191,7 +244,11 @@ async fn serve<R: AsyncRead + Unpin>(
         let frame = match frame {
             Err(_) => {
                 warn!(agent = %entry.id, grace_ms = millis(grace), "agent silent past its grace period; evicting");
-                shared.metrics.refusals.with_label_values(&["HEARTBEAT_TIMEOUT"]).inc();
+                shared
+                    .metrics
+                    .refusals
+                    .with_label_values(&["HEARTBEAT_TIMEOUT"])
+                    .inc();
                 return;
             }
             Ok(Ok(Some(f))) => f,
@@ -203,7 +260,11 @@ async fn serve<R: AsyncRead + Unpin>(
                 let (code, message) = read_refusal(&e);
                 if matches!(e, ReadError::Proto(_)) {
                     info!(%code, %message, "bad frame; closing connection");
-                    shared.metrics.refusals.with_label_values(&[code.as_str()]).inc();
+                    shared
+                        .metrics
+                        .refusals
+                        .with_label_values(&[code.as_str()])
+                        .inc();
                     let _ = tx.try_send(Frame::Error { code, message });
                 } else {
                     debug!(%message, "connection lost");
@@ -211,7 +272,9 @@ async fn serve<R: AsyncRead + Unpin>(
                 return;
             }
         };
-        entry.last_seen_ms.store(fem_proto::now_ms(), std::sync::atomic::Ordering::Relaxed);
+        entry
+            .last_seen_ms
+            .store(fem_proto::now_ms(), std::sync::atomic::Ordering::Relaxed);
         match frame {
             Frame::Heartbeat { seq } => {
                 let _ = tx.try_send(Frame::HeartbeatAck { seq });
@@ -232,7 +295,11 @@ async fn serve<R: AsyncRead + Unpin>(
             }
             other => {
                 let message = format!("unexpected frame from a client: {}", frame_name(&other));
-                shared.metrics.refusals.with_label_values(&["BAD_REQUEST"]).inc();
+                shared
+                    .metrics
+                    .refusals
+                    .with_label_values(&["BAD_REQUEST"])
+                    .inc();
                 let _ = tx.try_send(Frame::Error {
                     code: ErrorCode::BadRequest,
                     message,
@@ -261,13 +328,22 @@ fn frame_name(f: &Frame) -> &'static str {
 }
 
 /// Verifies and dispatches one envelope; false closes the session.
-fn handle_envelope(shared: &Arc<Shared>, entry: &Arc<AgentEntry>, signed: SignedEnvelope, tx: &mpsc::Sender<Frame>) -> bool {
+fn handle_envelope(
+    shared: &Arc<Shared>,
+    entry: &Arc<AgentEntry>,
+    signed: SignedEnvelope,
+    tx: &mpsc::Sender<Frame>,
+) -> bool {
     let started = Instant::now();
     shared.metrics.messages_processed_total.inc();
     let env = match signed.open() {
         Ok(env) => env,
         Err(e) => {
-            shared.metrics.envelopes.with_label_values(&["unknown", "malformed"]).inc();
+            shared
+                .metrics
+                .envelopes
+                .with_label_values(&["unknown", "malformed"])
+                .inc();
             let _ = tx.try_send(Frame::Error {
                 code: e.code(),
                 message: e.to_string(),
@@ -277,8 +353,16 @@ fn handle_envelope(shared: &Arc<Shared>, entry: &Arc<AgentEntry>, signed: Signed
     };
     let kind = env.kind();
     let refuse = |code: ErrorCode, message: String| {
-        shared.metrics.envelopes.with_label_values(&[kind.as_str(), code.as_str()]).inc();
-        shared.metrics.refusals.with_label_values(&[code.as_str()]).inc();
+        shared
+            .metrics
+            .envelopes
+            .with_label_values(&[kind.as_str(), code.as_str()])
+            .inc();
+        shared
+            .metrics
+            .refusals
+            .with_label_values(&[code.as_str()])
+            .inc();
         debug!(%code, %message, kind = kind.as_str(), "envelope refused");
         let frame = match &env.body {
             Body::ToolCall(c) => Frame::CallFailed {
@@ -302,7 +386,10 @@ fn handle_envelope(shared: &Arc<Shared>, entry: &Arc<AgentEntry>, signed: Signed
     if env.header.sender != entry.id {
         refuse(
             ErrorCode::PermissionDenied,
-            format!("envelope sender {} is not this session's agent {}", env.header.sender, entry.id),
+            format!(
+                "envelope sender {} is not this session's agent {}",
+                env.header.sender, entry.id
+            ),
         );
         return true;
     }
@@ -314,8 +401,15 @@ fn handle_envelope(shared: &Arc<Shared>, entry: &Arc<AgentEntry>, signed: Signed
         refuse(e.code(), e.to_string());
         return true;
     }
-    shared.metrics.verify_seconds.observe(started.elapsed().as_secs_f64());
-    shared.metrics.envelopes.with_label_values(&[kind.as_str(), "accepted"]).inc();
+    shared
+        .metrics
+        .verify_seconds
+        .observe(started.elapsed().as_secs_f64());
+    shared
+        .metrics
+        .envelopes
+        .with_label_values(&[kind.as_str(), "accepted"])
+        .inc();
     let Envelope { header, body } = env;
     match body {
         Body::ToolCall(call) => shared.route_call(entry, call, signed, started),
@@ -323,7 +417,9 @@ fn handle_envelope(shared: &Arc<Shared>, entry: &Arc<AgentEntry>, signed: Signed
         Body::DiscoverTools(q) => shared.discover(entry, &q),
         Body::EmitEvent(ev) => {
             shared.emit(entry, &ev.topic, &signed);
-            let _ = tx.try_send(Frame::Ack { nonce: header.nonce });
+            let _ = tx.try_send(Frame::Ack {
+                nonce: header.nonce,
+            });
         }
         Body::RenderInstruction(ri) => match shared.registry.get(&ri.target) {
             Some(target) => {
@@ -331,7 +427,9 @@ fn handle_envelope(shared: &Arc<Shared>, entry: &Arc<AgentEntry>, signed: Signed
                     envelope: signed,
                     signer: entry.key,
                 });
-                let _ = tx.try_send(Frame::Ack { nonce: header.nonce });
+                let _ = tx.try_send(Frame::Ack {
+                    nonce: header.nonce,
+                });
             }
             None => {
                 let _ = tx.try_send(Frame::Nack {
@@ -344,13 +442,16 @@ fn handle_envelope(shared: &Arc<Shared>, entry: &Arc<AgentEntry>, signed: Signed
         Body::Revoke(r) => {
             if r.target == entry.id {
                 info!(agent = %entry.id, reason = %r.reason, "agent revoked itself");
-                let _ = tx.try_send(Frame::Ack { nonce: header.nonce });
+                let _ = tx.try_send(Frame::Ack {
+                    nonce: header.nonce,
+                });
                 return false;
             }
             let _ = tx.try_send(Frame::Nack {
                 nonce: header.nonce,
                 code: ErrorCode::PermissionDenied,
-                message: "an agent may only revoke itself (operator keys are not configured)".into(),
+                message: "an agent may only revoke itself (operator keys are not configured)"
+                    .into(),
             });
         }
         Body::EmbodimentUpdate(u) => {
@@ -372,7 +473,9 @@ fn handle_envelope(shared: &Arc<Shared>, entry: &Arc<AgentEntry>, signed: Signed
             }
             shared.registry.update_profile(entry, p);
             info!(agent = %entry.id, "embodiment updated");
-            let _ = tx.try_send(Frame::Ack { nonce: header.nonce });
+            let _ = tx.try_send(Frame::Ack {
+                nonce: header.nonce,
+            });
         }
         Body::RegisterAgent(_) | Body::RegisterBroker(_) | Body::ToolsDiscovered(_) => {
             let _ = tx.try_send(Frame::Nack {

@@ -72,12 +72,14 @@ pub fn load_or_create_identity(dir: &Path) -> Result<SigningKey, BrokerError> {
     if path.exists() {
         let text = fs::read_to_string(&path).map_err(|e| BrokerError::io(&path, e))?;
         let mut seed = [0u8; 32];
-        hex::decode_to_slice(text.trim(), &mut seed)
-            .map_err(|_| BrokerError::Config(format!("{}: not a 64-hex-digit key", path.display())))?;
+        hex::decode_to_slice(text.trim(), &mut seed).map_err(|_| {
+            BrokerError::Config(format!("{}: not a 64-hex-digit key", path.display()))
+        })?;
         return Ok(SigningKey::from_seed(seed));
     }
     let key = SigningKey::generate();
-    write_private(&path, hex::encode(key.seed()).as_bytes()).map_err(|e| BrokerError::io(&path, e))?;
+    write_private(&path, hex::encode(key.seed()).as_bytes())
+        .map_err(|e| BrokerError::io(&path, e))?;
     Ok(key)
 }
 
@@ -93,15 +95,19 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> [u8; 32] {
 ///
 /// # Errors
 /// I/O, PEM or certificate generation errors.
-pub fn load_material(source: &TlsSource, data_dir: &Path, names: &[String]) -> Result<TlsMaterial, BrokerError> {
+pub fn load_material(
+    source: &TlsSource,
+    data_dir: &Path,
+    names: &[String],
+) -> Result<TlsMaterial, BrokerError> {
     match source {
         TlsSource::Files { cert, key } => {
             let chain = CertificateDer::pem_file_iter(cert)
                 .and_then(Iterator::collect::<Result<Vec<_>, _>>)
                 .map_err(|e| BrokerError::Config(format!("{}: {e}", cert.display())))?;
-            let leaf = chain
-                .first()
-                .ok_or_else(|| BrokerError::Config(format!("{}: no certificate", cert.display())))?;
+            let leaf = chain.first().ok_or_else(|| {
+                BrokerError::Config(format!("{}: no certificate", cert.display()))
+            })?;
             let fp = fingerprint(leaf);
             let key = PrivateKeyDer::from_pem_file(key)
                 .map_err(|e| BrokerError::Config(format!("{}: {e}", key.display())))?;
@@ -123,8 +129,10 @@ fn self_signed(data_dir: &Path, names: &[String]) -> Result<TlsMaterial, BrokerE
     let ca_cert_path = dir.join("ca.pem");
     let ca_key_path = dir.join("ca.key");
     let (ca_cert, ca_key) = if ca_cert_path.exists() && ca_key_path.exists() {
-        let key_pem = fs::read_to_string(&ca_key_path).map_err(|e| BrokerError::io(&ca_key_path, e))?;
-        let cert_pem = fs::read_to_string(&ca_cert_path).map_err(|e| BrokerError::io(&ca_cert_path, e))?;
+        let key_pem =
+            fs::read_to_string(&ca_key_path).map_err(|e| BrokerError::io(&ca_key_path, e))?;
+        let cert_pem =
+            fs::read_to_string(&ca_cert_path).map_err(|e| BrokerError::io(&ca_cert_path, e))?;
         let key = rcgen::KeyPair::from_pem(&key_pem).map_err(gen_err)?;
         // Re-derive an issuer with the same name and key: leaves it signs
         // verify against the CA certificate on disk.
@@ -137,11 +145,15 @@ fn self_signed(data_dir: &Path, names: &[String]) -> Result<TlsMaterial, BrokerE
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, "FEM development CA");
-        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
         params.not_before = rcgen::date_time_ymd(2024, 1, 1);
         params.not_after = rcgen::date_time_ymd(2044, 1, 1);
         let cert = params.self_signed(&key).map_err(gen_err)?;
-        write_private(&ca_key_path, key.serialize_pem().as_bytes()).map_err(|e| BrokerError::io(&ca_key_path, e))?;
+        write_private(&ca_key_path, key.serialize_pem().as_bytes())
+            .map_err(|e| BrokerError::io(&ca_key_path, e))?;
         fs::write(&ca_cert_path, cert.pem()).map_err(|e| BrokerError::io(&ca_cert_path, e))?;
         (cert, key)
     };
@@ -161,14 +173,16 @@ fn self_signed(data_dir: &Path, names: &[String]) -> Result<TlsMaterial, BrokerE
             };
             params.subject_alt_names.push(san);
         }
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, names.first().map_or("fem-broker", String::as_str));
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            names.first().map_or("fem-broker", String::as_str),
+        );
         params.not_before = rcgen::date_time_ymd(2024, 1, 1);
         params.not_after = rcgen::date_time_ymd(2044, 1, 1);
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         let cert = params.signed_by(&key, &ca_cert, &ca_key).map_err(gen_err)?;
-        write_private(&leaf_key_path, key.serialize_pem().as_bytes()).map_err(|e| BrokerError::io(&leaf_key_path, e))?;
+        write_private(&leaf_key_path, key.serialize_pem().as_bytes())
+            .map_err(|e| BrokerError::io(&leaf_key_path, e))?;
         fs::write(&leaf_path, cert.pem()).map_err(|e| BrokerError::io(&leaf_path, e))?;
         fs::write(&names_path, &wanted).map_err(|e| BrokerError::io(&names_path, e))?;
     }

@@ -112,25 +112,42 @@ impl FromStr for ErrorCode {
             .iter()
             .find(|e| e.2 == s)
             .map(|e| e.0)
-            .ok_or_else(|| ProtoError::InvalidName(s.chars().take(40).collect()))
+            .ok_or_else(|| ProtoError::UnknownErrorCode(s.chars().take(40).collect()))
     }
 }
 
 impl Serialize for ErrorCode {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if s.is_human_readable() {
-            s.serialize_str(self.as_str())
-        } else {
-            s.serialize_u16(self.as_u16())
+        match (s.is_human_readable(), self) {
+            // A code this build does not know keeps its number in JSON too.
+            (true, Self::Unknown(n)) => s.serialize_u16(*n),
+            (true, c) => s.serialize_str(c.as_str()),
+            (false, c) => s.serialize_u16(c.as_u16()),
         }
     }
 }
 
 impl<'de> Deserialize<'de> for ErrorCode {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ErrorCode;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an error code name or number")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ErrorCode, E> {
+                Ok(u16::try_from(v).map_or(ErrorCode::Unknown(0), ErrorCode::from_u16))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ErrorCode, E> {
+                Ok(u16::try_from(v).map_or(ErrorCode::Unknown(0), ErrorCode::from_u16))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ErrorCode, E> {
+                // A name from a newer peer is not an error: it is unknown here.
+                Ok(v.parse().unwrap_or(ErrorCode::Unknown(0)))
+            }
+        }
         if d.is_human_readable() {
-            let s = String::deserialize(d)?;
-            s.parse().map_err(serde::de::Error::custom)
+            d.deserialize_any(V)
         } else {
             u16::deserialize(d).map(Self::from_u16)
         }
@@ -147,6 +164,9 @@ pub enum ProtoError {
     /// A capability, pattern or tool name failed validation.
     #[error("invalid name {0:?}: dot-separated segments of [A-Za-z0-9_-]")]
     InvalidName(String),
+    /// An error code name this build does not know.
+    #[error("unknown error code {0:?}")]
+    UnknownErrorCode(String),
     /// Hex text of the wrong length or alphabet.
     #[error("invalid hex for {0}")]
     InvalidHex(&'static str),
@@ -196,6 +216,7 @@ impl ProtoError {
         match self {
             Self::InvalidId(_)
             | Self::InvalidName(_)
+            | Self::UnknownErrorCode(_)
             | Self::InvalidHex(_)
             | Self::Malformed { .. } => ErrorCode::BadRequest,
             Self::TooLarge { .. } => ErrorCode::TooLarge,
@@ -220,6 +241,15 @@ mod tests {
             assert_eq!(s.parse::<ErrorCode>().unwrap(), *c);
         }
         assert_eq!(ErrorCode::from_u16(999), ErrorCode::Unknown(999));
+        let unknown = serde_json::to_string(&ErrorCode::Unknown(999)).unwrap();
+        assert_eq!(
+            serde_json::from_str::<ErrorCode>(&unknown).unwrap(),
+            ErrorCode::Unknown(999)
+        );
+        assert_eq!(
+            serde_json::from_str::<ErrorCode>("\"FROM_THE_FUTURE\"").unwrap(),
+            ErrorCode::Unknown(0)
+        );
         let json = serde_json::to_string(&ErrorCode::NoRoute).unwrap();
         assert_eq!(json, "\"NO_ROUTE\"");
     }

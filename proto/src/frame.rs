@@ -18,6 +18,7 @@ pub const FRAME_HEADER_LEN: usize = 4;
 
 /// What the broker tells an agent whose registration it accepted.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Accepted {
     /// The registered id.
     pub agent_id: AgentId,
@@ -36,7 +37,7 @@ pub struct Accepted {
 /// A transport message between a client (agent or caller) and a broker.
 /// postcard encodes variants by index: only append.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum Frame {
     /// Client to broker: an envelope signed by the session's agent.
     Envelope(SignedEnvelope),
@@ -119,11 +120,20 @@ pub enum Frame {
 /// [`ProtoError::Encode`] on serialisation failure; [`ProtoError::TooLarge`]
 /// when the payload exceeds `max`.
 pub fn encode_frame(frame: &Frame, out: &mut Vec<u8>, max: usize) -> Result<(), ProtoError> {
+    /// Appends into the caller's buffer without taking ownership of it, so
+    /// an encoding error leaves earlier frames in `out` intact.
+    struct Sink<'a>(&'a mut Vec<u8>);
+    impl Extend<u8> for Sink<'_> {
+        fn extend<I: IntoIterator<Item = u8>>(&mut self, iter: I) {
+            self.0.extend(iter);
+        }
+    }
     let start = out.len();
     out.extend_from_slice(&[0; FRAME_HEADER_LEN]);
-    let mut v = std::mem::take(out);
-    v = postcard::to_extend(frame, v).map_err(|e| ProtoError::Encode(e.to_string()))?;
-    *out = v;
+    if let Err(e) = postcard::to_extend(frame, Sink(out)) {
+        out.truncate(start);
+        return Err(ProtoError::Encode(e.to_string()));
+    }
     let len = out.len() - start - FRAME_HEADER_LEN;
     if len > max {
         out.truncate(start);

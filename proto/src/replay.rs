@@ -18,6 +18,9 @@ pub const DEFAULT_REPLAY_WINDOW_MS: u64 = 60_000;
 pub struct NonceCache {
     seen: BTreeSet<(u64, [u8; 16])>,
     window_ms: u64,
+    /// The latest `now` seen: forgotten entries lie below `high - window`,
+    /// so timestamps below that stay refused even if the clock steps back.
+    high: u64,
     max_entries: usize,
 }
 
@@ -28,6 +31,7 @@ impl NonceCache {
         Self {
             seen: BTreeSet::new(),
             window_ms,
+            high: 0,
             max_entries,
         }
     }
@@ -38,7 +42,7 @@ impl NonceCache {
     /// [`ProtoError::StaleTimestamp`], [`ProtoError::Replayed`] or
     /// [`ProtoError::RateLimited`]; a refused envelope is not recorded.
     pub fn check(&mut self, ts: u64, nonce: &Nonce, now: u64) -> Result<(), ProtoError> {
-        if ts.abs_diff(now) > self.window_ms {
+        if ts.abs_diff(now) > self.window_ms || ts < self.high.saturating_sub(self.window_ms) {
             return Err(ProtoError::StaleTimestamp {
                 ts,
                 now,
@@ -58,7 +62,8 @@ impl NonceCache {
 
     /// Forgets nonces older than the window (they are refused as stale anyway).
     pub fn expire(&mut self, now: u64) {
-        let cutoff = now.saturating_sub(self.window_ms);
+        self.high = self.high.max(now);
+        let cutoff = self.high.saturating_sub(self.window_ms);
         if self.seen.first().is_some_and(|f| f.0 < cutoff) {
             self.seen = self.seen.split_off(&(cutoff, [0; 16]));
         }
@@ -101,6 +106,11 @@ mod tests {
         ));
         c.check(12_001, &Nonce([4; 16]), 12_000).unwrap();
         c.check(12_002, &Nonce([5; 16]), 12_000).unwrap();
+        // The clock steps back: forgotten timestamps stay refused.
+        assert!(matches!(
+            c.check(10_000, &n, 10_500),
+            Err(ProtoError::StaleTimestamp { .. })
+        ));
         assert!(matches!(
             c.check(12_003, &Nonce([6; 16]), 12_000),
             Err(ProtoError::RateLimited)

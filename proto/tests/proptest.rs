@@ -642,13 +642,9 @@ fn limits() {
     assert!(postcard::from_bytes::<AgentId>(&bad).is_err());
 }
 
-/// Known bug (reported to the proto owner): `ErrorCode::Unknown(n)` is
-/// written as `"UNKNOWN"` in JSON and that name does not parse back, so a
-/// JSON-format envelope carrying a code this build does not know can be
-/// signed but not opened, contrary to "codes a peer does not know decode as
-/// `Unknown` instead of failing".
+/// `ErrorCode::Unknown(n)` keeps its number in JSON, and a name from a newer
+/// peer decodes as unknown instead of making the envelope unreadable.
 #[test]
-#[ignore = "known bug: ErrorCode::Unknown does not survive the JSON form"]
 fn unknown_error_code_in_json_form() {
     let key = SigningKey::from_seed([0x07; 32]);
     let env = Envelope::new(

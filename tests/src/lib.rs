@@ -98,11 +98,18 @@ pub fn echo_tool(counter: Arc<Mutex<u32>>) -> Tool {
             let counter = Arc::clone(&counter);
             async move {
                 *counter.lock().unwrap() += 1;
-                if let Some(ms) = req.params.get("sleep_ms").and_then(serde_json::Value::as_u64) {
+                if let Some(ms) = req
+                    .params
+                    .get("sleep_ms")
+                    .and_then(serde_json::Value::as_u64)
+                {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                 }
                 if req.params.get("fail").is_some() {
-                    return Err(ToolError::new(fem_proto::ErrorCode::ToolFailed, "asked to fail"));
+                    return Err(ToolError::new(
+                        fem_proto::ErrorCode::ToolFailed,
+                        "asked to fail",
+                    ));
                 }
                 Ok(req.params)
             }
@@ -112,7 +119,11 @@ pub fn echo_tool(counter: Arc<Mutex<u32>>) -> Tool {
 }
 
 /// Connects an agent `id` with capability `echo.basic` and the `echo` tool.
-pub async fn echo_agent(id: &str, opts: Options, max_concurrent: usize) -> (Client, Arc<Mutex<u32>>) {
+pub async fn echo_agent(
+    id: &str,
+    opts: Options,
+    max_concurrent: usize,
+) -> (Client, Arc<Mutex<u32>>) {
     let counter = Arc::new(Mutex::new(0));
     let client = AgentBuilder::new(AgentId::new(id).unwrap(), SigningKey::generate())
         .capability("echo.basic")
@@ -159,7 +170,10 @@ impl RawConn {
     pub async fn connect(addr: SocketAddr, ca: &Path) -> Self {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-        let tls = tls_client(ca, fem_proto::ALPN_NATIVE).connect(name, tcp).await.unwrap();
+        let tls = tls_client(ca, fem_proto::ALPN_NATIVE)
+            .connect(name, tcp)
+            .await
+            .unwrap();
         let (r, w) = tokio::io::split(tls);
         Self {
             reader: FrameReader::new(r, 64 * 1024 * 1024),
@@ -194,7 +208,10 @@ impl RawConn {
 pub async fn https_get(addr: SocketAddr, ca: &Path, path: &str) -> (u16, String) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let mut tls = tls_client(ca, b"http/1.1").connect(name, tcp).await.unwrap();
+    let mut tls = tls_client(ca, b"http/1.1")
+        .connect(name, tcp)
+        .await
+        .unwrap();
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     tls.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
@@ -205,7 +222,10 @@ pub async fn https_get(addr: SocketAddr, ca: &Path, path: &str) -> (u16, String)
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -277,20 +297,35 @@ impl Proc {
         let end = Instant::now() + timeout;
         loop {
             let f = std::fs::File::open(&self.log).unwrap();
-            if let Some(line) = BufReader::new(f).lines().map_while(Result::ok).find(|l| l.contains(needle)) {
+            if let Some(line) = BufReader::new(f)
+                .lines()
+                .map_while(Result::ok)
+                .find(|l| l.contains(needle))
+            {
                 return line;
             }
             if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("{} exited ({st}) before printing {needle:?}:\n{}", self.name, self.output());
+                panic!(
+                    "{} exited ({st}) before printing {needle:?}:\n{}",
+                    self.name,
+                    self.output()
+                );
             }
-            assert!(Instant::now() < end, "{} did not print {needle:?} within {timeout:?}:\n{}", self.name, self.output());
+            assert!(
+                Instant::now() < end,
+                "{} did not print {needle:?} within {timeout:?}:\n{}",
+                self.name,
+                self.output()
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
 
     /// Sends a signal (e.g. "KILL", "TERM").
     pub fn signal(&self, sig: &str) {
-        let _ = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status();
+        let _ = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status();
     }
 
     /// Kills the process and waits for it.
@@ -316,7 +351,11 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {
-            eprintln!("----- output of {} -----\n{}\n-----", self.name, self.output());
+            eprintln!(
+                "----- output of {} -----\n{}\n-----",
+                self.name,
+                self.output()
+            );
         }
     }
 }
@@ -337,7 +376,10 @@ pub fn log_field(line: &str, key: &str) -> Option<String> {
 /// Runs `fem` with `args` to completion (bounded by 60 s); returns (exit code, stdout, stderr).
 pub async fn run_fem(args: &[&str]) -> (i32, String, String) {
     let mut cmd = tokio::process::Command::new(bin("fem"));
-    cmd.args(args).env_remove("RUST_LOG").stdin(Stdio::null()).kill_on_drop(true);
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await
         .expect("fem did not finish within 60 s")

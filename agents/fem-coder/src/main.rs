@@ -22,7 +22,12 @@ struct Args {
     #[arg(long, env = "FEM_AGENT_ID")]
     agent: Option<String>,
     /// Capabilities (and tools) to offer: any of code.execute, shell.run, file.read.
-    #[arg(long, env = "FEM_AGENT_CAPABILITIES", value_delimiter = ',', default_value = "code.execute,shell.run,file.read")]
+    #[arg(
+        long,
+        env = "FEM_AGENT_CAPABILITIES",
+        value_delimiter = ',',
+        default_value = "code.execute,shell.run,file.read"
+    )]
     capabilities: Vec<String>,
     /// Private key file (created 0600 if missing). Without it a fresh key is used per run.
     #[arg(long, env = "FEM_AGENT_KEY")]
@@ -33,7 +38,11 @@ struct Args {
     /// Program shell.run and code.execute may start (repeatable; replaces the defaults:
     /// echo ls cat git python3 sh pwd wc head tail grep uname date env true false).
     /// Shell commands ({"command": ...}) are allowed only when sh is allowed.
-    #[arg(long = "allow-program", env = "FEM_ALLOW_PROGRAMS", value_delimiter = ',')]
+    #[arg(
+        long = "allow-program",
+        env = "FEM_ALLOW_PROGRAMS",
+        value_delimiter = ','
+    )]
     allow_programs: Vec<String>,
     /// Working directory of commands (default: the current directory).
     #[arg(long, env = "FEM_WORK_DIR")]
@@ -95,7 +104,11 @@ fn tools(policy: &Arc<Policy>, caps: &[String]) -> anyhow::Result<Vec<Tool>> {
                 sandbox::code_execute_schema(),
                 move |req| {
                     let p = Arc::clone(&p);
-                    async move { sandbox::code_execute(&p, req.params).await.map_err(tool_error) }
+                    async move {
+                        sandbox::code_execute(&p, req.params)
+                            .await
+                            .map_err(tool_error)
+                    }
                 },
             )?,
             sandbox::FILE_READ => Tool::new(
@@ -107,7 +120,9 @@ fn tools(policy: &Arc<Policy>, caps: &[String]) -> anyhow::Result<Vec<Tool>> {
                     async move { sandbox::file_read(&p, req.params).await.map_err(tool_error) }
                 },
             )?,
-            other => anyhow::bail!("unknown capability {other:?}: fem-coder offers code.execute, shell.run, file.read"),
+            other => anyhow::bail!(
+                "unknown capability {other:?}: fem-coder offers code.execute, shell.run, file.read"
+            ),
         };
         out.push(tool);
     }
@@ -175,7 +190,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

@@ -44,7 +44,11 @@ enum Cmd {
         #[command(flatten)]
         me: Identity,
         /// Target agent id.
-        #[arg(long, conflicts_with = "capability", required_unless_present = "capability")]
+        #[arg(
+            long,
+            conflicts_with = "capability",
+            required_unless_present = "capability"
+        )]
         agent: Option<String>,
         /// Target capability pattern (e.g. shell.run or shell.*).
         #[arg(long)]
@@ -102,7 +106,10 @@ fn identity(me: &Identity) -> anyhow::Result<(AgentId, SigningKey)> {
     };
     let id = match &me.id {
         Some(id) => AgentId::new(id.as_str())?,
-        None => AgentId::new(format!("fem-cli-{}", &hex::encode(key.public_key().0)[..12]))?,
+        None => AgentId::new(format!(
+            "fem-cli-{}",
+            &hex::encode(key.public_key().0)[..12]
+        ))?,
     };
     Ok((id, key))
 }
@@ -127,7 +134,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             keys::save_key(&out, &key)?;
             let p = pub_path(&out);
             keys::save_public_key(&p, &key.public_key())?;
-            println!("{}", serde_json::json!({"key": out, "public_key_file": p, "public_key": key.public_key().to_string()}));
+            println!(
+                "{}",
+                serde_json::json!({"key": out, "public_key_file": p, "public_key": key.public_key().to_string()})
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Call {
@@ -139,8 +149,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             args,
             timeout,
         } => {
-            let params: serde_json::Value =
-                serde_json::from_str(&args).map_err(|e| anyhow::anyhow!("--args is not valid JSON: {e}"))?;
+            let params: serde_json::Value = serde_json::from_str(&args)
+                .map_err(|e| anyhow::anyhow!("--args is not valid JSON: {e}"))?;
             let target = match (agent, capability) {
                 (Some(a), _) => Target::Agent(AgentId::new(a)?),
                 (None, Some(c)) => Target::Capability(CapabilityPattern::new(c)?),
@@ -181,8 +191,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::VerifySignature { envelope, pubkey } => {
             let text = std::fs::read_to_string(&envelope)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", envelope.display()))?;
-            let signed: SignedEnvelope = serde_json::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{}: not a signed envelope: {e}", envelope.display()))?;
+            let signed: SignedEnvelope = serde_json::from_str(&text).map_err(|e| {
+                anyhow::anyhow!("{}: not a signed envelope: {e}", envelope.display())
+            })?;
             let key = keys::load_public_key(&pubkey)?;
             match signed.verify(&key) {
                 Ok(env) => {
@@ -193,7 +204,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {
-                    println!("{}", serde_json::json!({"valid": false, "error": e.to_string(), "code": e.code().as_str()}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"valid": false, "error": e.to_string(), "code": e.code().as_str()})
+                    );
                     Ok(ExitCode::from(1))
                 }
             }

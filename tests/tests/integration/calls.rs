@@ -23,11 +23,20 @@ async fn call_by_id_and_capability(n: u16, transport: Transport) {
     let opts = b.options().transport(transport);
     let (_agent, count) = echo_agent("echo-1", opts.clone(), 10).await;
     let c = caller("caller-1", opts).await;
-    let r = c.call(by_id("echo-1"), "echo", json!({"x": 1})).await.unwrap();
+    let r = c
+        .call(by_id("echo-1"), "echo", json!({"x": 1}))
+        .await
+        .unwrap();
     assert_eq!(r, json!({"x": 1}));
-    let r = c.call(by_cap("echo.*"), "echo", json!({"y": "two"})).await.unwrap();
+    let r = c
+        .call(by_cap("echo.*"), "echo", json!({"y": "two"}))
+        .await
+        .unwrap();
     assert_eq!(r, json!({"y": "two"}));
-    let r = c.call(by_cap("echo.basic"), "echo", json!({})).await.unwrap();
+    let r = c
+        .call(by_cap("echo.basic"), "echo", json!({}))
+        .await
+        .unwrap();
     assert_eq!(r, json!({}));
     assert_eq!(*count.lock().unwrap(), 3);
     assert_eq!(b.broker.registry().len(), 2);
@@ -50,17 +59,35 @@ async fn typed_errors_no_route_tool_not_found_tool_failed() {
         let (_agent, _) = echo_agent("echo-3", b.options(), 10).await;
         let c = caller("caller-3", b.options()).await;
         let t = Instant::now();
-        let e = c.call(by_id("nobody"), "echo", json!({})).await.unwrap_err();
+        let e = c
+            .call(by_id("nobody"), "echo", json!({}))
+            .await
+            .unwrap_err();
         assert_eq!((e.code, e.origin), (ErrorCode::NoRoute, Origin::Broker));
-        let e = c.call(by_cap("gpu.*"), "echo", json!({})).await.unwrap_err();
+        let e = c
+            .call(by_cap("gpu.*"), "echo", json!({}))
+            .await
+            .unwrap_err();
         assert_eq!(e.code, ErrorCode::NoRoute);
-        assert!(t.elapsed() < Duration::from_secs(2), "NO_ROUTE must be immediate");
-        let e = c.call(by_id("echo-3"), "other.tool", json!({})).await.unwrap_err();
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "NO_ROUTE must be immediate"
+        );
+        let e = c
+            .call(by_id("echo-3"), "other.tool", json!({}))
+            .await
+            .unwrap_err();
         assert_eq!(e.code, ErrorCode::ToolNotFound);
-        let e = c.call(by_id("echo-3"), "echo", json!({"fail": true})).await.unwrap_err();
+        let e = c
+            .call(by_id("echo-3"), "echo", json!({"fail": true}))
+            .await
+            .unwrap_err();
         assert_eq!((e.code, e.origin), (ErrorCode::ToolFailed, Origin::Agent));
         // Parameters are checked against the tool's schema by the agent.
-        let e = c.call(by_id("echo-3"), "echo", json!([1, 2])).await.unwrap_err();
+        let e = c
+            .call(by_id("echo-3"), "echo", json!([1, 2]))
+            .await
+            .unwrap_err();
         assert_eq!((e.code, e.origin), (ErrorCode::BadRequest, Origin::Agent));
     })
     .await;
@@ -74,16 +101,28 @@ async fn deadline_gives_timeout_and_late_result_is_dropped() {
         let c = caller("caller-4", b.options()).await;
         let t = Instant::now();
         let e = c
-            .call_with_timeout(by_id("slow-4"), "echo", json!({"sleep_ms": 2500}), Duration::from_millis(300))
+            .call_with_timeout(
+                by_id("slow-4"),
+                "echo",
+                json!({"sleep_ms": 2500}),
+                Duration::from_millis(300),
+            )
             .await
             .unwrap_err();
         // The broker answers at the deadline, well before the agent would.
         assert_eq!((e.code, e.origin), (ErrorCode::Timeout, Origin::Broker));
-        assert!(t.elapsed() < Duration::from_millis(2500), "TIMEOUT only after {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(2500),
+            "TIMEOUT only after {:?}",
+            t.elapsed()
+        );
         // The late result arrives after the deadline and is dropped; the
         // next call still gets exactly its own answer.
         tokio::time::sleep(Duration::from_millis(2500)).await;
-        let r = c.call(by_id("slow-4"), "echo", json!({"n": 2})).await.unwrap();
+        let r = c
+            .call(by_id("slow-4"), "echo", json!({"n": 2}))
+            .await
+            .unwrap();
         assert_eq!(r, json!({"n": 2}));
     })
     .await;
@@ -100,9 +139,13 @@ async fn two_agents_share_load() {
         for i in 0..40 {
             let c = c.clone();
             tasks.push(tokio::spawn(async move {
-                c.call(by_cap("echo.basic"), "echo", json!({"i": i, "sleep_ms": 20}))
-                    .await
-                    .unwrap()
+                c.call(
+                    by_cap("echo.basic"),
+                    "echo",
+                    json!({"i": i, "sleep_ms": 20}),
+                )
+                .await
+                .unwrap()
             }));
         }
         for (i, t) in tasks.into_iter().enumerate() {
@@ -147,32 +190,60 @@ async fn concurrency_limit_queue_and_overflow() {
         let mut tasks = Vec::new();
         for i in 0..6 {
             let c = c.clone();
-            tasks.push(tokio::spawn(async move { c.call(by_id("limited-6"), "echo", json!({"i": i})).await }));
+            tasks.push(tokio::spawn(async move {
+                c.call(by_id("limited-6"), "echo", json!({"i": i})).await
+            }));
         }
-        let entry = b.broker.registry().get(&AgentId::new("limited-6").unwrap()).unwrap();
-        assert!(eventually(Duration::from_secs(5), || entry.queued() == 4 && entry.in_flight() == 2).await);
-        let e = c.call(by_id("limited-6"), "echo", json!({})).await.unwrap_err();
+        let entry = b
+            .broker
+            .registry()
+            .get(&AgentId::new("limited-6").unwrap())
+            .unwrap();
+        assert!(
+            eventually(Duration::from_secs(5), || entry.queued() == 4
+                && entry.in_flight() == 2)
+            .await
+        );
+        let e = c
+            .call(by_id("limited-6"), "echo", json!({}))
+            .await
+            .unwrap_err();
         assert_eq!(e.code, ErrorCode::RateLimited, "{e}");
         for (i, t) in tasks.into_iter().enumerate() {
             assert_eq!(t.await.unwrap().unwrap(), json!({"i": i}));
         }
-        assert_eq!(peak.load(Ordering::SeqCst), 2, "the agent's limit was exceeded");
+        assert_eq!(
+            peak.load(Ordering::SeqCst),
+            2,
+            "the agent's limit was exceeded"
+        );
         // A call whose deadline passes while it waits is answered TIMEOUT once.
         let mut slow = Vec::new();
         for _ in 0..2 {
             let c = c.clone();
-            slow.push(tokio::spawn(async move { c.call(by_id("limited-6"), "echo", json!({})).await }));
+            slow.push(tokio::spawn(async move {
+                c.call(by_id("limited-6"), "echo", json!({})).await
+            }));
         }
         assert!(eventually(Duration::from_secs(5), || entry.in_flight() == 2).await);
         let e = c
-            .call_with_timeout(by_id("limited-6"), "echo", json!({}), Duration::from_millis(100))
+            .call_with_timeout(
+                by_id("limited-6"),
+                "echo",
+                json!({}),
+                Duration::from_millis(100),
+            )
             .await
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::Timeout);
         for t in slow {
             t.await.unwrap().unwrap();
         }
-        assert!(eventually(Duration::from_secs(5), || entry.queued() == 0 && entry.in_flight() == 0).await);
+        assert!(
+            eventually(Duration::from_secs(5), || entry.queued() == 0
+                && entry.in_flight() == 0)
+            .await
+        );
     })
     .await;
 }
@@ -181,10 +252,15 @@ async fn concurrency_limit_queue_and_overflow() {
 async fn stalled_agent_slows_only_its_own_calls() {
     bounded(60, async {
         let b = TestBroker::start(host(7), |_| {}).await;
-        let stalled = Tool::new("echo", "never answers", json!({"type": "object"}), |_req| async {
-            std::future::pending::<()>().await;
-            Ok(json!(null))
-        })
+        let stalled = Tool::new(
+            "echo",
+            "never answers",
+            json!({"type": "object"}),
+            |_req| async {
+                std::future::pending::<()>().await;
+                Ok(json!(null))
+            },
+        )
         .unwrap();
         let _s = AgentBuilder::new(AgentId::new("stalled-7").unwrap(), SigningKey::generate())
             .tool(stalled)
@@ -197,14 +273,26 @@ async fn stalled_agent_slows_only_its_own_calls() {
         for _ in 0..10 {
             let c = c.clone();
             stuck.push(tokio::spawn(async move {
-                c.call_with_timeout(by_id("stalled-7"), "echo", json!({}), Duration::from_secs(3)).await
+                c.call_with_timeout(
+                    by_id("stalled-7"),
+                    "echo",
+                    json!({}),
+                    Duration::from_secs(3),
+                )
+                .await
             }));
         }
         let t = Instant::now();
         for i in 0..50 {
-            c.call(by_id("fast-7"), "echo", json!({"i": i})).await.unwrap();
+            c.call(by_id("fast-7"), "echo", json!({"i": i}))
+                .await
+                .unwrap();
         }
-        assert!(t.elapsed() < Duration::from_secs(3), "fast calls were held up: {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "fast calls were held up: {:?}",
+            t.elapsed()
+        );
         for s in stuck {
             assert_eq!(s.await.unwrap().unwrap_err().code, ErrorCode::Timeout);
         }
@@ -218,29 +306,76 @@ async fn discovery_events_embodiment_and_revoke() {
         let b = TestBroker::start(host(8), |_| {}).await;
         let (agent, _) = echo_agent("disc-8", b.options(), 10).await;
         let c = caller("caller-8", b.options()).await;
-        let tools = c.discover(Some(CapabilityPattern::new("echo.*").unwrap()), 0).await.unwrap();
+        let tools = c
+            .discover(Some(CapabilityPattern::new("echo.*").unwrap()), 0)
+            .await
+            .unwrap();
         assert_eq!(tools.len(), 1);
         assert_eq!(tools[0].agent_id.as_str(), "disc-8");
         assert_eq!(tools[0].tool.name.as_str(), "echo");
-        assert_eq!(tools[0].broker_id.as_str(), format!("broker-{}", b.broker.local_addr().ip()));
-        assert!(c.discover(Some(CapabilityPattern::new("gpu.*").unwrap()), 0).await.unwrap().is_empty());
+        assert_eq!(
+            tools[0].broker_id.as_str(),
+            format!("broker-{}", b.broker.local_addr().ip())
+        );
+        assert!(
+            c.discover(Some(CapabilityPattern::new("gpu.*").unwrap()), 0)
+                .await
+                .unwrap()
+                .is_empty()
+        );
 
         // Events fan out to subscribers, not back to the sender.
         let mut rx = agent.subscribe("alerts.disk").await.unwrap();
         c.emit("alerts.disk", json!({"free": 3})).await.unwrap();
-        let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
-        assert_eq!((ev.sender.as_str(), ev.payload), ("caller-8", json!({"free": 3})));
+        let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (ev.sender.as_str(), ev.payload),
+            ("caller-8", json!({"free": 3}))
+        );
 
         // embodimentUpdate replaces the tools.
-        let v2 = Tool::new("echo.v2", "v2", json!({"type": "object"}), |req| async move { Ok(req.params) }).unwrap();
+        let v2 = Tool::new(
+            "echo.v2",
+            "v2",
+            json!({"type": "object"}),
+            |req| async move { Ok(req.params) },
+        )
+        .unwrap();
         agent.update_tools(vec![v2]).await.unwrap();
-        assert_eq!(c.call(by_id("disc-8"), "echo", json!({})).await.unwrap_err().code, ErrorCode::ToolNotFound);
-        assert_eq!(c.call(by_id("disc-8"), "echo.v2", json!({"v": 2})).await.unwrap(), json!({"v": 2}));
+        assert_eq!(
+            c.call(by_id("disc-8"), "echo", json!({}))
+                .await
+                .unwrap_err()
+                .code,
+            ErrorCode::ToolNotFound
+        );
+        assert_eq!(
+            c.call(by_id("disc-8"), "echo.v2", json!({"v": 2}))
+                .await
+                .unwrap(),
+            json!({"v": 2})
+        );
 
         // An agent may revoke itself but nobody else.
         agent.revoke("done").await.unwrap();
-        assert!(eventually(Duration::from_secs(5), || b.broker.registry().get(&AgentId::new("disc-8").unwrap()).is_none()).await);
-        assert_eq!(c.call(by_id("disc-8"), "echo.v2", json!({})).await.unwrap_err().code, ErrorCode::NoRoute);
+        assert!(
+            eventually(Duration::from_secs(5), || b
+                .broker
+                .registry()
+                .get(&AgentId::new("disc-8").unwrap())
+                .is_none())
+            .await
+        );
+        assert_eq!(
+            c.call(by_id("disc-8"), "echo.v2", json!({}))
+                .await
+                .unwrap_err()
+                .code,
+            ErrorCode::NoRoute
+        );
     })
     .await;
 }
@@ -259,8 +394,14 @@ async fn health_ready_and_metrics_over_https() {
         assert_eq!(status, 200);
         let (status, body) = https_get(addr, &b.ca(), "/metrics").await;
         assert_eq!(status, 200);
-        assert!(body.contains("fem_broker_registered_agents_total 2"), "{body}");
-        assert!(body.contains("fem_broker_tool_calls_total{outcome=\"ok\"} 1"), "{body}");
+        assert!(
+            body.contains("fem_broker_registered_agents_total 2"),
+            "{body}"
+        );
+        assert!(
+            body.contains("fem_broker_tool_calls_total{outcome=\"ok\"} 1"),
+            "{body}"
+        );
         let (status, _) = https_get(addr, &b.ca(), "/nope").await;
         assert_eq!(status, 404);
     })

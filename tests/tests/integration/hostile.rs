@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use fem_agent_sdk::AgentBuilder;
 use fem_proto::{
-    AgentId, Body, Envelope, ErrorCode, Frame, Header, Nonce, RegisterAgent, SignedEnvelope, SigningKey, Target,
-    ToolCall,
+    AgentId, Body, Envelope, ErrorCode, Frame, Header, Nonce, RegisterAgent, SignedEnvelope,
+    SigningKey, Target, ToolCall,
 };
 use fem_tests::{RawConn, TestBroker, caller, echo_agent, eventually, host};
 use serde_json::json;
@@ -45,7 +45,11 @@ async fn expect_denied(conn: &mut RawConn, code: ErrorCode) -> String {
 /// A healthy agent and caller keep working after every refusal.
 async fn still_serving(c: &fem_agent_sdk::Client, id: &str) {
     let r = c
-        .call(Target::Agent(AgentId::new(id).unwrap()), "echo", json!({"ok": true}))
+        .call(
+            Target::Agent(AgentId::new(id).unwrap()),
+            "echo",
+            json!({"ok": true}),
+        )
         .await
         .unwrap();
     assert_eq!(r, json!({"ok": true}));
@@ -72,7 +76,12 @@ async fn refusals_are_typed_and_harmless() {
 
         // An id held by another key.
         let mut conn = RawConn::connect(addr, &ca).await;
-        conn.send(&Frame::Envelope(register("good-20", &SigningKey::generate(), now()))).await;
+        conn.send(&Frame::Envelope(register(
+            "good-20",
+            &SigningKey::generate(),
+            now(),
+        )))
+        .await;
         let reason = expect_denied(&mut conn, ErrorCode::IdConflict).await;
         assert!(reason.contains("good-20"), "{reason}");
         still_serving(&c, "good-20").await;
@@ -84,7 +93,14 @@ async fn refusals_are_typed_and_harmless() {
         conn.send(&Frame::Envelope(once.clone())).await;
         assert!(matches!(conn.recv().await, Some(Frame::Accepted(_))));
         drop(conn);
-        assert!(eventually(Duration::from_secs(5), || b.broker.registry().get(&AgentId::new("replay-20").unwrap()).is_none()).await);
+        assert!(
+            eventually(Duration::from_secs(5), || b
+                .broker
+                .registry()
+                .get(&AgentId::new("replay-20").unwrap())
+                .is_none())
+            .await
+        );
         let mut conn = RawConn::connect(addr, &ca).await;
         conn.send(&Frame::Envelope(once)).await;
         expect_denied(&mut conn, ErrorCode::Replayed).await;
@@ -92,7 +108,12 @@ async fn refusals_are_typed_and_harmless() {
 
         // A stale timestamp (two minutes old; the window is one minute).
         let mut conn = RawConn::connect(addr, &ca).await;
-        conn.send(&Frame::Envelope(register("stale-20", &SigningKey::generate(), now() - 120_000))).await;
+        conn.send(&Frame::Envelope(register(
+            "stale-20",
+            &SigningKey::generate(),
+            now() - 120_000,
+        )))
+        .await;
         expect_denied(&mut conn, ErrorCode::StaleTimestamp).await;
 
         // An oversized frame is refused from its length prefix alone.
@@ -125,7 +146,12 @@ async fn registered_session_refuses_forged_and_replayed_envelopes() {
         let (_good, _) = echo_agent("good-21", b.options(), 10).await;
         let key = SigningKey::generate();
         let mut conn = RawConn::connect(b.broker.local_addr(), &b.ca()).await;
-        conn.send(&Frame::Envelope(register("raw-21", &key, fem_proto::now_ms()))).await;
+        conn.send(&Frame::Envelope(register(
+            "raw-21",
+            &key,
+            fem_proto::now_ms(),
+        )))
+        .await;
         assert!(matches!(conn.recv().await, Some(Frame::Accepted(_))));
         let call = |sender: &str, key: &SigningKey| {
             let env = Envelope::new(
@@ -148,7 +174,8 @@ async fn registered_session_refuses_forged_and_replayed_envelopes() {
         conn.send(&Frame::Envelope(call("good-21", &key))).await;
         assert_eq!(failed(conn.recv().await), ErrorCode::PermissionDenied);
         // Signed by the wrong key.
-        conn.send(&Frame::Envelope(call("raw-21", &SigningKey::generate()))).await;
+        conn.send(&Frame::Envelope(call("raw-21", &SigningKey::generate())))
+            .await;
         assert_eq!(failed(conn.recv().await), ErrorCode::InvalidSignature);
         // A valid call succeeds, and its replay is refused.
         let ok = call("raw-21", &key);
@@ -192,17 +219,32 @@ async fn silent_agent_is_evicted_and_its_calls_answered() {
             }),
         );
         let mut conn = RawConn::connect(b.broker.local_addr(), &b.ca()).await;
-        conn.send(&Frame::Envelope(SignedEnvelope::sign(&env, &key).unwrap())).await;
+        conn.send(&Frame::Envelope(SignedEnvelope::sign(&env, &key).unwrap()))
+            .await;
         assert!(matches!(conn.recv().await, Some(Frame::Accepted(_))));
         let c = caller("caller-22", b.options()).await;
         let t = std::time::Instant::now();
         let e = c
-            .call_with_timeout(Target::Agent(AgentId::new("silent-22").unwrap()), "echo", json!({}), Duration::from_secs(20))
+            .call_with_timeout(
+                Target::Agent(AgentId::new("silent-22").unwrap()),
+                "echo",
+                json!({}),
+                Duration::from_secs(20),
+            )
             .await
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::AgentUnavailable, "{e}");
-        assert!(t.elapsed() < Duration::from_secs(5), "eviction took {:?}", t.elapsed());
-        assert!(b.broker.registry().get(&AgentId::new("silent-22").unwrap()).is_none());
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "eviction took {:?}",
+            t.elapsed()
+        );
+        assert!(
+            b.broker
+                .registry()
+                .get(&AgentId::new("silent-22").unwrap())
+                .is_none()
+        );
         // The SDK caller heartbeats, so it stays registered.
         assert!(c.is_connected());
     })
@@ -215,7 +257,13 @@ async fn same_key_reconnect_replaces_a_stale_session() {
         let b = TestBroker::start(host(23), |_| {}).await;
         let key = SigningKey::generate();
         let mut stale = RawConn::connect(b.broker.local_addr(), &b.ca()).await;
-        stale.send(&Frame::Envelope(register("dup-23", &key, fem_proto::now_ms()))).await;
+        stale
+            .send(&Frame::Envelope(register(
+                "dup-23",
+                &key,
+                fem_proto::now_ms(),
+            )))
+            .await;
         assert!(matches!(stale.recv().await, Some(Frame::Accepted(_))));
         // The same agent (same key) comes back on a new connection.
         let fresh = AgentBuilder::new(AgentId::new("dup-23").unwrap(), key)
@@ -223,9 +271,19 @@ async fn same_key_reconnect_replaces_a_stale_session() {
             .await
             .unwrap();
         assert!(fresh.is_connected());
-        assert!(matches!(stale.recv().await, Some(Frame::Error { code: ErrorCode::AgentUnavailable, .. })));
+        assert!(matches!(
+            stale.recv().await,
+            Some(Frame::Error {
+                code: ErrorCode::AgentUnavailable,
+                ..
+            })
+        ));
         assert_eq!(b.broker.registry().len(), 1);
-        let entry = b.broker.registry().get(&AgentId::new("dup-23").unwrap()).unwrap();
+        let entry = b
+            .broker
+            .registry()
+            .get(&AgentId::new("dup-23").unwrap())
+            .unwrap();
         assert_eq!(entry.transport, "quic");
     })
     .await;

@@ -25,15 +25,28 @@ impl BrokerProc {
     async fn start_in(addr: SocketAddr, dir: tempfile::TempDir, extra: &[&str]) -> Self {
         let listen = addr.to_string();
         let data = dir.path().to_str().unwrap().to_owned();
-        let mut args = vec!["--listen", &listen, "--data-dir", &data, "--broker-id", "proc-broker"];
+        let mut args = vec![
+            "--listen",
+            &listen,
+            "--data-dir",
+            &data,
+            "--broker-id",
+            "proc-broker",
+        ];
         args.extend_from_slice(extra);
         let mut proc = Proc::spawn("fem-broker", &args, &[]);
-        proc.wait_for("fem-broker listening", Duration::from_secs(30)).await;
+        proc.wait_for("fem-broker listening", Duration::from_secs(30))
+            .await;
         Self { proc, addr, dir }
     }
 
     fn ca(&self) -> String {
-        self.dir.path().join("tls/ca.pem").to_str().unwrap().to_owned()
+        self.dir
+            .path()
+            .join("tls/ca.pem")
+            .to_str()
+            .unwrap()
+            .to_owned()
     }
 
     fn url(&self) -> String {
@@ -45,10 +58,20 @@ async fn start_coder(b: &BrokerProc, id: &str, work: &std::path::Path, extra: &[
     let url = b.url();
     let ca = b.ca();
     let work = work.to_str().unwrap();
-    let mut args = vec!["--broker", &url, "--ca", &ca, "--agent", id, "--work-dir", work];
+    let mut args = vec![
+        "--broker",
+        &url,
+        "--ca",
+        &ca,
+        "--agent",
+        id,
+        "--work-dir",
+        work,
+    ];
     args.extend_from_slice(extra);
     let mut p = Proc::spawn("fem-coder", &args, &[]);
-    p.wait_for("fem-coder registered", Duration::from_secs(30)).await;
+    p.wait_for("fem-coder registered", Duration::from_secs(30))
+        .await;
     p
 }
 
@@ -57,7 +80,11 @@ async fn agent_killed_mid_call(n: u16, transport: &str, broker_extra: &[&str]) {
     let work = tempfile::tempdir().unwrap();
     let id = format!("victim-{n}");
     let coder = start_coder(&b, &id, work.path(), &["--transport", transport]).await;
-    let c = caller(&format!("caller-{n}"), options_for(b.addr, std::path::Path::new(&b.ca()))).await;
+    let c = caller(
+        &format!("caller-{n}"),
+        options_for(b.addr, std::path::Path::new(&b.ca())),
+    )
+    .await;
     let call = {
         let c = c.clone();
         let id = id.clone();
@@ -76,8 +103,15 @@ async fn agent_killed_mid_call(n: u16, transport: &str, broker_extra: &[&str]) {
     coder.signal("KILL");
     let e = call.await.unwrap().unwrap_err();
     assert_eq!(e.code, ErrorCode::AgentUnavailable, "{e}");
-    eprintln!("{transport}: AGENT_UNAVAILABLE {:?} after SIGKILL", t.elapsed());
-    assert!(t.elapsed() < Duration::from_secs(8), "took {:?}", t.elapsed());
+    eprintln!(
+        "{transport}: AGENT_UNAVAILABLE {:?} after SIGKILL",
+        t.elapsed()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        t.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -90,7 +124,11 @@ async fn agent_killed_mid_call_over_quic_gives_agent_unavailable() {
     // A killed QUIC peer sends nothing; the broker notices by heartbeat silence.
     bounded(
         90,
-        agent_killed_mid_call(31, "quic", &["--heartbeat-interval", "500ms", "--heartbeat-grace", "2s"]),
+        agent_killed_mid_call(
+            31,
+            "quic",
+            &["--heartbeat-interval", "500ms", "--heartbeat-grace", "2s"],
+        ),
     )
     .await;
 }
@@ -110,9 +148,13 @@ async fn broker_restart_is_survived_by_agent_reconnection() {
             .heartbeat(Duration::from_millis(300));
         let (agent, count) = echo_agent("phoenix-32", opts.clone(), 10).await;
         let c = caller("caller-32", opts.clone()).await;
-        c.call(Target::Agent(AgentId::new("phoenix-32").unwrap()), "echo", json!({"n": 1}))
-            .await
-            .unwrap();
+        c.call(
+            Target::Agent(AgentId::new("phoenix-32").unwrap()),
+            "echo",
+            json!({"n": 1}),
+        )
+        .await
+        .unwrap();
 
         let BrokerProc { mut proc, dir, .. } = b;
         proc.signal("KILL");
@@ -122,10 +164,20 @@ async fn broker_restart_is_survived_by_agent_reconnection() {
         // Same data directory: same certificate, so the pin still holds.
         let b2 = BrokerProc::start_in(addr, dir, &[]).await;
         assert_eq!(log_field(&b2.proc.output(), "fingerprint").unwrap(), fp);
-        assert!(agent.wait_connected(Duration::from_secs(20)).await, "agent did not re-register");
-        assert!(c.wait_connected(Duration::from_secs(20)).await, "caller did not reconnect");
+        assert!(
+            agent.wait_connected(Duration::from_secs(20)).await,
+            "agent did not re-register"
+        );
+        assert!(
+            c.wait_connected(Duration::from_secs(20)).await,
+            "caller did not reconnect"
+        );
         let r = c
-            .call(Target::Agent(AgentId::new("phoenix-32").unwrap()), "echo", json!({"n": 2}))
+            .call(
+                Target::Agent(AgentId::new("phoenix-32").unwrap()),
+                "echo",
+                json!({"n": 2}),
+            )
             .await
             .unwrap();
         assert_eq!(r, json!({"n": 2}));
@@ -152,37 +204,106 @@ async fn fem_coder_policy_through_the_cli() {
                 run_fem(&refs).await
             }
         };
-        let (code, out, err) = fem(&["--capability", "shell.*", "--tool", "shell.run", "--args", r#"{"argv":["echo","hello from fem"]}"#]).await;
+        let (code, out, err) = fem(&[
+            "--capability",
+            "shell.*",
+            "--tool",
+            "shell.run",
+            "--args",
+            r#"{"argv":["echo","hello from fem"]}"#,
+        ])
+        .await;
         assert_eq!(code, 0, "{err}");
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["stdout"], "hello from fem\n");
         assert_eq!(v["exit_code"], 0);
 
-        let (code, out, err) = fem(&["--agent", "coder-33", "--tool", "file.read", "--args", r#"{"path":"notes.txt"}"#]).await;
+        let (code, out, err) = fem(&[
+            "--agent",
+            "coder-33",
+            "--tool",
+            "file.read",
+            "--args",
+            r#"{"path":"notes.txt"}"#,
+        ])
+        .await;
         assert_eq!(code, 0, "{err}");
-        assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["content"], "inside the root\n");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&out).unwrap()["content"],
+            "inside the root\n"
+        );
 
-        let (code, _, err) = fem(&["--agent", "coder-33", "--tool", "file.read", "--args", r#"{"path":"/etc/passwd"}"#]).await;
+        let (code, _, err) = fem(&[
+            "--agent",
+            "coder-33",
+            "--tool",
+            "file.read",
+            "--args",
+            r#"{"path":"/etc/passwd"}"#,
+        ])
+        .await;
         assert_eq!(code, 2);
-        assert!(err.contains("PERMISSION_DENIED") && err.contains("outside the allowed roots"), "{err}");
+        assert!(
+            err.contains("PERMISSION_DENIED") && err.contains("outside the allowed roots"),
+            "{err}"
+        );
 
-        let (code, _, err) = fem(&["--agent", "coder-33", "--tool", "file.read", "--args", r#"{"path":"../../../../etc/passwd"}"#]).await;
+        let (code, _, err) = fem(&[
+            "--agent",
+            "coder-33",
+            "--tool",
+            "file.read",
+            "--args",
+            r#"{"path":"../../../../etc/passwd"}"#,
+        ])
+        .await;
         assert_eq!(code, 2);
         assert!(err.contains("PERMISSION_DENIED"), "{err}");
 
-        let (code, _, err) = fem(&["--agent", "coder-33", "--tool", "shell.run", "--args", r#"{"argv":["rm","-rf","/"]}"#]).await;
+        let (code, _, err) = fem(&[
+            "--agent",
+            "coder-33",
+            "--tool",
+            "shell.run",
+            "--args",
+            r#"{"argv":["rm","-rf","/"]}"#,
+        ])
+        .await;
         assert_eq!(code, 2);
-        assert!(err.contains("PERMISSION_DENIED") && err.contains("rm"), "{err}");
+        assert!(
+            err.contains("PERMISSION_DENIED") && err.contains("rm"),
+            "{err}"
+        );
 
-        let (code, out, err) = fem(&["--agent", "coder-33", "--tool", "code.execute", "--args", r#"{"language":"sh","code":"echo $((6*7))"}"#]).await;
+        let (code, out, err) = fem(&[
+            "--agent",
+            "coder-33",
+            "--tool",
+            "code.execute",
+            "--args",
+            r#"{"language":"sh","code":"echo $((6*7))"}"#,
+        ])
+        .await;
         assert_eq!(code, 0, "{err}");
-        assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["stdout"], "42\n");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&out).unwrap()["stdout"],
+            "42\n"
+        );
 
-        let (code, _, err) = fem(&["--agent", "nobody", "--tool", "shell.run", "--args", "{}"]).await;
+        let (code, _, err) =
+            fem(&["--agent", "nobody", "--tool", "shell.run", "--args", "{}"]).await;
         assert_eq!(code, 2);
         assert!(err.contains("NO_ROUTE"), "{err}");
 
-        let (code, _, err) = fem(&["--agent", "coder-33", "--tool", "shell.run", "--args", "not json"]).await;
+        let (code, _, err) = fem(&[
+            "--agent",
+            "coder-33",
+            "--tool",
+            "shell.run",
+            "--args",
+            "not json",
+        ])
+        .await;
         assert_eq!(code, 1);
         assert!(err.contains("--args is not valid JSON"), "{err}");
     })
@@ -196,14 +317,35 @@ async fn fem_coder_without_shell_refuses_commands() {
         let work = tempfile::tempdir().unwrap();
         let _coder = start_coder(&b, "strict-34", work.path(), &["--allow-program", "echo"]).await;
         let (code, _, err) = run_fem(&[
-            "call", "--broker", &b.url(), "--ca", &b.ca(), "--agent", "strict-34", "--tool", "shell.run", "--args",
+            "call",
+            "--broker",
+            &b.url(),
+            "--ca",
+            &b.ca(),
+            "--agent",
+            "strict-34",
+            "--tool",
+            "shell.run",
+            "--args",
             r#"{"command":"echo hi; id"}"#,
         ])
         .await;
         assert_eq!(code, 2);
-        assert!(err.contains("PERMISSION_DENIED") && err.contains("shell"), "{err}");
+        assert!(
+            err.contains("PERMISSION_DENIED") && err.contains("shell"),
+            "{err}"
+        );
         let (code, _, err) = run_fem(&[
-            "call", "--broker", &b.url(), "--ca", &b.ca(), "--agent", "strict-34", "--tool", "code.execute", "--args",
+            "call",
+            "--broker",
+            &b.url(),
+            "--ca",
+            &b.ca(),
+            "--agent",
+            "strict-34",
+            "--tool",
+            "code.execute",
+            "--args",
             r#"{"language":"python","code":"print(1)"}"#,
         ])
         .await;
@@ -259,7 +401,11 @@ async fn sigterm_stops_the_broker_cleanly() {
     bounded(60, async {
         let mut b = BrokerProc::start(host(35), &["--shutdown-grace", "1s"]).await;
         b.proc.signal("TERM");
-        let st = b.proc.wait_exit(Duration::from_secs(10)).await.expect("broker did not exit");
+        let st = b
+            .proc
+            .wait_exit(Duration::from_secs(10))
+            .await
+            .expect("broker did not exit");
         assert!(st.success(), "{st}");
     })
     .await;
