@@ -64,7 +64,8 @@ impl ConnectArgs {
 }
 
 /// Log output format.
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
     Text,
@@ -78,9 +79,9 @@ pub struct LogArgs {
     /// Log level or filter (RUST_LOG overrides it; default info, warn for `fem`).
     #[arg(long, env = "FEM_LOG_LEVEL")]
     pub log_level: Option<String>,
-    /// Log format.
-    #[arg(long, env = "FEM_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
+    /// Log format [default: text].
+    #[arg(long, env = "FEM_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
 }
 
 impl LogArgs {
@@ -95,7 +96,7 @@ impl LogArgs {
             .with_env_filter(filter)
             .with_ansi(ansi)
             .with_writer(std::io::stderr);
-        match self.log_format {
+        match self.log_format.unwrap_or(LogFormat::Text) {
             LogFormat::Text => b.init(),
             LogFormat::Json => b.json().flatten_event(true).init(),
         }

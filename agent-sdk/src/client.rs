@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use fem_proto::{
     ALPN_NATIVE, AgentId, Body, Capability, CapabilityPattern, DiscoverTools, DiscoveredTool,
-    EmbodimentUpdate, EmitEvent, Envelope, ErrorCode, Frame, Header, JsonText, Nonce, NonceCache,
-    PublicKey, RegisterAgent, RequestId, Revoke, SignedEnvelope, SigningKey, Target, ToolCall,
-    ToolOutcome, ToolResult,
+    EmbodimentUpdate, EmitEvent, Envelope, ErrorCode, Format, Frame, Header, JsonText, Nonce,
+    NonceCache, PublicKey, RegisterAgent, RequestId, Revoke, SignedEnvelope, SigningKey, Target,
+    ToolCall, ToolOutcome, ToolResult,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -18,7 +18,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::tool::{Tool, ToolError, ToolRequest};
 use crate::wire::{FrameReader, write_loop};
-use crate::{Options, SdkError, Transport};
+use crate::{AgentMetrics, Options, SdkError, Transport};
 
 /// Where a call's error came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +102,7 @@ struct Inner {
     metadata: BTreeMap<String, String>,
     max_concurrent: usize,
     handler_timeout: Duration,
+    metrics: Option<AgentMetrics>,
     broker_key: Mutex<Option<PublicKey>>,
     shutdown: tokio::sync::watch::Sender<bool>,
     /// Becomes true when the connection task has ended.
@@ -143,6 +144,7 @@ pub struct AgentBuilder {
     metadata: BTreeMap<String, String>,
     max_concurrent: usize,
     call_timeout: Duration,
+    metrics: Option<AgentMetrics>,
 }
 
 impl AgentBuilder {
@@ -156,6 +158,7 @@ impl AgentBuilder {
             metadata: BTreeMap::new(),
             max_concurrent: 10,
             call_timeout: Duration::from_secs(30),
+            metrics: None,
         }
     }
 
@@ -192,6 +195,13 @@ impl AgentBuilder {
         self
     }
 
+    /// Records served calls in these metrics.
+    #[must_use]
+    pub fn metrics(mut self, m: AgentMetrics) -> Self {
+        self.metrics = Some(m);
+        self
+    }
+
     /// Upper bound on one handler's run time.
     #[must_use]
     pub fn call_timeout(mut self, d: Duration) -> Self {
@@ -207,43 +217,23 @@ impl AgentBuilder {
     /// [`SdkError::Connect`] when the first attempt fails, [`SdkError::Denied`]
     /// when the broker refuses the registration.
     pub async fn connect(self, opts: Options) -> Result<Client, SdkError> {
-        let tools = self
-            .tools
-            .into_iter()
-            .map(|t| (t.spec.name.clone(), t))
-            .collect();
-        start(
-            self.id,
-            self.key,
-            opts,
-            self.capabilities,
-            tools,
-            self.metadata,
-            self.max_concurrent,
-            self.call_timeout,
-        )
-        .await
+        start(self, opts).await
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn start(
-    id: AgentId,
-    key: SigningKey,
-    opts: Options,
-    capabilities: Vec<Capability>,
-    tools: BTreeMap<Capability, Tool>,
-    metadata: BTreeMap<String, String>,
-    max_concurrent: usize,
-    handler_timeout: Duration,
-) -> Result<Client, SdkError> {
+async fn start(b: AgentBuilder, opts: Options) -> Result<Client, SdkError> {
+    let tools = b
+        .tools
+        .into_iter()
+        .map(|t| (t.spec.name.clone(), t))
+        .collect();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (out_tx, out_rx) = mpsc::channel(1024);
     let (shutdown, _) = tokio::sync::watch::channel(false);
     let (finished_tx, finished) = tokio::sync::watch::channel(false);
     let inner = Arc::new(Inner {
-        id,
-        key,
+        id: b.id,
+        key: b.key,
         opts,
         out: out_tx,
         epoch: AtomicU64::new(0),
@@ -251,10 +241,11 @@ async fn start(
         acks: Mutex::new(HashMap::new()),
         subs: Mutex::new(HashMap::new()),
         tools: Mutex::new(tools),
-        capabilities: Mutex::new(capabilities),
-        metadata,
-        max_concurrent,
-        handler_timeout,
+        capabilities: Mutex::new(b.capabilities),
+        metadata: b.metadata,
+        max_concurrent: b.max_concurrent,
+        handler_timeout: b.call_timeout,
+        metrics: b.metrics,
         broker_key: Mutex::new(None),
         shutdown: shutdown.clone(),
         finished,
@@ -820,6 +811,9 @@ async fn run_once(
     while out_rx.try_recv().is_ok() {}
     fail_pending(inner, |e| e < epoch, "connection to the broker was lost");
     inner.epoch.store(epoch, Ordering::Release);
+    if let Some(m) = &inner.metrics {
+        m.connected.set(1);
+    }
     info!(broker = %accepted.broker_id, transport, "registered");
     if let Some(f) = first.take() {
         let _ = f.send(Ok(()));
@@ -879,6 +873,9 @@ async fn run_once(
         }
     }
     inner.epoch.store(0, Ordering::Release);
+    if let Some(m) = &inner.metrics {
+        m.connected.set(0);
+    }
     fail_pending(inner, |e| e <= epoch, "connection to the broker was lost");
     close(wtx).await;
     info!("disconnected from broker");
@@ -935,6 +932,7 @@ fn handle_inbound(
 ) -> bool {
     match frame {
         Frame::Deliver { envelope, signer } => {
+            let format = envelope.format;
             let env = match envelope.verify(&signer) {
                 Ok(env) => env,
                 Err(e) => {
@@ -955,6 +953,7 @@ fn handle_inbound(
                     reply_error(
                         inner,
                         epoch,
+                        format,
                         c.request_id,
                         env.header.sender.clone(),
                         e.code(),
@@ -965,7 +964,7 @@ fn handle_inbound(
             }
             let Envelope { header, body } = env;
             match body {
-                Body::ToolCall(call) => serve_call(inner, epoch, header, signer, call, sem),
+                Body::ToolCall(call) => serve_call(inner, epoch, format, header, signer, call, sem),
                 Body::ToolResult(r) => {
                     let reply = match r.outcome {
                         ToolOutcome::Success(v) => v.parse().map_err(|e| {
@@ -1075,6 +1074,7 @@ fn handle_inbound(
 fn reply_error(
     inner: &Arc<Inner>,
     epoch: u64,
+    format: Format,
     request_id: RequestId,
     caller: AgentId,
     code: ErrorCode,
@@ -1083,6 +1083,7 @@ fn reply_error(
     send_result(
         inner,
         epoch,
+        format,
         ToolResult {
             request_id,
             caller,
@@ -1091,9 +1092,15 @@ fn reply_error(
     );
 }
 
-fn send_result(inner: &Arc<Inner>, epoch: u64, result: ToolResult) {
+fn send_result(inner: &Arc<Inner>, epoch: u64, format: Format, result: ToolResult) {
     let env = Envelope::new(Header::now(inner.id.clone()), Body::ToolResult(result));
-    match SignedEnvelope::sign(&env, &inner.key) {
+    // Answer in the caller's format: a JSON caller (the HTTP gateway) can
+    // then verify and read the result without a postcard decoder.
+    let signed = match format {
+        Format::Json => SignedEnvelope::sign_json(&env, &inner.key),
+        _ => SignedEnvelope::sign(&env, &inner.key),
+    };
+    match signed {
         Ok(s) => {
             if inner.out.try_send((epoch, Frame::Envelope(s))).is_err() {
                 warn!(
@@ -1108,6 +1115,7 @@ fn send_result(inner: &Arc<Inner>, epoch: u64, result: ToolResult) {
 fn serve_call(
     inner: &Arc<Inner>,
     epoch: u64,
+    format: Format,
     header: Header,
     signer: PublicKey,
     call: ToolCall,
@@ -1122,6 +1130,7 @@ fn serve_call(
         return reply_error(
             inner,
             epoch,
+            format,
             call.request_id,
             caller,
             ErrorCode::BadRequest,
@@ -1132,6 +1141,7 @@ fn serve_call(
         return reply_error(
             inner,
             epoch,
+            format,
             call.request_id,
             caller,
             ErrorCode::ToolNotFound,
@@ -1143,6 +1153,7 @@ fn serve_call(
         return reply_error(
             inner,
             epoch,
+            format,
             call.request_id,
             caller,
             ErrorCode::Timeout,
@@ -1156,6 +1167,7 @@ fn serve_call(
             return reply_error(
                 inner,
                 epoch,
+                format,
                 call.request_id,
                 caller,
                 ErrorCode::BadRequest,
@@ -1164,14 +1176,31 @@ fn serve_call(
         }
     };
     if let Err(e) = tool.validate(&params) {
-        return reply_error(inner, epoch, call.request_id, caller, e.code, e.message);
+        return reply_error(
+            inner,
+            epoch,
+            format,
+            call.request_id,
+            caller,
+            e.code,
+            e.message,
+        );
     }
     let inner = Arc::clone(inner);
     let sem = Arc::clone(sem);
     let span = info_span!("call", request = %call.request_id, tool = %call.tool, caller = %caller);
     tokio::spawn(
         async move {
+            let m = inner.metrics.clone();
+            if let Some(m) = &m {
+                m.queue_length.inc();
+            }
             let _permit = sem.acquire_owned().await;
+            if let Some(m) = &m {
+                m.queue_length.dec();
+                m.calls_in_flight.inc();
+            }
+            let started = Instant::now();
             let req = ToolRequest {
                 caller: caller.clone(),
                 caller_key: signer,
@@ -1188,13 +1217,23 @@ fn serve_call(
                     message: format!("handler exceeded {} ms", budget.as_millis()),
                 },
             };
-            debug!(
-                ok = matches!(outcome, ToolOutcome::Success(_)),
-                "call served"
-            );
+            let label = match &outcome {
+                ToolOutcome::Success(_) => "ok",
+                ToolOutcome::Error { code, .. } => code.as_str(),
+            };
+            if let Some(m) = &m {
+                m.calls_in_flight.dec();
+                let labels = [call.tool.as_str(), label];
+                m.tool_execution_duration
+                    .with_label_values(&labels)
+                    .observe(started.elapsed().as_secs_f64());
+                m.tool_calls.with_label_values(&labels).inc();
+            }
+            debug!(outcome = label, "call served");
             send_result(
                 &inner,
                 epoch,
+                format,
                 ToolResult {
                     request_id: call.request_id,
                     caller,

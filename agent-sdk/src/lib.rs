@@ -33,6 +33,7 @@
 pub mod cli;
 mod client;
 pub mod keys;
+mod metrics;
 pub mod tls;
 mod tool;
 pub mod wire;
@@ -41,6 +42,7 @@ use std::time::Duration;
 
 pub use client::{AgentBuilder, CallError, Client, Event, Origin};
 pub use fem_proto as proto;
+pub use metrics::AgentMetrics;
 pub use tls::Trust;
 pub use tool::{Tool, ToolError, ToolRequest};
 

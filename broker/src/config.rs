@@ -40,6 +40,11 @@ pub struct BrokerConfig {
     pub session_queue: usize,
     /// Time allowed between connecting and registering.
     pub registration_timeout: Duration,
+    /// Plain-HTTP listener for /metrics, /health and /ready (in-cluster scrapers).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Bearer token guarding the operator views (`/v1/agents`, ...); without
+    /// one the views are disabled.
+    pub admin_token: Option<String>,
     /// Grace period for in-flight calls at shutdown.
     pub shutdown_grace: Duration,
 }
@@ -61,6 +66,8 @@ impl Default for BrokerConfig {
             agent_queue_limit: 1024,
             session_queue: 1024,
             registration_timeout: Duration::from_secs(10),
+            metrics_listen: None,
+            admin_token: None,
             shutdown_grace: Duration::from_secs(10),
         }
     }

@@ -93,6 +93,10 @@ impl Shared {
         self.shutdown.subscribe()
     }
 
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
     pub(crate) fn begin_shutdown(&self) {
         self.ready.store(false, Ordering::Relaxed);
         let _ = self.shutdown.send(true);

@@ -1,17 +1,22 @@
-//! HTTPS endpoints served on the TCP port when ALPN picks HTTP.
+//! HTTP endpoints: health, readiness and metrics (also on the plain
+//! `--metrics-listen` port), and on the TLS port only the operator views and
+//! the JSON gateway.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
+use serde_json::json;
+use sha2::Digest as _;
 
 use crate::core::Shared;
 
-pub(crate) fn router(shared: Arc<Shared>) -> Router {
+/// /health, /ready and /metrics.
+pub(crate) fn plain_router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -19,8 +24,24 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
+/// Everything served over HTTPS on the broker port.
+pub(crate) fn tls_router(shared: Arc<Shared>) -> Router {
+    let limit = shared.config.max_frame;
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/v1/agents", get(agents))
+        .route("/v1/peers", get(peers))
+        .route("/v1/routes", get(routes))
+        .route("/v1/call", post(crate::gateway::call))
+        .route("/v1/discover", post(crate::gateway::discover))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(shared)
+}
+
 async fn health(State(s): State<Arc<Shared>>) -> Response {
-    axum::Json(serde_json::json!({
+    axum::Json(json!({
         "status": "ok",
         "broker_id": s.config.broker_id.as_str(),
         "agents": s.registry.len(),
@@ -30,11 +51,17 @@ async fn health(State(s): State<Arc<Shared>>) -> Response {
 
 async fn ready(State(s): State<Arc<Shared>>) -> Response {
     if s.ready.load(Ordering::Relaxed) {
-        axum::Json(serde_json::json!({"status": "ready"})).into_response()
+        axum::Json(json!({"status": "ready", "listeners": ["quic", "tcp"], "federation": "not configured"}))
+            .into_response()
     } else {
+        let missing = if s.is_shutting_down() {
+            "draining: shutting down"
+        } else {
+            "listeners"
+        };
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({"status": "not ready", "missing": ["listeners"]})),
+            axum::Json(json!({"status": "not ready", "missing": [missing]})),
         )
             .into_response()
     }
@@ -49,4 +76,103 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         s.metrics.render(),
     )
         .into_response()
+}
+
+/// Checks `Authorization: Bearer <token>` against the configured token, in
+/// constant time over SHA-256 digests (no length leak).
+fn authorize(s: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let Some(expected) = &s.config.admin_token else {
+        return Err(Box::new(
+            (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"error": "operator views are disabled; start the broker with --admin-token-file or FEM_ADMIN_TOKEN"})),
+        )
+            .into_response(),
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let a = sha2::Sha256::digest(given.as_bytes());
+    let b = sha2::Sha256::digest(expected.as_bytes());
+    let diff = a
+        .iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    if diff == 0 {
+        Ok(())
+    } else {
+        Err(Box::new(
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                axum::Json(json!({"error": "missing or wrong bearer token"})),
+            )
+                .into_response(),
+        ))
+    }
+}
+
+async fn agents(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return *r;
+    }
+    let mut list: Vec<_> = s
+        .registry
+        .snapshot()
+        .into_iter()
+        .map(|a| {
+            let p = a.profile();
+            json!({
+                "id": a.id,
+                "publicKey": a.key,
+                "capabilities": p.capabilities,
+                "tools": p.tools.iter().map(|t| json!({"name": t.name, "description": t.description})).collect::<Vec<_>>(),
+                "metadata": p.metadata,
+                "transport": a.transport,
+                "connectedSinceMs": a.connected_since_ms,
+                "lastSeenMs": a.last_seen_ms.load(Ordering::Relaxed),
+                "maxConcurrentCalls": a.max_concurrent,
+                "callsInFlight": a.in_flight(),
+                "callsQueued": a.queued(),
+            })
+        })
+        .collect();
+    list.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    axum::Json(json!({"agents": list})).into_response()
+}
+
+async fn peers(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return *r;
+    }
+    axum::Json(json!({"brokerId": s.config.broker_id, "peers": [], "federation": "not configured"}))
+        .into_response()
+}
+
+async fn routes(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return *r;
+    }
+    let mut list: Vec<_> = s
+        .registry
+        .snapshot()
+        .into_iter()
+        .map(|a| {
+            let p = a.profile();
+            json!({
+                "agent": a.id,
+                "capabilities": p.capabilities,
+                "tools": p.tools.iter().map(|t| &t.name).collect::<Vec<_>>(),
+                "via": "local",
+                "broker": s.config.broker_id,
+                "hops": 0,
+                "callsInFlight": a.in_flight(),
+            })
+        })
+        .collect();
+    list.sort_by(|a, b| a["agent"].as_str().cmp(&b["agent"].as_str()));
+    axum::Json(json!({"routes": list})).into_response()
 }

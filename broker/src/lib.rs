@@ -17,6 +17,8 @@
 
 mod config;
 mod core;
+mod counted;
+mod gateway;
 mod http;
 mod metrics;
 mod registry;
@@ -83,6 +85,7 @@ pub struct Broker {
     ca_path: Option<PathBuf>,
     endpoint: quinn::Endpoint,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Broker {
@@ -129,9 +132,17 @@ impl Broker {
             source: e,
         })?;
 
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| BrokerError::Bind { addr, source: e })?,
+            ),
+            None => None,
+        };
         let metrics = Metrics::new()?;
         let shared = Shared::new(config, identity, metrics);
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(server::tcp_accept_loop(
                 Arc::clone(&shared),
                 listener,
@@ -142,6 +153,17 @@ impl Broker {
                 endpoint.clone(),
             )),
         ];
+        let mut metrics_addr = None;
+        if let Some(l) = metrics_listener {
+            metrics_addr = l.local_addr().ok();
+            let app = http::plain_router(Arc::clone(&shared));
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = axum::serve(l, app).await {
+                    tracing::warn!(error = %e, "metrics listener ended");
+                }
+            }));
+            tracing::info!(addr = ?metrics_addr, "plain-HTTP metrics listener (/metrics, /health, /ready)");
+        }
         shared.ready.store(true, Ordering::Relaxed);
         tracing::info!(
             addr = %local_addr,
@@ -158,12 +180,18 @@ impl Broker {
             ca_path: material.ca_path,
             endpoint,
             tasks,
+            metrics_addr,
         })
     }
 
     /// The bound address (TCP and UDP share the port).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound plain-HTTP metrics address, when configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// SHA-256 of the served certificate, as clients pin it.

@@ -1,72 +1,130 @@
-//! `fem-broker`: parse flags (with FEM_* fallbacks), bind, serve until SIGINT/SIGTERM.
+//! `fem-broker`: merge flags, FEM_* variables and the YAML file (in that
+//! order of precedence), bind, serve until SIGINT/SIGTERM, drain, exit.
 
 use std::net::{SocketAddr, ToSocketAddrs as _};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::Parser;
 use fem_agent_sdk::cli::LogArgs;
 use fem_broker::{Broker, BrokerConfig, TlsSource};
 use fem_proto::AgentId;
+use serde::Deserialize;
 
 /// FEM broker: signed agent registration and tool-call routing over QUIC and TLS.
+///
+/// Every option can also come from its FEM_* variable or from the YAML file
+/// given with --config (same names, snake_case); flags win over variables,
+/// variables over the file.
 #[derive(Debug, Parser)]
 #[command(name = "fem-broker", version)]
 struct Args {
-    /// Address for QUIC (UDP) and TLS (TCP), same port; ":8443" means all IPv4 interfaces.
-    #[arg(long, env = "FEM_LISTEN", default_value = ":8443")]
-    listen: String,
-    /// Directory for the broker identity key and generated certificates.
+    /// YAML configuration file.
+    #[arg(long, env = "FEM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address for QUIC (UDP) and TLS (TCP), same port; ":8443" means all IPv4 interfaces [default: :8443].
+    #[arg(long, env = "FEM_LISTEN")]
+    listen: Option<String>,
+    /// Directory for the broker identity key and generated certificates [default: ~/.local/share/fem/broker].
     #[arg(long, env = "FEM_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// TLS certificate chain (PEM). Without it a development certificate is generated.
-    #[arg(long, env = "FEM_TLS_CERT", requires = "key")]
+    #[arg(long, env = "FEM_TLS_CERT")]
     cert: Option<PathBuf>,
     /// TLS private key (PEM).
-    #[arg(long, env = "FEM_TLS_KEY", requires = "cert")]
+    #[arg(long, env = "FEM_TLS_KEY")]
     key: Option<PathBuf>,
     /// Extra DNS names or IPs for the generated certificate (repeatable).
     #[arg(long = "tls-name", env = "FEM_TLS_NAMES", value_delimiter = ',')]
-    tls_names: Vec<String>,
-    /// Broker id (default: the host name).
+    tls_names: Option<Vec<String>>,
+    /// Broker id [default: the host name].
     #[arg(long, env = "FEM_BROKER_ID")]
     broker_id: Option<String>,
-    /// Maximum concurrent agent connections.
-    #[arg(long, env = "FEM_MAX_CONNECTIONS", default_value_t = 10_000)]
-    max_connections: usize,
-    /// Calls that may wait at the broker for a slot on one agent (beyond: RATE_LIMITED).
-    #[arg(long, env = "FEM_AGENT_QUEUE_LIMIT", default_value_t = 1024)]
-    agent_queue_limit: usize,
-    /// Maximum frame size in bytes.
-    #[arg(long, env = "FEM_MAX_FRAME_SIZE", default_value_t = fem_proto::DEFAULT_MAX_FRAME)]
-    max_frame_size: usize,
-    /// Heartbeat interval announced to agents.
-    #[arg(long, env = "FEM_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
-    heartbeat_interval: Duration,
-    /// Silence after which an agent is evicted and its calls answered AGENT_UNAVAILABLE.
-    #[arg(long, env = "FEM_HEARTBEAT_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
-    heartbeat_grace: Duration,
-    /// Accepted clock skew for envelope timestamps (replay window).
-    #[arg(long, env = "FEM_REPLAY_WINDOW", default_value = "60s", value_parser = humantime::parse_duration)]
-    replay_window: Duration,
-    /// Grace period for in-flight calls on SIGTERM.
-    #[arg(long, env = "FEM_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
-    shutdown_grace: Duration,
+    /// Maximum concurrent agent connections [default: 10000].
+    #[arg(long, env = "FEM_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Calls that may wait at the broker for a slot on one agent; beyond it RATE_LIMITED [default: 1024].
+    #[arg(long, env = "FEM_AGENT_QUEUE_LIMIT")]
+    agent_queue_limit: Option<usize>,
+    /// Maximum frame size in bytes [default: 4194304].
+    #[arg(long, env = "FEM_MAX_FRAME_SIZE")]
+    max_frame_size: Option<usize>,
+    /// Heartbeat interval announced to agents [default: 10s].
+    #[arg(long, env = "FEM_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Option<Duration>,
+    /// Silence after which an agent is evicted and its calls answered AGENT_UNAVAILABLE [default: 30s].
+    #[arg(long, env = "FEM_HEARTBEAT_GRACE", value_parser = humantime::parse_duration)]
+    heartbeat_grace: Option<Duration>,
+    /// Accepted clock skew for envelope timestamps (replay window) [default: 60s].
+    #[arg(long, env = "FEM_REPLAY_WINDOW", value_parser = humantime::parse_duration)]
+    replay_window: Option<Duration>,
+    /// Grace period for in-flight calls on SIGTERM [default: 10s].
+    #[arg(long, env = "FEM_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
+    shutdown_grace: Option<Duration>,
+    /// Plain-HTTP listener for /metrics, /health and /ready (e.g. :9090) [default: none].
+    #[arg(long, env = "FEM_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// File holding the bearer token that guards the operator views (/v1/agents, /v1/peers,
+    /// /v1/routes); the FEM_ADMIN_TOKEN variable may give the token itself [default: views disabled].
+    #[arg(long, env = "FEM_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
     #[command(flatten)]
     log: LogArgs,
 }
 
-fn parse_listen(s: &str) -> anyhow::Result<SocketAddr> {
+/// The YAML file: the same settings as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    tls_names: Option<Vec<String>>,
+    broker_id: Option<String>,
+    max_connections: Option<usize>,
+    agent_queue_limit: Option<usize>,
+    max_frame_size: Option<usize>,
+    #[serde(default, with = "opt_duration")]
+    heartbeat_interval: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    heartbeat_grace: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    replay_window: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    shutdown_grace: Option<Duration>,
+    metrics_listen: Option<String>,
+    admin_token_file: Option<PathBuf>,
+    log_level: Option<String>,
+    log_format: Option<fem_agent_sdk::cli::LogFormat>,
+}
+
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+fn parse_addr(flag: &str, s: &str) -> anyhow::Result<SocketAddr> {
     let s = if s.starts_with(':') {
         format!("0.0.0.0{s}")
     } else {
         s.to_owned()
     };
     s.to_socket_addrs()
-        .map_err(|e| anyhow::anyhow!("--listen {s:?}: {e}"))?
+        .with_context(|| format!("{flag} {s:?}"))?
         .next()
-        .ok_or_else(|| anyhow::anyhow!("--listen {s:?}: no address"))
+        .with_context(|| format!("{flag} {s:?}: no address"))
 }
 
 fn default_data_dir() -> PathBuf {
@@ -84,31 +142,117 @@ fn host_name() -> String {
         .unwrap_or_else(|| "fem-broker".to_owned())
 }
 
-fn config(args: &Args) -> anyhow::Result<BrokerConfig> {
-    let broker_id = AgentId::new(args.broker_id.clone().unwrap_or_else(host_name))?;
-    if args.heartbeat_grace <= args.heartbeat_interval {
-        anyhow::bail!("--heartbeat-grace must be longer than --heartbeat-interval");
+fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("--config {}", path.display()))?;
+    serde_yaml_ng::from_str(&text).with_context(|| format!("--config {}", path.display()))
+}
+
+/// Flags (and their variables) over the file over the defaults.
+fn config(args: &mut Args) -> anyhow::Result<BrokerConfig> {
+    let file = match &args.config {
+        Some(p) => load_file(p)?,
+        None => FileConfig::default(),
+    };
+    let d = BrokerConfig::default();
+    if args.log.log_level.is_none() {
+        args.log.log_level = file.log_level.clone();
     }
+    if args.log.log_format.is_none() {
+        args.log.log_format = file.log_format;
+    }
+    let listen = args
+        .listen
+        .clone()
+        .or(file.listen)
+        .unwrap_or_else(|| ":8443".into());
+    let broker_id = AgentId::new(
+        args.broker_id
+            .clone()
+            .or(file.broker_id)
+            .unwrap_or_else(host_name),
+    )
+    .context("--broker-id")?;
+    let cert = args.cert.clone().or(file.cert);
+    let key = args.key.clone().or(file.key);
+    let tls = match (cert, key) {
+        (Some(cert), Some(key)) => TlsSource::Files { cert, key },
+        (None, None) => TlsSource::SelfSigned,
+        _ => anyhow::bail!("--cert and --key go together"),
+    };
+    let heartbeat_interval = args
+        .heartbeat_interval
+        .or(file.heartbeat_interval)
+        .unwrap_or(d.heartbeat_interval);
+    let heartbeat_grace = args
+        .heartbeat_grace
+        .or(file.heartbeat_grace)
+        .unwrap_or(d.heartbeat_grace);
+    if heartbeat_grace <= heartbeat_interval {
+        anyhow::bail!(
+            "--heartbeat-grace ({heartbeat_grace:?}) must be longer than --heartbeat-interval ({heartbeat_interval:?})"
+        );
+    }
+    let max_connections = args
+        .max_connections
+        .or(file.max_connections)
+        .unwrap_or(d.max_connections);
+    let max_frame = args
+        .max_frame_size
+        .or(file.max_frame_size)
+        .unwrap_or(d.max_frame);
+    if max_connections == 0 || max_frame < 1024 {
+        anyhow::bail!("--max-connections must be positive and --max-frame-size at least 1024");
+    }
+    let metrics_listen = args
+        .metrics_listen
+        .clone()
+        .or(file.metrics_listen)
+        .map(|s| parse_addr("--metrics-listen", &s))
+        .transpose()?;
+    let admin_token = match args.admin_token_file.clone().or(file.admin_token_file) {
+        Some(p) => Some(
+            std::fs::read_to_string(&p)
+                .with_context(|| format!("--admin-token-file {}", p.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => std::env::var("FEM_ADMIN_TOKEN").ok(),
+    }
+    .filter(|t| !t.is_empty());
     Ok(BrokerConfig {
-        listen: parse_listen(&args.listen)?,
-        data_dir: args.data_dir.clone().unwrap_or_else(default_data_dir),
-        tls: match (&args.cert, &args.key) {
-            (Some(cert), Some(key)) => TlsSource::Files {
-                cert: cert.clone(),
-                key: key.clone(),
-            },
-            _ => TlsSource::SelfSigned,
-        },
-        tls_names: args.tls_names.clone(),
+        listen: parse_addr("--listen", &listen)?,
+        data_dir: args
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(default_data_dir),
+        tls,
+        tls_names: args
+            .tls_names
+            .clone()
+            .or(file.tls_names)
+            .unwrap_or_default(),
         broker_id,
-        max_connections: args.max_connections,
-        max_frame: args.max_frame_size,
-        agent_queue_limit: args.agent_queue_limit,
-        heartbeat_interval: args.heartbeat_interval,
-        heartbeat_grace: args.heartbeat_grace,
-        replay_window_ms: u64::try_from(args.replay_window.as_millis())?,
-        shutdown_grace: args.shutdown_grace,
-        ..BrokerConfig::default()
+        max_connections,
+        max_frame,
+        agent_queue_limit: args
+            .agent_queue_limit
+            .or(file.agent_queue_limit)
+            .unwrap_or(d.agent_queue_limit),
+        heartbeat_interval,
+        heartbeat_grace,
+        replay_window_ms: match args.replay_window.or(file.replay_window) {
+            Some(w) => u64::try_from(w.as_millis()).context("--replay-window")?,
+            None => d.replay_window_ms,
+        },
+        shutdown_grace: args
+            .shutdown_grace
+            .or(file.shutdown_grace)
+            .unwrap_or(d.shutdown_grace),
+        metrics_listen,
+        admin_token,
+        ..d
     })
 }
 
@@ -132,11 +276,11 @@ async fn wait_for_signal() {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    let cfg = config(&mut args);
     args.log.init("info");
     let run = async {
-        let cfg = config(&args)?;
-        let broker = Broker::bind(cfg).await?;
+        let broker = Broker::bind(cfg?).await?;
         wait_for_signal().await;
         tracing::info!("signal received; draining");
         broker.shutdown().await;

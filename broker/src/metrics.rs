@@ -33,6 +33,12 @@ pub struct Metrics {
     pub agent_queue_length: IntGaugeVec,
     /// Envelope verification time.
     pub verify_seconds: Histogram,
+    /// Bytes received on native connections.
+    pub bytes_received: IntCounter,
+    /// Bytes sent on native connections.
+    pub bytes_sent: IntCounter,
+    /// Requests served by the JSON gateway, by endpoint and status.
+    pub gateway_requests: IntCounterVec,
 }
 
 impl Metrics {
@@ -115,6 +121,24 @@ impl Metrics {
             )
             .buckets(prometheus::exponential_buckets(0.00001, 2.0, 12)?),
         )?;
+        let bytes_received = IntCounter::new(
+            "fem_broker_received_bytes_total",
+            "Bytes received on native connections.",
+        )?;
+        let bytes_sent = IntCounter::new(
+            "fem_broker_sent_bytes_total",
+            "Bytes sent on native connections.",
+        )?;
+        let gateway_requests = IntCounterVec::new(
+            Opts::new(
+                "fem_broker_gateway_requests_total",
+                "JSON gateway requests, by endpoint and status.",
+            ),
+            &["endpoint", "status"],
+        )?;
+        registry.register(Box::new(bytes_received.clone()))?;
+        registry.register(Box::new(bytes_sent.clone()))?;
+        registry.register(Box::new(gateway_requests.clone()))?;
         registry.register(Box::new(registered_agents_total.clone()))?;
         registry.register(Box::new(registered_agents.clone()))?;
         registry.register(Box::new(messages_processed_total.clone()))?;
@@ -141,6 +165,9 @@ impl Metrics {
             registrations,
             agent_queue_length,
             verify_seconds,
+            bytes_received,
+            bytes_sent,
+            gateway_requests,
         })
     }
 

@@ -24,7 +24,7 @@ pub(crate) async fn tcp_accept_loop(
     tls: Arc<rustls::ServerConfig>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let http = crate::http::router(Arc::clone(&shared));
+    let http = crate::http::tls_router(Arc::clone(&shared));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -145,6 +145,8 @@ async fn serve_native<R, W>(
         .await;
         return;
     }
+    let r = crate::counted::Counted::new(r, shared.metrics.bytes_received.clone());
+    let w = crate::counted::Counted::new(w, shared.metrics.bytes_sent.clone());
     crate::session::run(shared, r, w, transport, peer).await;
     drop(permit);
 }

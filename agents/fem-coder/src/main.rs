@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use fem_agent_sdk::cli::{ConnectArgs, LogArgs};
-use fem_agent_sdk::{AgentBuilder, SdkError, Tool, ToolError, keys};
+use fem_agent_sdk::{AgentBuilder, AgentMetrics, Client, SdkError, Tool, ToolError, keys};
 use fem_coder::sandbox::{self, Policy, PolicyOptions, SandboxError};
 use fem_proto::{AgentId, SigningKey};
 
@@ -65,6 +65,9 @@ struct Args {
     /// Processes per user for the child (RLIMIT_NPROC; not enforced for root).
     #[arg(long, env = "FEM_MAX_PROCESSES", default_value_t = 256)]
     max_processes: u64,
+    /// Plain-HTTP listener for /metrics, /health and /ready (e.g. :9091) [default: none].
+    #[arg(long, env = "FEM_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Calls served at once.
     #[arg(long, env = "FEM_MAX_CONCURRENT", default_value_t = 10)]
     max_concurrent: usize,
@@ -159,10 +162,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let opts = args.conn.options()?.call_timeout(args.timeout);
     let tools = tools(&policy, &args.capabilities)?;
+    let registry = prometheus::Registry::new();
+    let metrics = AgentMetrics::new(&registry)?;
+    let client_slot: Arc<std::sync::OnceLock<Client>> = Arc::default();
+    if let Some(addr) = &args.metrics_listen {
+        serve_metrics(addr, registry, Arc::clone(&client_slot)).await?;
+    }
     // Keep trying until the broker accepts us (it may start after us).
     let mut backoff = Duration::from_millis(250);
     let client = loop {
         let mut b = AgentBuilder::new(id.clone(), key.clone())
+            .metrics(metrics.clone())
             .max_concurrent(args.max_concurrent)
             .call_timeout(args.timeout);
         for c in &args.capabilities {
@@ -181,10 +191,73 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     };
+    let _ = client_slot.set(client.clone());
     tracing::info!(agent = %id, key = %key.public_key(), "fem-coder registered");
     wait_for_signal().await;
     tracing::info!("signal received; closing");
     client.shutdown().await;
+    Ok(())
+}
+
+/// /metrics, /health (alive) and /ready (registered with a broker) over plain HTTP.
+async fn serve_metrics(
+    addr: &str,
+    registry: prometheus::Registry,
+    client: Arc<std::sync::OnceLock<Client>>,
+) -> anyhow::Result<()> {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    use prometheus::Encoder as _;
+
+    let addr = if addr.starts_with(':') {
+        format!("0.0.0.0{addr}")
+    } else {
+        addr.to_owned()
+    };
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("--metrics-listen {addr}: {e}"))?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut buf = Vec::new();
+                    let _ = prometheus::TextEncoder::new().encode(&registry.gather(), &mut buf);
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        buf,
+                    )
+                }
+            }),
+        )
+        .route("/health", get(|| async { "ok" }))
+        .route(
+            "/ready",
+            get(move || {
+                let connected = client.get().is_some_and(Client::is_connected);
+                async move {
+                    if connected {
+                        (StatusCode::OK, "registered")
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not registered with a broker",
+                        )
+                    }
+                }
+            }),
+        );
+    tracing::info!(%addr, "metrics listener (/metrics, /health, /ready)");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!(error = %e, "metrics listener ended");
+        }
+    });
     Ok(())
 }
 

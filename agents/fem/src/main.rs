@@ -21,7 +21,7 @@ struct Cli {
 
 #[derive(Debug, clap::Args)]
 struct Identity {
-    /// Caller id (default: fem-cli-<random>).
+    /// Caller id (default: `fem-cli-` and 12 hex digits of the key).
     #[arg(long = "id", env = "FEM_CLIENT_ID")]
     id: Option<String>,
     /// Private key file (default: a fresh key for this run).

@@ -1,0 +1,176 @@
+//! The JSON gateway: POST a signed toolCall (or discoverTools) as JSON and
+//! receive the signed toolResult (or toolsDiscovered) in the response.
+//!
+//! Request body: `{"publicKey": HEX, "envelope": {"format": "json",
+//! "bytes": BASE64, "signature": HEX}}` where `bytes` is the JSON envelope
+//! and the signature covers `"fem/1 json toolCall\n" || bytes`. The caller
+//! is identified by its key, as a registering agent is: an id held by another
+//! key is refused. See docs/gateway.md.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use fem_proto::{Body, EnvelopeType, ErrorCode, Frame, PublicKey, SignedEnvelope};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::core::Shared;
+use crate::registry::{AgentEntry, Profile};
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct GatewayRequest {
+    public_key: PublicKey,
+    envelope: SignedEnvelope,
+}
+
+fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::NoRoute | ErrorCode::ToolNotFound => StatusCode::NOT_FOUND,
+        ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorCode::AgentUnavailable | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::RateLimited | ErrorCode::TooManyConnections => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::PermissionDenied | ErrorCode::IdConflict => StatusCode::FORBIDDEN,
+        ErrorCode::InvalidSignature => StatusCode::UNAUTHORIZED,
+        ErrorCode::Replayed | ErrorCode::StaleTimestamp => StatusCode::CONFLICT,
+        ErrorCode::BadRequest | ErrorCode::NotRegistered => StatusCode::BAD_REQUEST,
+        ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn error(s: &Shared, endpoint: &str, code: ErrorCode, message: impl Into<String>) -> Response {
+    let status = status_of(code);
+    s.metrics
+        .gateway_requests
+        .with_label_values(&[endpoint, status.as_str()])
+        .inc();
+    (
+        status,
+        axum::Json(json!({"error": {"code": code.as_str(), "message": message.into()}})),
+    )
+        .into_response()
+}
+
+pub(crate) async fn call(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
+    serve(s, body, EnvelopeType::ToolCall, "call").await
+}
+
+pub(crate) async fn discover(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
+    serve(s, body, EnvelopeType::DiscoverTools, "discover").await
+}
+
+async fn serve(s: Arc<Shared>, body: Bytes, want: EnvelopeType, endpoint: &str) -> Response {
+    let started = Instant::now();
+    let req: GatewayRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                &s,
+                endpoint,
+                ErrorCode::BadRequest,
+                format!("malformed request JSON: {e}"),
+            );
+        }
+    };
+    let env = match req.envelope.open() {
+        Ok(env) => env,
+        Err(e) => return error(&s, endpoint, ErrorCode::BadRequest, e.to_string()),
+    };
+    if env.kind() != want {
+        return error(
+            &s,
+            endpoint,
+            ErrorCode::BadRequest,
+            format!("this endpoint takes a {want} envelope, not {}", env.kind()),
+        );
+    }
+    s.metrics.messages_processed_total.inc();
+    if let Err(e) = req.envelope.verify_opened(want, &req.public_key) {
+        s.metrics
+            .refusals
+            .with_label_values(&[e.code().as_str()])
+            .inc();
+        return error(&s, endpoint, e.code(), e.to_string());
+    }
+    let sender = env.header.sender.clone();
+    if s.registry
+        .get(&sender)
+        .is_some_and(|a| a.key != req.public_key)
+    {
+        s.metrics
+            .refusals
+            .with_label_values(&[ErrorCode::IdConflict.as_str()])
+            .inc();
+        return error(
+            &s,
+            endpoint,
+            ErrorCode::IdConflict,
+            format!("id {sender} is registered with another public key"),
+        );
+    }
+    if let Err(e) = s.check_replay(&sender, &env.header) {
+        s.metrics
+            .refusals
+            .with_label_values(&[e.code().as_str()])
+            .inc();
+        return error(&s, endpoint, e.code(), e.to_string());
+    }
+    s.metrics
+        .envelopes
+        .with_label_values(&[want.as_str(), "accepted"])
+        .inc();
+    // A one-call session: the broker answers it like any other caller.
+    let (tx, mut rx) = mpsc::channel(4);
+    let caller = Arc::new(AgentEntry::new(
+        sender,
+        req.public_key,
+        s.next_session_id(),
+        tx,
+        "gateway",
+        0,
+        Profile::default(),
+    ));
+    let wait = match env.body {
+        Body::ToolCall(c) => {
+            let wait = Duration::from_millis(c.deadline_ms.saturating_sub(fem_proto::now_ms()))
+                .min(s.config.max_call_timeout);
+            s.route_call(&caller, c, req.envelope, started);
+            wait
+        }
+        Body::DiscoverTools(q) => {
+            s.discover(&caller, &q);
+            Duration::from_secs(5)
+        }
+        _ => return error(&s, endpoint, ErrorCode::BadRequest, "unsupported envelope"),
+    };
+    match tokio::time::timeout(wait + Duration::from_secs(5), rx.recv()).await {
+        Ok(Some(Frame::Deliver { envelope, signer })) => {
+            let decoded = envelope.open().ok();
+            s.metrics
+                .gateway_requests
+                .with_label_values(&[endpoint, "200"])
+                .inc();
+            axum::Json(json!({"result": envelope, "signer": signer, "envelope": decoded}))
+                .into_response()
+        }
+        Ok(Some(Frame::CallFailed { code, message, .. })) => error(&s, endpoint, code, message),
+        Ok(Some(other)) => error(
+            &s,
+            endpoint,
+            ErrorCode::Internal,
+            format!("unexpected answer {other:?}"),
+        ),
+        Ok(None) | Err(_) => error(
+            &s,
+            endpoint,
+            ErrorCode::Timeout,
+            "no answer before the deadline",
+        ),
+    }
+}
