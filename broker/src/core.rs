@@ -50,6 +50,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     pub(crate) conn_limit: Arc<Semaphore>,
     pub(crate) ready: AtomicBool,
+    /// Set at shutdown: new native sessions are refused.
+    pub(crate) draining: AtomicBool,
     pending: DashMap<PendingKey, Pending>,
     deadlines: mpsc::UnboundedSender<(Instant, u64, PendingKey)>,
     nonces: DashMap<AgentId, Mutex<NonceCache>>,
@@ -71,6 +73,7 @@ impl Shared {
             metrics,
             conn_limit: Arc::new(Semaphore::new(config.max_connections)),
             ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             pending: DashMap::new(),
             deadlines: dl_tx,
             nonces: DashMap::new(),
@@ -94,7 +97,7 @@ impl Shared {
     }
 
     pub(crate) fn is_shutting_down(&self) -> bool {
-        *self.shutdown.borrow()
+        self.draining.load(Ordering::Relaxed)
     }
 
     pub(crate) fn begin_shutdown(&self) {

@@ -217,10 +217,11 @@ impl Broker {
     /// Stops accepting connections, lets calls in flight finish for up to
     /// the configured grace period, then closes every session.
     pub async fn shutdown(self) {
+        // Readiness drops first (load balancers stop sending), health and
+        // metrics stay up while calls in flight finish; new native sessions
+        // are refused.
         self.shared.ready.store(false, Ordering::Relaxed);
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.shared.draining.store(true, Ordering::Relaxed);
         self.endpoint.set_server_config(None);
         let deadline = Instant::now() + self.shared.config.shutdown_grace;
         while self.shared.pending_len() > 0 && Instant::now() < deadline {
@@ -228,6 +229,9 @@ impl Broker {
         }
         self.shared.begin_shutdown();
         tokio::time::sleep(Duration::from_millis(100)).await;
+        for t in &self.tasks {
+            t.abort();
+        }
         self.endpoint.close(0u32.into(), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }

@@ -121,6 +121,20 @@ async fn serve_native<R, W>(
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    if shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        let (tx, rx) = mpsc::channel(1);
+        let _ = tx.try_send(Frame::Denied {
+            code: ErrorCode::ShuttingDown,
+            reason: "broker is shutting down".into(),
+        });
+        drop(tx);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            write_loop(rx, w, shared.config.max_frame),
+        )
+        .await;
+        return;
+    }
     let permit: Option<OwnedSemaphorePermit> =
         Arc::clone(&shared.conn_limit).try_acquire_owned().ok();
     if permit.is_none() {

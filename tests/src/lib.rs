@@ -229,25 +229,30 @@ pub async fn https_get(addr: SocketAddr, ca: &Path, path: &str) -> (u16, String)
     (status, body)
 }
 
-/// Path of a workspace binary, built once per test process.
+/// Path of a workspace binary in the test executable's target directory.
+///
+/// The README's test command (`cargo build --workspace --bins && cargo test
+/// --workspace`) builds them first; when one is missing it is built here.
+/// Building from inside a test run would change the environment cargo sees
+/// and rebuild dependencies, so an existing binary is used as it is.
 pub fn bin(name: &str) -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        let dir = exe.parent().unwrap().parent().unwrap().to_owned();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        // Same package selection as `cargo build --workspace --bins`, so the
-        // README's test command finds everything already built.
-        cmd.args(["build", "--workspace", "--bins"]);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let st = cmd.status().expect("cargo build");
-        assert!(st.success(), "building the binaries failed");
-        dir
-    });
-    dir.join(name)
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().to_owned();
+    let path = dir.join(name);
+    if !path.exists() {
+        BUILT.get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "--workspace", "--bins"]);
+            if dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let st = cmd.status().expect("cargo build");
+            assert!(st.success(), "building the binaries failed");
+        });
+    }
+    path
 }
 
 /// A child process killed on drop; its output is dumped if the test panicked.

@@ -4,6 +4,7 @@
 
 mod calls;
 mod hostile;
+mod ops;
 mod processes;
 
 use std::future::Future;
