@@ -1064,7 +1064,10 @@ fn handle_inbound(
             warn!(%code, %reason, "broker denied the session");
             false
         }
-        Frame::Envelope(_) | Frame::Subscribe { .. } | Frame::Unsubscribe { .. } => {
+        Frame::Envelope(_)
+        | Frame::Subscribe { .. }
+        | Frame::Unsubscribe { .. }
+        | Frame::Forward { .. } => {
             debug!("ignoring a client-only frame from the broker");
             true
         }

@@ -1,9 +1,7 @@
 //! Async framing over any byte stream (QUIC stream or TLS/TCP), shared by the
 //! SDK and the broker.
 
-use fem_proto::{
-    FRAME_HEADER_LEN, Frame, ProtoError, decode_frame_payload, encode_frame, frame_len,
-};
+use fem_proto::{FRAME_HEADER_LEN, Frame, ProtoError, decode_message, encode_message, frame_len};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader};
 use tokio::sync::mpsc;
 
@@ -44,6 +42,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// # Errors
     /// [`ReadError::Io`] (including EOF inside a frame) or [`ReadError::Proto`].
     pub async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
+        self.next_message().await
+    }
+
+    /// The next message of any type (federation links carry `FedFrame`s).
+    ///
+    /// # Errors
+    /// As [`Self::next`].
+    pub async fn next_message<T: serde::de::DeserializeOwned>(
+        &mut self,
+    ) -> Result<Option<T>, ReadError> {
         let mut header = [0u8; FRAME_HEADER_LEN];
         let n = self.inner.read(&mut header[..1]).await?;
         if n == 0 {
@@ -54,7 +62,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.buf.clear();
         self.buf.resize(len, 0);
         self.inner.read_exact(&mut self.buf).await?;
-        let frame = decode_frame_payload(&self.buf)?;
+        let frame = decode_message(&self.buf)?;
         if self.buf.capacity() > 256 * 1024 {
             // Do not keep a large buffer alive for an idle connection.
             self.buf = Vec::new();
@@ -68,8 +76,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 ///
 /// # Errors
 /// I/O errors; an unencodable frame is skipped with a log line.
-pub async fn write_loop<W: AsyncWrite + Unpin>(
-    mut rx: mpsc::Receiver<Frame>,
+pub async fn write_loop<W: AsyncWrite + Unpin, T: serde::Serialize>(
+    mut rx: mpsc::Receiver<T>,
     mut writer: W,
     max: usize,
 ) -> std::io::Result<()> {
@@ -92,8 +100,8 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
     writer.shutdown().await
 }
 
-fn encode_or_log(frame: &Frame, out: &mut Vec<u8>, max: usize) {
-    if let Err(e) = encode_frame(frame, out, max) {
+fn encode_or_log<T: serde::Serialize>(frame: &T, out: &mut Vec<u8>, max: usize) {
+    if let Err(e) = encode_message(frame, out, max) {
         tracing::warn!(error = %e, "dropping unencodable outgoing frame");
     }
 }

@@ -45,6 +45,8 @@ pub struct BrokerConfig {
     /// Bearer token guarding the operator views (`/v1/agents`, ...); without
     /// one the views are disabled.
     pub admin_token: Option<String>,
+    /// Federation with other brokers.
+    pub federation: crate::federation::FederationConfig,
     /// Grace period for in-flight calls at shutdown.
     pub shutdown_grace: Duration,
 }
@@ -68,6 +70,7 @@ impl Default for BrokerConfig {
             registration_timeout: Duration::from_secs(10),
             metrics_listen: None,
             admin_token: None,
+            federation: crate::federation::FederationConfig::default(),
             shutdown_grace: Duration::from_secs(10),
         }
     }

@@ -50,6 +50,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     pub(crate) conn_limit: Arc<Semaphore>,
     pub(crate) ready: AtomicBool,
+    /// Federation state (links and routes to agents behind other brokers).
+    pub(crate) fed: crate::federation::Fed,
     /// Set at shutdown: new native sessions are refused.
     pub(crate) draining: AtomicBool,
     pending: DashMap<PendingKey, Pending>,
@@ -73,6 +75,7 @@ impl Shared {
             metrics,
             conn_limit: Arc::new(Semaphore::new(config.max_connections)),
             ready: AtomicBool::new(false),
+            fed: crate::federation::Fed::default(),
             draining: AtomicBool::new(false),
             pending: DashMap::new(),
             deadlines: dl_tx,
@@ -125,6 +128,7 @@ impl Shared {
     /// Removes a session's agent (if still current) and answers its calls.
     pub(crate) fn unregister(&self, entry: &Arc<AgentEntry>) {
         if self.registry.remove(&entry.id, entry.session_id) {
+            crate::federation::local_changed(self);
             self.metrics.agents_changed(-1);
             let _ = self
                 .metrics
@@ -206,6 +210,7 @@ impl Shared {
         call: ToolCall,
         signed: SignedEnvelope,
         started: Instant,
+        hops_left: u8,
     ) {
         let fail = |code: ErrorCode, message: String| {
             self.metrics
@@ -232,6 +237,7 @@ impl Shared {
         }
         let budget =
             Duration::from_millis(call.deadline_ms - now).min(self.config.max_call_timeout);
+        // Local agents first; then agents behind peer brokers.
         let (target, holds_slot) =
             match self
                 .registry
@@ -239,7 +245,16 @@ impl Shared {
             {
                 Ok(Selection::Slot(t)) => (t, true),
                 Ok(Selection::Queue(t)) => (t, false),
-                Err((code, message)) => return fail(code, message),
+                Err((code, message)) => match self.fed.select_remote(&call.target, &call.tool) {
+                    Some(_) if hops_left == 0 => {
+                        return fail(
+                            ErrorCode::NoRoute,
+                            "the call reached its broker hop limit".into(),
+                        );
+                    }
+                    Some(t) => (t, true),
+                    None => return fail(code, message),
+                },
             };
         let key = (target.id.clone(), call.request_id);
         let seq = self.call_seq.fetch_add(1, Ordering::Relaxed);
@@ -274,9 +289,17 @@ impl Shared {
         let _ = self
             .deadlines
             .send((Instant::now() + budget, seq, key.clone()));
-        let deliver = Frame::Deliver {
-            envelope: signed,
-            signer: caller.key,
+        let deliver = if target.via.is_some() {
+            Frame::Forward {
+                hops_left: hops_left.saturating_sub(1),
+                envelope: signed,
+                signer: caller.key,
+            }
+        } else {
+            Frame::Deliver {
+                envelope: signed,
+                signer: caller.key,
+            }
         };
         if holds_slot {
             debug!(request = %call.request_id, tool = %call.tool, agent = %target.id, "routing call");
@@ -438,6 +461,23 @@ impl Shared {
                 });
             }
         }
+        for (agent_id, broker_id, caps, t) in self.fed.remote_tools(q.capability.as_ref()) {
+            if tools.len() >= limit || q.environment.is_some() {
+                break;
+            }
+            if tools
+                .iter()
+                .any(|d: &DiscoveredTool| d.agent_id == agent_id && d.tool.name == t.name)
+            {
+                continue;
+            }
+            tools.push(DiscoveredTool {
+                agent_id,
+                broker_id,
+                capabilities: caps,
+                tool: t,
+            });
+        }
         let env = Envelope::new(
             crate::session::broker_header(&self.config.broker_id),
             Body::ToolsDiscovered(ToolsDiscovered {
@@ -505,6 +545,102 @@ impl Shared {
                     signer: sender.key,
                 },
             );
+        }
+    }
+
+    /// A toolResult relayed back by peer broker `via`.
+    pub(crate) fn remote_result(&self, via: &AgentId, signed: SignedEnvelope, signer: PublicKey) {
+        let env = match signed.verify(&signer) {
+            Ok(env) => env,
+            Err(e) => {
+                warn!(peer = %via, error = %e, "relayed result does not verify; dropped");
+                self.metrics
+                    .refusals
+                    .with_label_values(&[e.code().as_str()])
+                    .inc();
+                return;
+            }
+        };
+        let Body::ToolResult(result) = env.body else {
+            return;
+        };
+        let key = (env.header.sender.clone(), result.request_id);
+        let Some((_, p)) = self.pending.remove_if(&key, |_, p| {
+            p.target.via.as_ref() == Some(via)
+                && p.target.key == signer
+                && p.caller == result.caller
+        }) else {
+            debug!(request = %result.request_id, "late or unknown relayed result dropped");
+            return;
+        };
+        let outcome = match &result.outcome {
+            fem_proto::ToolOutcome::Success(_) => "ok",
+            fem_proto::ToolOutcome::Error { code, .. } => code.as_str(),
+        };
+        self.finish(
+            p,
+            Frame::Deliver {
+                envelope: signed,
+                signer,
+            },
+            outcome,
+        );
+    }
+
+    /// A terminal failure relayed back by peer broker `via`.
+    pub(crate) fn remote_failed(
+        &self,
+        via: &AgentId,
+        request_id: RequestId,
+        code: ErrorCode,
+        message: String,
+    ) {
+        let key = self
+            .pending
+            .iter()
+            .find(|p| p.key().1 == request_id && p.value().target.via.as_ref() == Some(via))
+            .map(|p| p.key().clone());
+        if let Some(key) = key {
+            if let Some((key, p)) = self
+                .pending
+                .remove_if(&key, |_, p| p.target.via.as_ref() == Some(via))
+            {
+                self.finish(
+                    p,
+                    Frame::CallFailed {
+                        request_id: key.1,
+                        code,
+                        message,
+                    },
+                    code.as_str(),
+                );
+            }
+        }
+    }
+
+    /// Answers AGENT_UNAVAILABLE to every call relayed through peer `via`.
+    pub(crate) fn fail_calls_via(&self, via: &AgentId, why: &str) {
+        let keys: Vec<PendingKey> = self
+            .pending
+            .iter()
+            .filter(|p| p.value().target.via.as_ref() == Some(via))
+            .map(|p| p.key().clone())
+            .collect();
+        for key in keys {
+            if let Some((key, p)) = self
+                .pending
+                .remove_if(&key, |_, p| p.target.via.as_ref() == Some(via))
+            {
+                self.finish(
+                    p,
+                    Frame::CallFailed {
+                        request_id: key.1,
+                        code: ErrorCode::AgentUnavailable,
+                        message: format!("{}: {why}", key.0),
+                    },
+                    ErrorCode::AgentUnavailable.as_str(),
+                );
+            }
         }
     }
 

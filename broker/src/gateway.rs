@@ -140,7 +140,13 @@ async fn serve(s: Arc<Shared>, body: Bytes, want: EnvelopeType, endpoint: &str) 
         Body::ToolCall(c) => {
             let wait = Duration::from_millis(c.deadline_ms.saturating_sub(fem_proto::now_ms()))
                 .min(s.config.max_call_timeout);
-            s.route_call(&caller, c, req.envelope, started);
+            s.route_call(
+                &caller,
+                c,
+                req.envelope,
+                started,
+                fem_proto::DEFAULT_MAX_HOPS,
+            );
             wait
         }
         Body::DiscoverTools(q) => {

@@ -50,12 +50,15 @@ async fn health(State(s): State<Arc<Shared>>) -> Response {
 }
 
 async fn ready(State(s): State<Arc<Shared>>) -> Response {
-    if s.ready.load(Ordering::Relaxed) {
-        axum::Json(json!({"status": "ready", "listeners": ["quic", "tcp"], "federation": "not configured"}))
+    let links = s.fed.links_ready();
+    if s.ready.load(Ordering::Relaxed) && links {
+        axum::Json(json!({"status": "ready", "listeners": ["quic", "tcp"], "peers": s.fed.peers()}))
             .into_response()
     } else {
         let missing = if s.is_shutting_down() {
             "draining: shutting down"
+        } else if !links {
+            "federation links the configuration asks for"
         } else {
             "listeners"
         };
@@ -148,8 +151,17 @@ async fn peers(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&s, &headers) {
         return *r;
     }
-    axum::Json(json!({"brokerId": s.config.broker_id, "peers": [], "federation": "not configured"}))
-        .into_response()
+    let routes = s.fed.routes();
+    let peers: Vec<_> = s
+        .fed
+        .peers()
+        .into_iter()
+        .map(|p| {
+            let n = routes.iter().filter(|r| r.1 == p).count();
+            json!({"id": p, "state": "up", "routes": n})
+        })
+        .collect();
+    axum::Json(json!({"brokerId": s.config.broker_id, "peers": peers})).into_response()
 }
 
 async fn routes(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
@@ -173,6 +185,9 @@ async fn routes(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
             })
         })
         .collect();
+    for (agent, via, hops) in s.fed.routes() {
+        list.push(json!({"agent": agent, "via": via, "hops": hops}));
+    }
     list.sort_by(|a, b| a["agent"].as_str().cmp(&b["agent"].as_str()));
     axum::Json(json!({"routes": list})).into_response()
 }

@@ -18,6 +18,7 @@
 mod config;
 mod core;
 mod counted;
+pub mod federation;
 mod gateway;
 mod http;
 mod metrics;
@@ -33,6 +34,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 pub use config::BrokerConfig;
+pub use federation::{FederationConfig, FederationMode};
 pub use metrics::Metrics;
 pub use registry::{AgentEntry, Profile, Registry};
 pub use tls::TlsSource;
@@ -102,7 +104,10 @@ impl Broker {
         let names = cert_names(&config);
         let material = tls::load_material(&config.tls, &config.data_dir, &names)?;
         let tcp_tls = tls::server_config(&material, &[fem_proto::ALPN_NATIVE, b"h2", b"http/1.1"])?;
-        let quic_tls = tls::server_config(&material, &[fem_proto::ALPN_NATIVE])?;
+        let quic_tls = tls::server_config(
+            &material,
+            &[fem_proto::ALPN_NATIVE, fem_proto::ALPN_FEDERATION],
+        )?;
 
         let (listener, udp) = bind_pair(config.listen).await?;
         let local_addr = listener.local_addr().map_err(|e| BrokerError::Bind {
@@ -164,6 +169,7 @@ impl Broker {
             }));
             tracing::info!(addr = ?metrics_addr, "plain-HTTP metrics listener (/metrics, /health, /ready)");
         }
+        federation::start(&shared, endpoint.clone());
         shared.ready.store(true, Ordering::Relaxed);
         tracing::info!(
             addr = %local_addr,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use fem_agent_sdk::cli::LogArgs;
-use fem_broker::{Broker, BrokerConfig, TlsSource};
+use fem_broker::{Broker, BrokerConfig, FederationConfig, TlsSource};
 use fem_proto::AgentId;
 use serde::Deserialize;
 
@@ -70,8 +70,77 @@ struct Args {
     /// /v1/routes); the FEM_ADMIN_TOKEN variable may give the token itself [default: views disabled].
     #[arg(long, env = "FEM_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
+    /// Federation mode: hub, spoke or mesh [default: none].
+    #[arg(long, env = "FEM_FEDERATION_MODE", value_enum)]
+    federation_mode: Option<ModeArg>,
+    /// Hub broker URL for a spoke (repeatable: fail-over in order).
+    #[arg(
+        long = "federation-hub",
+        env = "FEM_FEDERATION_HUB",
+        value_delimiter = ','
+    )]
+    federation_hub: Option<Vec<String>>,
+    /// Peer broker URL to keep a federation link to (repeatable).
+    #[arg(long = "peer", env = "FEM_PEERS", value_delimiter = ',')]
+    peers: Option<Vec<String>>,
+    /// File listing the broker public keys (hex, one per line) allowed to federate;
+    /// without it any key is accepted (development trust, logged as a warning).
+    #[arg(long, env = "FEM_PEER_KEYS")]
+    peer_keys: Option<PathBuf>,
+    /// Trust peer brokers' certificates issued by this CA (PEM).
+    #[arg(long, env = "FEM_CA")]
+    ca: Option<PathBuf>,
+    /// Trust peer brokers' certificates with this SHA-256 fingerprint.
+    #[arg(long, env = "FEM_PIN")]
+    pin: Option<String>,
+    /// Do not verify peer brokers' certificates (development only).
+    #[arg(long, env = "FEM_INSECURE")]
+    insecure: bool,
+    /// Silence after which a federation link is dropped and its routes withdrawn [default: 3s].
+    #[arg(long, env = "FEM_LINK_TIMEOUT", value_parser = humantime::parse_duration)]
+    link_timeout: Option<Duration>,
     #[command(flatten)]
     log: LogArgs,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ModeArg {
+    Hub,
+    Spoke,
+    Mesh,
+}
+
+/// The `federation:` section of the YAML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileFederation {
+    mode: Option<ModeArg>,
+    #[serde(default)]
+    hub: Option<OneOrMany>,
+    peers: Option<Vec<String>>,
+    peer_keys: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    pin: Option<String>,
+    insecure: Option<bool>,
+    #[serde(default, with = "opt_duration")]
+    link_timeout: Option<Duration>,
+    discovery: Option<FileDiscovery>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDiscovery {
+    enabled: Option<bool>,
+    srv: Option<Vec<String>>,
+    interval: Option<String>,
 }
 
 /// The YAML file: the same settings as the flags.
@@ -99,6 +168,8 @@ struct FileConfig {
     admin_token_file: Option<PathBuf>,
     log_level: Option<String>,
     log_format: Option<fem_agent_sdk::cli::LogFormat>,
+    #[serde(default)]
+    federation: FileFederation,
 }
 
 mod opt_duration {
@@ -220,6 +291,7 @@ fn config(args: &mut Args) -> anyhow::Result<BrokerConfig> {
         None => std::env::var("FEM_ADMIN_TOKEN").ok(),
     }
     .filter(|t| !t.is_empty());
+    let federation = federation(args, file.federation)?;
     Ok(BrokerConfig {
         listen: parse_addr("--listen", &listen)?,
         data_dir: args
@@ -252,8 +324,93 @@ fn config(args: &mut Args) -> anyhow::Result<BrokerConfig> {
             .unwrap_or(d.shutdown_grace),
         metrics_listen,
         admin_token,
+        federation,
         ..d
     })
+}
+
+fn federation(args: &Args, file: FileFederation) -> anyhow::Result<FederationConfig> {
+    use fem_broker::FederationMode;
+    if file
+        .discovery
+        .as_ref()
+        .is_some_and(|d| d.enabled.unwrap_or(true) && (d.srv.is_some() || d.interval.is_some()))
+    {
+        anyhow::bail!(
+            "federation.discovery (DNS SRV) is not supported by this build yet; list peers instead"
+        );
+    }
+    let mode = match args.federation_mode.or(file.mode) {
+        None => FederationMode::Off,
+        Some(ModeArg::Hub) => FederationMode::Hub,
+        Some(ModeArg::Spoke) => FederationMode::Spoke,
+        Some(ModeArg::Mesh) => FederationMode::Mesh,
+    };
+    let file_hubs = match file.hub {
+        Some(OneOrMany::One(h)) => Some(vec![h]),
+        Some(OneOrMany::Many(h)) => Some(h),
+        None => None,
+    };
+    let hubs = args.federation_hub.clone().or(file_hubs);
+    let hubs = hubs.unwrap_or_default();
+    let peers = args.peers.clone().or(file.peers).unwrap_or_default();
+    match mode {
+        FederationMode::Spoke if hubs.is_empty() => {
+            anyhow::bail!("--federation-mode spoke needs --federation-hub URL")
+        }
+        FederationMode::Spoke if !peers.is_empty() => {
+            anyhow::bail!("a spoke connects to hubs only; use --federation-hub, not --peer")
+        }
+        FederationMode::Mesh if peers.is_empty() => tracing_free_warning(
+            "--federation-mode mesh without --peer: waiting for peers to connect",
+        ),
+        FederationMode::Off if !peers.is_empty() || !hubs.is_empty() => {
+            anyhow::bail!("--peer/--federation-hub need --federation-mode (mesh, hub or spoke)")
+        }
+        _ => {}
+    }
+    for u in peers.iter().chain(&hubs) {
+        fem_agent_sdk::Options::new(u).with_context(|| format!("peer URL {u:?}"))?;
+    }
+    let trust = fem_agent_sdk::Trust::from_options(
+        args.ca.clone().or(file.ca),
+        args.pin.clone().or(file.pin).as_deref(),
+        args.insecure || file.insecure.unwrap_or(false),
+    )?;
+    let peer_keys = match args.peer_keys.clone().or(file.peer_keys) {
+        Some(p) => {
+            let text = std::fs::read_to_string(&p)
+                .with_context(|| format!("--peer-keys {}", p.display()))?;
+            let keys = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(|l| {
+                    l.parse::<fem_proto::PublicKey>()
+                        .with_context(|| format!("--peer-keys {}: {l:?}", p.display()))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Some(keys)
+        }
+        None => None,
+    };
+    let d = FederationConfig::default();
+    Ok(FederationConfig {
+        mode,
+        peers,
+        hubs,
+        trust,
+        peer_keys,
+        link_timeout: args
+            .link_timeout
+            .or(file.link_timeout)
+            .unwrap_or(d.link_timeout),
+        ..d
+    })
+}
+
+fn tracing_free_warning(msg: &str) {
+    eprintln!("fem-broker: warning: {msg}");
 }
 
 async fn wait_for_signal() {

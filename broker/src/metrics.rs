@@ -39,6 +39,10 @@ pub struct Metrics {
     pub bytes_sent: IntCounter,
     /// Requests served by the JSON gateway, by endpoint and status.
     pub gateway_requests: IntCounterVec,
+    /// Federation peers by link state.
+    pub federation_peers: IntGaugeVec,
+    /// Agents reachable through peer brokers.
+    pub routes: IntGauge,
 }
 
 impl Metrics {
@@ -136,6 +140,19 @@ impl Metrics {
             ),
             &["endpoint", "status"],
         )?;
+        let federation_peers = IntGaugeVec::new(
+            Opts::new(
+                "fem_broker_federation_peers",
+                "Federation peers, by link state.",
+            ),
+            &["state"],
+        )?;
+        let routes = IntGauge::new(
+            "fem_broker_routes",
+            "Agents reachable through peer brokers.",
+        )?;
+        registry.register(Box::new(federation_peers.clone()))?;
+        registry.register(Box::new(routes.clone()))?;
         registry.register(Box::new(bytes_received.clone()))?;
         registry.register(Box::new(bytes_sent.clone()))?;
         registry.register(Box::new(gateway_requests.clone()))?;
@@ -168,6 +185,8 @@ impl Metrics {
             bytes_received,
             bytes_sent,
             gateway_requests,
+            federation_peers,
+            routes,
         })
     }
 

@@ -49,6 +49,10 @@ pub struct AgentEntry {
     queued: AtomicUsize,
     /// Notified to close the session (revoke, replacement).
     pub(crate) evict: Notify,
+    /// For an agent behind another broker: the peer broker the route goes through.
+    pub via: Option<AgentId>,
+    /// Broker hops to the agent (0 for a local agent).
+    pub hops: u32,
 }
 
 /// A call waiting at the broker for a slot on its agent.
@@ -93,7 +97,30 @@ impl AgentEntry {
             queue: Mutex::new(VecDeque::new()),
             queued: AtomicUsize::new(0),
             evict: Notify::new(),
+            via: None,
+            hops: 0,
         }
+    }
+
+    /// An agent reached through peer broker `via`, `hops` brokers away. Its
+    /// own broker enforces its concurrency limit, so none applies here.
+    pub(crate) fn remote(
+        id: AgentId,
+        key: PublicKey,
+        session_id: u64,
+        tx: SessionTx,
+        via: AgentId,
+        hops: u32,
+        profile: Profile,
+    ) -> Self {
+        let mut e = Self::new(id, key, session_id, tx, "federation", u32::MAX, profile);
+        e.via = Some(via);
+        e.hops = hops;
+        e
+    }
+
+    pub(crate) fn offers(&self, tool: &Capability) -> bool {
+        self.has_tool(tool)
     }
 
     /// Calls in flight to this agent.
@@ -167,6 +194,12 @@ impl AgentEntry {
     /// A copy of the profile.
     pub fn profile(&self) -> Profile {
         self.profile.read().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    pub(crate) fn set_profile(&self, profile: Profile) {
+        if let Ok(mut p) = self.profile.write() {
+            *p = profile;
+        }
     }
 
     fn has_tool(&self, tool: &Capability) -> bool {

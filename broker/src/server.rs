@@ -95,6 +95,14 @@ pub(crate) async fn quic_accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpo
                     }
                     Err(_) => return,
                 };
+                let alpn = conn
+                    .handshake_data()
+                    .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                    .and_then(|h| h.protocol);
+                if alpn.as_deref() == Some(fem_proto::ALPN_FEDERATION) {
+                    crate::federation::accept(shared, conn).await;
+                    return;
+                }
                 let Ok(Ok((send, recv))) =
                     tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await
                 else {

@@ -171,6 +171,7 @@ async fn register<R: AsyncRead + Unpin>(
         .registrations
         .with_label_values(&["accepted"])
         .inc();
+    crate::federation::local_changed(shared);
     let accepted = Frame::Accepted(Accepted {
         agent_id: id.clone(),
         broker_id: shared.config.broker_id.clone(),
@@ -324,6 +325,7 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Subscribe { .. } => "subscribe",
         Frame::Unsubscribe { .. } => "unsubscribe",
         Frame::Error { .. } => "error",
+        Frame::Forward { .. } => "forward",
     }
 }
 
@@ -412,7 +414,9 @@ fn handle_envelope(
         .inc();
     let Envelope { header, body } = env;
     match body {
-        Body::ToolCall(call) => shared.route_call(entry, call, signed, started),
+        Body::ToolCall(call) => {
+            shared.route_call(entry, call, signed, started, fem_proto::DEFAULT_MAX_HOPS);
+        }
         Body::ToolResult(result) => shared.deliver_result(entry, result, signed, &header),
         Body::DiscoverTools(q) => shared.discover(entry, &q),
         Body::EmitEvent(ev) => {
@@ -472,6 +476,7 @@ fn handle_envelope(
                 p.metadata = m;
             }
             shared.registry.update_profile(entry, p);
+            crate::federation::local_changed(shared);
             info!(agent = %entry.id, "embodiment updated");
             let _ = tx.try_send(Frame::Ack {
                 nonce: header.nonce,

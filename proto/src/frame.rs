@@ -112,6 +112,16 @@ pub enum Frame {
         /// Detail.
         message: String,
     },
+    /// Broker-internal: a call relayed towards another broker, with the hops
+    /// it may still take. Never sent to clients.
+    Forward {
+        /// Broker hops left before the call is refused.
+        hops_left: u8,
+        /// The caller's envelope, bytes untouched.
+        envelope: SignedEnvelope,
+        /// The caller's key.
+        signer: PublicKey,
+    },
 }
 
 /// Appends the length-prefixed encoding of `frame` to `out`.
@@ -120,6 +130,18 @@ pub enum Frame {
 /// [`ProtoError::Encode`] on serialisation failure; [`ProtoError::TooLarge`]
 /// when the payload exceeds `max`.
 pub fn encode_frame(frame: &Frame, out: &mut Vec<u8>, max: usize) -> Result<(), ProtoError> {
+    encode_message(frame, out, max)
+}
+
+/// [`encode_frame`] for any message type (e.g. [`FedFrame`](crate::FedFrame)).
+///
+/// # Errors
+/// As [`encode_frame`].
+pub fn encode_message<T: Serialize>(
+    frame: &T,
+    out: &mut Vec<u8>,
+    max: usize,
+) -> Result<(), ProtoError> {
     /// Appends into the caller's buffer without taking ownership of it, so
     /// an encoding error leaves earlier frames in `out` intact.
     struct Sink<'a>(&'a mut Vec<u8>);
@@ -162,8 +184,16 @@ pub fn frame_len(header: [u8; FRAME_HEADER_LEN], max: usize) -> Result<usize, Pr
 /// # Errors
 /// [`ProtoError::Malformed`].
 pub fn decode_frame_payload(payload: &[u8]) -> Result<Frame, ProtoError> {
+    decode_message(payload)
+}
+
+/// [`decode_frame_payload`] for any message type.
+///
+/// # Errors
+/// [`ProtoError::Malformed`].
+pub fn decode_message<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, ProtoError> {
     let (frame, rest) =
-        postcard::take_from_bytes::<Frame>(payload).map_err(|e| ProtoError::Malformed {
+        postcard::take_from_bytes::<T>(payload).map_err(|e| ProtoError::Malformed {
             what: "frame",
             detail: e.to_string(),
         })?;

@@ -25,6 +25,7 @@
 
 mod envelope;
 mod error;
+mod federation;
 mod frame;
 mod ids;
 mod keys;
@@ -38,9 +39,10 @@ pub use envelope::{
     ToolOutcome, ToolResult, ToolSpec, ToolsDiscovered, now_ms,
 };
 pub use error::{ErrorCode, ProtoError};
+pub use federation::{AdvertisedAgent, DEFAULT_MAX_HOPS, FedFrame};
 pub use frame::{
     Accepted, DEFAULT_MAX_FRAME, FRAME_HEADER_LEN, Frame, FrameDecoder, decode_frame_payload,
-    encode_frame, frame_len,
+    decode_message, encode_frame, encode_message, frame_len,
 };
 pub use ids::{AgentId, Capability, CapabilityPattern, MAX_ID_LEN, MAX_NAME_LEN, Nonce, RequestId};
 pub use keys::{PublicKey, Signature, SigningKey};

@@ -61,6 +61,32 @@ impl TestBroker {
         Self { broker, dir }
     }
 
+    /// Starts a broker whose development CA is the one in `ca_from` (another
+    /// test broker's data directory), so brokers trust each other's
+    /// certificates with one CA file, as a real deployment would.
+    pub async fn start_sharing_ca(
+        addr: SocketAddr,
+        ca_from: &Path,
+        tweak: impl FnOnce(&mut BrokerConfig),
+    ) -> Self {
+        logs();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("tls")).unwrap();
+        for f in ["ca.pem", "ca.key"] {
+            std::fs::copy(ca_from.join("tls").join(f), dir.path().join("tls").join(f)).unwrap();
+        }
+        let mut cfg = BrokerConfig {
+            listen: addr,
+            data_dir: dir.path().to_owned(),
+            broker_id: AgentId::new(format!("broker-{}", addr.ip())).unwrap(),
+            shutdown_grace: Duration::from_millis(500),
+            ..BrokerConfig::default()
+        };
+        tweak(&mut cfg);
+        let broker = Broker::bind(cfg).await.unwrap();
+        Self { broker, dir }
+    }
+
     /// The development CA clients trust.
     pub fn ca(&self) -> PathBuf {
         self.broker.ca_path().unwrap().to_owned()

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod calls;
+mod federation;
 mod hostile;
 mod ops;
 mod processes;

@@ -1,0 +1,99 @@
+//! Broker-to-broker messages on federation links (ALPN `fem-fed/1`).
+//!
+//! Routing is path-vector: each broker advertises, per origin broker, the
+//! agents it can reach and the path of broker ids the advertisement took.
+//! A broker ignores an advertisement whose path holds its own id (no loops),
+//! keeps from each peer only the newest sequence number of each origin (an
+//! old advertisement never replaces a newer one), and prefers per origin the
+//! shortest path.
+
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::ToolSpec;
+use crate::error::ErrorCode;
+use crate::ids::{AgentId, Capability, RequestId};
+use crate::keys::PublicKey;
+use crate::signed::SignedEnvelope;
+
+/// Default limit on broker hops for a relayed call.
+pub const DEFAULT_MAX_HOPS: u8 = 8;
+
+/// An agent as advertised to peer brokers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdvertisedAgent {
+    /// Agent id.
+    pub id: AgentId,
+    /// Its registered key (callers and relays verify its results with it).
+    pub key: PublicKey,
+    /// Capabilities.
+    pub capabilities: Vec<Capability>,
+    /// Tools.
+    pub tools: Vec<ToolSpec>,
+}
+
+/// A message on a federation link. postcard encodes variants by index: only append.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
+pub enum FedFrame {
+    /// The first message each side sends: a signed registerBroker.
+    Hello(SignedEnvelope),
+    /// Hello refused; the link closes.
+    Refused {
+        /// Why.
+        code: ErrorCode,
+        /// Detail.
+        reason: String,
+    },
+    /// The agents reachable through the sender for one origin broker.
+    Advertise {
+        /// The broker the agents are connected to.
+        origin: AgentId,
+        /// The origin's sequence number of this agent set.
+        seq: u64,
+        /// Brokers the advertisement passed, origin first, sender last.
+        path: Vec<AgentId>,
+        /// The full agent set of the origin.
+        agents: Vec<AdvertisedAgent>,
+    },
+    /// The sender no longer reaches `origin`.
+    Withdraw {
+        /// The origin broker.
+        origin: AgentId,
+    },
+    /// A call relayed to the receiver.
+    Call {
+        /// Hops the call may still take after the receiver.
+        hops_left: u8,
+        /// The caller's key (as the sending broker holds it).
+        signer: PublicKey,
+        /// The caller's envelope, bytes untouched.
+        envelope: SignedEnvelope,
+    },
+    /// A result relayed back towards the caller.
+    Result {
+        /// The executing agent's key.
+        signer: PublicKey,
+        /// The agent's toolResult, bytes untouched.
+        envelope: SignedEnvelope,
+    },
+    /// Terminal failure of a relayed call.
+    CallFailed {
+        /// The request.
+        request_id: RequestId,
+        /// Why.
+        code: ErrorCode,
+        /// Detail.
+        message: String,
+    },
+    /// Link liveness probe.
+    Ping {
+        /// Echoed.
+        seq: u64,
+    },
+    /// Answer to a probe.
+    Pong {
+        /// The probe's number.
+        seq: u64,
+    },
+}
