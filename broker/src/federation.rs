@@ -63,6 +63,12 @@ pub struct FederationConfig {
     pub link_timeout: Duration,
     /// Longest reconnection delay.
     pub backoff_max: Duration,
+    /// DNS SRV names whose targets are peers (re-resolved every `discovery_interval`).
+    pub discover_srv: Vec<String>,
+    /// How often SRV names are resolved again.
+    pub discovery_interval: Duration,
+    /// DNS server for discovery instead of the system resolver.
+    pub dns_server: Option<std::net::SocketAddr>,
 }
 
 impl Default for FederationConfig {
@@ -76,6 +82,9 @@ impl Default for FederationConfig {
             ping_interval: Duration::from_millis(500),
             link_timeout: Duration::from_secs(3),
             backoff_max: Duration::from_secs(5),
+            discover_srv: Vec::new(),
+            discovery_interval: Duration::from_secs(30),
+            dns_server: None,
         }
     }
 }
@@ -212,12 +221,23 @@ pub(crate) fn start(shared: &Arc<Shared>, endpoint: quinn::Endpoint) {
     for url in &cfg.peers {
         fed.required.fetch_add(1, Ordering::Relaxed);
         fed.required_up.insert(url.clone(), false);
-        tokio::spawn(dial_loop(Arc::downgrade(shared), vec![url.clone()]));
+        tokio::spawn(dial_loop(
+            Arc::downgrade(shared),
+            DialTarget::Urls(vec![url.clone()]),
+            None,
+        ));
     }
     if cfg.mode == FederationMode::Spoke && !cfg.hubs.is_empty() {
         fed.required.fetch_add(1, Ordering::Relaxed);
         fed.required_up.insert("hub".into(), false);
-        tokio::spawn(dial_loop(Arc::downgrade(shared), cfg.hubs.clone()));
+        tokio::spawn(dial_loop(
+            Arc::downgrade(shared),
+            DialTarget::Urls(cfg.hubs.clone()),
+            None,
+        ));
+    }
+    if !cfg.discover_srv.is_empty() {
+        tokio::spawn(crate::discovery::run(Arc::downgrade(shared)));
     }
     tokio::spawn(advertise_task(Arc::downgrade(shared)));
 }
@@ -266,45 +286,90 @@ fn local_advert(shared: &Shared) -> FedFrame {
     }
 }
 
-/// Keeps a link up to the first reachable URL of `urls` (one URL for a mesh
-/// peer; the hubs in fail-over order for a spoke), with backoff.
-async fn dial_loop(weak: std::sync::Weak<Shared>, urls: Vec<String>) {
+/// Where a dialer connects.
+#[derive(Clone, Debug)]
+pub(crate) enum DialTarget {
+    /// Broker URLs, the first reachable one (one URL for a mesh peer; the
+    /// hubs in fail-over order for a spoke).
+    Urls(Vec<String>),
+    /// A peer found in DNS: its address and the name its certificate carries.
+    Found {
+        /// Address from the SRV target's A/AAAA record.
+        addr: std::net::SocketAddr,
+        /// The SRV target name (TLS server name).
+        name: String,
+    },
+}
+
+/// Keeps a link up to `target`, with backoff, until `stop` turns true.
+pub(crate) async fn dial_loop(
+    weak: std::sync::Weak<Shared>,
+    target: DialTarget,
+    mut stop: Option<tokio::sync::watch::Receiver<bool>>,
+) {
     let mut backoff = Duration::from_millis(100);
     let mut i = 0usize;
     loop {
         let Some(shared) = weak.upgrade() else { return };
-        if shared.is_shutting_down() {
+        if shared.is_shutting_down() || stop.as_ref().is_some_and(|s| *s.borrow()) {
             return;
         }
-        let url = urls[i % urls.len()].clone();
-        let key = if urls.len() > 1 {
-            "hub".to_owned()
-        } else {
-            url.clone()
+        let (attempt, key) = match &target {
+            DialTarget::Urls(urls) => {
+                let url = urls[i % urls.len()].clone();
+                let key = if urls.len() > 1 {
+                    "hub".to_owned()
+                } else {
+                    url.clone()
+                };
+                (dial_url(&shared, &url).await, Some(key))
+            }
+            DialTarget::Found { addr, name } => (dial(&shared, *addr, name).await, None),
         };
-        match dial(&shared, &url).await {
+        match attempt {
             Ok((conn, send, recv)) => {
                 backoff = Duration::from_millis(100);
-                let flag = (shared.fed.required_up.contains_key(&key)).then_some(key.clone());
-                run_link(Arc::clone(&shared), conn, recv, send, true, flag).await;
+                let flag = key.filter(|k| shared.fed.required_up.contains_key(k));
+                let end = run_link(
+                    Arc::clone(&shared),
+                    conn,
+                    recv,
+                    send,
+                    true,
+                    flag,
+                    stop.clone(),
+                )
+                .await;
+                if end == LinkEnd::Myself {
+                    debug!("discovered peer is this broker; not dialling it again");
+                    return;
+                }
                 // A spoke whose hub went away tries the next hub first.
-                if urls.len() > 1 {
+                if matches!(&target, DialTarget::Urls(u) if u.len() > 1) {
                     i += 1;
                 }
             }
             Err(e) => {
-                debug!(%url, error = %e, "federation dial failed");
+                debug!(?target, error = %e, "federation dial failed");
                 i += 1;
             }
         }
         let max = shared.config.federation.backoff_max;
         drop(shared);
-        tokio::time::sleep(backoff).await;
+        match &mut stop {
+            Some(s) => {
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = s.changed() => {}
+                }
+            }
+            None => tokio::time::sleep(backoff).await,
+        }
         backoff = (backoff * 2).min(max);
     }
 }
 
-async fn dial(
+async fn dial_url(
     shared: &Arc<Shared>,
     url: &str,
 ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
@@ -314,6 +379,14 @@ async fn dial(
         .map_err(|e| format!("resolve {url}: {e}"))?
         .next()
         .ok_or_else(|| format!("resolve {url}: no address"))?;
+    dial(shared, addr, &opts.host).await
+}
+
+async fn dial(
+    shared: &Arc<Shared>,
+    addr: std::net::SocketAddr,
+    name: &str,
+) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
     let endpoint = shared.fed.endpoint.get().ok_or("no endpoint")?;
     let tls =
         fem_agent_sdk::tls::client_config(&shared.config.federation.trust, &[ALPN_FEDERATION])
@@ -322,12 +395,12 @@ async fn dial(
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
     let cfg = quinn::ClientConfig::new(Arc::new(crypto));
     let connecting = endpoint
-        .connect_with(cfg, addr, &opts.host)
-        .map_err(|e| format!("connect {url}: {e}"))?;
+        .connect_with(cfg, addr, name)
+        .map_err(|e| format!("connect {addr}: {e}"))?;
     let conn = tokio::time::timeout(Duration::from_secs(3), connecting)
         .await
-        .map_err(|_| format!("connect {url}: timed out"))?
-        .map_err(|e| format!("connect {url}: {e}"))?;
+        .map_err(|_| format!("connect {addr}: timed out"))?
+        .map_err(|e| format!("connect {addr}: {e}"))?;
     let (send, recv) = conn.open_bi().await.map_err(|e| format!("stream: {e}"))?;
     Ok((conn, send, recv))
 }
@@ -349,7 +422,16 @@ pub(crate) async fn accept(shared: Arc<Shared>, conn: quinn::Connection) {
         conn.close(1u32.into(), b"no stream");
         return;
     };
-    run_link(shared, conn, recv, send, false, None).await;
+    let _ = run_link(shared, conn, recv, send, false, None, None).await;
+}
+
+/// How a link ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum LinkEnd {
+    /// The peer is this broker (a discovered address of our own).
+    Myself,
+    /// Refused or ended.
+    Other,
 }
 
 fn hello(shared: &Shared) -> Result<FedFrame, fem_proto::ProtoError> {
@@ -367,6 +449,8 @@ fn hello(shared: &Shared) -> Result<FedFrame, fem_proto::ProtoError> {
         &shared.identity,
     )?))
 }
+
+const MYSELF: &str = "a link to myself";
 
 /// Checks a peer's Hello: signature, freshness, allowed key, not ourselves.
 fn check_hello(
@@ -410,7 +494,7 @@ fn check_hello(
         }
     }
     if rb.broker_id == shared.config.broker_id {
-        return Err((ErrorCode::BadRequest, "a link to myself".into()));
+        return Err((ErrorCode::BadRequest, MYSELF.into()));
     }
     Ok((rb.broker_id, rb.public_key))
 }
@@ -422,7 +506,9 @@ async fn run_link<R, W>(
     send: W,
     initiator: bool,
     required_key: Option<String>,
-) where
+    mut stop: Option<tokio::sync::watch::Receiver<bool>>,
+) -> LinkEnd
+where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -432,7 +518,9 @@ async fn run_link<R, W>(
         let _ = write_loop(fed_rx, send, max).await;
     });
     let mut reader = FrameReader::new(recv, max);
-    let Ok(h) = hello(&shared) else { return };
+    let Ok(h) = hello(&shared) else {
+        return LinkEnd::Other;
+    };
     let _ = fed_tx.send(h).await;
     let first = tokio::time::timeout(Duration::from_secs(5), reader.next_message::<FedFrame>())
         .await
@@ -441,6 +529,10 @@ async fn run_link<R, W>(
         .flatten();
     let (peer, _key) = match check_hello(&shared, first) {
         Ok(x) => x,
+        Err((ErrorCode::BadRequest, reason)) if reason == MYSELF => {
+            conn.close(2u32.into(), b"myself");
+            return LinkEnd::Myself;
+        }
         Err((code, reason)) => {
             warn!(%code, %reason, remote = %conn.remote_address(), "federation peer refused");
             shared
@@ -452,7 +544,7 @@ async fn run_link<R, W>(
             drop(fed_tx);
             let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
             conn.close(2u32.into(), b"refused");
-            return;
+            return LinkEnd::Other;
         }
     };
     let me = shared.config.broker_id.clone();
@@ -482,7 +574,7 @@ async fn run_link<R, W>(
                         let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
                         // Wait for the peer to close it, so a dialer does not spin.
                         let _ = tokio::time::timeout(Duration::from_secs(30), conn.closed()).await;
-                        return;
+                        return LinkEnd::Other;
                     }
                     o.insert(Arc::clone(&link));
                 }
@@ -494,7 +586,7 @@ async fn run_link<R, W>(
         if let Some(k) = &required_key {
             shared.fed.required_up.insert(k.clone(), true);
         }
-        shared.metrics.federation_peers.with_label_values(&["up"]).inc();
+        set_peer_gauge(&shared);
         info!("federation link up");
         // Tell the new peer everything we reach.
         let _ = fed_tx.send(local_advert(&shared)).await;
@@ -523,6 +615,15 @@ async fn run_link<R, W>(
                     }
                     None => break,
                 },
+                () = async {
+                    match &mut stop {
+                        Some(s) => { let _ = s.wait_for(|v| *v).await; }
+                        None => std::future::pending::<()>().await,
+                    }
+                } => {
+                    info!("peer left DNS; closing the link");
+                    break;
+                }
                 _ = ping.tick() => {
                     if last_rx.elapsed() > timeout {
                         warn!(silent_ms = last_rx.elapsed().as_millis() as u64, "federation peer silent; dropping the link");
@@ -542,15 +643,25 @@ async fn run_link<R, W>(
         if let Some(k) = &required_key {
             shared.fed.required_up.insert(k.clone(), false);
         }
-        shared.metrics.federation_peers.with_label_values(&["up"]).dec();
+        set_peer_gauge(&shared);
         drop(fed_tx);
         drop(link);
         let _ = tokio::time::timeout(Duration::from_millis(500), writer).await;
         conn.close(0u32.into(), b"bye");
         info!("federation link down");
+        LinkEnd::Other
     }
     .instrument(span)
-    .await;
+    .await
+}
+
+fn set_peer_gauge(shared: &Shared) {
+    let up = i64::try_from(shared.fed.links.len()).unwrap_or(i64::MAX);
+    shared
+        .metrics
+        .federation_peers
+        .with_label_values(&["up"])
+        .set(up);
 }
 
 /// Frames the routing core addresses to a link become federation messages.

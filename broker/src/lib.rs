@@ -18,6 +18,7 @@
 mod config;
 mod core;
 mod counted;
+mod discovery;
 pub mod federation;
 mod gateway;
 mod http;

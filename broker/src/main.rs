@@ -96,6 +96,15 @@ struct Args {
     /// Do not verify peer brokers' certificates (development only).
     #[arg(long, env = "FEM_INSECURE")]
     insecure: bool,
+    /// DNS SRV name whose targets are peer brokers (repeatable), e.g. _fem._udp.brokers.example.com.
+    #[arg(long = "discover-srv", env = "FEM_DISCOVER_SRV", value_delimiter = ',')]
+    discover_srv: Option<Vec<String>>,
+    /// How often SRV names are resolved again [default: 30s].
+    #[arg(long, env = "FEM_DISCOVERY_INTERVAL", value_parser = humantime::parse_duration)]
+    discovery_interval: Option<Duration>,
+    /// DNS server (HOST:PORT) for SRV discovery instead of the system resolver.
+    #[arg(long, env = "FEM_DNS_SERVER")]
+    dns_server: Option<String>,
     /// Silence after which a federation link is dropped and its routes withdrawn [default: 3s].
     #[arg(long, env = "FEM_LINK_TIMEOUT", value_parser = humantime::parse_duration)]
     link_timeout: Option<Duration>,
@@ -140,7 +149,9 @@ enum OneOrMany {
 struct FileDiscovery {
     enabled: Option<bool>,
     srv: Option<Vec<String>>,
-    interval: Option<String>,
+    #[serde(default, with = "opt_duration")]
+    interval: Option<Duration>,
+    dns_server: Option<String>,
 }
 
 /// The YAML file: the same settings as the flags.
@@ -331,15 +342,30 @@ fn config(args: &mut Args) -> anyhow::Result<BrokerConfig> {
 
 fn federation(args: &Args, file: FileFederation) -> anyhow::Result<FederationConfig> {
     use fem_broker::FederationMode;
-    if file
-        .discovery
-        .as_ref()
-        .is_some_and(|d| d.enabled.unwrap_or(true) && (d.srv.is_some() || d.interval.is_some()))
-    {
-        anyhow::bail!(
-            "federation.discovery (DNS SRV) is not supported by this build yet; list peers instead"
-        );
+    let disc = file.discovery.filter(|d| d.enabled.unwrap_or(true));
+    let discover_srv = args
+        .discover_srv
+        .clone()
+        .or_else(|| disc.as_ref().and_then(|d| d.srv.clone()))
+        .unwrap_or_default();
+    let discovery_interval = args
+        .discovery_interval
+        .or_else(|| disc.as_ref().and_then(|d| d.interval))
+        .unwrap_or(Duration::from_secs(30));
+    if discovery_interval.is_zero() {
+        anyhow::bail!("--discovery-interval must be positive");
     }
+    let dns_server = args
+        .dns_server
+        .clone()
+        .or_else(|| disc.as_ref().and_then(|d| d.dns_server.clone()))
+        .map(|s| {
+            s.to_socket_addrs()
+                .with_context(|| format!("--dns-server {s:?}"))?
+                .next()
+                .with_context(|| format!("--dns-server {s:?}: no address"))
+        })
+        .transpose()?;
     let mode = match args.federation_mode.or(file.mode) {
         None => FederationMode::Off,
         Some(ModeArg::Hub) => FederationMode::Hub,
@@ -361,10 +387,14 @@ fn federation(args: &Args, file: FileFederation) -> anyhow::Result<FederationCon
         FederationMode::Spoke if !peers.is_empty() => {
             anyhow::bail!("a spoke connects to hubs only; use --federation-hub, not --peer")
         }
-        FederationMode::Mesh if peers.is_empty() => tracing_free_warning(
-            "--federation-mode mesh without --peer: waiting for peers to connect",
-        ),
-        FederationMode::Off if !peers.is_empty() || !hubs.is_empty() => {
+        FederationMode::Mesh if peers.is_empty() && discover_srv.is_empty() => {
+            tracing_free_warning(
+                "--federation-mode mesh without --peer or --discover-srv: waiting for peers to connect",
+            )
+        }
+        FederationMode::Off
+            if !peers.is_empty() || !hubs.is_empty() || !discover_srv.is_empty() =>
+        {
             anyhow::bail!("--peer/--federation-hub need --federation-mode (mesh, hub or spoke)")
         }
         _ => {}
@@ -401,6 +431,9 @@ fn federation(args: &Args, file: FileFederation) -> anyhow::Result<FederationCon
         hubs,
         trust,
         peer_keys,
+        discover_srv,
+        discovery_interval,
+        dns_server,
         link_timeout: args
             .link_timeout
             .or(file.link_timeout)

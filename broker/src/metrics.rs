@@ -43,6 +43,8 @@ pub struct Metrics {
     pub federation_peers: IntGaugeVec,
     /// Agents reachable through peer brokers.
     pub routes: IntGauge,
+    /// Failed DNS SRV resolutions, by kind.
+    pub discovery_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -151,6 +153,14 @@ impl Metrics {
             "fem_broker_routes",
             "Agents reachable through peer brokers.",
         )?;
+        let discovery_errors = IntCounterVec::new(
+            Opts::new(
+                "fem_broker_discovery_errors_total",
+                "Failed DNS SRV resolutions, by kind.",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(discovery_errors.clone()))?;
         registry.register(Box::new(federation_peers.clone()))?;
         registry.register(Box::new(routes.clone()))?;
         registry.register(Box::new(bytes_received.clone()))?;
@@ -187,6 +197,7 @@ impl Metrics {
             gateway_requests,
             federation_peers,
             routes,
+            discovery_errors,
         })
     }
 

@@ -109,8 +109,10 @@ async fn deadline_gives_timeout_and_late_result_is_dropped() {
             )
             .await
             .unwrap_err();
-        // The broker answers at the deadline, well before the agent would.
-        assert_eq!((e.code, e.origin), (ErrorCode::Timeout, Origin::Broker));
+        // Answered at the deadline, well before the handler would finish:
+        // by the broker, or by the agent's SDK, which bounds the handler by
+        // the same deadline (whichever is first; never both).
+        assert_eq!(e.code, ErrorCode::Timeout, "{e}");
         assert!(
             t.elapsed() < Duration::from_millis(2500),
             "TIMEOUT only after {:?}",

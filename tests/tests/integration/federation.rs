@@ -414,3 +414,210 @@ async fn killed_broker_is_withdrawn_and_rejoins_after_restart() {
     })
     .await;
 }
+
+/// A dnsmasq serving SRV and A records for `brokers` (name, address).
+fn dnsmasq(
+    listen: SocketAddr,
+    srv: &str,
+    brokers: &[(&str, SocketAddr)],
+) -> Option<tokio::process::Child> {
+    let mut args = vec![
+        "--keep-in-foreground".to_owned(),
+        "--conf-file=/dev/null".to_owned(),
+        "--no-resolv".to_owned(),
+        "--no-hosts".to_owned(),
+        "--bind-interfaces".to_owned(),
+        format!("--listen-address={}", listen.ip()),
+        format!("--port={}", listen.port()),
+        "--pid-file=".to_owned(),
+        "--local-ttl=0".to_owned(),
+    ];
+    for (name, addr) in brokers {
+        args.push(format!("--srv-host={srv},{name},{}", addr.port()));
+        args.push(format!("--host-record={name},{}", addr.ip()));
+    }
+    let bin = ["dnsmasq", "/usr/sbin/dnsmasq"].into_iter().find(|b| {
+        std::process::Command::new(b)
+            .arg("--version")
+            .output()
+            .is_ok()
+    });
+    let Some(bin) = bin else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install dnsmasq (Debian dnsmasq-base)"
+        );
+        eprintln!("skipping: dnsmasq not installed");
+        return None;
+    };
+    Some(
+        tokio::process::Command::new(bin)
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+async fn restart_dns(
+    old: &mut tokio::process::Child,
+    listen: SocketAddr,
+    srv: &str,
+    brokers: &[(&str, SocketAddr)],
+) {
+    let _ = old.kill().await;
+    let _ = old.wait().await;
+    *old = dnsmasq(listen, srv, brokers).unwrap();
+}
+
+fn peers_up(b: &TestBroker) -> u32 {
+    let m = b.broker.metrics().render();
+    m.lines()
+        .find(|l| l.starts_with("fem_broker_federation_peers{state=\"up\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u32)
+}
+
+#[tokio::test]
+async fn srv_discovery_joins_new_brokers_and_drops_removed_ones() {
+    bounded(120, async {
+        let dns = SocketAddr::new(host(97).ip(), 5353);
+        let srv = "_fem._udp.fem.test";
+        let addrs = [host(98), host(99), host(100), host(101)];
+        let names = ["b1.fem.test", "b2.fem.test", "b3.fem.test", "b4.fem.test"];
+        let three: Vec<(&str, SocketAddr)> = names.iter().copied().zip(addrs).take(3).collect();
+        let Some(mut dns_proc) = dnsmasq(dns, srv, &three) else {
+            return;
+        };
+        let ca_dir = tempfile::tempdir().unwrap();
+        fem_broker::tls::load_material(
+            &fem_broker::TlsSource::SelfSigned,
+            ca_dir.path(),
+            &["localhost".into()],
+        )
+        .unwrap();
+        let ca = ca_dir.path().join("tls/ca.pem");
+        let disc = |ca: &Path| FederationConfig {
+            discover_srv: vec![srv.to_owned()],
+            discovery_interval: Duration::from_millis(500),
+            dns_server: Some(dns),
+            ..fed(FederationMode::Mesh, vec![], vec![], ca)
+        };
+        let mut bs = Vec::new();
+        for i in 0..3 {
+            // b2 only accepts links (it discovers nobody itself), so whether
+            // the others keep a link to it is decided by DNS alone.
+            let fc = if i == 1 {
+                FederationConfig {
+                    mode: FederationMode::Hub,
+                    ..fed(FederationMode::Hub, vec![], vec![], &ca)
+                }
+            } else {
+                disc(&ca)
+            };
+            let name = names[i].to_owned();
+            bs.push(
+                TestBroker::start_sharing_ca(addrs[i], ca_dir.path(), |c| {
+                    c.federation = fc;
+                    c.tls_names = vec![name];
+                })
+                .await,
+            );
+        }
+        let (_a3, _) = echo_agent("srv-agent-3", bs[2].options(), 10).await;
+        let c = caller("srv-caller", bs[0].options()).await;
+        let took = routable(&c, "srv-agent-3", Duration::from_secs(20)).await;
+        eprintln!("SRV: three brokers found each other; routable after {took:?}");
+        assert!(eventually(Duration::from_secs(10), || peers_up(&bs[0]) == 2).await);
+
+        // A fourth broker appears in DNS: it is joined on the next interval.
+        let four: Vec<(&str, SocketAddr)> = names.iter().copied().zip(addrs).collect();
+        restart_dns(&mut dns_proc, dns, srv, &four).await;
+        let fc = disc(&ca);
+        bs.push(
+            TestBroker::start_sharing_ca(addrs[3], ca_dir.path(), |c| {
+                c.federation = fc;
+                c.tls_names = vec![names[3].to_owned()];
+            })
+            .await,
+        );
+        let (_a4, _) = echo_agent("srv-agent-4", bs[3].options(), 10).await;
+        let t = Instant::now();
+        routable(&c, "srv-agent-4", Duration::from_secs(20)).await;
+        eprintln!(
+            "SRV: fourth broker joined and routable after {:?}",
+            t.elapsed()
+        );
+        assert!(eventually(Duration::from_secs(10), || peers_up(&bs[0]) == 3).await);
+
+        // b2 leaves DNS: every broker drops its link to b2 and stops dialling it.
+        assert_eq!(peers_up(&bs[1]), 3);
+        let without_b2: Vec<(&str, SocketAddr)> = four
+            .iter()
+            .copied()
+            .filter(|(n, _)| *n != "b2.fem.test")
+            .collect();
+        restart_dns(&mut dns_proc, dns, srv, &without_b2).await;
+        let t = Instant::now();
+        assert!(
+            eventually(Duration::from_secs(10), || peers_up(&bs[1]) == 0).await,
+            "b2 kept links"
+        );
+        eprintln!(
+            "SRV: broker removed from DNS dropped by all after {:?}",
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            peers_up(&bs[1]),
+            0,
+            "a broker removed from DNS was dialled again"
+        );
+        assert_eq!(peers_up(&bs[0]), 2);
+        eprintln!("SRV: removed broker dropped and not dialled again");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn srv_failures_are_counted_not_fatal() {
+    bounded(60, async {
+        let dns = SocketAddr::new(host(102).ip(), 5353);
+        let Some(_dns) = dnsmasq(dns, "_fem._udp.other.test", &[("x.other.test", host(104))])
+        else {
+            return;
+        };
+        let b = TestBroker::start(host(103), |c| {
+            c.federation = FederationConfig {
+                mode: FederationMode::Mesh,
+                discover_srv: vec!["_fem._udp.missing.test".into()],
+                discovery_interval: Duration::from_millis(300),
+                dns_server: Some(dns),
+                ..FederationConfig::default()
+            };
+        })
+        .await;
+        assert!(
+            eventually(Duration::from_secs(15), || b
+                .broker
+                .metrics()
+                .render()
+                .contains("fem_broker_discovery_errors_total"))
+            .await,
+            "resolution failures were not counted"
+        );
+        let (_a, _) = echo_agent("still-alive", b.options(), 10).await;
+        let c = caller("still-caller", b.options()).await;
+        c.call(
+            Target::Agent(AgentId::new("still-alive").unwrap()),
+            "echo",
+            json!({}),
+        )
+        .await
+        .unwrap();
+    })
+    .await;
+}
