@@ -236,6 +236,7 @@ pub(crate) fn start(shared: &Arc<Shared>, endpoint: quinn::Endpoint) {
             None,
         ));
     }
+    set_peer_gauge(shared);
     if !cfg.discover_srv.is_empty() {
         tokio::spawn(crate::discovery::run(Arc::downgrade(shared)));
     }

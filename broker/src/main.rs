@@ -216,14 +216,6 @@ fn default_data_dir() -> PathBuf {
     }
 }
 
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "fem-broker".to_owned())
-}
-
 fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("--config {}", path.display()))?;
@@ -252,7 +244,7 @@ fn config(args: &mut Args) -> anyhow::Result<BrokerConfig> {
         args.broker_id
             .clone()
             .or(file.broker_id)
-            .unwrap_or_else(host_name),
+            .unwrap_or_else(|| fem_agent_sdk::cli::host_name("fem-broker")),
     )
     .context("--broker-id")?;
     let cert = args.cert.clone().or(file.cert);
@@ -446,24 +438,6 @@ fn tracing_free_warning(msg: &str) {
     eprintln!("fem-broker: warning: {msg}");
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let mut args = Args::parse();
@@ -471,7 +445,7 @@ async fn main() -> ExitCode {
     args.log.init("info");
     let run = async {
         let broker = Broker::bind(cfg?).await?;
-        wait_for_signal().await;
+        fem_agent_sdk::cli::shutdown_signal().await;
         tracing::info!("signal received; draining");
         broker.shutdown().await;
         tracing::info!("stopped");

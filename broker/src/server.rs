@@ -130,45 +130,42 @@ async fn serve_native<R, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     if shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
-        let (tx, rx) = mpsc::channel(1);
-        let _ = tx.try_send(Frame::Denied {
-            code: ErrorCode::ShuttingDown,
-            reason: "broker is shutting down".into(),
-        });
-        drop(tx);
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            write_loop(rx, w, shared.config.max_frame),
+        return deny(
+            &shared,
+            w,
+            ErrorCode::ShuttingDown,
+            "broker is shutting down".into(),
         )
         .await;
-        return;
     }
     let permit: Option<OwnedSemaphorePermit> =
         Arc::clone(&shared.conn_limit).try_acquire_owned().ok();
     if permit.is_none() {
-        shared
-            .metrics
-            .refusals
-            .with_label_values(&[ErrorCode::TooManyConnections.as_str()])
-            .inc();
-        let (tx, rx) = mpsc::channel(1);
-        let _ = tx.try_send(Frame::Denied {
-            code: ErrorCode::TooManyConnections,
-            reason: format!(
-                "connection limit of {} reached",
-                shared.config.max_connections
-            ),
-        });
-        drop(tx);
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            write_loop(rx, w, shared.config.max_frame),
-        )
-        .await;
-        return;
+        let reason = format!(
+            "connection limit of {} reached",
+            shared.config.max_connections
+        );
+        return deny(&shared, w, ErrorCode::TooManyConnections, reason).await;
     }
     let r = crate::counted::Counted::new(r, shared.metrics.bytes_received.clone());
     let w = crate::counted::Counted::new(w, shared.metrics.bytes_sent.clone());
     crate::session::run(shared, r, w, transport, peer).await;
     drop(permit);
+}
+
+/// Refuses a connection before registration: one Denied frame, then close.
+async fn deny<W: AsyncWrite + Unpin>(shared: &Shared, w: W, code: ErrorCode, reason: String) {
+    shared
+        .metrics
+        .refusals
+        .with_label_values(&[code.as_str()])
+        .inc();
+    let (tx, rx) = mpsc::channel(1);
+    let _ = tx.try_send(Frame::Denied { code, reason });
+    drop(tx);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        write_loop(rx, w, shared.config.max_frame),
+    )
+    .await;
 }

@@ -232,16 +232,64 @@ impl RawConn {
 
 /// GET `path` over HTTPS (HTTP/1.1) from a broker; returns status and body.
 pub async fn https_get(addr: SocketAddr, ca: &Path, path: &str) -> (u16, String) {
+    https(addr, ca, "GET", path, &[], "").await
+}
+
+/// One HTTP/1.1 request over TLS (trusting `ca`); returns status and body.
+pub async fn https(
+    addr: SocketAddr,
+    ca: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let mut tls = tls_client(ca, b"http/1.1")
+    let tls = tls_client(ca, b"http/1.1")
         .connect(name, tcp)
         .await
         .unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    tls.write_all(req.as_bytes()).await.unwrap();
+    exchange(tls, addr, method, path, headers, body).await
+}
+
+/// One HTTP/1.1 request over plain TCP; (0, "") when nothing listens.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    match tokio::net::TcpStream::connect(addr).await {
+        Ok(s) => exchange(s, addr, method, path, headers, body).await,
+        Err(_) => (0, String::new()),
+    }
+}
+
+async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await;
     let text = String::from_utf8_lossy(&out).into_owned();
     let status = text
         .split_whitespace()

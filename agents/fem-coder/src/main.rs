@@ -75,14 +75,6 @@ struct Args {
     log: LogArgs,
 }
 
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "fem-coder".to_owned())
-}
-
 fn tool_error(e: SandboxError) -> ToolError {
     ToolError::new(e.code(), e.to_string())
 }
@@ -155,7 +147,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_processes: args.max_processes,
     })?);
     tracing::info!(policy = %policy.describe(), "sandbox policy");
-    let id = AgentId::new(args.agent.clone().unwrap_or_else(host_name))?;
+    let id = AgentId::new(
+        args.agent
+            .clone()
+            .unwrap_or_else(|| fem_agent_sdk::cli::host_name("fem-coder")),
+    )?;
     let key = match &args.key {
         Some(p) => keys::load_or_generate_key(p)?,
         None => SigningKey::generate(),
@@ -193,7 +189,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let _ = client_slot.set(client.clone());
     tracing::info!(agent = %id, key = %key.public_key(), "fem-coder registered");
-    wait_for_signal().await;
+    fem_agent_sdk::cli::shutdown_signal().await;
     tracing::info!("signal received; closing");
     client.shutdown().await;
     Ok(())
@@ -259,24 +255,6 @@ async fn serve_metrics(
         }
     });
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 #[tokio::main]

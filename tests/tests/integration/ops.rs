@@ -2,101 +2,17 @@
 //! SIGTERM drain, Prometheus scraping, metric lint.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use fem_proto::{
     AgentId, Body, Envelope, Header, JsonText, RequestId, SignedEnvelope, SigningKey, Target,
     ToolCall,
 };
-use fem_tests::{Proc, TestBroker, caller, echo_agent, host, https_get};
+use fem_tests::{Proc, TestBroker, caller, echo_agent, host, http};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 
 use crate::bounded;
-
-/// Plain HTTP/1.1 request; returns status and body.
-async fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String) {
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
-        return (0, String::new());
-    };
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|x| x.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// HTTPS POST through a client that trusts `ca`.
-async fn https_post(
-    addr: SocketAddr,
-    ca: &Path,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String) {
-    let cfg = fem_agent_sdk::tls::client_config(
-        &fem_agent_sdk::Trust::CaFile(ca.to_owned()),
-        &[b"http/1.1"],
-    )
-    .unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    let mut req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    tls.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(15), tls.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|x| x.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
 
 fn json_call(sender: &str, key: &SigningKey, agent: &str, params: Value) -> String {
     let env = Envelope::new(
@@ -124,7 +40,7 @@ async fn json_gateway_calls_and_refusals() {
 
         // A signed call succeeds; the result is signed by the agent, in JSON.
         let body = json_call("web-1", &key, "gw-40", json!({"hello": "gateway"}));
-        let (status, out) = https_post(addr, &ca, "/v1/call", &[], &body).await;
+        let (status, out) = fem_tests::https(addr, &ca, "POST", "/v1/call", &[], &body).await;
         assert_eq!(status, 200, "{out}");
         let v: Value = serde_json::from_str(&out).unwrap();
         let result: SignedEnvelope = serde_json::from_value(v["result"].clone()).unwrap();
@@ -140,7 +56,7 @@ async fn json_gateway_calls_and_refusals() {
         );
 
         // The same request again is a replay.
-        let (status, out) = https_post(addr, &ca, "/v1/call", &[], &body).await;
+        let (status, out) = fem_tests::https(addr, &ca, "POST", "/v1/call", &[], &body).await;
         assert_eq!(status, 409, "{out}");
         assert!(out.contains("REPLAYED"), "{out}");
 
@@ -148,12 +64,13 @@ async fn json_gateway_calls_and_refusals() {
         let mut v: Value =
             serde_json::from_str(&json_call("web-1", &key, "gw-40", json!({}))).unwrap();
         v["publicKey"] = json!(SigningKey::generate().public_key());
-        let (status, out) = https_post(addr, &ca, "/v1/call", &[], &v.to_string()).await;
+        let (status, out) =
+            fem_tests::https(addr, &ca, "POST", "/v1/call", &[], &v.to_string()).await;
         assert_eq!(status, 401, "{out}");
         assert!(out.contains("INVALID_SIGNATURE"), "{out}");
 
         // Malformed JSON.
-        let (status, out) = https_post(addr, &ca, "/v1/call", &[], "{not json").await;
+        let (status, out) = fem_tests::https(addr, &ca, "POST", "/v1/call", &[], "{not json").await;
         assert_eq!(status, 400, "{out}");
         assert!(
             out.contains("BAD_REQUEST") && out.contains("malformed request JSON"),
@@ -161,9 +78,10 @@ async fn json_gateway_calls_and_refusals() {
         );
 
         // No route.
-        let (status, out) = https_post(
+        let (status, out) = fem_tests::https(
             addr,
             &ca,
+            "POST",
             "/v1/call",
             &[],
             &json_call("web-1", &key, "nobody", json!({})),
@@ -173,9 +91,10 @@ async fn json_gateway_calls_and_refusals() {
         assert!(out.contains("NO_ROUTE"), "{out}");
 
         // An id held by a registered agent with another key.
-        let (status, out) = https_post(
+        let (status, out) = fem_tests::https(
             addr,
             &ca,
+            "POST",
             "/v1/call",
             &[],
             &json_call("gw-40", &key, "gw-40", json!({})),
@@ -268,7 +187,7 @@ async fn operator_views_need_the_token() {
                     .into_iter()
                     .collect();
                 let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                https_request(addr, &ca, "GET", path, &h).await
+                fem_tests::https(addr, &ca, "GET", path, &h, "").await
             }
         };
         assert_eq!(get("/v1/agents", None).await.0, 401);
@@ -288,53 +207,18 @@ async fn operator_views_need_the_token() {
 
         // Without a configured token the views are off.
         let b2 = TestBroker::start(host(43), |_| {}).await;
-        let (status, _) =
-            https_request(b2.broker.local_addr(), &b2.ca(), "GET", "/v1/agents", &[]).await;
+        let (status, _) = fem_tests::https(
+            b2.broker.local_addr(),
+            &b2.ca(),
+            "GET",
+            "/v1/agents",
+            &[],
+            "",
+        )
+        .await;
         assert_eq!(status, 404);
     })
     .await;
-}
-
-async fn https_request(
-    addr: SocketAddr,
-    ca: &Path,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> (u16, String) {
-    if method == "GET" && headers.is_empty() {
-        return https_get(addr, ca, path).await;
-    }
-    let cfg = fem_agent_sdk::tls::client_config(
-        &fem_agent_sdk::Trust::CaFile(ca.to_owned()),
-        &[b"http/1.1"],
-    )
-    .unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    tls.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|x| x.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 #[tokio::test]
