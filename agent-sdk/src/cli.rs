@@ -8,7 +8,8 @@ use clap::{Args, ValueEnum};
 use crate::{Options, SdkError, Transport, Trust};
 
 /// Transport choice on the command line.
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TransportArg {
     /// QUIC, falling back to TLS over TCP.
     Auto,

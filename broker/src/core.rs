@@ -212,6 +212,13 @@ impl Shared {
         started: Instant,
         hops_left: u8,
     ) {
+        let _span = tracing::info_span!(
+            "call",
+            request = %call.request_id,
+            tool = %call.tool,
+            caller = %caller.id
+        )
+        .entered();
         let fail = |code: ErrorCode, message: String| {
             self.metrics
                 .tool_calls

@@ -6,16 +6,19 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
 use fem_agent_sdk::cli::{ConnectArgs, LogArgs};
 use fem_agent_sdk::{AgentBuilder, AgentMetrics, Client, SdkError, Tool, ToolError, keys};
 use fem_coder::sandbox::{self, Policy, PolicyOptions, SandboxError};
 use fem_proto::{AgentId, SigningKey};
 
 /// FEM agent with sandboxed code.execute, shell.run and file.read tools.
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(name = "fem-coder", version)]
 struct Args {
+    /// YAML file with the same settings as the flags (snake_case keys);
+    /// flags and FEM_* variables win over it.
+    #[arg(long, env = "FEM_CONFIG")]
+    config: Option<PathBuf>,
     #[command(flatten)]
     conn: ConnectArgs,
     /// Agent id (default: the host name).
@@ -257,9 +260,115 @@ async fn serve_metrics(
     Ok(())
 }
 
+/// The `--config` file: every flag, by its snake_case name.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    broker: Option<String>,
+    ca: Option<PathBuf>,
+    pin: Option<String>,
+    insecure: Option<bool>,
+    transport: Option<fem_agent_sdk::cli::TransportArg>,
+    heartbeat: Option<String>,
+    agent: Option<String>,
+    capabilities: Option<Vec<String>>,
+    key: Option<PathBuf>,
+    allow_paths: Option<Vec<PathBuf>>,
+    allow_programs: Option<Vec<String>>,
+    work_dir: Option<PathBuf>,
+    timeout: Option<String>,
+    max_output_bytes: Option<usize>,
+    max_file_bytes: Option<u64>,
+    cpu_seconds: Option<u64>,
+    memory_bytes: Option<u64>,
+    max_processes: Option<u64>,
+    metrics_listen: Option<String>,
+    max_concurrent: Option<usize>,
+    log_level: Option<String>,
+    log_format: Option<fem_agent_sdk::cli::LogFormat>,
+}
+
+/// Flags and variables, then the file for whatever they left at its default.
+fn parse_args() -> anyhow::Result<Args> {
+    use clap::{CommandFactory as _, FromArgMatches as _, parser::ValueSource};
+    let matches = Args::command().get_matches();
+    let mut args = Args::from_arg_matches(&matches)?;
+    let Some(path) = args.config.clone() else {
+        return Ok(args);
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
+    let f: FileConfig = serde_yaml_ng::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
+    let unset = |id: &str| {
+        !matches!(
+            matches.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+    };
+    let dur = |name: &str, v: &str| {
+        humantime::parse_duration(v)
+            .map_err(|e| anyhow::anyhow!("--config {}: {name}: {e}", path.display()))
+    };
+    macro_rules! take {
+        ($id:literal, $field:expr, $value:expr) => {
+            if unset($id) {
+                if let Some(v) = $value {
+                    $field = v;
+                }
+            }
+        };
+    }
+    take!("broker", args.conn.broker, f.broker);
+    take!("ca", args.conn.ca, f.ca.map(Some));
+    take!("pin", args.conn.pin, f.pin.map(Some));
+    take!("insecure", args.conn.insecure, f.insecure);
+    take!("transport", args.conn.transport, f.transport);
+    take!(
+        "heartbeat",
+        args.conn.heartbeat,
+        f.heartbeat.map(|v| dur("heartbeat", &v)).transpose()?
+    );
+    take!("agent", args.agent, f.agent.map(Some));
+    take!("capabilities", args.capabilities, f.capabilities);
+    take!("key", args.key, f.key.map(Some));
+    take!("allow_paths", args.allow_paths, f.allow_paths);
+    take!("allow_programs", args.allow_programs, f.allow_programs);
+    take!("work_dir", args.work_dir, f.work_dir.map(Some));
+    take!(
+        "timeout",
+        args.timeout,
+        f.timeout.map(|v| dur("timeout", &v)).transpose()?
+    );
+    take!(
+        "max_output_bytes",
+        args.max_output_bytes,
+        f.max_output_bytes
+    );
+    take!("max_file_bytes", args.max_file_bytes, f.max_file_bytes);
+    take!("cpu_seconds", args.cpu_seconds, f.cpu_seconds);
+    take!("memory_bytes", args.memory_bytes, f.memory_bytes);
+    take!("max_processes", args.max_processes, f.max_processes);
+    take!(
+        "metrics_listen",
+        args.metrics_listen,
+        f.metrics_listen.map(Some)
+    );
+    take!("max_concurrent", args.max_concurrent, f.max_concurrent);
+    take!("log_level", args.log.log_level, f.log_level.map(Some));
+    take!("log_format", args.log.log_format, f.log_format.map(Some));
+    Ok(args)
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("fem-coder: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     args.log.init("info");
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -410,3 +410,44 @@ async fn sigterm_stops_the_broker_cleanly() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn fem_coder_reads_its_yaml_config_and_flags_win() {
+    bounded(90, async {
+        let b = BrokerProc::start(host(36), &[]).await;
+        let work = tempfile::tempdir().unwrap();
+        let cfg = work.path().join("coder.yaml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "broker: {}\nca: {}\nagent: from-yaml\nallow_programs: [echo]\nwork_dir: {}\ntimeout: 5s\n",
+                b.url(),
+                b.ca(),
+                work.path().display()
+            ),
+        )
+        .unwrap();
+        // The flag beats the file's agent id; everything else comes from the file.
+        let mut coder = Proc::spawn("fem-coder", &["--config", cfg.to_str().unwrap(), "--agent", "from-flag"], &[]);
+        coder.wait_for("fem-coder registered", Duration::from_secs(30)).await;
+        let call = |args: &'static str| {
+            let (url, ca) = (b.url(), b.ca());
+            async move {
+                run_fem(&["call", "--broker", &url, "--ca", &ca, "--agent", "from-flag", "--tool", "shell.run", "--args", args]).await
+            }
+        };
+        let (code, out, err) = call(r#"{"argv":["echo","yaml"]}"#).await;
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("yaml\\n"), "{out}");
+        let (code, _, err) = call(r#"{"argv":["ls"]}"#).await;
+        assert_eq!(code, 2);
+        assert!(err.contains("PERMISSION_DENIED"), "{err}");
+        // An unknown key is a clear error at start.
+        std::fs::write(&cfg, "agent: x\nno_such_key: 1\n").unwrap();
+        let mut bad = Proc::spawn("fem-coder", &["--config", cfg.to_str().unwrap()], &[]);
+        let st = bad.wait_exit(Duration::from_secs(10)).await.expect("fem-coder did not exit");
+        assert!(!st.success());
+        assert!(bad.output().contains("no_such_key"), "{}", bad.output());
+    })
+    .await;
+}
