@@ -67,6 +67,65 @@ async fn lookup(
     Ok(out)
 }
 
+/// The targets of `name` in the order RFC 2782 asks a client to try them:
+/// lowest priority first; within one priority, a weighted random order.
+pub(crate) async fn ordered_targets(
+    name: &str,
+    dns: Option<SocketAddr>,
+) -> Result<Vec<(SocketAddr, String)>, ResolveError> {
+    use rand::Rng as _;
+    let r = resolver(dns)?;
+    let srv = r.srv_lookup(name).await?;
+    let mut recs: Vec<(u16, u16, String, u16)> = srv
+        .iter()
+        .map(|rec| {
+            (
+                rec.priority(),
+                rec.weight(),
+                rec.target().to_utf8(),
+                rec.port(),
+            )
+        })
+        .collect();
+    recs.sort_by_key(|r| r.0);
+    // The generator is not Send: keep it out of the awaits below.
+    let order = {
+        let mut order = Vec::new();
+        let mut rng = rand::thread_rng();
+        while !recs.is_empty() {
+            let prio = recs[0].0;
+            let mut group: Vec<_> = recs.iter().filter(|r| r.0 == prio).cloned().collect();
+            recs.retain(|r| r.0 != prio);
+            // Zero weights first, then pick by running sums (RFC 2782).
+            group.sort_by_key(|r| r.1 != 0);
+            while !group.is_empty() {
+                let total: u32 = group.iter().map(|r| u32::from(r.1)).sum();
+                let pick = rng.gen_range(0..=total);
+                let mut sum = 0u32;
+                let idx = group
+                    .iter()
+                    .position(|r| {
+                        sum += u32::from(r.1);
+                        sum >= pick
+                    })
+                    .unwrap_or(0);
+                order.push(group.remove(idx));
+            }
+        }
+        order
+    };
+    let mut out = Vec::new();
+    for (_, _, target, port) in order {
+        let host = target.trim_end_matches('.').to_owned();
+        if let Ok(ips) = r.lookup_ip(target.as_str()).await {
+            for ip in ips.iter() {
+                out.push((SocketAddr::new(ip, port), host.clone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Resolves the configured SRV names every interval and keeps one dialler per peer.
 pub(crate) async fn run(weak: Weak<Shared>) {
     let (names, interval, dns) = match weak.upgrade() {

@@ -69,6 +69,8 @@ pub struct FederationConfig {
     pub discovery_interval: Duration,
     /// DNS server for discovery instead of the system resolver.
     pub dns_server: Option<std::net::SocketAddr>,
+    /// A separate UDP address for federation links (default: the main port).
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for FederationConfig {
@@ -85,6 +87,7 @@ impl Default for FederationConfig {
             discover_srv: Vec::new(),
             discovery_interval: Duration::from_secs(30),
             dns_server: None,
+            listen: None,
         }
     }
 }
@@ -374,6 +377,21 @@ async fn dial_url(
     shared: &Arc<Shared>,
     url: &str,
 ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
+    // `srv:NAME`: the SRV targets in RFC 2782 order (priority, then weighted
+    // random), the first that answers.
+    if let Some(name) = url.strip_prefix("srv:") {
+        let targets = crate::discovery::ordered_targets(name, shared.config.federation.dns_server)
+            .await
+            .map_err(|e| format!("SRV {name}: {e}"))?;
+        let mut last = format!("SRV {name}: no targets");
+        for (addr, host) in targets {
+            match dial(shared, addr, &host).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = e,
+            }
+        }
+        return Err(last);
+    }
     let opts = fem_agent_sdk::Options::new(url).map_err(|e| e.to_string())?;
     let addr = tokio::net::lookup_host((opts.host.as_str(), opts.port))
         .await

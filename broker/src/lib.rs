@@ -89,6 +89,7 @@ pub struct Broker {
     endpoint: quinn::Endpoint,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     metrics_addr: Option<SocketAddr>,
+    fed_endpoint: Option<quinn::Endpoint>,
 }
 
 impl Broker {
@@ -138,6 +139,28 @@ impl Broker {
             source: e,
         })?;
 
+        // Links may get their own UDP address (--federation-listen).
+        let fed_endpoint = match config.federation.listen {
+            Some(addr) => {
+                let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(
+                    &material,
+                    &[fem_proto::ALPN_FEDERATION],
+                )?)
+                .map_err(|e| BrokerError::Config(format!("QUIC TLS: {e}")))?;
+                let sock = std::net::UdpSocket::bind(addr)
+                    .map_err(|e| BrokerError::Bind { addr, source: e })?;
+                Some(
+                    quinn::Endpoint::new(
+                        quinn::EndpointConfig::default(),
+                        Some(quinn::ServerConfig::with_crypto(Arc::new(crypto))),
+                        sock,
+                        Arc::new(quinn::TokioRuntime),
+                    )
+                    .map_err(|e| BrokerError::Bind { addr, source: e })?,
+                )
+            }
+            None => None,
+        };
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
@@ -159,6 +182,13 @@ impl Broker {
                 endpoint.clone(),
             )),
         ];
+        if let Some(fe) = &fed_endpoint {
+            tasks.push(tokio::spawn(server::quic_accept_loop(
+                Arc::clone(&shared),
+                fe.clone(),
+            )));
+            tracing::info!(addr = ?fe.local_addr().ok(), "federation listener (QUIC, fem-fed/1)");
+        }
         let mut metrics_addr = None;
         if let Some(l) = metrics_listener {
             metrics_addr = l.local_addr().ok();
@@ -188,6 +218,7 @@ impl Broker {
             endpoint,
             tasks,
             metrics_addr,
+            fed_endpoint,
         })
     }
 
@@ -230,6 +261,9 @@ impl Broker {
         self.shared.ready.store(false, Ordering::Relaxed);
         self.shared.draining.store(true, Ordering::Relaxed);
         self.endpoint.set_server_config(None);
+        if let Some(fe) = &self.fed_endpoint {
+            fe.set_server_config(None);
+        }
         let deadline = Instant::now() + self.shared.config.shutdown_grace;
         while self.shared.pending_len() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -240,6 +274,9 @@ impl Broker {
             t.abort();
         }
         self.endpoint.close(0u32.into(), b"shutdown");
+        if let Some(fe) = &self.fed_endpoint {
+            fe.close(0u32.into(), b"shutdown");
+        }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 }

@@ -73,13 +73,17 @@ struct Args {
     /// Federation mode: hub, spoke or mesh [default: none].
     #[arg(long, env = "FEM_FEDERATION_MODE", value_enum)]
     federation_mode: Option<ModeArg>,
-    /// Hub broker URL for a spoke (repeatable: fail-over in order).
+    /// Hub broker URL for a spoke (repeatable: fail-over in order); `srv:NAME` takes the
+    /// hubs from a DNS SRV name in RFC 2782 priority and weight order.
     #[arg(
         long = "federation-hub",
         env = "FEM_FEDERATION_HUB",
         value_delimiter = ','
     )]
     federation_hub: Option<Vec<String>>,
+    /// Separate UDP address for federation links (e.g. :8444) [default: the --listen port].
+    #[arg(long, env = "FEM_FEDERATION_LISTEN")]
+    federation_listen: Option<String>,
     /// Peer broker URL to keep a federation link to (repeatable).
     #[arg(long = "peer", env = "FEM_PEERS", value_delimiter = ',')]
     peers: Option<Vec<String>>,
@@ -125,6 +129,7 @@ enum ModeArg {
 #[serde(deny_unknown_fields)]
 struct FileFederation {
     mode: Option<ModeArg>,
+    listen: Option<String>,
     #[serde(default)]
     hub: Option<OneOrMany>,
     peers: Option<Vec<String>>,
@@ -391,9 +396,15 @@ fn federation(args: &Args, file: FileFederation) -> anyhow::Result<FederationCon
         }
         _ => {}
     }
-    for u in peers.iter().chain(&hubs) {
+    for u in peers.iter().chain(&hubs).filter(|u| !u.starts_with("srv:")) {
         fem_agent_sdk::Options::new(u).with_context(|| format!("peer URL {u:?}"))?;
     }
+    let listen = args
+        .federation_listen
+        .clone()
+        .or(file.listen)
+        .map(|s| parse_addr("--federation-listen", &s))
+        .transpose()?;
     let trust = fem_agent_sdk::Trust::from_options(
         args.ca.clone().or(file.ca),
         args.pin.clone().or(file.pin).as_deref(),
@@ -426,6 +437,7 @@ fn federation(args: &Args, file: FileFederation) -> anyhow::Result<FederationCon
         discover_srv,
         discovery_interval,
         dns_server,
+        listen,
         link_timeout: args
             .link_timeout
             .or(file.link_timeout)

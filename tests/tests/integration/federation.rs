@@ -421,6 +421,17 @@ fn dnsmasq(
     srv: &str,
     brokers: &[(&str, SocketAddr)],
 ) -> Option<tokio::process::Child> {
+    let records: Vec<(&str, SocketAddr, u16)> = brokers.iter().map(|(n, a)| (*n, *a, 0)).collect();
+    dnsmasq_prio(listen, srv, &records)
+}
+
+/// A dnsmasq serving `srv` with (target, address, priority) records, all of
+/// weight 10; None (test skipped) when dnsmasq is not installed outside CI.
+fn dnsmasq_prio(
+    listen: SocketAddr,
+    srv: &str,
+    records: &[(&str, SocketAddr, u16)],
+) -> Option<tokio::process::Child> {
     let mut args = vec![
         "--keep-in-foreground".to_owned(),
         "--conf-file=/dev/null".to_owned(),
@@ -432,8 +443,8 @@ fn dnsmasq(
         "--pid-file=".to_owned(),
         "--local-ttl=0".to_owned(),
     ];
-    for (name, addr) in brokers {
-        args.push(format!("--srv-host={srv},{name},{}", addr.port()));
+    for (name, addr, prio) in records {
+        args.push(format!("--srv-host={srv},{name},{},{prio},10", addr.port()));
         args.push(format!("--host-record={name},{}", addr.ip()));
     }
     let bin = ["dnsmasq", "/usr/sbin/dnsmasq"].into_iter().find(|b| {
@@ -618,6 +629,86 @@ async fn srv_failures_are_counted_not_fatal() {
         )
         .await
         .unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn spokes_pick_hubs_by_srv_priority_and_hubs_listen_apart() {
+    bounded(120, async {
+        let dns = SocketAddr::new(host(105).ip(), 5353);
+        let (h1, h2, s1, s2) = (host(106), host(107), host(108), host(109));
+        // Hub 1 takes links on a port of its own.
+        let h1_fed = SocketAddr::new(h1.ip(), 8444);
+        let srv = "_fem-hub._udp.fem.test";
+        // Wait until the binary dnsmasq is known to exist (or skip).
+        if dnsmasq(
+            SocketAddr::new(host(110).ip(), 5353),
+            "_x._udp.fem.test",
+            &[],
+        )
+        .is_none()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _dns = dnsmasq_prio(
+            dns,
+            srv,
+            &[("hub1.fem.test", h1_fed, 10), ("hub2.fem.test", h2, 20)],
+        )
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let ca_dir = tempfile::tempdir().unwrap();
+        fem_broker::tls::load_material(
+            &fem_broker::TlsSource::SelfSigned,
+            ca_dir.path(),
+            &["localhost".into()],
+        )
+        .unwrap();
+        let ca = ca_dir.path().join("tls/ca.pem");
+        let hub = |listen: Option<SocketAddr>, peer: String| FederationConfig {
+            listen,
+            ..fed(FederationMode::Hub, vec![peer], vec![], &ca)
+        };
+        let spoke = || FederationConfig {
+            dns_server: Some(dns),
+            ..fed(
+                FederationMode::Spoke,
+                vec![],
+                vec![format!("srv:{srv}")],
+                &ca,
+            )
+        };
+        let b_h1 = TestBroker::start_sharing_ca(h1, ca_dir.path(), |c| {
+            c.federation = hub(Some(h1_fed), url(h2));
+            c.tls_names = vec!["hub1.fem.test".into()];
+        })
+        .await;
+        let b_h2 = TestBroker::start_sharing_ca(h2, ca_dir.path(), |c| {
+            c.federation = hub(None, format!("https://{h1_fed}"));
+            c.tls_names = vec!["hub2.fem.test".into()];
+        })
+        .await;
+        let b_s1 =
+            TestBroker::start_sharing_ca(s1, ca_dir.path(), |c| c.federation = spoke()).await;
+        let b_s2 =
+            TestBroker::start_sharing_ca(s2, ca_dir.path(), |c| c.federation = spoke()).await;
+        let (_a, _) = echo_agent("prio-agent", b_s2.options(), 10).await;
+        let c = caller("prio-caller", b_s1.options()).await;
+        let took = routable(&c, "prio-agent", Duration::from_secs(20)).await;
+        eprintln!("srv: hubs: spoke-to-spoke routable after {took:?}");
+        // Both spokes chose the priority-10 hub (over its separate port).
+        assert!(
+            eventually(Duration::from_secs(10), || peers_up(&b_h1) >= 3).await,
+            "spokes did not pick hub 1"
+        );
+        assert_eq!(peers_up(&b_h2), 1, "only hub 1 links to hub 2");
+        // Hub 1 goes: the spokes fail over to the priority-20 hub.
+        b_h1.broker.shutdown().await;
+        let took = routable(&c, "prio-agent", Duration::from_secs(30)).await;
+        eprintln!("srv: hubs: failed over to the priority-20 hub after {took:?}");
+        assert!(peers_up(&b_h2) >= 2);
     })
     .await;
 }
