@@ -47,34 +47,28 @@ pub struct TestBroker {
 impl TestBroker {
     /// Starts a broker on `addr` with test-friendly settings, adjusted by `tweak`.
     pub async fn start(addr: SocketAddr, tweak: impl FnOnce(&mut BrokerConfig)) -> Self {
-        logs();
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = BrokerConfig {
-            listen: addr,
-            data_dir: dir.path().to_owned(),
-            broker_id: AgentId::new(format!("broker-{}", addr.ip())).unwrap(),
-            shutdown_grace: Duration::from_millis(500),
-            ..BrokerConfig::default()
-        };
-        tweak(&mut cfg);
-        let broker = Broker::bind(cfg).await.unwrap();
-        Self { broker, dir }
+        Self::start_in(tempfile::tempdir().unwrap(), addr, tweak).await
     }
 
-    /// Starts a broker whose development CA is the one in `ca_from` (another
-    /// test broker's data directory), so brokers trust each other's
-    /// certificates with one CA file, as a real deployment would.
+    /// Starts a broker whose development CA is the one in `ca_from` (see
+    /// [`shared_ca`]), so brokers trust each other's certificates with one
+    /// CA file, as a real deployment would.
     pub async fn start_sharing_ca(
         addr: SocketAddr,
         ca_from: &Path,
         tweak: impl FnOnce(&mut BrokerConfig),
     ) -> Self {
-        logs();
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("tls")).unwrap();
-        for f in ["ca.pem", "ca.key"] {
-            std::fs::copy(ca_from.join("tls").join(f), dir.path().join("tls").join(f)).unwrap();
-        }
+        seed_ca(ca_from, dir.path());
+        Self::start_in(dir, addr, tweak).await
+    }
+
+    async fn start_in(
+        dir: tempfile::TempDir,
+        addr: SocketAddr,
+        tweak: impl FnOnce(&mut BrokerConfig),
+    ) -> Self {
+        logs();
         let mut cfg = BrokerConfig {
             listen: addr,
             data_dir: dir.path().to_owned(),
@@ -95,6 +89,28 @@ impl TestBroker {
     /// Client options for this broker (`https://IP:PORT`, CA trust, fast reconnects).
     pub fn options(&self) -> Options {
         options_for(self.broker.local_addr(), &self.ca())
+    }
+}
+
+/// A directory holding a fresh development CA (`tls/ca.pem`, `tls/ca.key`)
+/// for brokers that must trust each other.
+pub fn shared_ca() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    fem_broker::tls::load_material(
+        &fem_broker::TlsSource::SelfSigned,
+        dir.path(),
+        &["localhost".into()],
+    )
+    .unwrap();
+    dir
+}
+
+/// Copies the development CA of data directory `from` into data directory
+/// `to`, so the broker started there issues its certificate from it.
+pub fn seed_ca(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to.join("tls")).unwrap();
+    for f in ["ca.pem", "ca.key"] {
+        std::fs::copy(from.join("tls").join(f), to.join("tls").join(f)).unwrap();
     }
 }
 

@@ -35,13 +35,7 @@ async fn cluster(
     addrs: &[SocketAddr],
     f: impl Fn(usize, &Path) -> FederationConfig,
 ) -> (Vec<TestBroker>, tempfile::TempDir) {
-    let ca_dir = tempfile::tempdir().unwrap();
-    fem_broker::tls::load_material(
-        &fem_broker::TlsSource::SelfSigned,
-        ca_dir.path(),
-        &["localhost".into()],
-    )
-    .unwrap();
+    let ca_dir = fem_tests::shared_ca();
     let ca = ca_dir.path().join("tls/ca.pem");
     let mut out = Vec::new();
     for (i, a) in addrs.iter().enumerate() {
@@ -368,15 +362,11 @@ async fn broker_proc(addr: SocketAddr, dir: &Path, ca: &Path, peer: SocketAddr) 
 async fn killed_broker_is_withdrawn_and_rejoins_after_restart() {
     bounded(120, async {
         let (a, b) = (host(95), host(96));
-        let ca_dir = tempfile::tempdir().unwrap();
-        fem_broker::tls::load_material(&fem_broker::TlsSource::SelfSigned, ca_dir.path(), &["localhost".into()]).unwrap();
+        let ca_dir = fem_tests::shared_ca();
         let ca = ca_dir.path().join("tls/ca.pem");
         let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         for d in [&da, &db] {
-            std::fs::create_dir_all(d.path().join("tls")).unwrap();
-            for f in ["ca.pem", "ca.key"] {
-                std::fs::copy(ca_dir.path().join("tls").join(f), d.path().join("tls").join(f)).unwrap();
-            }
+            fem_tests::seed_ca(ca_dir.path(), d.path());
         }
         let _pa = broker_proc(a, da.path(), &ca, b).await;
         let pb = broker_proc(b, db.path(), &ca, a).await;
@@ -503,13 +493,7 @@ async fn srv_discovery_joins_new_brokers_and_drops_removed_ones() {
         let Some(mut dns_proc) = dnsmasq(dns, srv, &three) else {
             return;
         };
-        let ca_dir = tempfile::tempdir().unwrap();
-        fem_broker::tls::load_material(
-            &fem_broker::TlsSource::SelfSigned,
-            ca_dir.path(),
-            &["localhost".into()],
-        )
-        .unwrap();
+        let ca_dir = fem_tests::shared_ca();
         let ca = ca_dir.path().join("tls/ca.pem");
         let disc = |ca: &Path| FederationConfig {
             discover_srv: vec![srv.to_owned()],
@@ -659,13 +643,7 @@ async fn spokes_pick_hubs_by_srv_priority_and_hubs_listen_apart() {
         )
         .unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let ca_dir = tempfile::tempdir().unwrap();
-        fem_broker::tls::load_material(
-            &fem_broker::TlsSource::SelfSigned,
-            ca_dir.path(),
-            &["localhost".into()],
-        )
-        .unwrap();
+        let ca_dir = fem_tests::shared_ca();
         let ca = ca_dir.path().join("tls/ca.pem");
         let hub = |listen: Option<SocketAddr>, peer: String| FederationConfig {
             listen,
