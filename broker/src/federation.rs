@@ -232,7 +232,12 @@ pub(crate) fn start(shared: &Arc<Shared>, endpoint: quinn::Endpoint) {
     }
     if cfg.mode == FederationMode::Spoke && !cfg.hubs.is_empty() {
         fed.required.fetch_add(1, Ordering::Relaxed);
-        fed.required_up.insert("hub".into(), false);
+        // The dialler flags a single hub by its URL and a fail-over list as "hub".
+        let key = match cfg.hubs.as_slice() {
+            [one] => one.clone(),
+            _ => "hub".to_owned(),
+        };
+        fed.required_up.insert(key, false);
         tokio::spawn(dial_loop(
             Arc::downgrade(shared),
             DialTarget::Urls(cfg.hubs.clone()),

@@ -157,6 +157,34 @@ async fn hub_with_two_spokes_and_failover_to_a_second_hub() {
 }
 
 #[tokio::test]
+async fn spoke_with_one_hub_becomes_ready() {
+    bounded(60, async {
+        // A spoke given a single --federation-hub reports ready once that
+        // link is up (it used to wait for a key no dialler ever set).
+        let (h, s) = (host(111), host(112));
+        let (bs, _ca) = cluster(&[h, s], |i, ca| match i {
+            0 => fed(FederationMode::Hub, vec![], vec![], ca),
+            _ => fed(FederationMode::Spoke, vec![], vec![url(h)], ca),
+        })
+        .await;
+        let ca = bs[1].ca();
+        let mut last = (0, String::new());
+        let ok = {
+            let t = Instant::now();
+            loop {
+                last = fem_tests::https_get(s, &ca, "/ready").await;
+                if last.0 == 200 || t.elapsed() > Duration::from_secs(20) {
+                    break last.0 == 200;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        assert!(ok, "spoke never ready: {last:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn mesh_of_hubs_each_with_a_spoke() {
     bounded(90, async {
         let (h1, h2, s1, s2) = (host(67), host(68), host(69), host(70));

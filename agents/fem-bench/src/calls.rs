@@ -1,0 +1,453 @@
+//! Workloads 1 to 3: echo round trips through one broker (QUIC and TLS/TCP),
+//! across two meshed brokers, through a hub between two spokes, and through
+//! nats-server with TLS. All systems are started once and measured in turn
+//! for every repetition of every case, so each ratio compares runs that were
+//! made side by side.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use fem_agent_sdk::{AgentBuilder, Client, Options, Tool, Transport, Trust};
+use fem_proto::{AgentId, ErrorCode, SigningKey, Target};
+use futures::StreamExt as _;
+
+use crate::crypto::{CryptoOps, Floor};
+use crate::load::{self, Caller, RunStats, echo_params, median};
+use crate::procs::{BrokerProc, NatsProc, cpu_of, host_ip};
+use crate::report::Row;
+use crate::{Settings, Workload};
+
+/// One system under test with its callers.
+struct System {
+    workload: Workload,
+    name: &'static str,
+    /// Brokers a call crosses (0 for NATS).
+    brokers_on_path: u32,
+    /// Server processes (CPU and RSS are summed over them).
+    pids: Vec<u32>,
+    caller: CallerKind,
+}
+
+enum CallerKind {
+    Fem { client: Client, target: Target },
+    Nats { client: async_nats::Client },
+}
+
+impl System {
+    fn caller(&self, payload: usize) -> Caller {
+        match &self.caller {
+            CallerKind::Fem { client, target } => Caller::Fem {
+                client: client.clone(),
+                target: target.clone(),
+                params: Arc::new(echo_params(payload)),
+            },
+            CallerKind::Nats { client } => Caller::Nats {
+                client: client.clone(),
+                subject: "bench.echo".into(),
+                payload: Bytes::from(serde_json::to_vec(&echo_params(payload)).unwrap_or_default()),
+            },
+        }
+    }
+}
+
+/// Everything kept alive while the systems are measured.
+#[derive(Default)]
+struct Running {
+    brokers: Vec<BrokerProc>,
+    nats: Option<NatsProc>,
+    agents: Vec<Client>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    systems: Vec<System>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The echo tool: returns its parameters.
+pub(crate) fn echo_tool() -> anyhow::Result<Tool> {
+    Ok(Tool::new(
+        "echo",
+        "Returns its parameters",
+        serde_json::json!({"type": "object"}),
+        |req| async move { Ok(req.params) },
+    )?)
+}
+
+/// Options for a broker of this run (trusting the bench CA), over `transport`.
+pub(crate) fn options(
+    s: &Settings,
+    b: &BrokerProc,
+    transport: Transport,
+) -> anyhow::Result<Options> {
+    Ok(Options::new(&format!("https://{}", b.addr))?
+        .trust(Trust::CaFile(s.ca.pem.clone()))
+        .transport(transport))
+}
+
+/// Connects an echo agent `id` that serves up to 256 calls at once.
+pub(crate) async fn echo_agent(id: &str, opts: Options) -> anyhow::Result<Client> {
+    AgentBuilder::new(AgentId::new(id)?, SigningKey::generate())
+        .capability("bench.echo")?
+        .tool(echo_tool()?)
+        .max_concurrent(256)
+        .connect(opts)
+        .await
+        .with_context(|| format!("echo agent {id}"))
+}
+
+/// Connects a caller.
+pub(crate) async fn caller(id: &str, opts: Options) -> anyhow::Result<Client> {
+    Client::connect(AgentId::new(id)?, SigningKey::generate(), opts)
+        .await
+        .with_context(|| format!("caller {id}"))
+}
+
+/// Waits until `target` answers a call from `c` (routes may take a moment to
+/// reach the caller's broker).
+pub(crate) async fn until_routable(
+    c: &Client,
+    agent: &str,
+    limit: Duration,
+) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let target = Target::Agent(AgentId::new(agent)?);
+    loop {
+        match c
+            .call_with_timeout(
+                target.clone(),
+                "echo",
+                serde_json::json!({}),
+                Duration::from_secs(5),
+            )
+            .await
+        {
+            Ok(_) => return Ok(t.elapsed()),
+            Err(e) if e.code == ErrorCode::NoRoute && t.elapsed() < limit => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => bail!("{agent} not routable after {:?}: {e}", t.elapsed()),
+        }
+    }
+}
+
+async fn start_fem(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
+    let dir = s.work.join("single");
+    let mut a = BrokerProc::start(&s.broker_bin, host_ip(s.net, 2), &dir, &s.ca, &[]).await?;
+    a.wait_ready(Duration::from_secs(60)).await?;
+    let agent_q = echo_agent("echo-quic", options(s, &a, Transport::Quic)?).await?;
+    let agent_t = echo_agent("echo-tcp", options(s, &a, Transport::Tcp)?).await?;
+    let caller_q = caller("caller-quic", options(s, &a, Transport::Quic)?).await?;
+    let caller_t = caller("caller-tcp", options(s, &a, Transport::Tcp)?).await?;
+    let pids = vec![a.proc.pid()];
+    run.systems.push(System {
+        workload: Workload::Single,
+        name: "quic",
+        brokers_on_path: 1,
+        pids: pids.clone(),
+        caller: CallerKind::Fem {
+            client: caller_q,
+            target: Target::Agent(agent_q.id().clone()),
+        },
+    });
+    run.systems.push(System {
+        workload: Workload::Single,
+        name: "tls-tcp",
+        brokers_on_path: 1,
+        pids,
+        caller: CallerKind::Fem {
+            client: caller_t,
+            target: Target::Agent(agent_t.id().clone()),
+        },
+    });
+    run.agents.extend([agent_q, agent_t]);
+    run.brokers.push(a);
+    Ok(())
+}
+
+/// Starts brokers at hosts `ns` (their certificates issued by the bench CA,
+/// which they also trust for links); `args(i)` gives broker i's federation flags.
+pub(crate) async fn start_cluster(
+    s: &Settings,
+    name: &str,
+    ns: &[u8],
+    args: impl Fn(usize) -> Vec<String>,
+) -> anyhow::Result<Vec<BrokerProc>> {
+    let mut out = Vec::new();
+    for (i, n) in ns.iter().enumerate() {
+        let dir = s.work.join(format!("{name}-{i}"));
+        let mut a = args(i);
+        a.extend(["--ca".to_owned(), s.ca.pem.display().to_string()]);
+        out.push(BrokerProc::start(&s.broker_bin, host_ip(s.net, *n), &dir, &s.ca, &a).await?);
+    }
+    for b in &mut out {
+        b.wait_ready(Duration::from_secs(120)).await?;
+    }
+    Ok(out)
+}
+
+async fn start_federated(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
+    let mesh_urls = [3u8, 4].map(|n| {
+        format!(
+            "https://{}:{}",
+            host_ip(s.net, n),
+            crate::procs::BROKER_PORT
+        )
+    });
+    let mesh = start_cluster(s, "mesh2", &[3, 4], |i| {
+        vec![
+            "--federation-mode".into(),
+            "mesh".into(),
+            "--peer".into(),
+            mesh_urls[1 - i].clone(),
+        ]
+    })
+    .await?;
+    let agent = echo_agent("echo-mesh", options(s, &mesh[1], Transport::Quic)?).await?;
+    let c = caller("caller-mesh", options(s, &mesh[0], Transport::Quic)?).await?;
+    until_routable(&c, "echo-mesh", Duration::from_secs(30)).await?;
+    run.systems.push(System {
+        workload: Workload::Federated,
+        name: "mesh2",
+        brokers_on_path: 2,
+        pids: mesh.iter().map(|b| b.proc.pid()).collect(),
+        caller: CallerKind::Fem {
+            client: c,
+            target: Target::Agent(agent.id().clone()),
+        },
+    });
+    run.agents.push(agent);
+    run.brokers.extend(mesh);
+
+    let hub_url = format!(
+        "https://{}:{}",
+        host_ip(s.net, 5),
+        crate::procs::BROKER_PORT
+    );
+    let star = start_cluster(s, "hub", &[5, 6, 7], |i| {
+        if i == 0 {
+            vec!["--federation-mode".into(), "hub".into()]
+        } else {
+            vec![
+                "--federation-mode".into(),
+                "spoke".into(),
+                "--federation-hub".into(),
+                hub_url.clone(),
+            ]
+        }
+    })
+    .await?;
+    let agent = echo_agent("echo-hub", options(s, &star[2], Transport::Quic)?).await?;
+    let c = caller("caller-hub", options(s, &star[1], Transport::Quic)?).await?;
+    until_routable(&c, "echo-hub", Duration::from_secs(30)).await?;
+    run.systems.push(System {
+        workload: Workload::Federated,
+        name: "hub",
+        brokers_on_path: 3,
+        pids: star.iter().map(|b| b.proc.pid()).collect(),
+        caller: CallerKind::Fem {
+            client: c,
+            target: Target::Agent(agent.id().clone()),
+        },
+    });
+    run.agents.push(agent);
+    run.brokers.extend(star);
+    Ok(())
+}
+
+async fn start_nats(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
+    let nats = NatsProc::start(&s.nats_bin, host_ip(s.net, 8), &s.work.join("nats"), &s.ca).await?;
+    let connect = || {
+        async_nats::ConnectOptions::new()
+            .add_root_certificates(nats.ca.clone())
+            .require_tls(true)
+            .connect(nats.url.clone())
+    };
+    let responder = connect().await.context("NATS responder")?;
+    let requester = connect().await.context("NATS requester")?;
+    // A queue-group responder echoing every request, as a NATS service would.
+    let mut sub = responder
+        .queue_subscribe("bench.echo", "echo".into())
+        .await
+        .context("NATS subscribe")?;
+    let r = responder.clone();
+    run.tasks.push(tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            if let Some(reply) = msg.reply {
+                let _ = r.publish(reply, msg.payload).await;
+            }
+        }
+    }));
+    // The subscription must reach the server before the first request.
+    responder.flush().await.context("NATS flush")?;
+    run.systems.push(System {
+        workload: Workload::Nats,
+        name: "nats-tls",
+        brokers_on_path: 0,
+        pids: vec![nats.proc.pid()],
+        caller: CallerKind::Nats { client: requester },
+    });
+    run.nats = Some(nats);
+    Ok(())
+}
+
+struct Measured {
+    stats: RunStats,
+    cpu_us_per_call: f64,
+    rss: u64,
+}
+
+async fn measure(
+    s: &Settings,
+    sys: &System,
+    payload: usize,
+    conc: usize,
+) -> anyhow::Result<Measured> {
+    let caller = sys.caller(payload);
+    let me = std::process::id();
+    let cpu = |pids: &[u32]| -> anyhow::Result<Duration> {
+        let mut t = cpu_of(me)?;
+        for p in pids {
+            t += cpu_of(*p)?;
+        }
+        Ok(t)
+    };
+    // The CPU window covers warm-up too; calls in it are counted the same way.
+    let before = cpu(&sys.pids)?;
+    let t0 = Instant::now();
+    let stats = load::run(&caller, conc, s.warmup, s.duration).await;
+    let wall = t0.elapsed();
+    let used = cpu(&sys.pids)? - before;
+    // Scale the CPU of the whole window down to the measured part.
+    let share = s.duration.as_secs_f64() / wall.as_secs_f64();
+    let cpu_us_per_call = if stats.calls > 0 {
+        used.as_secs_f64() * share * 1e6 / stats.calls as f64
+    } else {
+        0.0
+    };
+    let mut rss = 0;
+    for p in &sys.pids {
+        rss += crate::procs::rss_of(*p)?;
+    }
+    Ok(Measured {
+        stats,
+        cpu_us_per_call,
+        rss,
+    })
+}
+
+/// Runs the selected call workloads; `floor` (per payload) adds the
+/// CPU-to-signature-cost ratio to the FEM rows.
+pub(crate) async fn run(s: &Settings, floors: &BTreeMap<usize, Floor>) -> anyhow::Result<Vec<Row>> {
+    let mut run = Running::default();
+    if s.selected(Workload::Single) {
+        start_fem(s, &mut run)
+            .await
+            .context("starting the single-broker systems")?;
+    }
+    if s.selected(Workload::Federated) {
+        start_federated(s, &mut run)
+            .await
+            .context("starting the federated systems")?;
+    }
+    if s.selected(Workload::Nats) {
+        start_nats(s, &mut run)
+            .await
+            .context("starting nats-server")?;
+    }
+    let mut rows = Vec::new();
+    for &payload in &s.payloads {
+        for &conc in &s.concurrency {
+            let mut per_sys: Vec<Vec<Measured>> =
+                (0..run.systems.len()).map(|_| Vec::new()).collect();
+            for _ in 0..s.repeat {
+                for (i, sys) in run.systems.iter().enumerate() {
+                    let m = measure(s, sys, payload, conc).await?;
+                    eprintln!(
+                        "  {:<9} {:<9} {payload:>5}B c={conc:<3} {:>9.0} calls/s  p50 {:>7.0} us  p99 {:>7.0} us  cpu {:>6.1} us/call{}",
+                        sys.workload.name(),
+                        sys.name,
+                        m.stats.calls_per_sec,
+                        m.stats.p50_us,
+                        m.stats.p99_us,
+                        m.cpu_us_per_call,
+                        m.stats
+                            .first_error
+                            .as_ref()
+                            .map(|e| format!("  errors {} ({e})", m.stats.errors))
+                            .unwrap_or_default()
+                    );
+                    per_sys[i].push(m);
+                }
+            }
+            let mut case_rows: Vec<Row> = run
+                .systems
+                .iter()
+                .zip(&per_sys)
+                .map(|(sys, ms)| {
+                    let med = |f: &dyn Fn(&Measured) -> f64| {
+                        median(&ms.iter().map(f).collect::<Vec<_>>())
+                    };
+                    let cpu = med(&|m| m.cpu_us_per_call);
+                    let floor = floors
+                        .get(&payload)
+                        .filter(|_| sys.brokers_on_path > 0)
+                        .map(|f| f.call_us(CryptoOps::for_path(sys.brokers_on_path)));
+                    Row {
+                        workload: sys.workload.name().into(),
+                        case: format!("{} {} c={conc}", sys.name, size_name(payload)),
+                        runs: ms.len(),
+                        calls_per_sec: Some(med(&|m| m.stats.calls_per_sec)),
+                        p50_us: Some(med(&|m| m.stats.p50_us)),
+                        p90_us: Some(med(&|m| m.stats.p90_us)),
+                        p99_us: Some(med(&|m| m.stats.p99_us)),
+                        cpu_us_per_call: Some(cpu),
+                        server_rss_bytes: ms.last().map(|m| m.rss),
+                        errors: ms.iter().map(|m| m.stats.errors).sum(),
+                        vs_crypto_floor: floor.map(|f| cpu / f),
+                        note: ms
+                            .iter()
+                            .find_map(|m| m.stats.first_error.clone())
+                            .map(|e| format!("first error: {e}"))
+                            .unwrap_or_default(),
+                        ..Row::default()
+                    }
+                })
+                .collect();
+            let nats = case_rows
+                .iter()
+                .find(|r| r.workload == Workload::Nats.name())
+                .map(|r| (r.calls_per_sec, r.p50_us));
+            if let Some((Some(nt), Some(np))) = nats {
+                for r in case_rows
+                    .iter_mut()
+                    .filter(|r| r.workload != Workload::Nats.name())
+                {
+                    r.vs_nats_throughput = r.calls_per_sec.map(|t| t / nt);
+                    r.vs_nats_p50 = r.p50_us.map(|p| p / np);
+                }
+            }
+            rows.extend(case_rows);
+        }
+    }
+    for b in &mut run.brokers {
+        b.proc.check_alive()?;
+    }
+    Ok(rows)
+}
+
+/// `256B`, `16KiB`.
+pub(crate) fn size_name(n: usize) -> String {
+    if n >= 1024 && n % 1024 == 0 {
+        format!("{}KiB", n / 1024)
+    } else {
+        format!("{n}B")
+    }
+}

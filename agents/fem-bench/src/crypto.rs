@@ -1,0 +1,112 @@
+//! The cryptographic floor: what the Ed25519 operations of one call cost on
+//! this machine, measured on the exact signing inputs of a real toolCall and
+//! toolResult, single-threaded.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use fem_proto::{
+    AgentId, Body, Envelope, Header, JsonText, RequestId, SignedEnvelope, SigningKey, Target,
+    ToolCall, ToolOutcome, ToolResult, signing_input,
+};
+
+use crate::load::{echo_params, median};
+
+/// Ed25519 operations one call performs, by path.
+///
+/// On one broker: the caller signs the toolCall; the broker verifies it on
+/// entry; the agent verifies it (it checks who asked); the agent signs the
+/// toolResult; the broker verifies it on entry; the caller verifies it.
+/// Each further broker on the path verifies the call and the result once more
+/// on entry (relays forward the exact bytes, they never re-sign).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CryptoOps {
+    pub(crate) signs: u32,
+    pub(crate) verifies: u32,
+}
+
+impl CryptoOps {
+    /// The operations of a call crossing `brokers` brokers.
+    pub(crate) fn for_path(brokers: u32) -> Self {
+        Self {
+            signs: 2,
+            verifies: 2 + 2 * brokers,
+        }
+    }
+}
+
+/// Measured cost of one sign and one verify.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Floor {
+    pub(crate) sign_us: f64,
+    pub(crate) verify_us: f64,
+}
+
+impl Floor {
+    /// CPU microseconds the signatures of one call need.
+    pub(crate) fn call_us(&self, ops: CryptoOps) -> f64 {
+        f64::from(ops.signs) * self.sign_us + f64::from(ops.verifies) * self.verify_us
+    }
+}
+
+fn signed_pair(payload: usize) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    let params = echo_params(payload);
+    let call = Envelope::new(
+        Header::now(AgentId::new("bench-caller")?),
+        Body::ToolCall(ToolCall {
+            request_id: RequestId::random(),
+            target: Target::Agent(AgentId::new("bench-echo")?),
+            tool: fem_proto::Capability::new("echo")?,
+            parameters: JsonText::from_value(&params),
+            deadline_ms: fem_proto::now_ms() + 30_000,
+        }),
+    );
+    let result = Envelope::new(
+        Header::now(AgentId::new("bench-echo")?),
+        Body::ToolResult(ToolResult {
+            request_id: RequestId::random(),
+            caller: AgentId::new("bench-caller")?,
+            outcome: ToolOutcome::Success(JsonText::from_value(&params)),
+        }),
+    );
+    let key = SigningKey::generate();
+    let input = |env: &Envelope| -> anyhow::Result<Vec<u8>> {
+        let s = SignedEnvelope::sign(env, &key)?;
+        Ok(signing_input(s.format, env.kind(), &s.bytes))
+    };
+    Ok((input(&call)?, input(&result)?))
+}
+
+/// Measures sign and verify on the signing inputs of a call and its result
+/// with `payload` bytes of parameters: `rounds` timed batches of about
+/// `batch` each; the median batch counts.
+pub(crate) fn measure(payload: usize, rounds: usize, batch: Duration) -> anyhow::Result<Floor> {
+    let key = SigningKey::generate();
+    let pk = key.public_key();
+    let (call, result) = signed_pair(payload)?;
+    let sigs = [key.sign(&call), key.sign(&result)];
+    let inputs = [&call, &result];
+    let time = |f: &dyn Fn(usize)| {
+        let mut per_op = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let t = Instant::now();
+            let mut n = 0usize;
+            while t.elapsed() < batch {
+                for _ in 0..64 {
+                    f(n);
+                    n += 1;
+                }
+            }
+            per_op.push(t.elapsed().as_secs_f64() * 1e6 / n as f64);
+        }
+        median(&per_op)
+    };
+    let sign_us = time(&|n| {
+        black_box(key.sign(black_box(inputs[n % 2])));
+    });
+    let verify_us = time(&|n| {
+        let ok = pk.verify(black_box(inputs[n % 2]), &sigs[n % 2]).is_ok();
+        black_box(ok);
+    });
+    Ok(Floor { sign_us, verify_us })
+}

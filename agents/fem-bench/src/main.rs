@@ -1,0 +1,356 @@
+//! `fem-bench`: starts its own brokers, echo agents, callers and a
+//! nats-server on loopback addresses, runs the workloads, prints a table and
+//! writes the same figures as JSON. See BENCHMARKS.md.
+//!
+//! Workloads: `single` (one broker, QUIC and TLS/TCP), `federated` (two meshed
+//! brokers, a hub between two spokes), `nats` (nats-server with TLS,
+//! async-nats requesters), `crypto` (the Ed25519 floor of one call), `scale`
+//! (agents connecting and registering to one broker), `federation` (route
+//! convergence and withdrawal in a mesh of brokers).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+
+mod calls;
+mod crypto;
+mod federation;
+mod load;
+mod procs;
+mod report;
+mod scale;
+
+use crate::procs::{BenchCa, find_program};
+use crate::report::{Report, Row};
+
+/// FEM benchmarks: tool-call latency and throughput (side by side with NATS
+/// request-reply over TLS), the cryptographic floor, connection scale and
+/// federation convergence.
+#[derive(Debug, Parser)]
+#[command(name = "fem-bench", version)]
+struct Args {
+    /// Workloads to run (all when none): single, federated, nats, crypto, scale, federation.
+    names: Vec<String>,
+    /// A run of a couple of minutes: 1 s per measurement, one repetition, 1,000 agents.
+    #[arg(long)]
+    quick: bool,
+    /// Measured time of one run [default: 5s, 1s with --quick].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Unmeasured warm-up before each run [default: 500ms].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    warmup: Option<Duration>,
+    /// Repetitions of each run; medians are reported [default: 3, 1 with --quick].
+    #[arg(long)]
+    repeat: Option<usize>,
+    /// Payload sizes in bytes (JSON text of the echoed parameters) [default: 256,16384].
+    #[arg(long, value_delimiter = ',')]
+    payloads: Option<Vec<usize>>,
+    /// Caller concurrency levels [default: 1,16,64].
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Option<Vec<usize>>,
+    /// Agent counts of the scale workload [default: 1000,10000; 1000 with --quick].
+    #[arg(long, value_delimiter = ',')]
+    scale: Option<Vec<usize>>,
+    /// Brokers in the federation mesh [default: 10].
+    #[arg(long, default_value_t = 10)]
+    mesh_size: u8,
+    /// Convergence rounds in the federation workload [default: 5, 2 with --quick].
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// The /24 of loopback addresses to use: host n is its address .n (brokers from .2).
+    #[arg(long, default_value = "127.0.100.0")]
+    net: Ipv4Addr,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "fem-bench-results.json")]
+    json: PathBuf,
+    /// The fem-broker binary [default: beside fem-bench, else on PATH].
+    #[arg(long, env = "FEM_BENCH_BROKER")]
+    broker_bin: Option<PathBuf>,
+    /// The nats-server binary [default: on PATH or /usr/sbin].
+    #[arg(long, env = "FEM_BENCH_NATS_SERVER")]
+    nats_server: Option<PathBuf>,
+    /// Keep the working directory (broker data and logs) and print its path.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// The workload groups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Workload {
+    Single,
+    Federated,
+    Nats,
+    Crypto,
+    Scale,
+    Federation,
+}
+
+impl Workload {
+    const ALL: [Self; 6] = [
+        Self::Single,
+        Self::Federated,
+        Self::Nats,
+        Self::Crypto,
+        Self::Scale,
+        Self::Federation,
+    ];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Single => "single",
+            Self::Federated => "federated",
+            Self::Nats => "nats",
+            Self::Crypto => "crypto",
+            Self::Scale => "scale",
+            Self::Federation => "federation",
+        }
+    }
+}
+
+/// Settings of a run, resolved from the arguments.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub(crate) workloads: Vec<Workload>,
+    pub(crate) duration: Duration,
+    pub(crate) warmup: Duration,
+    pub(crate) repeat: usize,
+    pub(crate) payloads: Vec<usize>,
+    pub(crate) concurrency: Vec<usize>,
+    pub(crate) scale: Vec<usize>,
+    pub(crate) mesh_size: u8,
+    pub(crate) rounds: usize,
+    pub(crate) net: Ipv4Addr,
+    pub(crate) broker_bin: PathBuf,
+    pub(crate) nats_bin: PathBuf,
+    pub(crate) work: PathBuf,
+    pub(crate) ca: BenchCa,
+}
+
+impl Settings {
+    pub(crate) fn selected(&self, w: Workload) -> bool {
+        self.workloads.contains(&w)
+    }
+}
+
+fn settings(a: &Args, work: PathBuf) -> anyhow::Result<Settings> {
+    let mut workloads = Vec::new();
+    for n in &a.names {
+        let w = Workload::ALL
+            .into_iter()
+            .find(|w| w.name() == n)
+            .with_context(|| format!("unknown workload {n:?}; known: single, federated, nats, crypto, scale, federation"))?;
+        if !workloads.contains(&w) {
+            workloads.push(w);
+        }
+    }
+    if workloads.is_empty() {
+        workloads = Workload::ALL.to_vec();
+    }
+    if !(2..=200).contains(&a.mesh_size) {
+        bail!("--mesh-size must be 2 to 200");
+    }
+    let needs_broker = workloads
+        .iter()
+        .any(|w| !matches!(w, Workload::Nats | Workload::Crypto));
+    let broker_bin = if needs_broker {
+        find_program(a.broker_bin.as_deref(), "fem-broker")
+            .context("build it first: cargo build --release --workspace --bins")?
+    } else {
+        PathBuf::new()
+    };
+    let nats_bin = if workloads.contains(&Workload::Nats) {
+        find_program(a.nats_server.as_deref(), "nats-server").context(
+            "install it (Debian: apt-get install nats-server) or leave out the nats workload",
+        )?
+    } else {
+        PathBuf::new()
+    };
+    let ca = BenchCa::new(&work.join("ca"))?;
+    Ok(Settings {
+        workloads,
+        duration: a.duration.unwrap_or(if a.quick {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(5)
+        }),
+        warmup: a.warmup.unwrap_or(Duration::from_millis(500)),
+        repeat: a.repeat.unwrap_or(if a.quick { 1 } else { 3 }).max(1),
+        payloads: a.payloads.clone().unwrap_or_else(|| vec![256, 16 * 1024]),
+        concurrency: a.concurrency.clone().unwrap_or_else(|| vec![1, 16, 64]),
+        scale: a.scale.clone().unwrap_or_else(|| {
+            if a.quick {
+                vec![1000]
+            } else {
+                vec![1000, 10_000]
+            }
+        }),
+        mesh_size: a.mesh_size,
+        rounds: a.rounds.unwrap_or(if a.quick { 2 } else { 5 }).max(1),
+        net: a.net,
+        broker_bin,
+        nats_bin,
+        work,
+        ca,
+    })
+}
+
+fn machine() -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if let Some(model) = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+    {
+        m.insert("cpu".into(), model.1.trim().to_owned());
+    }
+    m.insert(
+        "cores".into(),
+        std::thread::available_parallelism()
+            .map_or(0, usize::from)
+            .to_string(),
+    );
+    if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
+        m.insert("loadavg_at_start".into(), l.trim().to_owned());
+    }
+    m.insert(
+        "build".into(),
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+        .into(),
+    );
+    m
+}
+
+async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    // The floor is measured first, on an otherwise idle process.
+    let mut floors = BTreeMap::new();
+    let fem_calls = s.selected(Workload::Single) || s.selected(Workload::Federated);
+    if s.selected(Workload::Crypto) || fem_calls {
+        for &p in &s.payloads {
+            let f = crypto::measure(p, 5, s.duration.min(Duration::from_secs(1)) / 5)?;
+            if s.selected(Workload::Crypto) {
+                for (path, brokers) in [
+                    ("one broker", 1),
+                    ("two brokers", 2),
+                    ("hub and two spokes", 3),
+                ] {
+                    let ops = crypto::CryptoOps::for_path(brokers);
+                    let us = f.call_us(ops);
+                    let mut figures = BTreeMap::new();
+                    figures.insert("sign_us".into(), f.sign_us);
+                    figures.insert("verify_us".into(), f.verify_us);
+                    figures.insert("signs".into(), f64::from(ops.signs));
+                    figures.insert("verifies".into(), f64::from(ops.verifies));
+                    figures.insert("crypto_us_per_call".into(), us);
+                    rows.push(Row {
+                        workload: Workload::Crypto.name().into(),
+                        case: format!("floor {path} {}", calls::size_name(p)),
+                        runs: 5,
+                        calls_per_sec: Some(1e6 / us),
+                        cpu_us_per_call: Some(us),
+                        figures,
+                        note: "calls/s per core if signatures were the only work".into(),
+                        ..Row::default()
+                    });
+                }
+            }
+            floors.insert(p, f);
+        }
+    }
+    if fem_calls || s.selected(Workload::Nats) {
+        rows.extend(calls::run(s, &floors).await?);
+    }
+    if s.selected(Workload::Scale) {
+        for &n in &s.scale {
+            rows.extend(
+                scale::run(s, n)
+                    .await
+                    .with_context(|| format!("scale with {n} agents"))?,
+            );
+        }
+    }
+    if s.selected(Workload::Federation) {
+        rows.extend(federation::run(s).await.context("federation")?);
+    }
+    Ok(rows)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match main_inner(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fem-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main_inner(args: &Args) -> anyhow::Result<()> {
+    // Thousands of agents hold a socket each, in this process and the broker's.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let work = tempfile::Builder::new().prefix("fem-bench-").tempdir()?;
+    // Kept (with the broker logs) from the start when asked, so a failed run can be read.
+    let (work_path, _guard) = if args.keep {
+        let p = work.keep();
+        eprintln!("working directory (kept): {}", p.display());
+        (p, None)
+    } else {
+        (work.path().to_owned(), Some(work))
+    };
+    let s = settings(args, work_path)?;
+    let started = Instant::now();
+    let rt = tokio::runtime::Runtime::new()?;
+    let rows = rt.block_on(run(&s))?;
+    drop(rt);
+    let mut settings_map = BTreeMap::new();
+    settings_map.insert(
+        "duration".into(),
+        humantime::format_duration(s.duration).to_string(),
+    );
+    settings_map.insert(
+        "warmup".into(),
+        humantime::format_duration(s.warmup).to_string(),
+    );
+    settings_map.insert("repeat".into(), s.repeat.to_string());
+    settings_map.insert("net".into(), format!("{}/24", s.net));
+    settings_map.insert(
+        "workloads".into(),
+        s.workloads
+            .iter()
+            .map(|w| w.name())
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    settings_map.insert(
+        "elapsed".into(),
+        humantime::format_duration(Duration::from_secs(started.elapsed().as_secs())).to_string(),
+    );
+    let report = Report {
+        machine: machine(),
+        settings: settings_map,
+        rows,
+    };
+    println!("{}", report::table(&report.rows));
+    std::fs::write(&args.json, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("write {}", args.json.display()))?;
+    println!("results written to {}", args.json.display());
+    Ok(())
+}

@@ -1,0 +1,168 @@
+//! Workload 5: many agents connecting and registering to one broker.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use fem_agent_sdk::{AgentBuilder, Client, Transport};
+use fem_proto::{AgentId, CapabilityPattern, SigningKey, Target};
+use futures::StreamExt as _;
+
+use crate::calls::{caller, echo_tool, options, size_name};
+use crate::load::{self, Caller, echo_params};
+use crate::procs::{BrokerProc, host_ip};
+use crate::report::Row;
+use crate::{Settings, Workload};
+
+/// Registrations in flight at once: enough to keep the broker busy, few
+/// enough that the client side is not what limits the rate.
+const CONNECTING_AT_ONCE: usize = 256;
+
+/// Connects `n` agents (QUIC, one echo tool and one capability each) to a
+/// fresh broker and measures registrations per second, the time until the
+/// broker routes to all of them, its resident memory per agent and a call's
+/// latency with all of them registered.
+pub(crate) async fn run(s: &Settings, n: usize) -> anyhow::Result<Vec<Row>> {
+    let dir = s.work.join(format!("scale-{n}"));
+    // The default connection limit is 10,000; the run needs n agents plus callers.
+    let limit = (n + 100).max(10_000).to_string();
+    let mut b = BrokerProc::start(
+        &s.broker_bin,
+        host_ip(s.net, 20),
+        &dir,
+        &s.ca,
+        &["--max-connections".to_owned(), limit],
+    )
+    .await?;
+    b.wait_ready(Duration::from_secs(60)).await?;
+    let opts = options(s, &b, Transport::Quic)?;
+    let c = caller("scale-caller", opts.clone()).await?;
+    let base = b.metric("fem_broker_registered_agents").await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = b.proc.rss()?;
+
+    let tool = echo_tool()?;
+    let t0 = Instant::now();
+    let results: Vec<anyhow::Result<Client>> = futures::stream::iter(0..n)
+        .map(|i| {
+            let (opts, tool) = (opts.clone(), tool.clone());
+            async move {
+                Ok(
+                    AgentBuilder::new(AgentId::new(format!("scale-{i}"))?, SigningKey::generate())
+                        .capability(&format!("scale.n{i}"))?
+                        .tool(tool)
+                        .connect(opts)
+                        .await?,
+                )
+            }
+        })
+        .buffer_unordered(CONNECTING_AT_ONCE)
+        .collect()
+        .await;
+    let registered_in = t0.elapsed();
+    let mut agents = Vec::with_capacity(n);
+    let mut failed = 0u64;
+    let mut first_error = None;
+    for r in results {
+        match r {
+            Ok(a) => agents.push(a),
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+    // Routable: the broker's registry holds every agent.
+    let want = base + agents.len() as f64;
+    let end = Instant::now() + Duration::from_secs(120);
+    while b.metric("fem_broker_registered_agents").await? < want {
+        if Instant::now() > end {
+            bail!("broker did not list {want} agents within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let routable_in = t0.elapsed();
+    // Prove it with calls to a spread of agents, by id and by capability.
+    let step = (n / 50).max(1);
+    for i in (0..n).step_by(step) {
+        let id = AgentId::new(format!("scale-{i}"))?;
+        c.call(Target::Agent(id), "echo", serde_json::json!({"i": i}))
+            .await
+            .with_context(|| format!("call to scale-{i}"))?;
+        let cap = CapabilityPattern::new(format!("scale.n{i}"))?;
+        c.call(Target::Capability(cap), "echo", serde_json::json!({"i": i}))
+            .await
+            .with_context(|| format!("call to capability scale.n{i}"))?;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_after = b.proc.rss()?;
+    let per_agent = (rss_after.saturating_sub(rss_before)) as f64 / agents.len().max(1) as f64;
+
+    let mid = n / 2;
+    let mut rows = Vec::new();
+    let mut figures = BTreeMap::new();
+    figures.insert(
+        "registrations_per_sec".into(),
+        agents.len() as f64 / registered_in.as_secs_f64(),
+    );
+    figures.insert("all_registered_s".into(), registered_in.as_secs_f64());
+    figures.insert("all_routable_s".into(), routable_in.as_secs_f64());
+    figures.insert("broker_rss_per_agent_bytes".into(), per_agent);
+    figures.insert("broker_rss_before_bytes".into(), rss_before as f64);
+    rows.push(Row {
+        workload: Workload::Scale.name().into(),
+        case: format!("{n} agents register"),
+        runs: 1,
+        calls_per_sec: Some(agents.len() as f64 / registered_in.as_secs_f64()),
+        server_rss_bytes: Some(rss_after),
+        errors: failed,
+        figures,
+        note: format!(
+            "QUIC, {CONNECTING_AT_ONCE} registrations in flight{}",
+            first_error
+                .map(|e| format!("; first error: {e}"))
+                .unwrap_or_default()
+        ),
+        ..Row::default()
+    });
+    for (how, target) in [
+        (
+            "by id",
+            Target::Agent(AgentId::new(format!("scale-{mid}"))?),
+        ),
+        (
+            "by capability",
+            Target::Capability(CapabilityPattern::new(format!("scale.n{mid}"))?),
+        ),
+    ] {
+        let caller = Caller::Fem {
+            client: c.clone(),
+            target,
+            params: Arc::new(echo_params(256)),
+        };
+        let st = load::run(&caller, 1, s.warmup, s.duration).await;
+        rows.push(Row {
+            workload: Workload::Scale.name().into(),
+            case: format!("call {how} among {n} agents {} c=1", size_name(256)),
+            runs: 1,
+            calls_per_sec: Some(st.calls_per_sec),
+            p50_us: Some(st.p50_us),
+            p90_us: Some(st.p90_us),
+            p99_us: Some(st.p99_us),
+            server_rss_bytes: Some(b.proc.rss()?),
+            errors: st.errors,
+            note: st
+                .first_error
+                .map(|e| format!("first error: {e}"))
+                .unwrap_or_default(),
+            ..Row::default()
+        });
+    }
+    for a in &agents {
+        a.close();
+    }
+    drop(agents);
+    drop(b);
+    Ok(rows)
+}
