@@ -1,0 +1,125 @@
+//! Smoke test: the harness runs every workload at a tiny size and produces
+//! every row. It asserts nothing about speed; figures come from real runs of
+//! `fem-bench` (see BENCHMARKS.md).
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+fn every_workload_produces_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("results.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fem-bench"))
+        .args([
+            "--duration",
+            "300ms",
+            "--warmup",
+            "100ms",
+            "--repeat",
+            "1",
+            "--payloads",
+            "256,16384",
+            "--concurrency",
+            "1,4",
+            "--scale",
+            "40",
+            "--mesh-size",
+            "3",
+            "--rounds",
+            "1",
+            // Its own /24 of loopback, apart from the integration tests' hosts.
+            "--net",
+            "127.0.201.0",
+            "--json",
+        ])
+        .arg(&json)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(600);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("fem-bench did not finish within 600 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut table = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut table).unwrap();
+    eprintln!("{table}");
+    assert!(status.success(), "fem-bench failed: {status}");
+
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    let cases = |w: &str| -> Vec<String> {
+        rows.iter()
+            .filter(|r| r["workload"] == w)
+            .map(|r| r["case"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut want_calls = Vec::new();
+    for size in ["256B", "16KiB"] {
+        for c in [1, 4] {
+            want_calls.push(("single", format!("quic {size} c={c}")));
+            want_calls.push(("single", format!("tls-tcp {size} c={c}")));
+            want_calls.push(("federated", format!("mesh2 {size} c={c}")));
+            want_calls.push(("federated", format!("hub {size} c={c}")));
+            want_calls.push(("nats", format!("nats-tls {size} c={c}")));
+        }
+    }
+    for (w, case) in &want_calls {
+        let row = rows
+            .iter()
+            .find(|r| r["workload"] == *w && r["case"] == case.as_str())
+            .unwrap_or_else(|| panic!("no row {w} / {case}; rows: {:?}", cases(w)));
+        assert!(
+            row["calls_per_sec"].as_f64().unwrap() > 0.0,
+            "{w} / {case}: no calls"
+        );
+        assert_eq!(row["errors"], 0, "{w} / {case}: {}", row["note"]);
+        assert!(row["p99_us"].as_f64().unwrap() >= row["p50_us"].as_f64().unwrap());
+        if *w != "nats" {
+            assert!(
+                row["vs_nats_throughput"].as_f64().is_some(),
+                "{w} / {case}: no NATS ratio"
+            );
+            assert!(
+                row["vs_crypto_floor"].as_f64().is_some(),
+                "{w} / {case}: no floor ratio"
+            );
+        }
+    }
+    assert_eq!(cases("crypto").len(), 6, "{:?}", cases("crypto"));
+    let scale = cases("scale");
+    for want in [
+        "40 agents register",
+        "call by id among 40 agents 256B c=1",
+        "call by capability among 40 agents 256B c=1",
+    ] {
+        assert!(
+            scale.iter().any(|c| c == want),
+            "no scale row {want:?} in {scale:?}"
+        );
+    }
+    let reg = rows
+        .iter()
+        .find(|r| r["case"] == "40 agents register")
+        .unwrap();
+    assert_eq!(reg["errors"], 0);
+    assert!(
+        reg["figures"]["broker_rss_per_agent_bytes"]
+            .as_f64()
+            .is_some()
+    );
+    let fed = cases("federation");
+    assert_eq!(fed.len(), 4, "{fed:?}");
+    for r in rows.iter().filter(|r| r["workload"] == "federation") {
+        assert!(r["figures"]["median_ms"].as_f64().is_some(), "{r}");
+    }
+}
