@@ -78,10 +78,6 @@ pub struct Event {
 type Reply = Result<serde_json::Value, CallError>;
 type AckTx = oneshot::Sender<Result<(), CallError>>;
 
-/// Frames tagged with the connection epoch they belong to: frames of a
-/// previous connection are never sent on a new one (no silent re-execution).
-type Outbound = (u64, Frame);
-
 struct PendingCall {
     epoch: u64,
     tx: oneshot::Sender<Reply>,
@@ -91,7 +87,10 @@ struct Inner {
     id: AgentId,
     key: SigningKey,
     opts: Options,
-    out: mpsc::Sender<Outbound>,
+    /// The current connection's writer, tagged with its epoch: a frame made
+    /// for one connection is never sent on a later one (no silent
+    /// re-execution). Senders hand frames straight to it.
+    writer: Mutex<Option<(u64, mpsc::Sender<Frame>)>>,
     /// Current connection epoch; 0 while disconnected.
     epoch: AtomicU64,
     pending: Mutex<HashMap<RequestId, PendingCall>>,
@@ -228,14 +227,13 @@ async fn start(b: AgentBuilder, opts: Options) -> Result<Client, SdkError> {
         .map(|t| (t.spec.name.clone(), t))
         .collect();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let (out_tx, out_rx) = mpsc::channel(1024);
     let (shutdown, _) = tokio::sync::watch::channel(false);
     let (finished_tx, finished) = tokio::sync::watch::channel(false);
     let inner = Arc::new(Inner {
         id: b.id,
         key: b.key,
         opts,
-        out: out_tx,
+        writer: Mutex::new(None),
         epoch: AtomicU64::new(0),
         pending: Mutex::new(HashMap::new()),
         acks: Mutex::new(HashMap::new()),
@@ -255,7 +253,7 @@ async fn start(b: AgentBuilder, opts: Options) -> Result<Client, SdkError> {
     let span = info_span!("agent", id = %inner.id);
     tokio::spawn(
         async move {
-            connection_task(weak, out_rx, first_tx).await;
+            connection_task(weak, first_tx).await;
             let _ = finished_tx.send(true);
         }
         .instrument(span),
@@ -382,13 +380,7 @@ impl Client {
         let epoch = self.connected_epoch()?;
         let (tx, rx) = oneshot::channel();
         lock(&self.inner.pending).insert(request_id, PendingCall { epoch, tx });
-        if self
-            .inner
-            .out
-            .send((epoch, Frame::Envelope(signed)))
-            .await
-            .is_err()
-        {
+        if !self.inner.send(epoch, Frame::Envelope(signed)).await {
             lock(&self.inner.pending).remove(&request_id);
             return Err(CallError::local(
                 ErrorCode::AgentUnavailable,
@@ -439,7 +431,7 @@ impl Client {
         let epoch = self.connected_epoch()?;
         let (tx, rx) = oneshot::channel();
         lock(&self.inner.acks).insert(nonce, (epoch, tx));
-        if self.inner.out.send((epoch, frame)).await.is_err() {
+        if !self.inner.send(epoch, frame).await {
             return Err(CallError::local(
                 ErrorCode::AgentUnavailable,
                 "connection closed",
@@ -547,6 +539,24 @@ impl Client {
         self.close();
         let mut f = self.inner.finished.clone();
         let _ = tokio::time::timeout(Duration::from_secs(2), f.wait_for(|d| *d)).await;
+    }
+}
+
+impl Inner {
+    /// The writer of connection `epoch`, if it is still the current one.
+    fn writer(&self, epoch: u64) -> Option<mpsc::Sender<Frame>> {
+        match &*lock(&self.writer) {
+            Some((e, w)) if *e == epoch => Some(w.clone()),
+            _ => None,
+        }
+    }
+
+    /// Queues `frame` on connection `epoch`; false when that connection is gone.
+    async fn send(&self, epoch: u64, frame: Frame) -> bool {
+        match self.writer(epoch) {
+            Some(w) => w.send(frame).await.is_ok(),
+            None => false,
+        }
     }
 }
 
@@ -668,11 +678,7 @@ async fn open_quic(
 /// was in flight, back off (exponentially, reset after a registration), and
 /// start again. Ends when the client is closed or dropped, or when the very
 /// first attempt fails (then `connect` reports the error).
-async fn connection_task(
-    weak: Weak<Inner>,
-    mut out_rx: mpsc::Receiver<Outbound>,
-    first: oneshot::Sender<Result<(), SdkError>>,
-) {
+async fn connection_task(weak: Weak<Inner>, first: oneshot::Sender<Result<(), SdkError>>) {
     let mut first = Some(first);
     let mut epoch_seq = 0u64;
     let mut backoff = Duration::ZERO;
@@ -684,7 +690,7 @@ async fn connection_task(
             return;
         }
         let was_first = first.is_some();
-        let registered = run_once(&inner, &mut out_rx, &mut first, &mut epoch_seq).await;
+        let registered = run_once(&inner, &mut first, &mut epoch_seq).await;
         if was_first && !registered {
             return;
         }
@@ -703,7 +709,6 @@ async fn connection_task(
 
 async fn run_once(
     inner: &Arc<Inner>,
-    out_rx: &mut mpsc::Receiver<Outbound>,
     first: &mut Option<oneshot::Sender<Result<(), SdkError>>>,
     epoch_seq: &mut u64,
 ) -> bool {
@@ -730,19 +735,13 @@ async fn run_once(
     let (wtx, wrx) = mpsc::channel::<Frame>(1024);
     let max = inner.opts.max_frame;
     let writer_task = tokio::spawn(async move { write_loop(wrx, writer, max).await });
-    let (itx, mut irx) = mpsc::channel::<Frame>(1024);
-    let reader_task = tokio::spawn(async move {
-        let mut r = FrameReader::new(reader, max);
-        while let Ok(Some(f)) = r.next().await {
-            if itx.send(f).await.is_err() {
-                break;
-            }
-        }
-    });
+    let mut reader = FrameReader::new(reader, max);
 
-    let close = |wtx: mpsc::Sender<Frame>| async move {
+    let close = |wtx: mpsc::Sender<Frame>, reader_task: Option<tokio::task::JoinHandle<()>>| async move {
         drop(wtx);
-        reader_task.abort();
+        if let Some(t) = reader_task {
+            t.abort();
+        }
         let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
         if let Some((endpoint, conn)) = quic {
             conn.close(0u32.into(), b"bye");
@@ -773,15 +772,16 @@ async fn run_once(
         }
     };
     let _ = wtx.send(Frame::Envelope(signed)).await;
-    let accepted = match tokio::time::timeout(inner.opts.connect_timeout, irx.recv()).await {
-        Ok(Some(Frame::Accepted(a))) => a,
-        Ok(Some(Frame::Denied { code, reason })) => {
-            close(wtx).await;
+    let answer = tokio::time::timeout(inner.opts.connect_timeout, reader.next()).await;
+    let accepted = match answer {
+        Ok(Ok(Some(Frame::Accepted(a)))) => a,
+        Ok(Ok(Some(Frame::Denied { code, reason }))) => {
+            close(wtx, None).await;
             report(first, SdkError::Denied { code, reason });
             return false;
         }
-        Ok(Some(other)) => {
-            close(wtx).await;
+        Ok(Ok(Some(other))) => {
+            close(wtx, None).await;
             report(
                 first,
                 SdkError::Connect {
@@ -791,8 +791,8 @@ async fn run_once(
             );
             return false;
         }
-        Ok(None) | Err(_) => {
-            close(wtx).await;
+        Ok(Ok(None) | Err(_)) | Err(_) => {
+            close(wtx, None).await;
             report(
                 first,
                 SdkError::Connect {
@@ -806,10 +806,10 @@ async fn run_once(
     *epoch_seq += 1;
     let epoch = *epoch_seq;
     *lock(&inner.broker_key) = Some(accepted.broker_key);
-    // Anything queued for an earlier connection is dropped, and calls made
-    // for it are failed, so nothing is sent twice or silently lost.
-    while out_rx.try_recv().is_ok() {}
+    // Calls made for an earlier connection are failed, so nothing is sent
+    // twice or silently lost.
     fail_pending(inner, |e| e < epoch, "connection to the broker was lost");
+    *lock(&inner.writer) = Some((epoch, wtx.clone()));
     inner.epoch.store(epoch, Ordering::Release);
     if let Some(m) = &inner.metrics {
         m.connected.set(1);
@@ -829,55 +829,61 @@ async fn run_once(
             .await;
     }
 
+    // Frames are handled on the task that reads them: no hop between the
+    // socket and the waiting caller or the tool handler.
+    let base = Instant::now();
+    let last_rx = Arc::new(AtomicU64::new(0));
+    let (ended_tx, mut ended) = oneshot::channel::<()>();
+    let reader_task = {
+        let (inner, wtx, last_rx) = (Arc::clone(inner), wtx.clone(), Arc::clone(&last_rx));
+        let sem = Arc::new(Semaphore::new(inner.max_concurrent.max(1)));
+        tokio::spawn(
+            async move {
+                let mut replay: HashMap<AgentId, NonceCache> = HashMap::new();
+                while let Ok(Some(f)) = reader.next().await {
+                    let at = u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    last_rx.store(at, Ordering::Relaxed);
+                    if !handle_inbound(&inner, f, epoch, &wtx, &sem, &mut replay) {
+                        break;
+                    }
+                }
+                drop(ended_tx);
+            }
+            .in_current_span(),
+        )
+    };
+
     // The broker answers every heartbeat, so three silent intervals mean
     // the broker (or the path to it) is gone.
     let grace = inner.opts.heartbeat * 3;
     let mut hb = tokio::time::interval(inner.opts.heartbeat);
     hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_rx = Instant::now();
     let mut seq = 0u64;
-    let sem = Arc::new(Semaphore::new(inner.max_concurrent.max(1)));
-    let mut replay: HashMap<AgentId, NonceCache> = HashMap::new();
     let mut stop = inner.shutdown.subscribe();
     loop {
         tokio::select! {
-            f = irx.recv() => match f {
-                Some(f) => {
-                    last_rx = Instant::now();
-                    if !handle_inbound(inner, f, epoch, &wtx, &sem, &mut replay) {
-                        break;
-                    }
-                }
-                None => break,
-            },
-            o = out_rx.recv() => match o {
-                Some((e, f)) if e == epoch => { if wtx.send(f).await.is_err() { break; } }
-                Some(_) => {}
-                None => break,
-            },
+            _ = &mut ended => break,
             _ = hb.tick() => {
-                if last_rx.elapsed() > grace {
+                let silent = base.elapsed().saturating_sub(Duration::from_millis(last_rx.load(Ordering::Relaxed)));
+                if silent > grace {
                     warn!(grace_ms = grace.as_millis() as u64, "broker silent; reconnecting");
                     break;
                 }
                 seq += 1;
                 let _ = wtx.try_send(Frame::Heartbeat { seq });
             }
-            () = async { let _ = stop.wait_for(|s| *s).await; } => {
-                // Send what is queued (e.g. a revoke) before closing.
-                while let Ok((e, f)) = out_rx.try_recv() {
-                    if e == epoch { let _ = wtx.send(f).await; }
-                }
-                break;
-            }
+            // Frames already queued (e.g. a revoke) are written before the
+            // writer closes: `close` waits for it.
+            () = async { let _ = stop.wait_for(|s| *s).await; } => break,
         }
     }
     inner.epoch.store(0, Ordering::Release);
+    *lock(&inner.writer) = None;
     if let Some(m) = &inner.metrics {
         m.connected.set(0);
     }
     fail_pending(inner, |e| e <= epoch, "connection to the broker was lost");
-    close(wtx).await;
+    close(wtx, Some(reader_task)).await;
     info!("disconnected from broker");
     true
 }
@@ -1105,7 +1111,10 @@ fn send_result(inner: &Arc<Inner>, epoch: u64, format: Format, result: ToolResul
     };
     match signed {
         Ok(s) => {
-            if inner.out.try_send((epoch, Frame::Envelope(s))).is_err() {
+            let sent = inner
+                .writer(epoch)
+                .is_some_and(|w| w.try_send(Frame::Envelope(s)).is_ok());
+            if !sent {
                 warn!(
                     "outgoing queue full; result dropped (the broker answers the caller at the deadline)"
                 );

@@ -2,7 +2,7 @@
 //! SDK and the broker.
 
 use fem_proto::{FRAME_HEADER_LEN, Frame, ProtoError, decode_message, encode_message, frame_len};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 
 /// Why reading a frame failed.
@@ -17,10 +17,16 @@ pub enum ReadError {
     Proto(#[from] ProtoError),
 }
 
+/// Read and write buffers above this are released after use.
+const KEEP_BUFFER: usize = 64 * 1024;
+
 /// Reads length-prefixed frames, refusing oversized ones before reading them.
+///
+/// It adds no read buffer of its own: TLS and QUIC streams already hold
+/// received data in user space, and a broker keeps one reader per agent.
 #[derive(Debug)]
 pub struct FrameReader<R> {
-    inner: BufReader<R>,
+    inner: R,
     buf: Vec<u8>,
     max: usize,
 }
@@ -29,7 +35,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Wraps a stream; frames above `max` bytes are refused.
     pub fn new(inner: R, max: usize) -> Self {
         Self {
-            inner: BufReader::with_capacity(64 * 1024, inner),
+            inner,
             buf: Vec::new(),
             max,
         }
@@ -63,7 +69,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.buf.resize(len, 0);
         self.inner.read_exact(&mut self.buf).await?;
         let frame = decode_message(&self.buf)?;
-        if self.buf.capacity() > 256 * 1024 {
+        if self.buf.capacity() > KEEP_BUFFER {
             // Do not keep a large buffer alive for an idle connection.
             self.buf = Vec::new();
         }
@@ -81,7 +87,8 @@ pub async fn write_loop<W: AsyncWrite + Unpin, T: serde::Serialize>(
     mut writer: W,
     max: usize,
 ) -> std::io::Result<()> {
-    let mut out = Vec::with_capacity(64 * 1024);
+    // Grows to what the traffic needs; an idle connection keeps a small one.
+    let mut out = Vec::new();
     while let Some(first) = rx.recv().await {
         out.clear();
         encode_or_log(&first, &mut out, max);
@@ -93,8 +100,8 @@ pub async fn write_loop<W: AsyncWrite + Unpin, T: serde::Serialize>(
         }
         writer.write_all(&out).await?;
         writer.flush().await?;
-        if out.capacity() > 1024 * 1024 {
-            out = Vec::with_capacity(64 * 1024);
+        if out.capacity() > KEEP_BUFFER {
+            out = Vec::new();
         }
     }
     writer.shutdown().await

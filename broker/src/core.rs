@@ -370,6 +370,11 @@ impl Shared {
     /// Moves waiting calls onto free slots of `agent`, oldest first,
     /// skipping calls that expired while they waited.
     fn pump(&self, agent: &Arc<AgentEntry>) {
+        // Most calls find the queue empty: then the gauge (a labelled
+        // lookup) is left alone; enqueueing sets it.
+        if agent.queued() == 0 {
+            return;
+        }
         while agent.queued() > 0 && agent.try_acquire() {
             let Some(q) = agent.dequeue() else {
                 agent.release();

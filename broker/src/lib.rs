@@ -147,8 +147,10 @@ impl Broker {
                     &[fem_proto::ALPN_FEDERATION],
                 )?)
                 .map_err(|e| BrokerError::Config(format!("QUIC TLS: {e}")))?;
-                let sock = std::net::UdpSocket::bind(addr)
-                    .map_err(|e| BrokerError::Bind { addr, source: e })?;
+                let sock = tune_udp(
+                    std::net::UdpSocket::bind(addr)
+                        .map_err(|e| BrokerError::Bind { addr, source: e })?,
+                );
                 Some(
                     quinn::Endpoint::new(
                         quinn::EndpointConfig::default(),
@@ -305,6 +307,31 @@ fn cert_names(config: &BrokerConfig) -> Vec<String> {
     names
 }
 
+/// Socket buffer asked for on the QUIC socket. All clients share this one
+/// socket: with the kernel's default (about 208 KiB) a burst of handshakes
+/// overflows it, and every dropped Initial costs the client QUIC's initial
+/// retransmission timeout (about 1 s with backoff). The kernel caps the size
+/// at net.core.rmem_max / wmem_max.
+const UDP_BUFFER: usize = 8 * 1024 * 1024;
+
+/// Enlarges the receive and send buffers of a QUIC socket, warning when the
+/// kernel grants much less than asked.
+fn tune_udp(udp: std::net::UdpSocket) -> std::net::UdpSocket {
+    let sock = socket2::Socket::from(udp);
+    let _ = sock.set_recv_buffer_size(UDP_BUFFER);
+    let _ = sock.set_send_buffer_size(UDP_BUFFER);
+    // Linux reports twice the usable size it granted.
+    let got = sock.recv_buffer_size().unwrap_or(0) / 2;
+    if got < UDP_BUFFER / 4 {
+        tracing::warn!(
+            granted = got,
+            wanted = UDP_BUFFER,
+            "small UDP receive buffer: bursts of QUIC handshakes may be dropped (raise net.core.rmem_max)"
+        );
+    }
+    sock.into()
+}
+
 /// Binds TCP and UDP on the same port; with port 0, retries until both get one.
 async fn bind_pair(
     addr: SocketAddr,
@@ -318,7 +345,7 @@ async fn bind_pair(
             .local_addr()
             .map_err(|e| BrokerError::Bind { addr, source: e })?;
         match std::net::UdpSocket::bind(bound) {
-            Ok(udp) => return Ok((listener, udp)),
+            Ok(udp) => return Ok((listener, tune_udp(udp))),
             Err(e) if addr.port() == 0 => last = Some(e),
             Err(e) => {
                 return Err(BrokerError::Bind {

@@ -57,6 +57,9 @@ struct Args {
     /// Agent counts of the scale workload [default: 1000,10000; 1000 with --quick].
     #[arg(long, value_delimiter = ',')]
     scale: Option<Vec<usize>>,
+    /// Transport of the scale workload's agents: quic or tcp (TLS over TCP).
+    #[arg(long, default_value = "quic")]
+    scale_transport: String,
     /// Brokers in the federation mesh [default: 10].
     #[arg(long, default_value_t = 10)]
     mesh_size: u8,
@@ -123,6 +126,7 @@ pub(crate) struct Settings {
     pub(crate) payloads: Vec<usize>,
     pub(crate) concurrency: Vec<usize>,
     pub(crate) scale: Vec<usize>,
+    pub(crate) scale_transport: fem_agent_sdk::Transport,
     pub(crate) mesh_size: u8,
     pub(crate) rounds: usize,
     pub(crate) net: Ipv4Addr,
@@ -190,6 +194,11 @@ fn settings(a: &Args, work: PathBuf) -> anyhow::Result<Settings> {
                 vec![1000, 10_000]
             }
         }),
+        scale_transport: match a.scale_transport.as_str() {
+            "quic" => fem_agent_sdk::Transport::Quic,
+            "tcp" => fem_agent_sdk::Transport::Tcp,
+            other => bail!("--scale-transport {other:?}: quic or tcp"),
+        },
         mesh_size: a.mesh_size,
         rounds: a.rounds.unwrap_or(if a.quick { 2 } else { 5 }).max(1),
         net: a.net,

@@ -36,7 +36,7 @@ pub(crate) async fn run(s: &Settings, n: usize) -> anyhow::Result<Vec<Row>> {
     )
     .await?;
     b.wait_ready(Duration::from_secs(60)).await?;
-    let opts = options(s, &b, Transport::Quic)?;
+    let opts = options(s, &b, s.scale_transport)?;
     let c = caller("scale-caller", opts.clone()).await?;
     let base = b.metric("fem_broker_registered_agents").await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -119,7 +119,12 @@ pub(crate) async fn run(s: &Settings, n: usize) -> anyhow::Result<Vec<Row>> {
         errors: failed,
         figures,
         note: format!(
-            "QUIC, {CONNECTING_AT_ONCE} registrations in flight{}",
+            "{}, {CONNECTING_AT_ONCE} registrations in flight{}",
+            if s.scale_transport == Transport::Tcp {
+                "TLS/TCP"
+            } else {
+                "QUIC"
+            },
             first_error
                 .map(|e| format!("; first error: {e}"))
                 .unwrap_or_default()
