@@ -168,18 +168,15 @@ async fn spoke_with_one_hub_becomes_ready() {
         })
         .await;
         let ca = bs[1].ca();
-        let mut last = (0, String::new());
-        let ok = {
-            let t = Instant::now();
-            loop {
-                last = fem_tests::https_get(s, &ca, "/ready").await;
-                if last.0 == 200 || t.elapsed() > Duration::from_secs(20) {
-                    break last.0 == 200;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        let t = Instant::now();
+        let last = loop {
+            let r = fem_tests::https_get(s, &ca, "/ready").await;
+            if r.0 == 200 || t.elapsed() > Duration::from_secs(20) {
+                break r;
             }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        assert!(ok, "spoke never ready: {last:?}");
+        assert_eq!(last.0, 200, "spoke never ready: {last:?}");
     })
     .await;
 }
