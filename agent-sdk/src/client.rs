@@ -655,6 +655,9 @@ async fn open_quic(
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(opts.heartbeat.min(Duration::from_secs(10))));
+    // The broker never opens streams towards a client.
+    transport.max_concurrent_bidi_streams(0u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
     cfg.transport_config(Arc::new(transport));
     endpoint.set_default_client_config(cfg);
     let conn = endpoint

@@ -121,7 +121,9 @@ impl Broker {
             .map_err(|e| BrokerError::Config(format!("QUIC TLS: {e}")))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
         let mut transport = quinn::TransportConfig::default();
-        transport.max_concurrent_bidi_streams(4u32.into());
+        // One stream per connection (agent session or federation link): a
+        // peer cannot open more streams for the broker to buffer.
+        transport.max_concurrent_bidi_streams(1u32.into());
         transport.max_concurrent_uni_streams(0u32.into());
         transport.max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(config.heartbeat_grace + Duration::from_secs(5))

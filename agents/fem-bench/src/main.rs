@@ -57,9 +57,9 @@ struct Args {
     /// Agent counts of the scale workload [default: 1000,10000; 1000 with --quick].
     #[arg(long, value_delimiter = ',')]
     scale: Option<Vec<usize>>,
-    /// Transport of the scale workload's agents: quic or tcp (TLS over TCP).
-    #[arg(long, default_value = "quic")]
-    scale_transport: String,
+    /// Transports of the scale workload's agents: quic, tcp (TLS over TCP) [default: quic,tcp].
+    #[arg(long, value_delimiter = ',')]
+    scale_transport: Option<Vec<String>>,
     /// Brokers in the federation mesh [default: 10].
     #[arg(long, default_value_t = 10)]
     mesh_size: u8,
@@ -126,7 +126,7 @@ pub(crate) struct Settings {
     pub(crate) payloads: Vec<usize>,
     pub(crate) concurrency: Vec<usize>,
     pub(crate) scale: Vec<usize>,
-    pub(crate) scale_transport: fem_agent_sdk::Transport,
+    pub(crate) scale_transports: Vec<fem_agent_sdk::Transport>,
     pub(crate) mesh_size: u8,
     pub(crate) rounds: usize,
     pub(crate) net: Ipv4Addr,
@@ -194,11 +194,17 @@ fn settings(a: &Args, work: PathBuf) -> anyhow::Result<Settings> {
                 vec![1000, 10_000]
             }
         }),
-        scale_transport: match a.scale_transport.as_str() {
-            "quic" => fem_agent_sdk::Transport::Quic,
-            "tcp" => fem_agent_sdk::Transport::Tcp,
-            other => bail!("--scale-transport {other:?}: quic or tcp"),
-        },
+        scale_transports: a
+            .scale_transport
+            .clone()
+            .unwrap_or_else(|| vec!["quic".into(), "tcp".into()])
+            .iter()
+            .map(|t| match t.as_str() {
+                "quic" => Ok(fem_agent_sdk::Transport::Quic),
+                "tcp" => Ok(fem_agent_sdk::Transport::Tcp),
+                other => Err(anyhow::anyhow!("--scale-transport {other:?}: quic or tcp")),
+            })
+            .collect::<anyhow::Result<_>>()?,
         mesh_size: a.mesh_size,
         rounds: a.rounds.unwrap_or(if a.quick { 2 } else { 5 }).max(1),
         net: a.net,
@@ -282,11 +288,13 @@ async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
     }
     if s.selected(Workload::Scale) {
         for &n in &s.scale {
-            rows.extend(
-                scale::run(s, n)
-                    .await
-                    .with_context(|| format!("scale with {n} agents"))?,
-            );
+            for &t in &s.scale_transports {
+                rows.extend(
+                    scale::run(s, n, t)
+                        .await
+                        .with_context(|| format!("scale with {n} agents"))?,
+                );
+            }
         }
     }
     if s.selected(Workload::Federation) {

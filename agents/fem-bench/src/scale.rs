@@ -23,8 +23,13 @@ const CONNECTING_AT_ONCE: usize = 256;
 /// fresh broker and measures registrations per second, the time until the
 /// broker routes to all of them, its resident memory per agent and a call's
 /// latency with all of them registered.
-pub(crate) async fn run(s: &Settings, n: usize) -> anyhow::Result<Vec<Row>> {
-    let dir = s.work.join(format!("scale-{n}"));
+pub(crate) async fn run(s: &Settings, n: usize, transport: Transport) -> anyhow::Result<Vec<Row>> {
+    let tname = if transport == Transport::Tcp {
+        "tls-tcp"
+    } else {
+        "quic"
+    };
+    let dir = s.work.join(format!("scale-{n}-{tname}"));
     // The default connection limit is 10,000; the run needs n agents plus callers.
     let limit = (n + 100).max(10_000).to_string();
     let mut b = BrokerProc::start(
@@ -36,7 +41,7 @@ pub(crate) async fn run(s: &Settings, n: usize) -> anyhow::Result<Vec<Row>> {
     )
     .await?;
     b.wait_ready(Duration::from_secs(60)).await?;
-    let opts = options(s, &b, s.scale_transport)?;
+    let opts = options(s, &b, transport)?;
     let c = caller("scale-caller", opts.clone()).await?;
     let base = b.metric("fem_broker_registered_agents").await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -112,19 +117,14 @@ pub(crate) async fn run(s: &Settings, n: usize) -> anyhow::Result<Vec<Row>> {
     figures.insert("broker_rss_before_bytes".into(), rss_before as f64);
     rows.push(Row {
         workload: Workload::Scale.name().into(),
-        case: format!("{n} agents register"),
+        case: format!("{tname} {n} agents register"),
         runs: 1,
         calls_per_sec: Some(agents.len() as f64 / registered_in.as_secs_f64()),
         server_rss_bytes: Some(rss_after),
         errors: failed,
         figures,
         note: format!(
-            "{}, {CONNECTING_AT_ONCE} registrations in flight{}",
-            if s.scale_transport == Transport::Tcp {
-                "TLS/TCP"
-            } else {
-                "QUIC"
-            },
+            "{CONNECTING_AT_ONCE} registrations in flight{}",
             first_error
                 .map(|e| format!("; first error: {e}"))
                 .unwrap_or_default()
@@ -149,7 +149,7 @@ pub(crate) async fn run(s: &Settings, n: usize) -> anyhow::Result<Vec<Row>> {
         let st = load::run(&caller, 1, s.warmup, s.duration).await;
         rows.push(Row {
             workload: Workload::Scale.name().into(),
-            case: format!("call {how} among {n} agents {} c=1", size_name(256)),
+            case: format!("{tname} call {how} among {n} agents {} c=1", size_name(256)),
             runs: 1,
             calls_per_sec: Some(st.calls_per_sec),
             p50_us: Some(st.p50_us),

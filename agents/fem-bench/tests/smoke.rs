@@ -97,26 +97,25 @@ fn every_workload_produces_every_row() {
     }
     assert_eq!(cases("crypto").len(), 6, "{:?}", cases("crypto"));
     let scale = cases("scale");
-    for want in [
-        "40 agents register",
-        "call by id among 40 agents 256B c=1",
-        "call by capability among 40 agents 256B c=1",
-    ] {
+    for t in ["quic", "tls-tcp"] {
+        for want in [
+            format!("{t} 40 agents register"),
+            format!("{t} call by id among 40 agents 256B c=1"),
+            format!("{t} call by capability among 40 agents 256B c=1"),
+        ] {
+            assert!(scale.contains(&want), "no scale row {want:?} in {scale:?}");
+        }
+        let reg = rows
+            .iter()
+            .find(|r| r["case"] == format!("{t} 40 agents register").as_str())
+            .unwrap();
+        assert_eq!(reg["errors"], 0, "{reg}");
         assert!(
-            scale.iter().any(|c| c == want),
-            "no scale row {want:?} in {scale:?}"
+            reg["figures"]["broker_rss_per_agent_bytes"]
+                .as_f64()
+                .is_some()
         );
     }
-    let reg = rows
-        .iter()
-        .find(|r| r["case"] == "40 agents register")
-        .unwrap();
-    assert_eq!(reg["errors"], 0);
-    assert!(
-        reg["figures"]["broker_rss_per_agent_bytes"]
-            .as_f64()
-            .is_some()
-    );
     let fed = cases("federation");
     assert_eq!(fed.len(), 4, "{fed:?}");
     for r in rows.iter().filter(|r| r["workload"] == "federation") {
