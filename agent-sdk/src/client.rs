@@ -96,7 +96,8 @@ struct Inner {
     pending: Mutex<HashMap<RequestId, PendingCall>>,
     acks: Mutex<HashMap<Nonce, (u64, AckTx)>>,
     subs: Mutex<HashMap<Capability, Vec<mpsc::Sender<Event>>>>,
-    tools: Mutex<BTreeMap<Capability, Tool>>,
+    /// Shared with the calls in flight, so serving a call copies no spec.
+    tools: Mutex<BTreeMap<Capability, Arc<Tool>>>,
     capabilities: Mutex<Vec<Capability>>,
     metadata: BTreeMap<String, String>,
     max_concurrent: usize,
@@ -224,7 +225,7 @@ async fn start(b: AgentBuilder, opts: Options) -> Result<Client, SdkError> {
     let tools = b
         .tools
         .into_iter()
-        .map(|t| (t.spec.name.clone(), t))
+        .map(|t| (t.spec.name.clone(), Arc::new(t)))
         .collect();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (shutdown, _) = tokio::sync::watch::channel(false);
@@ -503,7 +504,7 @@ impl Client {
         let specs = tools.iter().map(|t| t.spec.clone()).collect();
         *lock(&self.inner.tools) = tools
             .into_iter()
-            .map(|t| (t.spec.name.clone(), t))
+            .map(|t| (t.spec.name.clone(), Arc::new(t)))
             .collect();
         self.send_acked(Body::EmbodimentUpdate(EmbodimentUpdate {
             tools: specs,

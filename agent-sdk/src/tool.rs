@@ -110,6 +110,10 @@ impl Tool {
 
     /// Checks parameters against the schema.
     pub(crate) fn validate(&self, params: &serde_json::Value) -> Result<(), ToolError> {
+        // The common case needs no error list.
+        if self.validator.is_valid(params) {
+            return Ok(());
+        }
         let errors: Vec<String> = self
             .validator
             .iter_errors(params)

@@ -115,6 +115,11 @@ impl Shared {
 
     /// Timestamp window and per-sender nonce check.
     pub(crate) fn check_replay(&self, sender: &AgentId, h: &Header) -> Result<(), ProtoError> {
+        // Known senders take a shared lock on the shard and no id copy.
+        if let Some(cache) = self.nonces.get(sender) {
+            let mut c = cache.lock().map_err(|_| ProtoError::RateLimited)?;
+            return c.check(h.timestamp_ms, &h.nonce, fem_proto::now_ms());
+        }
         let cache = self.nonces.entry(sender.clone()).or_insert_with(|| {
             Mutex::new(NonceCache::new(
                 self.config.replay_window_ms,

@@ -185,11 +185,13 @@ macro_rules! byte_id {
         pub struct $name(pub [u8; $n]);
 
         impl $name {
-            /// A fresh random value from the operating system's CSPRNG.
+            /// A fresh random value from the thread's CSPRNG (ChaCha, seeded
+            /// and periodically reseeded from the operating system): one per
+            /// envelope, so no system call each time.
             pub fn random() -> Self {
                 use rand::RngCore as _;
                 let mut b = [0u8; $n];
-                rand::rngs::OsRng.fill_bytes(&mut b);
+                rand::thread_rng().fill_bytes(&mut b);
                 Self(b)
             }
         }
