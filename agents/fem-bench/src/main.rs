@@ -265,6 +265,8 @@ async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
                     let mut figures = BTreeMap::new();
                     figures.insert("sign_us".into(), f.sign_us);
                     figures.insert("verify_us".into(), f.verify_us);
+                    figures.insert("verify_prepared_key_us".into(), f.verify_prepared_us);
+                    figures.insert("verify_batch64_us".into(), f.verify_batch64_us);
                     figures.insert("signs".into(), f64::from(ops.signs));
                     figures.insert("verifies".into(), f64::from(ops.verifies));
                     figures.insert("crypto_us_per_call".into(), us);
