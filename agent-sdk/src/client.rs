@@ -1204,7 +1204,8 @@ fn serve_call(
     }
     let inner = Arc::clone(inner);
     let sem = Arc::clone(sem);
-    let span = info_span!("call", request = %call.request_id, tool = %call.tool, caller = %caller);
+    // Debug level, as at the broker: a span per call is costly at info.
+    let span = tracing::debug_span!("call", request = %call.request_id, tool = %call.tool, caller = %caller);
     tokio::spawn(
         async move {
             let m = inner.metrics.clone();

@@ -217,7 +217,9 @@ impl Shared {
         started: Instant,
         hops_left: u8,
     ) {
-        let _span = tracing::info_span!(
+        // Debug level: at info it cost about 10 us of a 300 us round trip
+        // (BENCHMARKS.md); `--log-level fem_broker=debug` turns it on.
+        let _span = tracing::debug_span!(
             "call",
             request = %call.request_id,
             tool = %call.tool,

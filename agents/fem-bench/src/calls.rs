@@ -210,21 +210,7 @@ async fn start_federated(s: &Settings, run: &mut Running) -> anyhow::Result<()> 
         ]
     })
     .await?;
-    let agent = echo_agent("echo-mesh", options(s, &mesh[1], Transport::Quic)?).await?;
-    let c = caller("caller-mesh", options(s, &mesh[0], Transport::Quic)?).await?;
-    until_routable(&c, "echo-mesh", Duration::from_secs(30)).await?;
-    run.systems.push(System {
-        workload: Workload::Federated,
-        name: "mesh2",
-        brokers_on_path: 2,
-        pids: mesh.iter().map(|b| b.proc.pid()).collect(),
-        caller: CallerKind::Fem {
-            client: c,
-            target: Target::Agent(agent.id().clone()),
-        },
-    });
-    run.agents.push(agent);
-    run.brokers.extend(mesh);
+    add_federated(s, run, "mesh2", mesh, 2).await?;
 
     let hub_url = format!(
         "https://{}:{}",
@@ -244,21 +230,41 @@ async fn start_federated(s: &Settings, run: &mut Running) -> anyhow::Result<()> 
         }
     })
     .await?;
-    let agent = echo_agent("echo-hub", options(s, &star[2], Transport::Quic)?).await?;
-    let c = caller("caller-hub", options(s, &star[1], Transport::Quic)?).await?;
-    until_routable(&c, "echo-hub", Duration::from_secs(30)).await?;
+    // Caller on one spoke, agent on the other: the call crosses the hub.
+    let [hub, a, b] =
+        <[BrokerProc; 3]>::try_from(star).map_err(|_| anyhow::anyhow!("expected three brokers"))?;
+    add_federated(s, run, "hub", vec![a, b, hub], 3).await
+}
+
+/// Adds a federated system: the caller on the first broker, the echo agent
+/// on the second, the call crossing `brokers_on_path` brokers.
+async fn add_federated(
+    s: &Settings,
+    run: &mut Running,
+    name: &'static str,
+    brokers: Vec<BrokerProc>,
+    brokers_on_path: u32,
+) -> anyhow::Result<()> {
+    let agent_id = format!("echo-{name}");
+    let agent = echo_agent(&agent_id, options(s, &brokers[1], Transport::Quic)?).await?;
+    let c = caller(
+        &format!("caller-{name}"),
+        options(s, &brokers[0], Transport::Quic)?,
+    )
+    .await?;
+    until_routable(&c, &agent_id, Duration::from_secs(30)).await?;
     run.systems.push(System {
         workload: Workload::Federated,
-        name: "hub",
-        brokers_on_path: 3,
-        pids: star.iter().map(|b| b.proc.pid()).collect(),
+        name,
+        brokers_on_path,
+        pids: brokers.iter().map(|b| b.proc.pid()).collect(),
         caller: CallerKind::Fem {
             client: c,
             target: Target::Agent(agent.id().clone()),
         },
     });
     run.agents.push(agent);
-    run.brokers.extend(star);
+    run.brokers.extend(brokers);
     Ok(())
 }
 

@@ -74,6 +74,20 @@ async fn until_all(
     futures::future::try_join_all(polls).await
 }
 
+/// An echo agent `id` with capability `cap`, registered at `b`.
+async fn agent_on(
+    s: &Settings,
+    b: &BrokerProc,
+    id: &str,
+    cap: &CapabilityPattern,
+) -> anyhow::Result<Client> {
+    Ok(AgentBuilder::new(AgentId::new(id)?, SigningKey::generate())
+        .capability(cap.as_str())?
+        .tool(echo_tool()?)
+        .connect(options(s, b, Transport::Quic)?)
+        .await?)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -112,14 +126,7 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
     for r in 0..s.rounds {
         let origin = r % m;
         let cap = CapabilityPattern::new(format!("fedbench.r{r}"))?;
-        let agent = AgentBuilder::new(
-            AgentId::new(format!("fed-agent-{r}"))?,
-            SigningKey::generate(),
-        )
-        .capability(cap.as_str())?
-        .tool(echo_tool()?)
-        .connect(options(s, &brokers[origin], Transport::Quic)?)
-        .await?;
+        let agent = agent_on(s, &brokers[origin], &format!("fed-agent-{r}"), &cap).await?;
         let t0 = Instant::now();
         let others: Vec<&Client> = (0..m)
             .filter(|&i| i != origin)
@@ -150,14 +157,7 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
     let kills = s.rounds.min(3);
     for k in 0..kills {
         let cap = CapabilityPattern::new(format!("fedbench.k{k}"))?;
-        let agent = AgentBuilder::new(
-            AgentId::new(format!("fed-kill-{k}"))?,
-            SigningKey::generate(),
-        )
-        .capability(cap.as_str())?
-        .tool(echo_tool()?)
-        .connect(options(s, &brokers[0], Transport::Quic)?)
-        .await?;
+        let agent = agent_on(s, &brokers[0], &format!("fed-kill-{k}"), &cap).await?;
         let others: Vec<&Client> = callers[1..].iter().collect();
         until_all(&others, &cap, true, Instant::now(), limit).await?;
         brokers[0].proc.kill();
