@@ -14,7 +14,7 @@ use fem_agent_sdk::{AgentBuilder, Client, Options, Tool, Transport, Trust};
 use fem_proto::{AgentId, ErrorCode, SigningKey, Target};
 use futures::StreamExt as _;
 
-use crate::crypto::{CryptoOps, Floor};
+use crate::crypto::{self, CryptoOps, Floor};
 use crate::load::{self, Caller, RunStats, echo_params, median};
 use crate::procs::{BrokerProc, NatsProc, cpu_of, host_ip};
 use crate::report::Row;
@@ -307,6 +307,8 @@ async fn start_nats(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
 struct Measured {
     stats: RunStats,
     cpu_us_per_call: f64,
+    /// CPU per call over the signatures' cost measured in the same repetition.
+    vs_floor: Option<f64>,
     rss: u64,
 }
 
@@ -345,13 +347,18 @@ async fn measure(
     Ok(Measured {
         stats,
         cpu_us_per_call,
+        vs_floor: None,
         rss,
     })
 }
 
-/// Runs the selected call workloads; `floor` (per payload) adds the
-/// CPU-to-signature-cost ratio to the FEM rows.
-pub(crate) async fn run(s: &Settings, floors: &BTreeMap<usize, Floor>) -> anyhow::Result<Vec<Row>> {
+/// Runs the selected call workloads. With FEM systems, the signatures' cost
+/// is measured again in every repetition (added to `floors`, per payload)
+/// and each run's CPU per call is compared with it.
+pub(crate) async fn run(
+    s: &Settings,
+    floors: &mut BTreeMap<usize, Vec<Floor>>,
+) -> anyhow::Result<Vec<Row>> {
     let mut run = Running::default();
     if s.selected(Workload::Single) {
         start_fem(s, &mut run)
@@ -373,9 +380,22 @@ pub(crate) async fn run(s: &Settings, floors: &BTreeMap<usize, Floor>) -> anyhow
         for &conc in &s.concurrency {
             let mut per_sys: Vec<Vec<Measured>> =
                 (0..run.systems.len()).map(|_| Vec::new()).collect();
+            let fem = run.systems.iter().any(|x| x.brokers_on_path > 0);
             for _ in 0..s.repeat {
+                let floor = if fem {
+                    let f = crypto::measure(payload, 3, Duration::from_millis(30))?;
+                    floors.entry(payload).or_default().push(f);
+                    Some(f)
+                } else {
+                    None
+                };
                 for (i, sys) in run.systems.iter().enumerate() {
-                    let m = measure(s, sys, payload, conc).await?;
+                    let mut m = measure(s, sys, payload, conc).await?;
+                    if sys.brokers_on_path > 0 {
+                        m.vs_floor = floor.map(|f| {
+                            m.cpu_us_per_call / f.call_us(CryptoOps::for_path(sys.brokers_on_path))
+                        });
+                    }
                     eprintln!(
                         "  {:<9} {:<9} {payload:>5}B c={conc:<3} {:>9.0} calls/s  p50 {:>7.0} us  p99 {:>7.0} us  cpu {:>6.1} us/call{}",
                         sys.workload.name(),
@@ -402,10 +422,7 @@ pub(crate) async fn run(s: &Settings, floors: &BTreeMap<usize, Floor>) -> anyhow
                         median(&ms.iter().map(f).collect::<Vec<_>>())
                     };
                     let cpu = med(&|m| m.cpu_us_per_call);
-                    let floor = floors
-                        .get(&payload)
-                        .filter(|_| sys.brokers_on_path > 0)
-                        .map(|f| f.call_us(CryptoOps::for_path(sys.brokers_on_path)));
+                    let vs_floor: Vec<f64> = ms.iter().filter_map(|m| m.vs_floor).collect();
                     Row {
                         workload: sys.workload.name().into(),
                         case: format!("{} {} c={conc}", sys.name, size_name(payload)),
@@ -417,7 +434,7 @@ pub(crate) async fn run(s: &Settings, floors: &BTreeMap<usize, Floor>) -> anyhow
                         cpu_us_per_call: Some(cpu),
                         server_rss_bytes: ms.last().map(|m| m.rss),
                         errors: ms.iter().map(|m| m.stats.errors).sum(),
-                        vs_crypto_floor: floor.map(|f| cpu / f),
+                        vs_crypto_floor: (!vs_floor.is_empty()).then(|| median(&vs_floor)),
                         note: ms
                             .iter()
                             .find_map(|m| m.stats.first_error.clone())

@@ -49,6 +49,17 @@ pub(crate) struct Floor {
 }
 
 impl Floor {
+    /// The median of each figure over several measurements.
+    pub(crate) fn median(all: &[Self]) -> Option<Self> {
+        let m = |f: fn(&Self) -> f64| median(&all.iter().map(f).collect::<Vec<_>>());
+        (!all.is_empty()).then(|| Self {
+            sign_us: m(|f| f.sign_us),
+            verify_us: m(|f| f.verify_us),
+            verify_prepared_us: m(|f| f.verify_prepared_us),
+            verify_batch64_us: m(|f| f.verify_batch64_us),
+        })
+    }
+
     /// CPU microseconds the signatures of one call need.
     pub(crate) fn call_us(&self, ops: CryptoOps) -> f64 {
         f64::from(ops.signs) * self.sign_us + f64::from(ops.verifies) * self.verify_us

@@ -248,45 +248,55 @@ fn machine() -> BTreeMap<String, String> {
 
 async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
-    // The floor is measured first, on an otherwise idle process.
-    let mut floors = BTreeMap::new();
+    // The floor is measured first, then again beside every repetition of the
+    // call workloads: the machine's speed drifts, and the ratios compare
+    // figures taken side by side.
+    let mut floors: BTreeMap<usize, Vec<crypto::Floor>> = BTreeMap::new();
     let fem_calls = s.selected(Workload::Single) || s.selected(Workload::Federated);
     if s.selected(Workload::Crypto) || fem_calls {
         for &p in &s.payloads {
             let f = crypto::measure(p, 5, s.duration.min(Duration::from_secs(1)) / 5)?;
-            if s.selected(Workload::Crypto) {
-                for (path, brokers) in [
-                    ("one broker", 1),
-                    ("two brokers", 2),
-                    ("hub and two spokes", 3),
-                ] {
-                    let ops = crypto::CryptoOps::for_path(brokers);
-                    let us = f.call_us(ops);
-                    let mut figures = BTreeMap::new();
-                    figures.insert("sign_us".into(), f.sign_us);
-                    figures.insert("verify_us".into(), f.verify_us);
-                    figures.insert("verify_prepared_key_us".into(), f.verify_prepared_us);
-                    figures.insert("verify_batch64_us".into(), f.verify_batch64_us);
-                    figures.insert("signs".into(), f64::from(ops.signs));
-                    figures.insert("verifies".into(), f64::from(ops.verifies));
-                    figures.insert("crypto_us_per_call".into(), us);
-                    rows.push(Row {
+            floors.entry(p).or_default().push(f);
+        }
+    }
+    if fem_calls || s.selected(Workload::Nats) {
+        rows.extend(calls::run(s, &mut floors).await?);
+    }
+    if s.selected(Workload::Crypto) {
+        for (&p, all) in &floors {
+            let Some(f) = crypto::Floor::median(all) else {
+                continue;
+            };
+            for (path, brokers) in [
+                ("one broker", 1),
+                ("two brokers", 2),
+                ("hub and two spokes", 3),
+            ] {
+                let ops = crypto::CryptoOps::for_path(brokers);
+                let us = f.call_us(ops);
+                let mut figures = BTreeMap::new();
+                figures.insert("sign_us".into(), f.sign_us);
+                figures.insert("verify_us".into(), f.verify_us);
+                figures.insert("verify_prepared_key_us".into(), f.verify_prepared_us);
+                figures.insert("verify_batch64_us".into(), f.verify_batch64_us);
+                figures.insert("signs".into(), f64::from(ops.signs));
+                figures.insert("verifies".into(), f64::from(ops.verifies));
+                figures.insert("crypto_us_per_call".into(), us);
+                rows.insert(
+                    rows.iter().filter(|r| r.workload == "crypto").count(),
+                    Row {
                         workload: Workload::Crypto.name().into(),
                         case: format!("floor {path} {}", calls::size_name(p)),
-                        runs: 5,
+                        runs: all.len(),
                         calls_per_sec: Some(1e6 / us),
                         cpu_us_per_call: Some(us),
                         figures,
                         note: "calls/s per core if signatures were the only work".into(),
                         ..Row::default()
-                    });
-                }
+                    },
+                );
             }
-            floors.insert(p, f);
         }
-    }
-    if fem_calls || s.selected(Workload::Nats) {
-        rows.extend(calls::run(s, &floors).await?);
     }
     if s.selected(Workload::Scale) {
         for &n in &s.scale {
