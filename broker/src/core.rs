@@ -55,7 +55,11 @@ pub(crate) struct Shared {
     /// Set at shutdown: new native sessions are refused.
     pub(crate) draining: AtomicBool,
     pending: DashMap<PendingKey, Pending>,
-    deadlines: mpsc::UnboundedSender<(Instant, u64, PendingKey)>,
+    /// Deadlines of calls in flight, earliest first; the deadline task
+    /// sleeps until the first and is woken only when a call brings an
+    /// earlier one (not once per call).
+    deadlines: Mutex<Deadlines>,
+    deadline_wake: mpsc::UnboundedSender<()>,
     nonces: DashMap<AgentId, Mutex<NonceCache>>,
     subs: DashMap<Capability, Vec<(AgentId, u64, SessionTx)>>,
     session_seq: AtomicU64,
@@ -66,7 +70,7 @@ pub(crate) struct Shared {
 impl Shared {
     /// Creates the state and spawns its deadline and janitor tasks.
     pub(crate) fn new(config: BrokerConfig, identity: SigningKey, metrics: Metrics) -> Arc<Self> {
-        let (dl_tx, dl_rx) = mpsc::unbounded_channel();
+        let (wake_tx, wake_rx) = mpsc::unbounded_channel();
         let (shutdown, _) = watch::channel(false);
         let shared = Arc::new(Self {
             broker_key: identity.public_key(),
@@ -78,7 +82,8 @@ impl Shared {
             fed: crate::federation::Fed::default(),
             draining: AtomicBool::new(false),
             pending: DashMap::new(),
-            deadlines: dl_tx,
+            deadlines: Mutex::new(Deadlines::default()),
+            deadline_wake: wake_tx,
             nonces: DashMap::new(),
             subs: DashMap::new(),
             session_seq: AtomicU64::new(1),
@@ -86,7 +91,7 @@ impl Shared {
             shutdown,
             config,
         });
-        tokio::spawn(deadline_task(Arc::downgrade(&shared), dl_rx));
+        tokio::spawn(deadline_task(Arc::downgrade(&shared), wake_rx));
         tokio::spawn(janitor_task(Arc::downgrade(&shared)));
         shared
     }
@@ -300,9 +305,7 @@ impl Shared {
             }
         }
         self.metrics.calls_in_flight.inc();
-        let _ = self
-            .deadlines
-            .send((Instant::now() + budget, seq, key.clone()));
+        self.schedule_deadline(Instant::now() + budget, seq, key.clone());
         let deliver = if target.via.is_some() {
             Frame::Forward {
                 hops_left: hops_left.saturating_sub(1),
@@ -347,6 +350,34 @@ impl Shared {
                     ErrorCode::RateLimited.as_str(),
                 );
             }
+        }
+    }
+
+    /// Files a call's deadline. Never called with a `pending` entry held.
+    fn schedule_deadline(&self, at: Instant, seq: u64, key: PendingKey) {
+        let wake = {
+            let mut d = self
+                .deadlines
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            d.heap.push(Reverse((at, seq, key)));
+            // Answered calls leave their entry behind until its deadline;
+            // when those dominate, drop them (amortised O(1) per call), so
+            // the heap follows the calls in flight, not calls/s x timeout.
+            if d.heap.len() > 1024 && d.heap.len() > 2 * self.pending.len() {
+                d.heap
+                    .retain(|Reverse((_, seq, key))| self.is_pending(key, *seq));
+            }
+            match d.armed {
+                Some(armed) if armed <= at => false,
+                _ => {
+                    d.armed = Some(at);
+                    true
+                }
+            }
+        };
+        if wake {
+            let _ = self.deadline_wake.send(());
         }
     }
 
@@ -684,32 +715,65 @@ impl Shared {
 }
 
 /// One task answers TIMEOUT at each call's deadline (no task per call).
-async fn deadline_task(
-    shared: std::sync::Weak<Shared>,
-    mut rx: mpsc::UnboundedReceiver<(Instant, u64, PendingKey)>,
-) {
-    let mut heap: BinaryHeap<Reverse<(Instant, u64, PendingKey)>> = BinaryHeap::new();
+/// Deadlines of the calls in flight.
+#[derive(Debug, Default)]
+struct Deadlines {
+    heap: BinaryHeap<Reverse<(Instant, u64, PendingKey)>>,
+    /// The deadline the task sleeps towards (None: it waits to be woken).
+    armed: Option<Instant>,
+}
+
+/// Answers TIMEOUT for calls whose deadline passed. Ends when the broker's
+/// state is dropped (the wake channel closes).
+async fn deadline_task(shared: std::sync::Weak<Shared>, mut wake: mpsc::UnboundedReceiver<()>) {
     loop {
-        let next = heap.peek().map(|Reverse((at, _, _))| *at);
+        let next = {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let mut d = shared
+                .deadlines
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let next = d.heap.peek().map(|Reverse((at, _, _))| *at);
+            d.armed = next;
+            next
+        };
         tokio::select! {
-            msg = rx.recv() => match msg {
-                Some(item) => heap.push(Reverse(item)),
-                None => return,
-            },
+            msg = wake.recv() => {
+                if msg.is_none() {
+                    return;
+                }
+                // Several wakes may be queued; one look at the heap serves them all.
+                while wake.try_recv().is_ok() {}
+                continue;
+            }
             () = async {
                 match next {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
                     None => std::future::pending().await,
                 }
-            } => {
-                let Some(shared) = shared.upgrade() else { return };
-                let now = Instant::now();
-                while heap.peek().is_some_and(|Reverse((at, _, _))| *at <= now) {
-                    if let Some(Reverse((_, seq, key))) = heap.pop() {
-                        shared.expire(seq, &key);
-                    }
+            } => {}
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        let due: Vec<(u64, PendingKey)> = {
+            let mut d = shared
+                .deadlines
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut due = Vec::new();
+            while d.heap.peek().is_some_and(|Reverse((at, _, _))| *at <= now) {
+                if let Some(Reverse((_, seq, key))) = d.heap.pop() {
+                    due.push((seq, key));
                 }
             }
+            due
+        };
+        for (seq, key) in due {
+            shared.expire(seq, &key);
         }
     }
 }
@@ -733,5 +797,33 @@ async fn janitor_task(shared: std::sync::Weak<Shared>) {
                     })
                     .unwrap_or(false)
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn deadlines_of_answered_calls_do_not_pile_up() {
+        let shared = Shared::new(
+            BrokerConfig::default(),
+            SigningKey::generate(),
+            Metrics::new().expect("metrics"),
+        );
+        let caller = AgentId::new("caller").expect("id");
+        let far = Instant::now() + Duration::from_secs(600);
+        // None of these calls is pending any more (answered at once), as
+        // under load with long deadlines.
+        for seq in 0..20_000u64 {
+            shared.schedule_deadline(far, seq, (caller.clone(), RequestId::random()));
+        }
+        let len = shared
+            .deadlines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .heap
+            .len();
+        assert!(len <= 1025, "{len} stale deadlines kept");
     }
 }
