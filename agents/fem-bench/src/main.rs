@@ -60,7 +60,7 @@ struct Args {
     /// Transports of the scale workload's agents: quic, tcp (TLS over TCP) [default: quic,tcp].
     #[arg(long, value_delimiter = ',')]
     scale_transport: Option<Vec<String>>,
-    /// Brokers in the federation mesh [default: 10].
+    /// Brokers in the federation mesh.
     #[arg(long, default_value_t = 10)]
     mesh_size: u8,
     /// Convergence rounds in the federation workload [default: 5, 2 with --quick].
