@@ -19,6 +19,16 @@ pub enum TransportArg {
     Tcp,
 }
 
+impl From<TransportArg> for Transport {
+    fn from(t: TransportArg) -> Self {
+        match t {
+            TransportArg::Auto => Self::Auto,
+            TransportArg::Quic => Self::Quic,
+            TransportArg::Tcp => Self::Tcp,
+        }
+    }
+}
+
 /// Broker connection options: URL and certificate trust.
 #[derive(Clone, Debug, Args)]
 pub struct ConnectArgs {
@@ -49,10 +59,10 @@ impl ConnectArgs {
     /// [`SdkError::Config`] for a bad URL or conflicting trust options.
     pub fn options(&self) -> Result<Options, SdkError> {
         let trust = Trust::from_options(self.ca.clone(), self.pin.as_deref(), self.insecure)?;
+        // Auto leaves the choice to the URL's scheme.
         let transport = match self.transport {
             TransportArg::Auto => None,
-            TransportArg::Quic => Some(Transport::Quic),
-            TransportArg::Tcp => Some(Transport::Tcp),
+            t => Some(Transport::from(t)),
         };
         let mut o = Options::new(&self.broker)?
             .trust(trust)

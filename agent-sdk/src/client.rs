@@ -87,12 +87,10 @@ struct Inner {
     id: AgentId,
     key: SigningKey,
     opts: Options,
-    /// The current connection's writer, tagged with its epoch: a frame made
-    /// for one connection is never sent on a later one (no silent
-    /// re-execution). Senders hand frames straight to it.
+    /// The current connection (None while disconnected): its epoch and its
+    /// writer. A frame made for one connection is never sent on a later one
+    /// (no silent re-execution). Senders hand frames straight to it.
     writer: Mutex<Option<(u64, mpsc::Sender<Frame>)>>,
-    /// Current connection epoch; 0 while disconnected.
-    epoch: AtomicU64,
     pending: Mutex<HashMap<RequestId, PendingCall>>,
     acks: Mutex<HashMap<Nonce, (u64, AckTx)>>,
     subs: Mutex<HashMap<Capability, Vec<mpsc::Sender<Event>>>>,
@@ -235,7 +233,6 @@ async fn start(b: AgentBuilder, opts: Options) -> Result<Client, SdkError> {
         key: b.key,
         opts,
         writer: Mutex::new(None),
-        epoch: AtomicU64::new(0),
         pending: Mutex::new(HashMap::new()),
         acks: Mutex::new(HashMap::new()),
         subs: Mutex::new(HashMap::new()),
@@ -293,7 +290,7 @@ impl Client {
 
     /// True while registered with a broker.
     pub fn is_connected(&self) -> bool {
-        self.inner.epoch.load(Ordering::Acquire) != 0
+        lock(&self.inner.writer).is_some()
     }
 
     /// Waits until registered (after a reconnect), up to `timeout`.
@@ -314,14 +311,11 @@ impl Client {
             .map_err(|e| CallError::local(ErrorCode::Internal, e.to_string()))
     }
 
-    fn connected_epoch(&self) -> Result<u64, CallError> {
-        match self.inner.epoch.load(Ordering::Acquire) {
-            0 => Err(CallError::local(
-                ErrorCode::AgentUnavailable,
-                "not connected to the broker",
-            )),
-            e => Ok(e),
-        }
+    /// The current connection's epoch and writer.
+    fn connection(&self) -> Result<(u64, mpsc::Sender<Frame>), CallError> {
+        lock(&self.inner.writer).clone().ok_or_else(|| {
+            CallError::local(ErrorCode::AgentUnavailable, "not connected to the broker")
+        })
     }
 
     /// Calls `tool` on `target` with the default deadline.
@@ -378,10 +372,10 @@ impl Client {
                 "request exceeds the maximum frame size",
             ));
         }
-        let epoch = self.connected_epoch()?;
+        let (epoch, writer) = self.connection()?;
         let (tx, rx) = oneshot::channel();
         lock(&self.inner.pending).insert(request_id, PendingCall { epoch, tx });
-        if !self.inner.send(epoch, Frame::Envelope(signed)).await {
+        if writer.send(Frame::Envelope(signed)).await.is_err() {
             lock(&self.inner.pending).remove(&request_id);
             return Err(CallError::local(
                 ErrorCode::AgentUnavailable,
@@ -429,10 +423,10 @@ impl Client {
     }
 
     async fn acked(&self, nonce: Nonce, frame: Frame) -> Result<(), CallError> {
-        let epoch = self.connected_epoch()?;
+        let (epoch, writer) = self.connection()?;
         let (tx, rx) = oneshot::channel();
         lock(&self.inner.acks).insert(nonce, (epoch, tx));
-        if !self.inner.send(epoch, frame).await {
+        if writer.send(frame).await.is_err() {
             return Err(CallError::local(
                 ErrorCode::AgentUnavailable,
                 "connection closed",
@@ -549,14 +543,6 @@ impl Inner {
         match &*lock(&self.writer) {
             Some((e, w)) if *e == epoch => Some(w.clone()),
             _ => None,
-        }
-    }
-
-    /// Queues `frame` on connection `epoch`; false when that connection is gone.
-    async fn send(&self, epoch: u64, frame: Frame) -> bool {
-        match self.writer(epoch) {
-            Some(w) => w.send(frame).await.is_ok(),
-            None => false,
         }
     }
 }
@@ -814,7 +800,6 @@ async fn run_once(
     // twice or silently lost.
     fail_pending(inner, |e| e < epoch, "connection to the broker was lost");
     *lock(&inner.writer) = Some((epoch, wtx.clone()));
-    inner.epoch.store(epoch, Ordering::Release);
     if let Some(m) = &inner.metrics {
         m.connected.set(1);
     }
@@ -881,7 +866,6 @@ async fn run_once(
             () = async { let _ = stop.wait_for(|s| *s).await; } => break,
         }
     }
-    inner.epoch.store(0, Ordering::Release);
     *lock(&inner.writer) = None;
     if let Some(m) = &inner.metrics {
         m.connected.set(0);

@@ -13,7 +13,7 @@ use fem_proto::{
     NonceCache, ProtoError, PublicKey, RequestId, SignedEnvelope, SigningKey, ToolCall, ToolResult,
     ToolsDiscovered,
 };
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::config::BrokerConfig;
@@ -55,11 +55,14 @@ pub(crate) struct Shared {
     /// Set at shutdown: new native sessions are refused.
     pub(crate) draining: AtomicBool,
     pending: DashMap<PendingKey, Pending>,
-    /// Deadlines of calls in flight, earliest first; the deadline task
-    /// sleeps until the first and is woken only when a call brings an
-    /// earlier one (not once per call).
-    deadlines: Mutex<Deadlines>,
-    deadline_wake: mpsc::UnboundedSender<()>,
+    /// Deadlines of new calls, for the deadline task (a lock-free queue:
+    /// filing one takes no lock and wakes nothing).
+    deadlines: mpsc::UnboundedSender<(Instant, u64, PendingKey)>,
+    /// The deadline the task sleeps towards, in ms after `started`
+    /// (u64::MAX: none); only a call with an earlier one wakes it.
+    deadline_armed: AtomicU64,
+    deadline_wake: Arc<Notify>,
+    started: Instant,
     nonces: DashMap<AgentId, Mutex<NonceCache>>,
     subs: DashMap<Capability, Vec<(AgentId, u64, SessionTx)>>,
     session_seq: AtomicU64,
@@ -70,7 +73,8 @@ pub(crate) struct Shared {
 impl Shared {
     /// Creates the state and spawns its deadline and janitor tasks.
     pub(crate) fn new(config: BrokerConfig, identity: SigningKey, metrics: Metrics) -> Arc<Self> {
-        let (wake_tx, wake_rx) = mpsc::unbounded_channel();
+        let (dl_tx, dl_rx) = mpsc::unbounded_channel();
+        let wake = Arc::new(Notify::new());
         let (shutdown, _) = watch::channel(false);
         let shared = Arc::new(Self {
             broker_key: identity.public_key(),
@@ -82,8 +86,10 @@ impl Shared {
             fed: crate::federation::Fed::default(),
             draining: AtomicBool::new(false),
             pending: DashMap::new(),
-            deadlines: Mutex::new(Deadlines::default()),
-            deadline_wake: wake_tx,
+            deadlines: dl_tx,
+            deadline_armed: AtomicU64::new(u64::MAX),
+            deadline_wake: Arc::clone(&wake),
+            started: Instant::now(),
             nonces: DashMap::new(),
             subs: DashMap::new(),
             session_seq: AtomicU64::new(1),
@@ -91,7 +97,7 @@ impl Shared {
             shutdown,
             config,
         });
-        tokio::spawn(deadline_task(Arc::downgrade(&shared), wake_rx));
+        tokio::spawn(deadline_task(Arc::downgrade(&shared), dl_rx, wake));
         tokio::spawn(janitor_task(Arc::downgrade(&shared)));
         shared
     }
@@ -120,10 +126,13 @@ impl Shared {
 
     /// Timestamp window and per-sender nonce check.
     pub(crate) fn check_replay(&self, sender: &AgentId, h: &Header) -> Result<(), ProtoError> {
+        let check = |cache: &Mutex<NonceCache>| {
+            let mut c = cache.lock().map_err(|_| ProtoError::RateLimited)?;
+            c.check(h.timestamp_ms, &h.nonce, fem_proto::now_ms())
+        };
         // Known senders take a shared lock on the shard and no id copy.
         if let Some(cache) = self.nonces.get(sender) {
-            let mut c = cache.lock().map_err(|_| ProtoError::RateLimited)?;
-            return c.check(h.timestamp_ms, &h.nonce, fem_proto::now_ms());
+            return check(&cache);
         }
         let cache = self.nonces.entry(sender.clone()).or_insert_with(|| {
             Mutex::new(NonceCache::new(
@@ -131,8 +140,7 @@ impl Shared {
                 MAX_NONCES_PER_SENDER,
             ))
         });
-        let mut c = cache.lock().map_err(|_| ProtoError::RateLimited)?;
-        c.check(h.timestamp_ms, &h.nonce, fem_proto::now_ms())
+        check(&cache)
     }
 
     /// Removes a session's agent (if still current) and answers its calls.
@@ -353,32 +361,18 @@ impl Shared {
         }
     }
 
-    /// Files a call's deadline. Never called with a `pending` entry held.
+    /// Files a call's deadline for the deadline task.
     fn schedule_deadline(&self, at: Instant, seq: u64, key: PendingKey) {
-        let wake = {
-            let mut d = self
-                .deadlines
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            d.heap.push(Reverse((at, seq, key)));
-            // Answered calls leave their entry behind until its deadline;
-            // when those dominate, drop them (amortised O(1) per call), so
-            // the heap follows the calls in flight, not calls/s x timeout.
-            if d.heap.len() > 1024 && d.heap.len() > 2 * self.pending.len() {
-                d.heap
-                    .retain(|Reverse((_, seq, key))| self.is_pending(key, *seq));
-            }
-            match d.armed {
-                Some(armed) if armed <= at => false,
-                _ => {
-                    d.armed = Some(at);
-                    true
-                }
-            }
-        };
-        if wake {
-            let _ = self.deadline_wake.send(());
+        let _ = self.deadlines.send((at, seq, key));
+        let at_ms = self.ms_since_start(at);
+        if at_ms < self.deadline_armed.load(Ordering::Acquire) {
+            self.deadline_armed.fetch_min(at_ms, Ordering::AcqRel);
+            self.deadline_wake.notify_one();
         }
+    }
+
+    fn ms_since_start(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.started).as_millis()).unwrap_or(u64::MAX - 1)
     }
 
     fn is_pending(&self, key: &PendingKey, seq: u64) -> bool {
@@ -714,66 +708,80 @@ impl Shared {
     }
 }
 
-/// One task answers TIMEOUT at each call's deadline (no task per call).
-/// Deadlines of the calls in flight.
+/// The longest the deadline task sleeps: it bounds how long filed deadlines
+/// wait in the queue, and how late one can fire if it raced the task.
+const DEADLINE_TICK: Duration = Duration::from_millis(100);
+
+/// The deadline task's heap of calls in flight, earliest first.
 #[derive(Debug, Default)]
-struct Deadlines {
+struct DeadlineHeap {
     heap: BinaryHeap<Reverse<(Instant, u64, PendingKey)>>,
-    /// The deadline the task sleeps towards (None: it waits to be woken).
-    armed: Option<Instant>,
 }
 
-/// Answers TIMEOUT for calls whose deadline passed. Ends when the broker's
-/// state is dropped (the wake channel closes).
-async fn deadline_task(shared: std::sync::Weak<Shared>, mut wake: mpsc::UnboundedReceiver<()>) {
+impl DeadlineHeap {
+    fn push(&mut self, at: Instant, seq: u64, key: PendingKey) {
+        self.heap.push(Reverse((at, seq, key)));
+    }
+
+    fn next(&self) -> Option<Instant> {
+        self.heap.peek().map(|Reverse((at, _, _))| *at)
+    }
+
+    /// Removes and returns the calls whose deadline is `now` or earlier.
+    fn take_due(&mut self, now: Instant) -> Vec<(u64, PendingKey)> {
+        let mut due = Vec::new();
+        while self.next().is_some_and(|at| at <= now) {
+            if let Some(Reverse((_, seq, key))) = self.heap.pop() {
+                due.push((seq, key));
+            }
+        }
+        due
+    }
+
+    /// Answered calls leave their entry until its deadline; when they
+    /// outnumber the `in_flight` calls, drop them, so the heap follows the
+    /// calls in flight, not calls/s x timeout.
+    fn prune(&mut self, in_flight: usize, is_pending: impl Fn(&PendingKey, u64) -> bool) {
+        if self.heap.len() > 1024 && self.heap.len() > 2 * in_flight {
+            self.heap
+                .retain(|Reverse((_, seq, key))| is_pending(key, *seq));
+        }
+    }
+}
+
+/// One task answers TIMEOUT at each call's deadline (no task per call). It
+/// owns the heap, so the per-call path only queues; it ends within a tick of
+/// the broker's state being dropped.
+async fn deadline_task(
+    shared: std::sync::Weak<Shared>,
+    mut filed: mpsc::UnboundedReceiver<(Instant, u64, PendingKey)>,
+    wake: Arc<Notify>,
+) {
+    let mut heap = DeadlineHeap::default();
     loop {
+        let now = Instant::now();
         let next = {
             let Some(shared) = shared.upgrade() else {
                 return;
             };
-            let mut d = shared
-                .deadlines
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let next = d.heap.peek().map(|Reverse((at, _, _))| *at);
-            d.armed = next;
+            while let Ok((at, seq, key)) = filed.try_recv() {
+                heap.push(at, seq, key);
+            }
+            for (seq, key) in heap.take_due(now) {
+                shared.expire(seq, &key);
+            }
+            heap.prune(shared.pending.len(), |key, seq| shared.is_pending(key, seq));
+            let next = heap.next();
+            shared.deadline_armed.store(
+                next.map_or(u64::MAX, |at| shared.ms_since_start(at)),
+                Ordering::Release,
+            );
             next
         };
+        let until = next.map_or(now + DEADLINE_TICK, |at| at.min(now + DEADLINE_TICK));
         tokio::select! {
-            msg = wake.recv() => {
-                if msg.is_none() {
-                    return;
-                }
-                // Several wakes may be queued; one look at the heap serves them all.
-                while wake.try_recv().is_ok() {}
-                continue;
-            }
-            () = async {
-                match next {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
-                    None => std::future::pending().await,
-                }
-            } => {}
-        }
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        let now = Instant::now();
-        let due: Vec<(u64, PendingKey)> = {
-            let mut d = shared
-                .deadlines
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let mut due = Vec::new();
-            while d.heap.peek().is_some_and(|Reverse((at, _, _))| *at <= now) {
-                if let Some(Reverse((_, seq, key))) = d.heap.pop() {
-                    due.push((seq, key));
-                }
-            }
-            due
-        };
-        for (seq, key) in due {
-            shared.expire(seq, &key);
+            () = tokio::time::sleep_until(until.into()) => {}
+            () = wake.notified() => {}
         }
     }
 }
@@ -804,26 +812,18 @@ async fn janitor_task(shared: std::sync::Weak<Shared>) {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn deadlines_of_answered_calls_do_not_pile_up() {
-        let shared = Shared::new(
-            BrokerConfig::default(),
-            SigningKey::generate(),
-            Metrics::new().expect("metrics"),
-        );
+    #[test]
+    fn deadlines_of_answered_calls_do_not_pile_up() {
+        let mut heap = DeadlineHeap::default();
         let caller = AgentId::new("caller").expect("id");
         let far = Instant::now() + Duration::from_secs(600);
         // None of these calls is pending any more (answered at once), as
         // under load with long deadlines.
         for seq in 0..20_000u64 {
-            shared.schedule_deadline(far, seq, (caller.clone(), RequestId::random()));
+            heap.push(far, seq, (caller.clone(), RequestId::random()));
+            heap.prune(0, |_, _| false);
         }
-        let len = shared
-            .deadlines
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .heap
-            .len();
+        let len = heap.heap.len();
         assert!(len <= 1025, "{len} stale deadlines kept");
     }
 }

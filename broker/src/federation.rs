@@ -125,7 +125,6 @@ pub(crate) struct Fed {
     endpoint: OnceLock<quinn::Endpoint>,
     link_seq: AtomicU64,
     /// Links the configuration asks for that are up (for /ready).
-    required: AtomicU64,
     required_up: DashMap<String, bool>,
 }
 
@@ -191,8 +190,7 @@ impl Fed {
 
     /// True when every link the configuration asks for is up.
     pub(crate) fn links_ready(&self) -> bool {
-        let need = self.required.load(Ordering::Relaxed) as usize;
-        self.required_up.iter().filter(|e| *e.value()).count() >= need
+        self.required_up.iter().all(|e| *e.value())
     }
 
     /// Remote routes as (agent, via peer, hops) for the operator view.
@@ -221,28 +219,21 @@ pub(crate) fn start(shared: &Arc<Shared>, endpoint: quinn::Endpoint) {
             "federation in development trust: any broker with a valid certificate may link (set --peer-keys)"
         );
     }
-    for url in &cfg.peers {
-        fed.required.fetch_add(1, Ordering::Relaxed);
-        fed.required_up.insert(url.clone(), false);
+    // Each configured link must be up for /ready; its dialler flags it
+    // under the key it is registered with here.
+    let required = |ready_key: String, urls: Vec<String>| {
+        fed.required_up.insert(ready_key.clone(), false);
         tokio::spawn(dial_loop(
             Arc::downgrade(shared),
-            DialTarget::Urls(vec![url.clone()]),
+            DialTarget::Urls { urls, ready_key },
             None,
         ));
+    };
+    for url in &cfg.peers {
+        required(url.clone(), vec![url.clone()]);
     }
     if cfg.mode == FederationMode::Spoke && !cfg.hubs.is_empty() {
-        fed.required.fetch_add(1, Ordering::Relaxed);
-        // The dialler flags a single hub by its URL and a fail-over list as "hub".
-        let key = match cfg.hubs.as_slice() {
-            [one] => one.clone(),
-            _ => "hub".to_owned(),
-        };
-        fed.required_up.insert(key, false);
-        tokio::spawn(dial_loop(
-            Arc::downgrade(shared),
-            DialTarget::Urls(cfg.hubs.clone()),
-            None,
-        ));
+        required("hub".to_owned(), cfg.hubs.clone());
     }
     set_peer_gauge(shared);
     if !cfg.discover_srv.is_empty() {
@@ -299,8 +290,14 @@ fn local_advert(shared: &Shared) -> FedFrame {
 #[derive(Clone, Debug)]
 pub(crate) enum DialTarget {
     /// Broker URLs, the first reachable one (one URL for a mesh peer; the
-    /// hubs in fail-over order for a spoke).
-    Urls(Vec<String>),
+    /// hubs in fail-over order for a spoke), required for readiness under
+    /// `ready_key`.
+    Urls {
+        /// The URLs, in fail-over order.
+        urls: Vec<String>,
+        /// The key of this link in the readiness table.
+        ready_key: String,
+    },
     /// A peer found in DNS: its address and the name its certificate carries.
     Found {
         /// Address from the SRV target's A/AAAA record.
@@ -324,14 +321,9 @@ pub(crate) async fn dial_loop(
             return;
         }
         let (attempt, key) = match &target {
-            DialTarget::Urls(urls) => {
+            DialTarget::Urls { urls, ready_key } => {
                 let url = urls[i % urls.len()].clone();
-                let key = if urls.len() > 1 {
-                    "hub".to_owned()
-                } else {
-                    url.clone()
-                };
-                (dial_url(&shared, &url).await, Some(key))
+                (dial_url(&shared, &url).await, Some(ready_key.clone()))
             }
             DialTarget::Found { addr, name } => (dial(&shared, *addr, name).await, None),
         };
@@ -354,7 +346,7 @@ pub(crate) async fn dial_loop(
                     return;
                 }
                 // A spoke whose hub went away tries the next hub first.
-                if matches!(&target, DialTarget::Urls(u) if u.len() > 1) {
+                if matches!(&target, DialTarget::Urls { urls, .. } if urls.len() > 1) {
                     i += 1;
                 }
             }

@@ -5,18 +5,16 @@
 //! made side by side.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use bytes::Bytes;
 use fem_agent_sdk::{AgentBuilder, Client, Options, Tool, Transport, Trust};
 use fem_proto::{AgentId, ErrorCode, SigningKey, Target};
 use futures::StreamExt as _;
 
 use crate::crypto::{self, CryptoOps, Floor};
-use crate::load::{self, Caller, RunStats, echo_params, median};
-use crate::procs::{BrokerProc, NatsProc, cpu_of, host_ip};
+use crate::load::{self, Caller, Endpoint, RunStats, median};
+use crate::procs::{BrokerProc, NatsProc, broker_url, cpu_of, host_ip};
 use crate::report::Row;
 use crate::{Settings, Workload};
 
@@ -28,29 +26,7 @@ struct System {
     brokers_on_path: u32,
     /// Server processes (CPU and RSS are summed over them).
     pids: Vec<u32>,
-    caller: CallerKind,
-}
-
-enum CallerKind {
-    Fem { client: Client, target: Target },
-    Nats { client: async_nats::Client },
-}
-
-impl System {
-    fn caller(&self, payload: usize) -> Caller {
-        match &self.caller {
-            CallerKind::Fem { client, target } => Caller::Fem {
-                client: client.clone(),
-                target: target.clone(),
-                params: Arc::new(echo_params(payload)),
-            },
-            CallerKind::Nats { client } => Caller::Nats {
-                client: client.clone(),
-                subject: "bench.echo".into(),
-                payload: Bytes::from(serde_json::to_vec(&echo_params(payload)).unwrap_or_default()),
-            },
-        }
-    }
+    to: Endpoint,
 }
 
 /// Everything kept alive while the systems are measured.
@@ -61,6 +37,32 @@ struct Running {
     agents: Vec<Client>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     systems: Vec<System>,
+}
+
+impl Running {
+    /// Adds a FEM system: `caller` calling `agent` across `brokers_on_path`
+    /// brokers whose processes are `pids`.
+    fn add_fem(
+        &mut self,
+        workload: Workload,
+        name: &'static str,
+        brokers_on_path: u32,
+        pids: Vec<u32>,
+        caller: Client,
+        agent: Client,
+    ) {
+        self.systems.push(System {
+            workload,
+            name,
+            brokers_on_path,
+            pids,
+            to: Endpoint::Fem {
+                client: caller,
+                target: Target::Agent(agent.id().clone()),
+            },
+        });
+        self.agents.push(agent);
+    }
 }
 
 impl Drop for Running {
@@ -92,10 +94,15 @@ pub(crate) fn options(
         .transport(transport))
 }
 
-/// Connects an echo agent `id` that serves up to 256 calls at once.
-pub(crate) async fn echo_agent(id: &str, opts: Options) -> anyhow::Result<Client> {
+/// Connects an echo agent `id` with `capability` that serves up to 256
+/// calls at once.
+pub(crate) async fn echo_agent(
+    id: &str,
+    capability: &str,
+    opts: Options,
+) -> anyhow::Result<Client> {
     AgentBuilder::new(AgentId::new(id)?, SigningKey::generate())
-        .capability("bench.echo")?
+        .capability(capability)?
         .tool(echo_tool()?)
         .max_concurrent(256)
         .connect(opts)
@@ -142,32 +149,13 @@ async fn start_fem(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
     let dir = s.work.join("single");
     let mut a = BrokerProc::start(&s.broker_bin, host_ip(s.net, 2), &dir, &s.ca, &[]).await?;
     a.wait_ready(Duration::from_secs(60)).await?;
-    let agent_q = echo_agent("echo-quic", options(s, &a, Transport::Quic)?).await?;
-    let agent_t = echo_agent("echo-tcp", options(s, &a, Transport::Tcp)?).await?;
+    let agent_q = echo_agent("echo-quic", "bench.echo", options(s, &a, Transport::Quic)?).await?;
+    let agent_t = echo_agent("echo-tcp", "bench.echo", options(s, &a, Transport::Tcp)?).await?;
     let caller_q = caller("caller-quic", options(s, &a, Transport::Quic)?).await?;
     let caller_t = caller("caller-tcp", options(s, &a, Transport::Tcp)?).await?;
     let pids = vec![a.proc.pid()];
-    run.systems.push(System {
-        workload: Workload::Single,
-        name: "quic",
-        brokers_on_path: 1,
-        pids: pids.clone(),
-        caller: CallerKind::Fem {
-            client: caller_q,
-            target: Target::Agent(agent_q.id().clone()),
-        },
-    });
-    run.systems.push(System {
-        workload: Workload::Single,
-        name: "tls-tcp",
-        brokers_on_path: 1,
-        pids,
-        caller: CallerKind::Fem {
-            client: caller_t,
-            target: Target::Agent(agent_t.id().clone()),
-        },
-    });
-    run.agents.extend([agent_q, agent_t]);
+    run.add_fem(Workload::Single, "quic", 1, pids.clone(), caller_q, agent_q);
+    run.add_fem(Workload::Single, "tls-tcp", 1, pids, caller_t, agent_t);
     run.brokers.push(a);
     Ok(())
 }
@@ -194,13 +182,7 @@ pub(crate) async fn start_cluster(
 }
 
 async fn start_federated(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
-    let mesh_urls = [3u8, 4].map(|n| {
-        format!(
-            "https://{}:{}",
-            host_ip(s.net, n),
-            crate::procs::BROKER_PORT
-        )
-    });
+    let mesh_urls = [3u8, 4].map(|n| broker_url(host_ip(s.net, n)));
     let mesh = start_cluster(s, "mesh2", &[3, 4], |i| {
         vec![
             "--federation-mode".into(),
@@ -212,11 +194,7 @@ async fn start_federated(s: &Settings, run: &mut Running) -> anyhow::Result<()> 
     .await?;
     add_federated(s, run, "mesh2", mesh, 2).await?;
 
-    let hub_url = format!(
-        "https://{}:{}",
-        host_ip(s.net, 5),
-        crate::procs::BROKER_PORT
-    );
+    let hub_url = broker_url(host_ip(s.net, 5));
     let star = start_cluster(s, "hub", &[5, 6, 7], |i| {
         if i == 0 {
             vec!["--federation-mode".into(), "hub".into()]
@@ -246,24 +224,20 @@ async fn add_federated(
     brokers_on_path: u32,
 ) -> anyhow::Result<()> {
     let agent_id = format!("echo-{name}");
-    let agent = echo_agent(&agent_id, options(s, &brokers[1], Transport::Quic)?).await?;
+    let agent = echo_agent(
+        &agent_id,
+        "bench.echo",
+        options(s, &brokers[1], Transport::Quic)?,
+    )
+    .await?;
     let c = caller(
         &format!("caller-{name}"),
         options(s, &brokers[0], Transport::Quic)?,
     )
     .await?;
     until_routable(&c, &agent_id, Duration::from_secs(30)).await?;
-    run.systems.push(System {
-        workload: Workload::Federated,
-        name,
-        brokers_on_path,
-        pids: brokers.iter().map(|b| b.proc.pid()).collect(),
-        caller: CallerKind::Fem {
-            client: c,
-            target: Target::Agent(agent.id().clone()),
-        },
-    });
-    run.agents.push(agent);
+    let pids = brokers.iter().map(|b| b.proc.pid()).collect();
+    run.add_fem(Workload::Federated, name, brokers_on_path, pids, c, agent);
     run.brokers.extend(brokers);
     Ok(())
 }
@@ -298,7 +272,10 @@ async fn start_nats(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
         name: "nats-tls",
         brokers_on_path: 0,
         pids: vec![nats.proc.pid()],
-        caller: CallerKind::Nats { client: requester },
+        to: Endpoint::Nats {
+            client: requester,
+            subject: "bench.echo".into(),
+        },
     });
     run.nats = Some(nats);
     Ok(())
@@ -318,7 +295,7 @@ async fn measure(
     payload: usize,
     conc: usize,
 ) -> anyhow::Result<Measured> {
-    let caller = sys.caller(payload);
+    let caller = Caller::new(sys.to.clone(), payload);
     let me = std::process::id();
     let cpu = |pids: &[u32]| -> anyhow::Result<Duration> {
         let mut t = cpu_of(me)?;

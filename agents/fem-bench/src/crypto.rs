@@ -2,6 +2,7 @@
 //! this machine, measured on the exact signing inputs of a real toolCall and
 //! toolResult, single-threaded.
 
+use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,10 @@ use fem_proto::{
     ToolCall, ToolOutcome, ToolResult, signing_input,
 };
 
+use crate::Workload;
+use crate::calls::size_name;
 use crate::load::{echo_params, median};
+use crate::report::Row;
 
 /// Ed25519 operations one call performs, by path.
 ///
@@ -162,4 +166,43 @@ pub(crate) fn measure(payload: usize, rounds: usize, batch: Duration) -> anyhow:
         verify_prepared_us,
         verify_batch64_us,
     })
+}
+
+/// The crypto rows: per payload, the median of every measurement of the run
+/// and the cost of one call's signatures on each path.
+pub(crate) fn rows(floors: &BTreeMap<usize, Vec<Floor>>) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (&p, all) in floors {
+        let Some(f) = Floor::median(all) else {
+            continue;
+        };
+        for (path, brokers) in [
+            ("one broker", 1),
+            ("two brokers", 2),
+            ("hub and two spokes", 3),
+        ] {
+            let ops = CryptoOps::for_path(brokers);
+            let us = f.call_us(ops);
+            let figures = BTreeMap::from([
+                ("sign_us".to_owned(), f.sign_us),
+                ("verify_us".to_owned(), f.verify_us),
+                ("verify_prepared_key_us".to_owned(), f.verify_prepared_us),
+                ("verify_batch64_us".to_owned(), f.verify_batch64_us),
+                ("signs".to_owned(), f64::from(ops.signs)),
+                ("verifies".to_owned(), f64::from(ops.verifies)),
+                ("crypto_us_per_call".to_owned(), us),
+            ]);
+            rows.push(Row {
+                workload: Workload::Crypto.name().into(),
+                case: format!("floor {path} {}", size_name(p)),
+                runs: all.len(),
+                calls_per_sec: Some(1e6 / us),
+                cpu_us_per_call: Some(us),
+                figures,
+                note: "calls/s per core if signatures were the only work".into(),
+                ..Row::default()
+            });
+        }
+    }
+    rows
 }

@@ -7,12 +7,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use fem_agent_sdk::{AgentBuilder, Client, Transport};
-use fem_proto::{AgentId, CapabilityPattern, ErrorCode, SigningKey, Target};
+use fem_agent_sdk::{Client, Transport};
+use fem_proto::{CapabilityPattern, ErrorCode, Target};
 
-use crate::calls::{caller, echo_tool, options, start_cluster};
+use crate::calls::{caller, echo_agent, options, start_cluster};
 use crate::load::median;
-use crate::procs::{BROKER_PORT, BrokerProc, host_ip};
+use crate::procs::{BrokerProc, broker_url, host_ip};
 use crate::report::Row;
 use crate::{Settings, Workload};
 
@@ -43,14 +43,14 @@ async fn wait_full_mesh(brokers: &[BrokerProc], limit: Duration) -> anyhow::Resu
 }
 
 /// Polls discovery at each caller until `present` holds for the agent's
-/// capability; returns the time each caller took.
+/// capability; returns the time the slowest caller took.
 async fn until_all(
     callers: &[&Client],
     cap: &CapabilityPattern,
     present: bool,
-    t0: Instant,
     limit: Duration,
-) -> anyhow::Result<Vec<Duration>> {
+) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
     let polls = callers.iter().map(|c| async move {
         loop {
             let found = c
@@ -71,29 +71,12 @@ async fn until_all(
             tokio::time::sleep(POLL).await;
         }
     });
-    futures::future::try_join_all(polls).await
-}
-
-/// An echo agent `id` with capability `cap`, registered at `b`.
-async fn agent_on(
-    s: &Settings,
-    b: &BrokerProc,
-    id: &str,
-    cap: &CapabilityPattern,
-) -> anyhow::Result<Client> {
-    Ok(AgentBuilder::new(AgentId::new(id)?, SigningKey::generate())
-        .capability(cap.as_str())?
-        .tool(echo_tool()?)
-        .connect(options(s, b, Transport::Quic)?)
-        .await?)
+    let took = futures::future::try_join_all(polls).await?;
+    Ok(took.into_iter().max().unwrap_or_default())
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn max_ms(ds: &[Duration]) -> f64 {
-    ds.iter().copied().max().map_or(0.0, ms)
 }
 
 /// Runs the federation workload.
@@ -102,7 +85,7 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
     let hosts: Vec<u8> = (0..s.mesh_size).map(|i| FIRST_HOST + i).collect();
     let urls: Vec<String> = hosts
         .iter()
-        .map(|n| format!("https://{}:{BROKER_PORT}", host_ip(s.net, *n)))
+        .map(|n| broker_url(host_ip(s.net, *n)))
         .collect();
     let started = Instant::now();
     let mut brokers = start_cluster(s, "fed", &hosts, |i| {
@@ -126,14 +109,13 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
     for r in 0..s.rounds {
         let origin = r % m;
         let cap = CapabilityPattern::new(format!("fedbench.r{r}"))?;
-        let agent = agent_on(s, &brokers[origin], &format!("fed-agent-{r}"), &cap).await?;
-        let t0 = Instant::now();
+        let opts = options(s, &brokers[origin], Transport::Quic)?;
+        let agent = echo_agent(&format!("fed-agent-{r}"), cap.as_str(), opts).await?;
         let others: Vec<&Client> = (0..m)
             .filter(|&i| i != origin)
             .map(|i| &callers[i])
             .collect();
-        let took = until_all(&others, &cap, true, t0, limit).await?;
-        advertise.push(max_ms(&took));
+        advertise.push(ms(until_all(&others, &cap, true, limit).await?));
         // Routable means a call works, not only that discovery lists it.
         for c in &others {
             c.call(
@@ -144,12 +126,10 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
             .await
             .with_context(|| format!("call from {} to {}", c.id(), agent.id()))?;
         }
-        // Timed from the moment the agent hangs up, not from when its
-        // connection task has finished closing.
-        let t1 = Instant::now();
+        // Timed from the moment the agent hangs up (`close` does not wait
+        // for its connection task to finish closing).
         agent.close();
-        let took = until_all(&others, &cap, false, t1, limit).await?;
-        leave.push(max_ms(&took));
+        leave.push(ms(until_all(&others, &cap, false, limit).await?));
     }
 
     // Kill the agent's broker: the others notice through the link timeout.
@@ -157,13 +137,12 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
     let kills = s.rounds.min(3);
     for k in 0..kills {
         let cap = CapabilityPattern::new(format!("fedbench.k{k}"))?;
-        let agent = agent_on(s, &brokers[0], &format!("fed-kill-{k}"), &cap).await?;
+        let opts = options(s, &brokers[0], Transport::Quic)?;
+        let agent = echo_agent(&format!("fed-kill-{k}"), cap.as_str(), opts).await?;
         let others: Vec<&Client> = callers[1..].iter().collect();
-        until_all(&others, &cap, true, Instant::now(), limit).await?;
+        until_all(&others, &cap, true, limit).await?;
         brokers[0].proc.kill();
-        let t0 = Instant::now();
-        let took = until_all(&others, &cap, false, t0, limit).await?;
-        killed.push(max_ms(&took));
+        killed.push(ms(until_all(&others, &cap, false, limit).await?));
         // A call now gets a typed NO_ROUTE, not silence.
         match others[0]
             .call(

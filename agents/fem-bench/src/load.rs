@@ -9,55 +9,61 @@ use bytes::Bytes;
 use fem_agent_sdk::Client;
 use fem_proto::Target;
 
-/// One way to make an echo request.
+/// Where echo requests go.
 #[derive(Clone, Debug)]
-pub(crate) enum Caller {
-    /// A FEM tool call (`echo`), with the parameters it sends.
-    Fem {
-        client: Client,
-        target: Target,
-        params: Arc<serde_json::Value>,
-    },
+pub(crate) enum Endpoint {
+    /// A FEM tool call (`echo`) to `target`.
+    Fem { client: Client, target: Target },
     /// A NATS request on `subject`.
     Nats {
         client: async_nats::Client,
         subject: String,
-        payload: Bytes,
     },
 }
 
+/// Echo requests of one payload size to one endpoint.
+#[derive(Clone, Debug)]
+pub(crate) struct Caller {
+    to: Endpoint,
+    /// The parameters (FEM) and the same JSON as bytes (NATS).
+    params: Arc<serde_json::Value>,
+    payload: Bytes,
+}
+
 impl Caller {
+    /// Requests to `to` whose JSON parameters are `size` bytes.
+    pub(crate) fn new(to: Endpoint, size: usize) -> Self {
+        let params = echo_params(size);
+        let payload = Bytes::from(serde_json::to_vec(&params).unwrap_or_default());
+        Self {
+            to,
+            params: Arc::new(params),
+            payload,
+        }
+    }
+
     /// One request; the answer must equal what was sent.
     pub(crate) async fn once(&self) -> Result<(), String> {
-        match self {
-            Self::Fem {
-                client,
-                target,
-                params,
-            } => {
+        let same = match &self.to {
+            Endpoint::Fem { client, target } => {
                 let out = client
-                    .call(target.clone(), "echo", params.as_ref().clone())
+                    .call(target.clone(), "echo", self.params.as_ref().clone())
                     .await
                     .map_err(|e| e.to_string())?;
-                if out != **params {
-                    return Err("echo differs from the request".into());
-                }
-                Ok(())
+                out == *self.params
             }
-            Self::Nats {
-                client,
-                subject,
-                payload,
-            } => {
+            Endpoint::Nats { client, subject } => {
                 let msg = client
-                    .request(subject.clone(), payload.clone())
+                    .request(subject.clone(), self.payload.clone())
                     .await
                     .map_err(|e| e.to_string())?;
-                if msg.payload != *payload {
-                    return Err("echo differs from the request".into());
-                }
-                Ok(())
+                msg.payload == self.payload
             }
+        };
+        if same {
+            Ok(())
+        } else {
+            Err("echo differs from the request".into())
         }
     }
 }

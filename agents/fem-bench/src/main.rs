@@ -15,7 +15,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use fem_agent_sdk::cli::TransportArg;
 
 mod calls;
 mod crypto;
@@ -34,8 +35,9 @@ use crate::report::{Report, Row};
 #[derive(Debug, Parser)]
 #[command(name = "fem-bench", version)]
 struct Args {
-    /// Workloads to run (all when none): single, federated, nats, crypto, scale, federation.
-    names: Vec<String>,
+    /// Workloads to run (all when none).
+    #[arg(value_enum)]
+    names: Vec<Workload>,
     /// A run of a couple of minutes: 1 s per measurement, one repetition, 1,000 agents.
     #[arg(long)]
     quick: bool,
@@ -57,9 +59,9 @@ struct Args {
     /// Agent counts of the scale workload [default: 1000,10000; 1000 with --quick].
     #[arg(long, value_delimiter = ',')]
     scale: Option<Vec<usize>>,
-    /// Transports of the scale workload's agents: quic, tcp (TLS over TCP) [default: quic,tcp].
-    #[arg(long, value_delimiter = ',')]
-    scale_transport: Option<Vec<String>>,
+    /// Transports of the scale workload's agents.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "quic,tcp")]
+    scale_transport: Vec<TransportArg>,
     /// Brokers in the federation mesh.
     #[arg(long, default_value_t = 10)]
     mesh_size: u8,
@@ -84,26 +86,23 @@ struct Args {
 }
 
 /// The workload groups.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 pub(crate) enum Workload {
+    /// One broker, QUIC and TLS/TCP.
     Single,
+    /// Two meshed brokers; a hub between two spokes.
     Federated,
+    /// nats-server with TLS.
     Nats,
+    /// The Ed25519 floor.
     Crypto,
+    /// Agents registering to one broker.
     Scale,
+    /// Convergence in a mesh of brokers.
     Federation,
 }
 
 impl Workload {
-    const ALL: [Self; 6] = [
-        Self::Single,
-        Self::Federated,
-        Self::Nats,
-        Self::Crypto,
-        Self::Scale,
-        Self::Federation,
-    ];
-
     pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Single => "single",
@@ -143,18 +142,11 @@ impl Settings {
 }
 
 fn settings(a: &Args, work: PathBuf) -> anyhow::Result<Settings> {
-    let mut workloads = Vec::new();
-    for n in &a.names {
-        let w = Workload::ALL
-            .into_iter()
-            .find(|w| w.name() == n)
-            .with_context(|| format!("unknown workload {n:?}; known: single, federated, nats, crypto, scale, federation"))?;
-        if !workloads.contains(&w) {
-            workloads.push(w);
-        }
-    }
+    let mut workloads = a.names.clone();
+    workloads.sort_unstable();
+    workloads.dedup();
     if workloads.is_empty() {
-        workloads = Workload::ALL.to_vec();
+        workloads = Workload::value_variants().to_vec();
     }
     if !(2..=200).contains(&a.mesh_size) {
         bail!("--mesh-size must be 2 to 200");
@@ -194,17 +186,7 @@ fn settings(a: &Args, work: PathBuf) -> anyhow::Result<Settings> {
                 vec![1000, 10_000]
             }
         }),
-        scale_transports: a
-            .scale_transport
-            .clone()
-            .unwrap_or_else(|| vec!["quic".into(), "tcp".into()])
-            .iter()
-            .map(|t| match t.as_str() {
-                "quic" => Ok(fem_agent_sdk::Transport::Quic),
-                "tcp" => Ok(fem_agent_sdk::Transport::Tcp),
-                other => Err(anyhow::anyhow!("--scale-transport {other:?}: quic or tcp")),
-            })
-            .collect::<anyhow::Result<_>>()?,
+        scale_transports: a.scale_transport.iter().map(|&t| t.into()).collect(),
         mesh_size: a.mesh_size,
         rounds: a.rounds.unwrap_or(if a.quick { 2 } else { 5 }).max(1),
         net: a.net,
@@ -259,45 +241,15 @@ async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
             floors.entry(p).or_default().push(f);
         }
     }
-    if fem_calls || s.selected(Workload::Nats) {
-        rows.extend(calls::run(s, &mut floors).await?);
-    }
+    let call_rows = if fem_calls || s.selected(Workload::Nats) {
+        calls::run(s, &mut floors).await?
+    } else {
+        Vec::new()
+    };
     if s.selected(Workload::Crypto) {
-        for (&p, all) in &floors {
-            let Some(f) = crypto::Floor::median(all) else {
-                continue;
-            };
-            for (path, brokers) in [
-                ("one broker", 1),
-                ("two brokers", 2),
-                ("hub and two spokes", 3),
-            ] {
-                let ops = crypto::CryptoOps::for_path(brokers);
-                let us = f.call_us(ops);
-                let mut figures = BTreeMap::new();
-                figures.insert("sign_us".into(), f.sign_us);
-                figures.insert("verify_us".into(), f.verify_us);
-                figures.insert("verify_prepared_key_us".into(), f.verify_prepared_us);
-                figures.insert("verify_batch64_us".into(), f.verify_batch64_us);
-                figures.insert("signs".into(), f64::from(ops.signs));
-                figures.insert("verifies".into(), f64::from(ops.verifies));
-                figures.insert("crypto_us_per_call".into(), us);
-                rows.insert(
-                    rows.iter().filter(|r| r.workload == "crypto").count(),
-                    Row {
-                        workload: Workload::Crypto.name().into(),
-                        case: format!("floor {path} {}", calls::size_name(p)),
-                        runs: all.len(),
-                        calls_per_sec: Some(1e6 / us),
-                        cpu_us_per_call: Some(us),
-                        figures,
-                        note: "calls/s per core if signatures were the only work".into(),
-                        ..Row::default()
-                    },
-                );
-            }
-        }
+        rows.extend(crypto::rows(&floors));
     }
+    rows.extend(call_rows);
     if s.selected(Workload::Scale) {
         for &n in &s.scale {
             for &t in &s.scale_transports {

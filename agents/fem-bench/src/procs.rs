@@ -7,12 +7,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use fem_broker::TlsSource;
 use http_body_util::BodyExt as _;
 
 /// The broker port (QUIC on UDP, TLS on TCP); every broker has its own address.
-pub(crate) const BROKER_PORT: u16 = 8443;
+const BROKER_PORT: u16 = 8443;
 /// Plain-HTTP metrics port of each broker (same address).
-pub(crate) const METRICS_PORT: u16 = 9090;
+const METRICS_PORT: u16 = 9090;
 
 /// Host `n` of the bench network: `base` with its last octet replaced by `n`.
 pub(crate) fn host_ip(base: Ipv4Addr, n: u8) -> Ipv4Addr {
@@ -20,12 +21,17 @@ pub(crate) fn host_ip(base: Ipv4Addr, n: u8) -> Ipv4Addr {
     Ipv4Addr::new(a, b, c, n)
 }
 
+/// The URL clients and peer brokers use for the broker at `ip`.
+pub(crate) fn broker_url(ip: Ipv4Addr) -> String {
+    format!("https://{}", SocketAddr::from((ip, BROKER_PORT)))
+}
+
 /// A child process killed (SIGKILL) and reaped on drop.
 #[derive(Debug)]
 pub(crate) struct Proc {
     child: Child,
     /// Its combined stdout/stderr.
-    pub(crate) log: PathBuf,
+    log: PathBuf,
     name: String,
 }
 
@@ -142,7 +148,7 @@ impl BrokerProc {
         extra: &[String],
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        ca.seed_broker(dir)?;
+        ca.seed(dir)?;
         let addr = SocketAddr::from((ip, BROKER_PORT));
         let metrics = SocketAddr::from((ip, METRICS_PORT));
         let mut args = vec![
@@ -213,60 +219,49 @@ impl BrokerProc {
 }
 
 /// The CA every server of a run gets its certificate from, so clients and
-/// peer brokers trust them all with one file.
+/// peer brokers trust them all with one file. It is the broker's own
+/// development CA, made and used by the broker's code.
+#[derive(Debug)]
 pub(crate) struct BenchCa {
-    cert: rcgen::Certificate,
-    key: rcgen::KeyPair,
+    dir: PathBuf,
     /// The CA certificate (PEM) clients trust.
     pub(crate) pem: PathBuf,
 }
 
-impl std::fmt::Debug for BenchCa {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BenchCa")
-            .field("pem", &self.pem)
-            .finish_non_exhaustive()
-    }
-}
-
 impl BenchCa {
-    /// Generates a CA and writes its certificate to `dir/ca.pem`.
+    /// Generates a development CA in `dir/tls/`.
     pub(crate) fn new(dir: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let key = rcgen::KeyPair::generate()?;
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "fem-bench CA");
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        let cert = params.self_signed(&key)?;
-        let pem = dir.join("ca.pem");
-        std::fs::write(&pem, cert.pem())?;
-        Ok(Self { cert, key, pem })
+        fem_broker::tls::load_material(&TlsSource::SelfSigned, dir, &["localhost".to_owned()])?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            pem: dir.join("tls").join("ca.pem"),
+        })
     }
 
-    /// Puts the CA into a broker data directory (`tls/ca.pem`, `tls/ca.key`):
-    /// the broker then issues its development certificate from it.
-    pub(crate) fn seed_broker(&self, data_dir: &Path) -> anyhow::Result<()> {
-        let tls = data_dir.join("tls");
-        std::fs::create_dir_all(&tls)?;
-        std::fs::write(tls.join("ca.pem"), self.cert.pem())?;
-        write_private(&tls.join("ca.key"), self.key.serialize_pem().as_bytes())
+    /// Puts the CA into a data directory (`tls/ca.pem`, `tls/ca.key`): a
+    /// broker started there issues its development certificate from it.
+    pub(crate) fn seed(&self, data_dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(data_dir.join("tls"))?;
+        for f in ["ca.pem", "ca.key"] {
+            std::fs::copy(self.dir.join("tls").join(f), data_dir.join("tls").join(f))
+                .with_context(|| format!("copy {f}"))?;
+        }
+        Ok(())
     }
 
-    /// Issues a server certificate for `ip`; returns (cert, key) PEM paths in `dir`.
+    /// Issues a server certificate for `ip` in `dir/tls/`; returns the
+    /// (certificate, key) PEM paths.
     fn issue(&self, ip: Ipv4Addr, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
-        let key = rcgen::KeyPair::generate()?;
-        let params = rcgen::CertificateParams::new(vec![ip.to_string(), "localhost".to_owned()])?;
-        let cert = params.signed_by(&key, &self.cert, &self.key)?;
-        let (cert_pem, key_pem) = (dir.join("server.pem"), dir.join("server.key"));
-        std::fs::write(&cert_pem, cert.pem())?;
-        write_private(&key_pem, key.serialize_pem().as_bytes())?;
-        Ok((cert_pem, key_pem))
+        self.seed(dir)?;
+        fem_broker::tls::load_material(
+            &TlsSource::SelfSigned,
+            dir,
+            &[ip.to_string(), "localhost".to_owned()],
+        )?;
+        Ok((
+            dir.join("tls").join("cert.pem"),
+            dir.join("tls").join("key.pem"),
+        ))
     }
 }
 
@@ -344,19 +339,6 @@ impl NatsProc {
             ca: ca.pem.clone(),
         })
     }
-}
-
-fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(data)?;
-    Ok(())
 }
 
 /// Finds a program: an explicit path, else `name` beside this executable,

@@ -1,7 +1,6 @@
 //! Workload 5: many agents connecting and registering to one broker.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -10,7 +9,7 @@ use fem_proto::{AgentId, CapabilityPattern, SigningKey, Target};
 use futures::StreamExt as _;
 
 use crate::calls::{caller, echo_tool, options, size_name};
-use crate::load::{self, Caller, echo_params};
+use crate::load::{self, Caller, Endpoint};
 use crate::procs::{BrokerProc, host_ip};
 use crate::report::Row;
 use crate::{Settings, Workload};
@@ -19,15 +18,15 @@ use crate::{Settings, Workload};
 /// enough that the client side is not what limits the rate.
 const CONNECTING_AT_ONCE: usize = 256;
 
-/// Connects `n` agents (QUIC, one echo tool and one capability each) to a
+/// Connects `n` agents (over `transport`, one echo tool and one capability each) to a
 /// fresh broker and measures registrations per second, the time until the
 /// broker routes to all of them, its resident memory per agent and a call's
 /// latency with all of them registered.
 pub(crate) async fn run(s: &Settings, n: usize, transport: Transport) -> anyhow::Result<Vec<Row>> {
-    let tname = if transport == Transport::Tcp {
-        "tls-tcp"
-    } else {
-        "quic"
+    let tname = match transport {
+        Transport::Tcp => "tls-tcp",
+        Transport::Quic => "quic",
+        _ => "auto",
     };
     let dir = s.work.join(format!("scale-{n}-{tname}"));
     // The default connection limit is 10,000; the run needs n agents plus callers.
@@ -107,10 +106,6 @@ pub(crate) async fn run(s: &Settings, n: usize, transport: Transport) -> anyhow:
     let mid = n / 2;
     let mut rows = Vec::new();
     let mut figures = BTreeMap::new();
-    figures.insert(
-        "registrations_per_sec".into(),
-        agents.len() as f64 / registered_in.as_secs_f64(),
-    );
     figures.insert("all_registered_s".into(), registered_in.as_secs_f64());
     figures.insert("all_routable_s".into(), routable_in.as_secs_f64());
     figures.insert("broker_rss_per_agent_bytes".into(), per_agent);
@@ -141,11 +136,13 @@ pub(crate) async fn run(s: &Settings, n: usize, transport: Transport) -> anyhow:
             Target::Capability(CapabilityPattern::new(format!("scale.n{mid}"))?),
         ),
     ] {
-        let caller = Caller::Fem {
-            client: c.clone(),
-            target,
-            params: Arc::new(echo_params(256)),
-        };
+        let caller = Caller::new(
+            Endpoint::Fem {
+                client: c.clone(),
+                target,
+            },
+            256,
+        );
         let st = load::run(&caller, 1, s.warmup, s.duration).await;
         rows.push(Row {
             workload: Workload::Scale.name().into(),
