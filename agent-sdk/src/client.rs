@@ -1058,10 +1058,7 @@ fn handle_inbound(
             warn!(%code, %reason, "broker denied the session");
             false
         }
-        Frame::Envelope(_)
-        | Frame::Subscribe { .. }
-        | Frame::Unsubscribe { .. }
-        | Frame::Forward { .. } => {
+        Frame::Envelope(_) | Frame::Subscribe { .. } | Frame::Unsubscribe { .. } => {
             debug!("ignoring a client-only frame from the broker");
             true
         }

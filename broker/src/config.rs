@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fem_proto::{AgentId, DEFAULT_MAX_FRAME, DEFAULT_REPLAY_WINDOW_MS};
+use fem_proto::{AgentId, DEFAULT_MAX_FRAME, DEFAULT_REPLAY_WINDOW_MS, PublicKey};
 
 use crate::tls::TlsSource;
 
@@ -46,7 +46,7 @@ pub struct BrokerConfig {
     /// one the views are disabled.
     pub admin_token: Option<String>,
     /// Federation with other brokers.
-    pub federation: crate::federation::FederationConfig,
+    pub federation: FederationConfig,
     /// Grace period for in-flight calls at shutdown.
     pub shutdown_grace: Duration,
 }
@@ -70,8 +70,70 @@ impl Default for BrokerConfig {
             registration_timeout: Duration::from_secs(10),
             metrics_listen: None,
             admin_token: None,
-            federation: crate::federation::FederationConfig::default(),
+            federation: FederationConfig::default(),
             shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How this broker takes part in a federation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FederationMode {
+    /// No federation: no links are dialled, and links from peers are refused.
+    #[default]
+    Off,
+    /// Full mesh: connect to every `peers` URL.
+    Mesh,
+    /// Hub: accept spokes and other hubs (and connect to `peers`, for a mesh of hubs).
+    Hub,
+    /// Spoke: connect to the first reachable of `hubs`, failing over in order.
+    Spoke,
+}
+
+/// Federation settings.
+#[derive(Clone, Debug)]
+pub struct FederationConfig {
+    /// Mode.
+    pub mode: FederationMode,
+    /// Peer broker URLs to keep links to (mesh, or a mesh of hubs).
+    pub peers: Vec<String>,
+    /// Hub URLs for a spoke, in fail-over order.
+    pub hubs: Vec<String>,
+    /// How to trust peer certificates.
+    pub trust: fem_agent_sdk::Trust,
+    /// Broker keys allowed to federate; `None` is development trust (any key).
+    pub peer_keys: Option<Vec<PublicKey>>,
+    /// Link liveness probe interval.
+    pub ping_interval: Duration,
+    /// Silence after which a link is declared down and its routes withdrawn.
+    pub link_timeout: Duration,
+    /// Longest reconnection delay.
+    pub backoff_max: Duration,
+    /// DNS SRV names whose targets are peers (re-resolved every `discovery_interval`).
+    pub discover_srv: Vec<String>,
+    /// How often SRV names are resolved again.
+    pub discovery_interval: Duration,
+    /// DNS server for discovery instead of the system resolver.
+    pub dns_server: Option<SocketAddr>,
+    /// A separate UDP address for federation links (default: the main port).
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            mode: FederationMode::Off,
+            peers: Vec::new(),
+            hubs: Vec::new(),
+            trust: fem_agent_sdk::Trust::System,
+            peer_keys: None,
+            ping_interval: Duration::from_millis(500),
+            link_timeout: Duration::from_secs(3),
+            backoff_max: Duration::from_secs(5),
+            discover_srv: Vec::new(),
+            discovery_interval: Duration::from_secs(30),
+            dns_server: None,
+            listen: None,
         }
     }
 }

@@ -16,16 +16,11 @@
 #![forbid(unsafe_code)]
 
 mod config;
-mod core;
-mod counted;
-mod discovery;
 pub mod federation;
-mod gateway;
-mod http;
+mod listen;
 mod metrics;
-mod registry;
-mod server;
-mod session;
+pub mod route;
+mod state;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -34,13 +29,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-pub use config::BrokerConfig;
-pub use federation::{FederationConfig, FederationMode};
+pub use config::{BrokerConfig, FederationConfig, FederationMode};
+use fem_proto::{AgentId, PublicKey};
 pub use metrics::Metrics;
-pub use registry::{AgentEntry, Profile, Registry};
+pub use route::Profile;
 pub use tls::TlsSource;
 
-use crate::core::Shared;
+use crate::state::Shared;
 
 /// Errors of the broker library.
 #[derive(Debug, thiserror::Error)]
@@ -176,18 +171,18 @@ impl Broker {
         let metrics = Metrics::new()?;
         let shared = Shared::new(config, identity, metrics);
         let mut tasks = vec![
-            tokio::spawn(server::tcp_accept_loop(
+            tokio::spawn(listen::tcp_accept_loop(
                 Arc::clone(&shared),
                 listener,
                 Arc::new(tcp_tls),
             )),
-            tokio::spawn(server::quic_accept_loop(
+            tokio::spawn(listen::quic_accept_loop(
                 Arc::clone(&shared),
                 endpoint.clone(),
             )),
         ];
         if let Some(fe) = &fed_endpoint {
-            tasks.push(tokio::spawn(server::quic_accept_loop(
+            tasks.push(tokio::spawn(listen::quic_accept_loop(
                 Arc::clone(&shared),
                 fe.clone(),
             )));
@@ -196,7 +191,7 @@ impl Broker {
         let mut metrics_addr = None;
         if let Some(l) = metrics_listener {
             metrics_addr = l.local_addr().ok();
-            let app = http::plain_router(Arc::clone(&shared));
+            let app = listen::http::plain_router(Arc::clone(&shared));
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = axum::serve(l, app).await {
                     tracing::warn!(error = %e, "metrics listener ended");
@@ -246,9 +241,11 @@ impl Broker {
         self.ca_path.as_deref()
     }
 
-    /// The registry of connected agents.
-    pub fn registry(&self) -> &Registry {
-        &self.shared.registry
+    /// A live view of the agents registered on this broker.
+    pub fn registry(&self) -> Agents<'_> {
+        Agents {
+            shared: &self.shared,
+        }
     }
 
     /// The broker's metrics.
@@ -282,6 +279,72 @@ impl Broker {
             fe.close(0u32.into(), b"shutdown");
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// The agents registered on one broker, read live from its routing core.
+#[derive(Debug)]
+pub struct Agents<'a> {
+    shared: &'a Arc<Shared>,
+}
+
+impl Agents<'_> {
+    /// Number of registered agents.
+    pub fn len(&self) -> usize {
+        self.shared.view(route::Router::agent_count)
+    }
+
+    /// True when no agent is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The agent `id`, if registered.
+    pub fn get(&self, id: &AgentId) -> Option<AgentView> {
+        self.shared.view(|r| {
+            r.agent(id).map(|a| AgentView {
+                id: a.id.clone(),
+                key: a.key,
+                transport: a.transport,
+                session: a.session,
+                shared: Arc::clone(self.shared),
+            })
+        })
+    }
+}
+
+/// One registered agent; its counters are read live.
+#[derive(Clone, Debug)]
+pub struct AgentView {
+    /// Agent id.
+    pub id: AgentId,
+    /// Its registered key.
+    pub key: PublicKey,
+    /// `quic` or `tcp`.
+    pub transport: &'static str,
+    session: route::ClientId,
+    shared: Arc<Shared>,
+}
+
+impl AgentView {
+    fn read<T: Default>(&self, f: impl FnOnce(&route::LocalAgent) -> T) -> T {
+        self.shared
+            .view(|r| {
+                r.agent(&self.id)
+                    .filter(|a| a.session == self.session)
+                    .map(f)
+            })
+            .unwrap_or_default()
+    }
+
+    /// Calls in flight to this agent (0 once it is gone).
+    pub fn in_flight(&self) -> u32 {
+        self.read(|a| a.in_flight)
+    }
+
+    /// Calls waiting at the broker for a slot on this agent.
+    pub fn queued(&self) -> usize {
+        self.read(|a| a.queue.len())
     }
 }
 

@@ -61,7 +61,8 @@ pub enum FedFrame {
         /// The origin broker.
         origin: AgentId,
     },
-    /// A call relayed to the receiver.
+    /// A call relayed to the receiver (relay/1: the receiver chose the
+    /// agent again). No longer sent; a broker refuses it (see `RelayCall`).
     Call {
         /// Hops the call may still take after the receiver.
         hops_left: u8,
@@ -70,14 +71,14 @@ pub enum FedFrame {
         /// The caller's envelope, bytes untouched.
         envelope: SignedEnvelope,
     },
-    /// A result relayed back towards the caller.
+    /// A result relayed back towards the caller (relay/1; no longer sent).
     Result {
         /// The executing agent's key.
         signer: PublicKey,
         /// The agent's toolResult, bytes untouched.
         envelope: SignedEnvelope,
     },
-    /// Terminal failure of a relayed call.
+    /// Terminal failure of a relayed call (relay/1; no longer sent).
     CallFailed {
         /// The request.
         request_id: RequestId,
@@ -96,4 +97,41 @@ pub enum FedFrame {
         /// The probe's number.
         seq: u64,
     },
+    /// A call relayed to the receiver for one agent the sender chose (the
+    /// receiver runs it on that agent or fails it; it never chooses again).
+    /// Answered by `RelayResult` or `RelayFailed` with the same `id`.
+    RelayCall {
+        /// The sender's id for the call, echoed by the answer.
+        id: u64,
+        /// The agent chosen by the sending broker.
+        agent: AgentId,
+        /// Hops the call may still take after the receiver.
+        hops_left: u8,
+        /// The caller's key (as the sending broker holds it).
+        signer: PublicKey,
+        /// The caller's envelope, bytes untouched.
+        envelope: SignedEnvelope,
+    },
+    /// The agent's result for the relayed call `id`.
+    RelayResult {
+        /// The relay id of the call.
+        id: u64,
+        /// The executing agent's key.
+        signer: PublicKey,
+        /// The agent's toolResult, bytes untouched.
+        envelope: SignedEnvelope,
+    },
+    /// Terminal failure of the relayed call `id`.
+    RelayFailed {
+        /// The relay id of the call.
+        id: u64,
+        /// Why.
+        code: ErrorCode,
+        /// Detail.
+        message: String,
+    },
 }
+
+/// The feature a broker announces in registerBroker when it relays calls
+/// with `RelayCall` (a link to a broker without it is refused).
+pub const RELAY_FEATURE: &str = "relay/2";

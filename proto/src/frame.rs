@@ -112,16 +112,6 @@ pub enum Frame {
         /// Detail.
         message: String,
     },
-    /// Broker-internal: a call relayed towards another broker, with the hops
-    /// it may still take. Never sent to clients.
-    Forward {
-        /// Broker hops left before the call is refused.
-        hops_left: u8,
-        /// The caller's envelope, bytes untouched.
-        envelope: SignedEnvelope,
-        /// The caller's key.
-        signer: PublicKey,
-    },
 }
 
 /// Appends the length-prefixed encoding of `frame` to `out`.

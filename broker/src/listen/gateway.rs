@@ -8,19 +8,21 @@
 //! key is refused. See docs/gateway.md.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use fem_proto::{Body, EnvelopeType, ErrorCode, Frame, PublicKey, SignedEnvelope};
+
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::core::Shared;
-use crate::registry::{AgentEntry, Profile};
+use crate::route::ReplyTo;
+use crate::route::admission::{self, Entry, Refused, Signer};
+use crate::state::Shared;
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -66,7 +68,6 @@ pub(crate) async fn discover(State(s): State<Arc<Shared>>, body: Bytes) -> Respo
 }
 
 async fn serve(s: Arc<Shared>, body: Bytes, want: EnvelopeType, endpoint: &str) -> Response {
-    let started = Instant::now();
     let req: GatewayRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -78,31 +79,30 @@ async fn serve(s: Arc<Shared>, body: Bytes, want: EnvelopeType, endpoint: &str) 
             );
         }
     };
-    let env = match req.envelope.open() {
-        Ok(env) => env,
-        Err(e) => return error(&s, endpoint, ErrorCode::BadRequest, e.to_string()),
+    let admitted = match admission::admit(
+        &req.envelope,
+        Signer::Key(&req.public_key),
+        Some(want),
+        Entry::Client,
+        &s.replay,
+        &s.metrics,
+    ) {
+        Ok(a) => a,
+        Err(Refused {
+            refusal: (code, message),
+            env,
+        }) => {
+            // A malformed envelope or the wrong type is the request's fault.
+            let code = if env.is_none() || code == ErrorCode::BadRequest {
+                ErrorCode::BadRequest
+            } else {
+                code
+            };
+            return error(&s, endpoint, code, message);
+        }
     };
-    if env.kind() != want {
-        return error(
-            &s,
-            endpoint,
-            ErrorCode::BadRequest,
-            format!("this endpoint takes a {want} envelope, not {}", env.kind()),
-        );
-    }
-    s.metrics.messages_processed_total.inc();
-    if let Err(e) = req.envelope.verify_opened(want, &req.public_key) {
-        s.metrics
-            .refusals
-            .with_label_values(&[e.code().as_str()])
-            .inc();
-        return error(&s, endpoint, e.code(), e.to_string());
-    }
-    let sender = env.header.sender.clone();
-    if s.registry
-        .get(&sender)
-        .is_some_and(|a| a.key != req.public_key)
-    {
+    let sender = admitted.env.header.sender.clone();
+    if s.view(|r| r.agent(&sender).is_some_and(|a| a.key != req.public_key)) {
         s.metrics
             .refusals
             .with_label_values(&[ErrorCode::IdConflict.as_str()])
@@ -114,48 +114,39 @@ async fn serve(s: Arc<Shared>, body: Bytes, want: EnvelopeType, endpoint: &str) 
             format!("id {sender} is registered with another public key"),
         );
     }
-    if let Err(e) = s.check_replay(&sender, &env.header) {
-        s.metrics
-            .refusals
-            .with_label_values(&[e.code().as_str()])
-            .inc();
-        return error(&s, endpoint, e.code(), e.to_string());
-    }
-    s.metrics
-        .envelopes
-        .with_label_values(&[want.as_str(), "accepted"])
-        .inc();
-    // A one-call session: the broker answers it like any other caller.
+    // A one-answer client: the broker answers it like any other caller.
     let (tx, mut rx) = mpsc::channel(4);
-    let caller = Arc::new(AgentEntry::new(
-        sender,
-        req.public_key,
-        s.next_session_id(),
-        tx,
-        "gateway",
-        0,
-        Profile::default(),
-    ));
-    let wait = match env.body {
+    let (client, _handle) = s.add_client(tx);
+    let wait = match admitted.env.body {
         Body::ToolCall(c) => {
             let wait = Duration::from_millis(c.deadline_ms.saturating_sub(fem_proto::now_ms()))
                 .min(s.config.max_call_timeout);
-            s.route_call(
-                &caller,
-                c,
-                req.envelope,
-                started,
-                fem_proto::DEFAULT_MAX_HOPS,
-            );
+            s.route(|r, now| {
+                r.call(
+                    now,
+                    ReplyTo::Client(client),
+                    &sender,
+                    req.public_key,
+                    &c,
+                    req.envelope,
+                    fem_proto::DEFAULT_MAX_HOPS,
+                    None,
+                );
+            });
             wait
         }
         Body::DiscoverTools(q) => {
-            s.discover(&caller, &q);
+            s.route(|r, _| r.discover(client, &q));
             Duration::from_secs(5)
         }
-        _ => return error(&s, endpoint, ErrorCode::BadRequest, "unsupported envelope"),
+        _ => {
+            s.remove_client(client);
+            return error(&s, endpoint, ErrorCode::BadRequest, "unsupported envelope");
+        }
     };
-    match tokio::time::timeout(wait + Duration::from_secs(5), rx.recv()).await {
+    let answer = tokio::time::timeout(wait + Duration::from_secs(5), rx.recv()).await;
+    s.remove_client(client);
+    match answer {
         Ok(Some(Frame::Deliver { envelope, signer })) => {
             let decoded = envelope.open().ok();
             s.metrics

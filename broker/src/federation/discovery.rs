@@ -16,8 +16,8 @@ use hickory_resolver::{ResolveError, TokioResolver};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::core::Shared;
-use crate::federation::{DialTarget, dial_loop};
+use super::dial::{DialTarget, dial_loop};
+use crate::state::Shared;
 
 fn resolver(dns: Option<SocketAddr>) -> Result<TokioResolver, ResolveError> {
     let mut opts = ResolverOpts::default();

@@ -13,7 +13,8 @@ use axum::routing::{get, post};
 use serde_json::json;
 use sha2::Digest as _;
 
-use crate::core::Shared;
+use super::gateway;
+use crate::state::Shared;
 
 /// /health, /ready and /metrics.
 pub(crate) fn plain_router(shared: Arc<Shared>) -> Router {
@@ -34,8 +35,8 @@ pub(crate) fn tls_router(shared: Arc<Shared>) -> Router {
         .route("/v1/agents", get(agents))
         .route("/v1/peers", get(peers))
         .route("/v1/routes", get(routes))
-        .route("/v1/call", post(crate::gateway::call))
-        .route("/v1/discover", post(crate::gateway::discover))
+        .route("/v1/call", post(gateway::call))
+        .route("/v1/discover", post(gateway::discover))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(shared)
 }
@@ -44,15 +45,16 @@ async fn health(State(s): State<Arc<Shared>>) -> Response {
     axum::Json(json!({
         "status": "ok",
         "broker_id": s.config.broker_id.as_str(),
-        "agents": s.registry.len(),
+        "agents": s.view(crate::route::Router::agent_count),
     }))
     .into_response()
 }
 
 async fn ready(State(s): State<Arc<Shared>>) -> Response {
-    let links = s.fed.links_ready();
+    let links = crate::federation::links_ready(&s);
     if s.ready.load(Ordering::Relaxed) && links {
-        axum::Json(json!({"status": "ready", "listeners": ["quic", "tcp"], "peers": s.fed.peers()}))
+        let peers: Vec<_> = s.view(|r| r.peers().cloned().collect());
+        axum::Json(json!({"status": "ready", "listeners": ["quic", "tcp"], "peers": peers}))
             .into_response()
     } else {
         let missing = if s.is_shutting_down() {
@@ -122,27 +124,29 @@ async fn agents(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&s, &headers) {
         return *r;
     }
-    let mut list: Vec<_> = s
-        .registry
-        .snapshot()
-        .into_iter()
-        .map(|a| {
-            let p = a.profile();
-            json!({
-                "id": a.id,
-                "publicKey": a.key,
-                "capabilities": p.capabilities,
-                "tools": p.tools.iter().map(|t| json!({"name": t.name, "description": t.description})).collect::<Vec<_>>(),
-                "metadata": p.metadata,
-                "transport": a.transport,
-                "connectedSinceMs": a.connected_since_ms,
-                "lastSeenMs": a.last_seen_ms.load(Ordering::Relaxed),
-                "maxConcurrentCalls": a.max_concurrent,
-                "callsInFlight": a.in_flight(),
-                "callsQueued": a.queued(),
+    let mut list: Vec<_> = s.view(|r| {
+        r.agents()
+            .map(|a| {
+                let p = &a.profile;
+                let last_seen = s
+                    .client(a.session)
+                    .map_or(0, |c| c.last_seen_ms.load(Ordering::Relaxed));
+                json!({
+                    "id": a.id,
+                    "publicKey": a.key,
+                    "capabilities": p.capabilities,
+                    "tools": p.tools.iter().map(|t| json!({"name": t.name, "description": t.description})).collect::<Vec<_>>(),
+                    "metadata": p.metadata,
+                    "transport": a.transport,
+                    "connectedSinceMs": a.connected_since_ms,
+                    "lastSeenMs": last_seen,
+                    "maxConcurrentCalls": a.max_concurrent,
+                    "callsInFlight": a.in_flight,
+                    "callsQueued": a.queue.len(),
+                })
             })
-        })
-        .collect();
+            .collect()
+    });
     list.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
     axum::Json(json!({"agents": list})).into_response()
 }
@@ -151,16 +155,14 @@ async fn peers(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&s, &headers) {
         return *r;
     }
-    let routes = s.fed.routes();
-    let peers: Vec<_> = s
-        .fed
-        .peers()
-        .into_iter()
-        .map(|p| {
-            let n = routes.iter().filter(|r| r.1 == p).count();
-            json!({"id": p, "state": "up", "routes": n})
-        })
-        .collect();
+    let peers: Vec<_> = s.view(|r| {
+        r.peers()
+            .map(|p| {
+                let n = r.remote_agents().filter(|(_, a)| &a.route.via == p).count();
+                json!({"id": p, "state": "up", "routes": n})
+            })
+            .collect()
+    });
     axum::Json(json!({"brokerId": s.config.broker_id, "peers": peers})).into_response()
 }
 
@@ -168,26 +170,31 @@ async fn routes(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&s, &headers) {
         return *r;
     }
-    let mut list: Vec<_> = s
-        .registry
-        .snapshot()
-        .into_iter()
-        .map(|a| {
-            let p = a.profile();
+    let mut list: Vec<_> = s.view(|r| {
+        let local = r.agents().map(|a| {
             json!({
                 "agent": a.id,
-                "capabilities": p.capabilities,
-                "tools": p.tools.iter().map(|t| &t.name).collect::<Vec<_>>(),
+                "capabilities": a.profile.capabilities,
+                "tools": a.profile.tools.iter().map(|t| &t.name).collect::<Vec<_>>(),
                 "via": "local",
                 "broker": s.config.broker_id,
                 "hops": 0,
-                "callsInFlight": a.in_flight(),
+                "callsInFlight": a.in_flight,
             })
-        })
-        .collect();
-    for (agent, via, hops) in s.fed.routes() {
-        list.push(json!({"agent": agent, "via": via, "hops": hops}));
-    }
+        });
+        let remote = r.remote_agents().map(|(id, a)| {
+            json!({
+                "agent": id,
+                "capabilities": a.route.agent.capabilities,
+                "tools": a.route.agent.tools.iter().map(|t| &t.name).collect::<Vec<_>>(),
+                "via": a.route.via,
+                "broker": a.route.origin,
+                "hops": a.route.hops,
+                "callsInFlight": r.remote_in_flight(id),
+            })
+        });
+        local.chain(remote).collect()
+    });
     list.sort_by(|a, b| a["agent"].as_str().cmp(&b["agent"].as_str()));
     axum::Json(json!({"routes": list})).into_response()
 }

@@ -14,7 +14,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tracing::{Instrument as _, debug, info_span, warn};
 
-use crate::core::Shared;
+use crate::state::Shared;
+
+mod counted;
+mod gateway;
+pub(crate) mod http;
+mod session;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -24,7 +29,7 @@ pub(crate) async fn tcp_accept_loop(
     tls: Arc<rustls::ServerConfig>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let http = crate::http::tls_router(Arc::clone(&shared));
+    let http = http::tls_router(Arc::clone(&shared));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -147,9 +152,9 @@ async fn serve_native<R, W>(
         );
         return deny(&shared, w, ErrorCode::TooManyConnections, reason).await;
     }
-    let r = crate::counted::Counted::new(r, shared.metrics.bytes_received.clone());
-    let w = crate::counted::Counted::new(w, shared.metrics.bytes_sent.clone());
-    crate::session::run(shared, r, w, transport, peer).await;
+    let r = counted::Counted::new(r, shared.metrics.bytes_received.clone());
+    let w = counted::Counted::new(w, shared.metrics.bytes_sent.clone());
+    session::run(shared, r, w, transport, peer).await;
     drop(permit);
 }
 

@@ -1,0 +1,380 @@
+//! One federation link: the signed registerBroker handshake, then route
+//! messages and relayed calls until it ends. Relayed calls are admitted here
+//! (outside the routing core's lock) and handed to the core.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fem_agent_sdk::wire::{FrameReader, write_loop};
+use fem_proto::{
+    AgentId, Body, Envelope, EnvelopeType, ErrorCode, FedFrame, Header, PublicKey, RELAY_FEATURE,
+    RegisterBroker, SignedEnvelope,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use crate::config::FederationMode;
+use crate::route::admission::{self, Entry, Refused, Signer};
+use crate::route::{LinkId, LinkUp, ReplyTo};
+use crate::state::Shared;
+
+/// Messages queued towards one peer before the link counts as stuck.
+const LINK_QUEUE: usize = 4096;
+
+/// Serves a link accepted on the QUIC endpoint.
+pub(crate) async fn accept(shared: Arc<Shared>, conn: quinn::Connection) {
+    if shared.config.federation.mode == FederationMode::Off {
+        shared
+            .metrics
+            .refusals
+            .with_label_values(&["PEER_REFUSED"])
+            .inc();
+        conn.close(2u32.into(), b"federation is not enabled on this broker");
+        return;
+    }
+    let Ok(Ok((send, recv))) =
+        tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await
+    else {
+        conn.close(1u32.into(), b"no stream");
+        return;
+    };
+    let _ = run_link(shared, conn, recv, send, false, None, None).await;
+}
+
+/// How a link ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum LinkEnd {
+    /// The peer is this broker (a discovered address of our own).
+    Myself,
+    /// Refused or ended.
+    Other,
+}
+
+fn hello(shared: &Shared) -> Result<FedFrame, fem_proto::ProtoError> {
+    let env = Envelope::new(
+        Header::now(shared.config.broker_id.clone()),
+        Body::RegisterBroker(RegisterBroker {
+            broker_id: shared.config.broker_id.clone(),
+            endpoint: format!("https://{}", shared.config.listen),
+            public_key: shared.broker_key,
+            capabilities: vec!["relay".into(), RELAY_FEATURE.into()],
+        }),
+    );
+    Ok(FedFrame::Hello(SignedEnvelope::sign(
+        &env,
+        &shared.identity,
+    )?))
+}
+
+const MYSELF: &str = "a link to myself";
+
+/// Checks a peer's Hello: signature, freshness, allowed key, not ourselves.
+fn check_hello(
+    shared: &Shared,
+    f: Option<FedFrame>,
+) -> Result<(AgentId, PublicKey), (ErrorCode, String)> {
+    let Some(FedFrame::Hello(signed)) = f else {
+        return Err((
+            ErrorCode::NotRegistered,
+            "the first message must be a signed registerBroker".into(),
+        ));
+    };
+    let admitted = admission::admit(
+        &signed,
+        Signer::Registration,
+        Some(EnvelopeType::RegisterBroker),
+        Entry::Client,
+        &shared.replay,
+        &shared.metrics,
+    )
+    .map_err(|r| r.refusal)?;
+    let Body::RegisterBroker(rb) = admitted.env.body else {
+        return Err((
+            ErrorCode::NotRegistered,
+            "the first envelope must be registerBroker".into(),
+        ));
+    };
+    if !rb.capabilities.iter().any(|c| c == RELAY_FEATURE) {
+        return Err((
+            ErrorCode::BadRequest,
+            format!(
+                "broker {} does not announce {RELAY_FEATURE}: it relays calls with an older federation protocol; upgrade it",
+                rb.broker_id
+            ),
+        ));
+    }
+    if let Some(keys) = &shared.config.federation.peer_keys {
+        if !keys.contains(&rb.public_key) {
+            return Err((
+                ErrorCode::PermissionDenied,
+                format!(
+                    "broker {} key {} is not in --peer-keys",
+                    rb.broker_id, rb.public_key
+                ),
+            ));
+        }
+    }
+    if rb.broker_id == shared.config.broker_id {
+        return Err((ErrorCode::BadRequest, MYSELF.into()));
+    }
+    Ok((rb.broker_id, rb.public_key))
+}
+
+/// Runs a link whose QUIC stream is open: handshake, then traffic until it
+/// ends. A dialled link registered for readiness under `ready_key` records
+/// the peer it reached there, whichever of two duplicate links survives.
+pub(crate) async fn run_link<R, W>(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    recv: R,
+    send: W,
+    initiator: bool,
+    ready_key: Option<String>,
+    mut stop: Option<tokio::sync::watch::Receiver<bool>>,
+) -> LinkEnd
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let max = shared.config.max_frame;
+    let (fed_tx, fed_rx) = mpsc::channel::<FedFrame>(LINK_QUEUE);
+    let writer = tokio::spawn(async move {
+        let _ = write_loop(fed_rx, send, max).await;
+    });
+    let mut reader = FrameReader::new(recv, max);
+    let Ok(h) = hello(&shared) else {
+        return LinkEnd::Other;
+    };
+    let _ = fed_tx.send(h).await;
+    let first = tokio::time::timeout(Duration::from_secs(5), reader.next_message::<FedFrame>())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten();
+    let peer = match check_hello(&shared, first) {
+        Ok((peer, _key)) => peer,
+        Err((ErrorCode::BadRequest, reason)) if reason == MYSELF => {
+            conn.close(2u32.into(), b"myself");
+            return LinkEnd::Myself;
+        }
+        Err((code, reason)) => {
+            warn!(%code, %reason, remote = %conn.remote_address(), "federation peer refused");
+            shared
+                .metrics
+                .refusals
+                .with_label_values(&["PEER_REFUSED"])
+                .inc();
+            let _ = fed_tx.send(FedFrame::Refused { code, reason }).await;
+            drop(fed_tx);
+            let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+            conn.close(2u32.into(), b"refused");
+            return LinkEnd::Other;
+        }
+    };
+    if let Some(k) = &ready_key {
+        shared.fed.required.insert(k.clone(), Some(peer.clone()));
+    }
+    let me = shared.config.broker_id.clone();
+    let opener = if initiator { me } else { peer.clone() };
+    let span = info_span!("link", %peer, initiator);
+    async move {
+        let (link, handle) = shared.add_link(fed_tx.clone());
+        if shared.route(|r, now| r.link_up(now, link, peer.clone(), opener)) == LinkUp::Duplicate {
+            debug!("duplicate link; keeping the existing one");
+            shared.remove_link(link);
+            drop(fed_tx);
+            drop(handle);
+            let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+            // Wait for the peer to close it, so a dialer does not spin.
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn.closed()).await;
+            return LinkEnd::Other;
+        }
+        info!("federation link up");
+        let timeout = shared.config.federation.link_timeout;
+        let mut ping = tokio::time::interval(shared.config.federation.ping_interval);
+        let mut last_rx = Instant::now();
+        let mut seq = 0u64;
+        // Reading is not cancel-safe: it runs on its own task.
+        let (itx, mut irx) = mpsc::channel::<FedFrame>(LINK_QUEUE);
+        let read_task = tokio::spawn(async move {
+            while let Ok(Some(f)) = reader.next_message::<FedFrame>().await {
+                if itx.send(f).await.is_err() {
+                    break;
+                }
+            }
+        });
+        loop {
+            tokio::select! {
+                f = irx.recv() => match f {
+                    Some(f) => {
+                        last_rx = Instant::now();
+                        handle_frame(&shared, link, &fed_tx, f);
+                    }
+                    None => break,
+                },
+                () = handle.close.notified() => {
+                    info!("link replaced or stuck; closing it");
+                    break;
+                }
+                () = async {
+                    match &mut stop {
+                        Some(s) => { let _ = s.wait_for(|v| *v).await; }
+                        None => std::future::pending::<()>().await,
+                    }
+                } => {
+                    info!("peer left DNS; closing the link");
+                    break;
+                }
+                _ = ping.tick() => {
+                    if last_rx.elapsed() > timeout {
+                        warn!(silent_ms = u64::try_from(last_rx.elapsed().as_millis()).unwrap_or(u64::MAX), "federation peer silent; dropping the link");
+                        break;
+                    }
+                    seq += 1;
+                    let _ = fed_tx.try_send(FedFrame::Ping { seq });
+                }
+            }
+            if shared.is_shutting_down() && shared.pending_len() == 0 {
+                break;
+            }
+        }
+        read_task.abort();
+        shared.remove_link(link);
+        drop(fed_tx);
+        drop(handle);
+        let _ = tokio::time::timeout(Duration::from_millis(500), writer).await;
+        conn.close(0u32.into(), b"bye");
+        info!("federation link down");
+        LinkEnd::Other
+    }
+    .instrument(span)
+    .await
+}
+
+fn handle_frame(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>, f: FedFrame) {
+    match f {
+        FedFrame::Advertise { .. } | FedFrame::Withdraw { .. } => {
+            shared.route(|r, _| r.link_frame(link, f));
+        }
+        FedFrame::RelayCall {
+            id,
+            agent,
+            hops_left,
+            signer,
+            envelope,
+        } => relay_in(shared, link, tx, id, &agent, hops_left, signer, envelope),
+        FedFrame::RelayResult {
+            id,
+            signer,
+            envelope,
+        } => relay_back(shared, link, id, signer, envelope),
+        FedFrame::RelayFailed { id, code, message } => {
+            shared.route(|r, now| r.relay_failed(now, link, id, code, message));
+        }
+        FedFrame::Ping { seq } => {
+            let _ = tx.try_send(FedFrame::Pong { seq });
+        }
+        FedFrame::Pong { .. } | FedFrame::Hello(_) => {}
+        FedFrame::Refused { code, reason } => warn!(%code, %reason, "peer refused the link"),
+        FedFrame::Call { .. } | FedFrame::Result { .. } | FedFrame::CallFailed { .. } => {
+            warn!("relay/1 message from a relay/2 peer; dropped");
+        }
+    }
+}
+
+/// A call relayed to us for `agent`: the caller's signature is checked on
+/// entry, then the core runs it on that agent; the answer goes back over
+/// the link under the peer's `id`.
+#[allow(clippy::too_many_arguments)]
+fn relay_in(
+    shared: &Arc<Shared>,
+    link: LinkId,
+    tx: &mpsc::Sender<FedFrame>,
+    id: u64,
+    agent: &AgentId,
+    hops_left: u8,
+    signer: PublicKey,
+    envelope: SignedEnvelope,
+) {
+    let admitted = match admission::admit(
+        &envelope,
+        Signer::Key(&signer),
+        Some(EnvelopeType::ToolCall),
+        Entry::Relay,
+        &shared.replay,
+        &shared.metrics,
+    ) {
+        Ok(a) => a,
+        Err(Refused {
+            refusal: (code, message),
+            ..
+        }) => {
+            let _ = tx.try_send(FedFrame::RelayFailed { id, code, message });
+            return;
+        }
+    };
+    let Body::ToolCall(call) = admitted.env.body else {
+        return;
+    };
+    let caller = admitted.env.header.sender;
+    shared.route(|r, now| {
+        r.call(
+            now,
+            ReplyTo::Link { link, relay: id },
+            &caller,
+            signer,
+            &call,
+            envelope,
+            hops_left,
+            Some(agent),
+        );
+    });
+}
+
+/// A result relayed back for our call `id`: checked against the agent's
+/// key before the core takes it; one that does not verify fails the call.
+fn relay_back(
+    shared: &Arc<Shared>,
+    link: LinkId,
+    id: u64,
+    signer: PublicKey,
+    envelope: SignedEnvelope,
+) {
+    let result = envelope.open().and_then(|env| {
+        envelope.verify_opened(EnvelopeType::ToolResult, &signer)?;
+        Ok(env)
+    });
+    match result {
+        Ok(Envelope {
+            body: Body::ToolResult(result),
+            ..
+        }) => shared.route(|r, now| r.relay_result(now, link, id, &result, envelope, signer)),
+        Ok(_) => shared.route(|r, now| {
+            r.relay_failed(
+                now,
+                link,
+                id,
+                ErrorCode::BadRequest,
+                "the peer relayed an answer that is not a toolResult".into(),
+            );
+        }),
+        Err(e) => {
+            warn!(error = %e, "relayed result does not verify");
+            shared
+                .metrics
+                .refusals
+                .with_label_values(&[e.code().as_str()])
+                .inc();
+            shared.route(|r, now| {
+                r.relay_failed(
+                    now,
+                    link,
+                    id,
+                    e.code(),
+                    format!("the agent's result does not verify: {e}"),
+                );
+            });
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! One client connection: registration, then envelopes until it ends. The
+//! session admits what it reads and hands it to the routing core.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use fem_agent_sdk::wire::{FrameReader, ReadError, write_loop};
+use fem_proto::{
+    Accepted, AgentId, Body, ErrorCode, Frame, PublicKey, RegisterAgent, SignedEnvelope,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use crate::route::admission::{self, Entry, Refusal, Refused, Signer};
+use crate::route::{ClientId, Profile, Registration, ReplyTo};
+use crate::state::{ClientHandle, Shared};
+
+/// The registered identity of a session.
+struct Identity {
+    client: ClientId,
+    handle: Arc<ClientHandle>,
+    id: AgentId,
+    key: PublicKey,
+}
+
+/// Serves one connection until it closes, is evicted or the broker stops.
+pub(crate) async fn run<R, W>(
+    shared: Arc<Shared>,
+    reader: R,
+    writer: W,
+    transport: &'static str,
+    peer: SocketAddr,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let span = info_span!("session", %peer, transport, agent = tracing::field::Empty);
+    async move {
+        let max = shared.config.max_frame;
+        let (tx, rx) = mpsc::channel::<Frame>(shared.config.session_queue);
+        let writer_task = tokio::spawn(
+            async move {
+                if let Err(e) = write_loop(rx, writer, max).await {
+                    debug!(error = %e, "writer ended");
+                }
+            }
+            .in_current_span(),
+        );
+        let mut reader = FrameReader::new(reader, max);
+        shared
+            .metrics
+            .connections
+            .with_label_values(&[transport])
+            .inc();
+        let (client, handle) = shared.add_client(tx.clone());
+        match register(&shared, client, &handle, &mut reader, transport).await {
+            Ok(me) => {
+                tracing::Span::current().record("agent", me.id.as_str());
+                serve(&shared, &me, &mut reader, &tx).await;
+            }
+            Err((code, reason)) => {
+                shared
+                    .metrics
+                    .registrations
+                    .with_label_values(&[code.as_str()])
+                    .inc();
+                info!(%code, %reason, "registration refused");
+                let _ = tx.try_send(Frame::Denied { code, reason });
+            }
+        }
+        shared.remove_client(client);
+        drop(tx);
+        drop(reader);
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
+        shared
+            .metrics
+            .connections
+            .with_label_values(&[transport])
+            .dec();
+    }
+    .instrument(span)
+    .await;
+}
+
+async fn register<R: AsyncRead + Unpin>(
+    shared: &Arc<Shared>,
+    client: ClientId,
+    handle: &Arc<ClientHandle>,
+    reader: &mut FrameReader<R>,
+    transport: &'static str,
+) -> Result<Identity, Refusal> {
+    let refused = |r: Refusal| {
+        shared
+            .metrics
+            .refusals
+            .with_label_values(&[r.0.as_str()])
+            .inc();
+        r
+    };
+    let first = tokio::time::timeout(shared.config.registration_timeout, reader.next())
+        .await
+        .map_err(|_| {
+            refused((
+                ErrorCode::NotRegistered,
+                "no registerAgent within the registration timeout".to_owned(),
+            ))
+        })?
+        .map_err(|e| refused(read_refusal(&e)))?
+        .ok_or_else(|| {
+            refused((
+                ErrorCode::NotRegistered,
+                "connection closed before registering".to_owned(),
+            ))
+        })?;
+    let Frame::Envelope(signed) = first else {
+        return Err(refused((
+            ErrorCode::NotRegistered,
+            "the first frame must be a signed registerAgent".to_owned(),
+        )));
+    };
+    let admitted = admission::admit(
+        &signed,
+        Signer::Registration,
+        None,
+        Entry::Client,
+        &shared.replay,
+        &shared.metrics,
+    )
+    .map_err(|r| r.refusal)?;
+    let id = admitted.env.header.sender.clone();
+    let Body::RegisterAgent(reg) = admitted.env.body else {
+        return Err(refused((
+            ErrorCode::NotRegistered,
+            format!(
+                "the first envelope must be registerAgent, not {}",
+                admitted.env.kind()
+            ),
+        )));
+    };
+    admission::validate_tools(&reg.tools).map_err(refused)?;
+    let RegisterAgent {
+        public_key,
+        capabilities,
+        tools,
+        metadata,
+        max_concurrent_calls,
+    } = reg;
+    let n_tools = tools.len();
+    let accepted = Frame::Accepted(Accepted {
+        agent_id: id.clone(),
+        broker_id: shared.config.broker_id.clone(),
+        broker_key: shared.broker_key,
+        heartbeat_interval_ms: millis(shared.config.heartbeat_interval),
+        grace_ms: millis(shared.config.heartbeat_grace),
+        max_frame: u32::try_from(shared.config.max_frame).unwrap_or(u32::MAX),
+    });
+    shared
+        .route(|r, now| {
+            r.register(
+                now,
+                Registration {
+                    client,
+                    id: id.clone(),
+                    key: public_key,
+                    transport,
+                    max_concurrent: max_concurrent_calls,
+                    profile: Profile {
+                        capabilities,
+                        tools,
+                        metadata,
+                    },
+                    accepted,
+                },
+            )
+        })
+        .map_err(refused)?;
+    info!(agent = %id, key = %public_key.fingerprint(), tools = n_tools, "agent registered");
+    Ok(Identity {
+        client,
+        handle: Arc::clone(handle),
+        id,
+        key: public_key,
+    })
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn read_refusal(e: &ReadError) -> Refusal {
+    match e {
+        ReadError::Proto(p) => (p.code(), p.to_string()),
+        other => (ErrorCode::BadRequest, format!("read failed: {other}")),
+    }
+}
+
+async fn serve<R: AsyncRead + Unpin>(
+    shared: &Arc<Shared>,
+    me: &Identity,
+    reader: &mut FrameReader<R>,
+    tx: &mpsc::Sender<Frame>,
+) {
+    let grace = shared.config.heartbeat_grace;
+    let mut shutdown = shared.shutdown_signal();
+    loop {
+        let frame = tokio::select! {
+            () = me.handle.close.notified() => {
+                let (code, message) = me.handle.take_reason().unwrap_or((ErrorCode::AgentUnavailable, "session closed by the broker".into()));
+                let _ = tx.try_send(Frame::Error { code, message });
+                return;
+            }
+            _ = shutdown.wait_for(|s| *s) => {
+                let _ = tx.try_send(Frame::Error { code: ErrorCode::ShuttingDown, message: "broker shutting down".into() });
+                return;
+            }
+            r = tokio::time::timeout(grace, reader.next()) => r,
+        };
+        let frame = match frame {
+            Err(_) => {
+                warn!(agent = %me.id, grace_ms = millis(grace), "agent silent past its grace period; evicting");
+                shared
+                    .metrics
+                    .refusals
+                    .with_label_values(&["HEARTBEAT_TIMEOUT"])
+                    .inc();
+                return;
+            }
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => {
+                debug!("connection closed by peer");
+                return;
+            }
+            Ok(Err(e)) => {
+                let (code, message) = read_refusal(&e);
+                if matches!(e, ReadError::Proto(_)) {
+                    info!(%code, %message, "bad frame; closing connection");
+                    shared
+                        .metrics
+                        .refusals
+                        .with_label_values(&[code.as_str()])
+                        .inc();
+                    let _ = tx.try_send(Frame::Error { code, message });
+                } else {
+                    debug!(%message, "connection lost");
+                }
+                return;
+            }
+        };
+        me.handle
+            .last_seen_ms
+            .store(fem_proto::now_ms(), Ordering::Relaxed);
+        match frame {
+            Frame::Heartbeat { seq } => {
+                let _ = tx.try_send(Frame::HeartbeatAck { seq });
+            }
+            Frame::HeartbeatAck { .. } => {}
+            Frame::Envelope(signed) => {
+                if !handle_envelope(shared, me, signed, tx) {
+                    return;
+                }
+            }
+            Frame::Subscribe { nonce, topic } => {
+                shared.route(|r, _| r.subscribe(me.client, &me.id, topic));
+                let _ = tx.try_send(Frame::Ack { nonce });
+            }
+            Frame::Unsubscribe { nonce, topic } => {
+                shared.route(|r, _| r.unsubscribe(&me.id, &topic));
+                let _ = tx.try_send(Frame::Ack { nonce });
+            }
+            other => {
+                let message = format!("unexpected frame from a client: {}", frame_name(&other));
+                shared
+                    .metrics
+                    .refusals
+                    .with_label_values(&["BAD_REQUEST"])
+                    .inc();
+                let _ = tx.try_send(Frame::Error {
+                    code: ErrorCode::BadRequest,
+                    message,
+                });
+                return;
+            }
+        }
+    }
+}
+
+fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Envelope(_) => "envelope",
+        Frame::Deliver { .. } => "deliver",
+        Frame::Accepted(_) => "accepted",
+        Frame::Denied { .. } => "denied",
+        Frame::Heartbeat { .. } => "heartbeat",
+        Frame::HeartbeatAck { .. } => "heartbeatAck",
+        Frame::CallFailed { .. } => "callFailed",
+        Frame::Ack { .. } => "ack",
+        Frame::Nack { .. } => "nack",
+        Frame::Subscribe { .. } => "subscribe",
+        Frame::Unsubscribe { .. } => "unsubscribe",
+        Frame::Error { .. } => "error",
+    }
+}
+
+/// Admits and dispatches one envelope; false closes the session.
+fn handle_envelope(
+    shared: &Arc<Shared>,
+    me: &Identity,
+    signed: SignedEnvelope,
+    tx: &mpsc::Sender<Frame>,
+) -> bool {
+    let signer = Signer::Session {
+        id: &me.id,
+        key: &me.key,
+    };
+    let admitted = match admission::admit(
+        &signed,
+        signer,
+        None,
+        Entry::Client,
+        &shared.replay,
+        &shared.metrics,
+    ) {
+        Ok(a) => a,
+        Err(Refused {
+            refusal: (code, message),
+            env: None,
+        }) => {
+            // Not even an envelope: the connection is unusable.
+            let _ = tx.try_send(Frame::Error { code, message });
+            return false;
+        }
+        Err(Refused {
+            refusal: (code, message),
+            env: Some(env),
+        }) => {
+            debug!(%code, %message, kind = env.kind().as_str(), "envelope refused");
+            let frame = match &env.body {
+                Body::ToolCall(c) => Frame::CallFailed {
+                    request_id: c.request_id,
+                    code,
+                    message,
+                },
+                Body::DiscoverTools(d) => Frame::CallFailed {
+                    request_id: d.request_id,
+                    code,
+                    message,
+                },
+                _ => Frame::Nack {
+                    nonce: env.header.nonce,
+                    code,
+                    message,
+                },
+            };
+            let _ = tx.try_send(frame);
+            return true;
+        }
+    };
+    let (header, body) = (admitted.env.header, admitted.env.body);
+    let ack = |r: Result<(), Refusal>| {
+        let frame = match r {
+            Ok(()) => Frame::Ack {
+                nonce: header.nonce,
+            },
+            Err((code, message)) => Frame::Nack {
+                nonce: header.nonce,
+                code,
+                message,
+            },
+        };
+        let _ = tx.try_send(frame);
+    };
+    match body {
+        Body::ToolCall(call) => {
+            let _span = tracing::debug_span!(
+                "call",
+                request = %call.request_id,
+                tool = %call.tool,
+                caller = %me.id
+            )
+            .entered();
+            shared.route(|r, now| {
+                r.call(
+                    now,
+                    ReplyTo::Client(me.client),
+                    &me.id,
+                    me.key,
+                    &call,
+                    signed,
+                    fem_proto::DEFAULT_MAX_HOPS,
+                    None,
+                );
+            });
+        }
+        Body::ToolResult(result) => {
+            shared.route(|r, now| r.result(now, me.client, &result, signed, me.key));
+        }
+        Body::DiscoverTools(q) => shared.route(|r, _| r.discover(me.client, &q)),
+        Body::EmitEvent(ev) => {
+            shared.route(|r, _| r.emit(&me.id, &ev.topic, &signed, me.key));
+            ack(Ok(()));
+        }
+        Body::RenderInstruction(ri) => {
+            ack(shared.route(|r, _| r.render(&ri.target, signed, me.key)));
+        }
+        Body::Revoke(r) => {
+            if r.target == me.id {
+                info!(agent = %me.id, reason = %r.reason, "agent revoked itself");
+                ack(Ok(()));
+                return false;
+            }
+            ack(Err((
+                ErrorCode::PermissionDenied,
+                "an agent may only revoke itself (operator keys are not configured)".into(),
+            )));
+        }
+        Body::EmbodimentUpdate(u) => {
+            let r = admission::validate_tools(&u.tools)
+                .and_then(|()| shared.route(|r, now| r.update_profile(now, me.client, u)));
+            if r.is_ok() {
+                info!(agent = %me.id, "embodiment updated");
+            }
+            ack(r);
+        }
+        Body::RegisterAgent(_) | Body::RegisterBroker(_) | Body::ToolsDiscovered(_) => {
+            let kind = body.kind();
+            ack(Err((
+                ErrorCode::BadRequest,
+                format!("{kind} is not accepted on a registered agent session"),
+            )));
+        }
+    }
+    true
+}

@@ -1,0 +1,267 @@
+//! Admission: the one check every incoming envelope passes before the
+//! routing core sees it (open, verify, replay window, metrics), and the
+//! validation of what a registration declares. Signature work happens here,
+//! outside the core's lock.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use dashmap::DashMap;
+use fem_proto::{
+    AgentId, Body, Envelope, EnvelopeType, ErrorCode, Header, NonceCache, ProtoError, PublicKey,
+    SignedEnvelope, ToolSpec,
+};
+
+use crate::metrics::Metrics;
+
+/// A refusal: the code and a message for the peer.
+pub type Refusal = (ErrorCode, String);
+
+/// Maximum nonces remembered per sender within one replay window.
+const MAX_NONCES_PER_SENDER: usize = 200_000;
+
+/// Per-sender timestamp window and nonce cache.
+#[derive(Debug)]
+pub struct ReplayGuard {
+    window_ms: u64,
+    nonces: DashMap<AgentId, Mutex<NonceCache>>,
+}
+
+impl ReplayGuard {
+    /// A guard accepting timestamps within `window_ms` of now.
+    pub fn new(window_ms: u64) -> Self {
+        Self {
+            window_ms,
+            nonces: DashMap::new(),
+        }
+    }
+
+    /// Refuses a header outside the window or with a nonce already seen.
+    ///
+    /// # Errors
+    /// `STALE_TIMESTAMP`, `REPLAYED` or `RATE_LIMITED` as [`ProtoError`].
+    pub fn check(&self, sender: &AgentId, h: &Header, now_ms: u64) -> Result<(), ProtoError> {
+        let check = |cache: &Mutex<NonceCache>| {
+            let mut c = cache.lock().map_err(|_| ProtoError::RateLimited)?;
+            c.check(h.timestamp_ms, &h.nonce, now_ms)
+        };
+        // Known senders take a shared lock on the shard and no id copy.
+        if let Some(cache) = self.nonces.get(sender) {
+            return check(&cache);
+        }
+        let cache = self
+            .nonces
+            .entry(sender.clone())
+            .or_insert_with(|| Mutex::new(NonceCache::new(self.window_ms, MAX_NONCES_PER_SENDER)));
+        check(&cache)
+    }
+
+    /// Forgets the caches of senders that are not `live` and whose window passed.
+    pub fn forget_idle(&self, now_ms: u64, live: impl Fn(&AgentId) -> bool) {
+        self.nonces.retain(|id, cache| {
+            live(id)
+                || cache
+                    .get_mut()
+                    .map(|c| {
+                        c.expire(now_ms);
+                        !c.is_empty()
+                    })
+                    .unwrap_or(false)
+        });
+    }
+}
+
+/// Whose signature an envelope must carry.
+#[derive(Clone, Copy, Debug)]
+pub enum Signer<'a> {
+    /// A registered session: the sender must be the session's id and the
+    /// signature its key's.
+    Session {
+        /// The session's agent.
+        id: &'a AgentId,
+        /// Its registered key.
+        key: &'a PublicKey,
+    },
+    /// A key presented with the envelope (gateway requests, relayed calls).
+    Key(&'a PublicKey),
+    /// A registration: the key inside the body (registerAgent, registerBroker).
+    Registration,
+}
+
+/// Where an envelope entered, for the `envelopes` metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// A native session or the gateway: counted as `accepted`.
+    Client,
+    /// Relayed by a peer broker: counted as `relayed`.
+    Relay,
+}
+
+/// An envelope that passed admission.
+#[derive(Debug)]
+pub struct Admitted {
+    /// The opened envelope.
+    pub env: Envelope,
+    /// The key that signed it.
+    pub key: PublicKey,
+}
+
+/// Why admission failed, with what is known of the envelope for the answer.
+#[derive(Debug)]
+pub struct Refused {
+    /// Code and message.
+    pub refusal: Refusal,
+    /// The opened envelope, when it could be opened (the answer correlates with it).
+    pub env: Option<Envelope>,
+}
+
+/// Opens `signed`, checks the sender and signature against `signer`, checks
+/// `want` (if given) and the replay window, and counts the outcome.
+///
+/// # Errors
+/// [`Refused`] with the typed code: `BAD_REQUEST` for a malformed envelope
+/// or wrong type, `PERMISSION_DENIED` for a sender that is not the
+/// session's, `INVALID_SIGNATURE`, `STALE_TIMESTAMP`, `REPLAYED`.
+pub fn admit(
+    signed: &SignedEnvelope,
+    signer: Signer<'_>,
+    want: Option<EnvelopeType>,
+    entry: Entry,
+    replay: &ReplayGuard,
+    metrics: &Metrics,
+) -> Result<Admitted, Refused> {
+    let started = Instant::now();
+    metrics.messages_processed_total.inc();
+    let env = match signed.open() {
+        Ok(env) => env,
+        Err(e) => {
+            metrics
+                .envelopes
+                .with_label_values(&["unknown", "malformed"])
+                .inc();
+            metrics
+                .refusals
+                .with_label_values(&[e.code().as_str()])
+                .inc();
+            return Err(Refused {
+                refusal: (e.code(), e.to_string()),
+                env: None,
+            });
+        }
+    };
+    let kind = env.kind();
+    let checked = check(signed, &env, signer, want, replay);
+    let outcome = match &checked {
+        Ok(_) if entry == Entry::Relay => "relayed",
+        Ok(_) => "accepted",
+        Err((code, _)) => code.as_str(),
+    };
+    metrics
+        .envelopes
+        .with_label_values(&[kind.as_str(), outcome])
+        .inc();
+    match checked {
+        Ok(key) => {
+            metrics
+                .verify_seconds
+                .observe(started.elapsed().as_secs_f64());
+            Ok(Admitted { env, key })
+        }
+        Err(refusal) => {
+            metrics
+                .refusals
+                .with_label_values(&[refusal.0.as_str()])
+                .inc();
+            Err(Refused {
+                refusal,
+                env: Some(env),
+            })
+        }
+    }
+}
+
+fn check(
+    signed: &SignedEnvelope,
+    env: &Envelope,
+    signer: Signer<'_>,
+    want: Option<EnvelopeType>,
+    replay: &ReplayGuard,
+) -> Result<PublicKey, Refusal> {
+    let kind = env.kind();
+    if let Some(want) = want {
+        if kind != want {
+            return Err((
+                ErrorCode::BadRequest,
+                format!("expected a {want} envelope, not {kind}"),
+            ));
+        }
+    }
+    let key = match signer {
+        Signer::Session { id, key } => {
+            if env.header.sender != *id {
+                return Err((
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "envelope sender {} is not this session's agent {id}",
+                        env.header.sender
+                    ),
+                ));
+            }
+            *key
+        }
+        Signer::Key(key) => *key,
+        Signer::Registration => match &env.body {
+            Body::RegisterAgent(r) => r.public_key,
+            Body::RegisterBroker(r) => {
+                if env.header.sender != r.broker_id {
+                    return Err((
+                        ErrorCode::PermissionDenied,
+                        "sender and broker id differ".into(),
+                    ));
+                }
+                r.public_key
+            }
+            _ => {
+                return Err((
+                    ErrorCode::NotRegistered,
+                    format!("the first envelope must be a registration, not {kind}"),
+                ));
+            }
+        },
+    };
+    let refuse = |e: ProtoError| (e.code(), e.to_string());
+    signed.verify_opened(kind, &key).map_err(refuse)?;
+    replay
+        .check(&env.header.sender, &env.header, fem_proto::now_ms())
+        .map_err(refuse)?;
+    Ok(key)
+}
+
+/// Tool names are unique and schemas are valid JSON Schemas.
+///
+/// # Errors
+/// `BAD_REQUEST` naming the tool.
+pub fn validate_tools(tools: &[ToolSpec]) -> Result<(), Refusal> {
+    let mut names = std::collections::HashSet::new();
+    for t in tools {
+        if !names.insert(&t.name) {
+            return Err((
+                ErrorCode::BadRequest,
+                format!("tool {} is declared twice", t.name),
+            ));
+        }
+        let schema = t.input_schema.parse().map_err(|e| {
+            (
+                ErrorCode::BadRequest,
+                format!("tool {}: schema is not JSON: {e}", t.name),
+            )
+        })?;
+        jsonschema::validator_for(&schema).map_err(|e| {
+            (
+                ErrorCode::BadRequest,
+                format!("tool {}: invalid JSON Schema: {e}", t.name),
+            )
+        })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,1303 @@
+//! The routing core: a state machine without sockets, tasks or clocks of its
+//! own, in the shape of quinn-proto. The async layer (sessions, links, the
+//! gateway, the timer task) hands it events with an explicit time in
+//! microseconds since the Unix epoch and carries out what it returns
+//! ([`Router::poll_output`]): frames for clients, messages for federation
+//! links, sessions and links to close, discovery answers to sign.
+//!
+//! Everything it promises (exactly one terminal answer per call by its
+//! deadline, no call delivered twice, routes that converge once links are
+//! stable, nothing left pending) is checked without sockets by the
+//! federation simulation in `tests/`.
+//!
+//! Envelopes reach it already admitted ([`admission::admit`]): signature
+//! work stays outside the lock the async layer keeps around the router.
+
+pub mod admission;
+mod pending;
+mod registry;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
+
+use fem_proto::{
+    AdvertisedAgent, AgentId, Capability, DiscoverTools, DiscoveredTool, EmbodimentUpdate,
+    ErrorCode, FedFrame, Frame, PublicKey, RequestId, SignedEnvelope, Target, ToolCall,
+    ToolOutcome, ToolResult,
+};
+use tracing::debug;
+
+use self::admission::Refusal;
+use self::pending::{CallTarget, Pending, PendingTable};
+use self::registry::Registry;
+pub use self::registry::{LocalAgent, Profile};
+use crate::federation::routes::{Advert, Change, RemoteRoute, RouteTable};
+use crate::metrics::Metrics;
+
+/// Time in microseconds since the Unix epoch (virtual in the simulation).
+pub type Micros = u64;
+
+/// The current wall-clock time as the router counts it.
+pub fn now_micros() -> Micros {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// A client of this broker: a registered session, or a gateway request
+/// waiting for its one answer. The async layer numbers them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(pub u64);
+
+/// A federation link. The async layer numbers them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LinkId(pub u64);
+
+/// A call in flight at this broker; on a link it is the relay id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CallId(u64);
+
+/// Where the answer to a call goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplyTo {
+    /// A client session or gateway request of this broker.
+    Client(ClientId),
+    /// The peer broker that relayed the call, under its relay id.
+    Link {
+        /// The link the call came in on.
+        link: LinkId,
+        /// The id the peer gave the call.
+        relay: u64,
+    },
+}
+
+/// What the async layer must do.
+#[derive(Debug)]
+pub enum Output {
+    /// Send a frame to a client.
+    Send {
+        /// The client.
+        to: ClientId,
+        /// The frame.
+        frame: Frame,
+    },
+    /// Send a message on a federation link.
+    Link {
+        /// The link.
+        to: LinkId,
+        /// The message.
+        frame: FedFrame,
+    },
+    /// Send `error {code, message}` to a session and close it.
+    Evict {
+        /// The session.
+        client: ClientId,
+        /// Why.
+        code: ErrorCode,
+        /// Detail.
+        message: String,
+    },
+    /// Close a link (replaced by a duplicate that both ends keep).
+    CloseLink {
+        /// The link.
+        link: LinkId,
+    },
+    /// Sign a toolsDiscovered with the broker's key and send it.
+    Discovered {
+        /// The client.
+        to: ClientId,
+        /// The query's request id.
+        request_id: RequestId,
+        /// The tools found.
+        tools: Vec<DiscoveredTool>,
+    },
+}
+
+/// A registration that passed admission.
+#[derive(Debug)]
+pub struct Registration {
+    /// The session.
+    pub client: ClientId,
+    /// The agent id.
+    pub id: AgentId,
+    /// Its key.
+    pub key: PublicKey,
+    /// `quic` or `tcp`.
+    pub transport: &'static str,
+    /// Concurrency limit.
+    pub max_concurrent: u32,
+    /// What it offers.
+    pub profile: Profile,
+    /// The `accepted` frame, sent before anything else reaches the session.
+    pub accepted: Frame,
+}
+
+/// Whether a new link is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkUp {
+    /// The link carries traffic.
+    Accepted,
+    /// Another link to the same peer is kept instead (the one opened by the
+    /// smaller broker id, so both ends keep the same one); close this one.
+    Duplicate,
+}
+
+/// An agent behind a peer broker, and the link its route leaves on.
+#[derive(Clone, Debug)]
+pub struct RemoteAgent {
+    /// The route.
+    pub route: RemoteRoute,
+    /// The link to `route.via`.
+    pub link: LinkId,
+}
+
+/// Router settings.
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    /// This broker's id.
+    pub broker_id: AgentId,
+    /// Upper bound on any call's deadline.
+    pub max_call_timeout: Duration,
+    /// Calls that may wait for a slot on one agent.
+    pub agent_queue_limit: usize,
+    /// Delay that batches local agent changes into one advertisement.
+    pub advert_delay: Duration,
+}
+
+/// Maximum tools in one discovery answer.
+const MAX_DISCOVERY: usize = 1000;
+
+#[derive(Debug)]
+struct LinkState {
+    id: LinkId,
+    initiator: AgentId,
+}
+
+enum Answer {
+    Result {
+        envelope: SignedEnvelope,
+        signer: PublicKey,
+        outcome: &'static str,
+    },
+    Failed {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+enum Choice {
+    Slot(AgentId),
+    Queue(AgentId),
+    Remote(AgentId),
+}
+
+/// The routing core of one broker.
+#[derive(Debug)]
+pub struct Router {
+    cfg: RouterConfig,
+    metrics: Metrics,
+    registry: Registry,
+    pending: PendingTable,
+    subs: BTreeMap<Capability, Vec<(ClientId, AgentId)>>,
+    links: BTreeMap<AgentId, LinkState>,
+    link_peer: HashMap<LinkId, AgentId>,
+    routes: RouteTable,
+    remote: BTreeMap<AgentId, RemoteAgent>,
+    /// Calls in flight per remote agent (survives route changes).
+    remote_load: HashMap<AgentId, u32>,
+    rr: usize,
+    local_seq: u64,
+    advert_due: Option<Micros>,
+    out: VecDeque<Output>,
+}
+
+impl Router {
+    /// A router with no agents, links or calls; `now` seeds the sequence
+    /// numbers of its advertisements, so a restarted broker's are newer.
+    pub fn new(cfg: RouterConfig, metrics: Metrics, now: Micros) -> Self {
+        Self {
+            cfg,
+            metrics,
+            registry: Registry::default(),
+            pending: PendingTable::default(),
+            subs: BTreeMap::new(),
+            links: BTreeMap::new(),
+            link_peer: HashMap::new(),
+            routes: RouteTable::default(),
+            remote: BTreeMap::new(),
+            remote_load: HashMap::new(),
+            rr: 0,
+            local_seq: now,
+            advert_due: None,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// The next thing to do, in order.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When [`Self::tick`] has work: the earliest deadline or advertisement.
+    pub fn next_timeout(&self) -> Option<Micros> {
+        match (self.pending.next_deadline(), self.advert_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Answers TIMEOUT to calls whose deadline passed and sends a batched
+    /// advertisement of local changes.
+    pub fn tick(&mut self, now: Micros) {
+        for id in self.pending.due(now) {
+            let Some(p) = self.pending.get(id) else {
+                continue;
+            };
+            let agent = match &p.target {
+                CallTarget::Local { agent, .. } | CallTarget::Remote { agent, .. } => agent,
+            };
+            let message = format!(
+                "no answer from {agent} within the deadline ({} ms)",
+                now.saturating_sub(p.started) / 1000
+            );
+            self.finish(
+                id,
+                now,
+                Answer::Failed {
+                    code: ErrorCode::Timeout,
+                    message,
+                },
+            );
+        }
+        if self.advert_due.is_some_and(|t| t <= now) {
+            self.flush_local();
+        }
+    }
+
+    // ----- sessions -----
+
+    /// Registers an agent (or a pure caller) on `reg.client`. The same id
+    /// with the same key replaces its previous session, whose calls fail.
+    ///
+    /// # Errors
+    /// `ID_CONFLICT` when the id is registered under another key.
+    pub fn register(&mut self, now: Micros, reg: Registration) -> Result<(), Refusal> {
+        if self.registry.get(&reg.id).is_some_and(|a| a.key != reg.key) {
+            return Err((
+                ErrorCode::IdConflict,
+                format!("agent id {} is registered with another public key", reg.id),
+            ));
+        }
+        self.out.push_back(Output::Send {
+            to: reg.client,
+            frame: reg.accepted,
+        });
+        let old = self.registry.insert(LocalAgent {
+            id: reg.id.clone(),
+            key: reg.key,
+            session: reg.client,
+            transport: reg.transport,
+            connected_since_ms: now / 1000,
+            max_concurrent: reg.max_concurrent,
+            in_flight: 0,
+            queue: VecDeque::new(),
+            profile: reg.profile,
+        });
+        match old {
+            Some(old) => {
+                debug!(agent = %reg.id, "same agent re-registered; closing its previous session");
+                self.fail_session_calls(
+                    old.session,
+                    now,
+                    "agent re-registered on a new connection",
+                );
+                self.drop_subscriptions(old.session);
+                self.out.push_back(Output::Evict {
+                    client: old.session,
+                    code: ErrorCode::AgentUnavailable,
+                    message: "session closed by the broker".into(),
+                });
+            }
+            None => self.metrics.agents_changed(1),
+        }
+        self.metrics
+            .registrations
+            .with_label_values(&["accepted"])
+            .inc();
+        self.local_changed(now);
+        Ok(())
+    }
+
+    /// A client is gone: its agent (if still current) leaves, its calls in
+    /// flight fail with AGENT_UNAVAILABLE, its subscriptions end. Answers
+    /// to calls it made are dropped when they come.
+    pub fn session_closed(&mut self, now: Micros, client: ClientId) {
+        self.drop_subscriptions(client);
+        let Some(agent) = self.registry.remove_session(client) else {
+            return;
+        };
+        self.metrics.agents_changed(-1);
+        let _ = self
+            .metrics
+            .agent_queue_length
+            .remove_label_values(&[agent.id.as_str()]);
+        self.fail_session_calls(client, now, "agent disconnected with the call in flight");
+        self.local_changed(now);
+    }
+
+    /// Applies an embodimentUpdate of the agent on `client` (tools already validated).
+    ///
+    /// # Errors
+    /// `NOT_REGISTERED` for a client without an agent.
+    pub fn update_profile(
+        &mut self,
+        now: Micros,
+        client: ClientId,
+        u: EmbodimentUpdate,
+    ) -> Result<(), Refusal> {
+        let Some(agent) = self.registry.by_session(client) else {
+            return Err((ErrorCode::NotRegistered, "no agent on this session".into()));
+        };
+        let mut p = agent.profile.clone();
+        p.tools = u.tools;
+        if let Some(c) = u.capabilities {
+            p.capabilities = c;
+        }
+        if let Some(m) = u.metadata {
+            p.metadata = m;
+        }
+        self.registry.set_profile(client, p);
+        self.local_changed(now);
+        Ok(())
+    }
+
+    // ----- calls -----
+
+    /// Routes an admitted toolCall from `caller` (key `caller_key`). A call
+    /// relayed by a peer names the agent the entry broker chose (`pinned`);
+    /// it runs there or fails, never on another agent.
+    #[allow(clippy::too_many_arguments)]
+    pub fn call(
+        &mut self,
+        now: Micros,
+        reply: ReplyTo,
+        caller: &AgentId,
+        caller_key: PublicKey,
+        call: &ToolCall,
+        envelope: SignedEnvelope,
+        hops_left: u8,
+        pinned: Option<&AgentId>,
+    ) {
+        let deadline_at = call.deadline_ms.saturating_mul(1000);
+        if deadline_at <= now {
+            return self.refuse_call(
+                reply,
+                call.request_id,
+                ErrorCode::Timeout,
+                "the call's deadline has already passed".into(),
+            );
+        }
+        let max = u64::try_from(self.cfg.max_call_timeout.as_micros()).unwrap_or(u64::MAX);
+        let deadline = now + (deadline_at - now).min(max);
+        let choice = match pinned {
+            Some(agent) => self.select_pinned(&call.target, agent, &call.tool, hops_left),
+            None => match self.select_local(&call.target, &call.tool) {
+                Ok(c) => Ok(c),
+                Err(e) => match self.select_remote(&call.target, &call.tool) {
+                    Some(_) if hops_left == 0 => Err((
+                        ErrorCode::NoRoute,
+                        "the call reached its broker hop limit".into(),
+                    )),
+                    Some(a) => Ok(Choice::Remote(a)),
+                    None => Err(e),
+                },
+            },
+        };
+        let choice = match choice {
+            Ok(c) => c,
+            Err((code, message)) => return self.refuse_call(reply, call.request_id, code, message),
+        };
+        let (target, slot) = match &choice {
+            Choice::Slot(a) | Choice::Queue(a) => {
+                let Some(local) = self.registry.get(a) else {
+                    return;
+                };
+                (
+                    CallTarget::Local {
+                        session: local.session,
+                        agent: a.clone(),
+                    },
+                    matches!(choice, Choice::Slot(_)),
+                )
+            }
+            Choice::Remote(a) => {
+                let Some(r) = self.remote.get(a) else {
+                    return;
+                };
+                (
+                    CallTarget::Remote {
+                        link: r.link,
+                        agent: a.clone(),
+                        key: r.route.agent.key,
+                    },
+                    false,
+                )
+            }
+        };
+        let filed = self.pending.insert(Pending {
+            reply,
+            caller: caller.clone(),
+            request_id: call.request_id,
+            target: target.clone(),
+            started: now,
+            deadline,
+            holds_slot: slot,
+            waiting: None,
+        });
+        let Some(id) = filed else {
+            let agent = match &target {
+                CallTarget::Local { agent, .. } | CallTarget::Remote { agent, .. } => agent,
+            };
+            return self.refuse_call(
+                reply,
+                call.request_id,
+                ErrorCode::BadRequest,
+                format!(
+                    "request id {} is already in flight to {agent}",
+                    call.request_id
+                ),
+            );
+        };
+        self.metrics.calls_in_flight.inc();
+        let deliver = Frame::Deliver {
+            envelope,
+            signer: caller_key,
+        };
+        match target {
+            CallTarget::Local { session, agent } => {
+                if slot {
+                    debug!(request = %call.request_id, tool = %call.tool, %agent, "routing call");
+                    if let Some(a) = self.registry.get_mut(&agent) {
+                        a.in_flight += 1;
+                    }
+                    self.out.push_back(Output::Send {
+                        to: session,
+                        frame: deliver,
+                    });
+                } else {
+                    debug!(request = %call.request_id, tool = %call.tool, %agent, "agent busy; call queued");
+                    if let Some(p) = self.pending.get_mut(id) {
+                        p.waiting = Some(deliver);
+                    }
+                    if let Some(a) = self.registry.get_mut(&agent) {
+                        a.queue.push_back(id);
+                        self.metrics
+                            .agent_queue_length
+                            .with_label_values(&[agent.as_str()])
+                            .set(i64::try_from(a.queue.len()).unwrap_or(i64::MAX));
+                    }
+                }
+            }
+            CallTarget::Remote { link, agent, .. } => {
+                debug!(request = %call.request_id, tool = %call.tool, %agent, "relaying call");
+                *self.remote_load.entry(agent.clone()).or_default() += 1;
+                let Frame::Deliver { envelope, signer } = deliver else {
+                    return;
+                };
+                self.out.push_back(Output::Link {
+                    to: link,
+                    frame: FedFrame::RelayCall {
+                        id: id.0,
+                        agent,
+                        hops_left: hops_left.saturating_sub(1),
+                        signer,
+                        envelope,
+                    },
+                });
+            }
+        }
+    }
+
+    /// An admitted toolResult from the agent on `client` (signed by `key`).
+    pub fn result(
+        &mut self,
+        now: Micros,
+        client: ClientId,
+        result: &ToolResult,
+        envelope: SignedEnvelope,
+        key: PublicKey,
+    ) {
+        let id = self.pending.local(client, result.request_id).filter(|id| {
+            self.pending
+                .get(*id)
+                .is_some_and(|p| p.caller == result.caller)
+        });
+        let Some(id) = id else {
+            return self.late(result.request_id);
+        };
+        self.finish(
+            id,
+            now,
+            Answer::Result {
+                envelope,
+                signer: key,
+                outcome: outcome_label(result),
+            },
+        );
+    }
+
+    /// A result relayed back over `link` for the call this broker relayed as `relay`.
+    pub fn relay_result(
+        &mut self,
+        now: Micros,
+        link: LinkId,
+        relay: u64,
+        result: &ToolResult,
+        envelope: SignedEnvelope,
+        signer: PublicKey,
+    ) {
+        let id = CallId(relay);
+        let ours = self.pending.get(id).is_some_and(|p| {
+            p.caller == result.caller
+                && p.request_id == result.request_id
+                && matches!(&p.target, CallTarget::Remote { link: l, key, .. } if *l == link && *key == signer)
+        });
+        if !ours {
+            return self.late(result.request_id);
+        }
+        self.finish(
+            id,
+            now,
+            Answer::Result {
+                envelope,
+                signer,
+                outcome: outcome_label(result),
+            },
+        );
+    }
+
+    /// A terminal failure relayed back over `link` for the call relayed as `relay`.
+    pub fn relay_failed(
+        &mut self,
+        now: Micros,
+        link: LinkId,
+        relay: u64,
+        code: ErrorCode,
+        message: String,
+    ) {
+        let id = CallId(relay);
+        let ours = self
+            .pending
+            .get(id)
+            .is_some_and(|p| matches!(&p.target, CallTarget::Remote { link: l, .. } if *l == link));
+        if ours {
+            self.finish(id, now, Answer::Failed { code, message });
+        }
+    }
+
+    fn late(&mut self, request_id: RequestId) {
+        debug!(request = %request_id, "late or unknown toolResult dropped");
+        self.metrics
+            .refusals
+            .with_label_values(&["LATE_RESULT"])
+            .inc();
+    }
+
+    fn select_local(&mut self, target: &Target, tool: &Capability) -> Result<Choice, Refusal> {
+        let mut candidates: Vec<AgentId> = match target {
+            Target::Agent(id) => {
+                let a = self
+                    .registry
+                    .get(id)
+                    .ok_or_else(|| (ErrorCode::NoRoute, format!("no agent {id} is registered")))?;
+                if !a.profile.has_tool(tool) {
+                    return Err((
+                        ErrorCode::ToolNotFound,
+                        format!("agent {id} offers no tool {tool}"),
+                    ));
+                }
+                vec![id.clone()]
+            }
+            Target::Capability(p) => {
+                let all = self.registry.matching(p);
+                if all.is_empty() {
+                    return Err((
+                        ErrorCode::NoRoute,
+                        format!("no agent has a capability matching {p}"),
+                    ));
+                }
+                let with_tool: Vec<AgentId> = all
+                    .into_iter()
+                    .filter(|id| {
+                        self.registry
+                            .get(id)
+                            .is_some_and(|a| a.profile.has_tool(tool))
+                    })
+                    .collect();
+                if with_tool.is_empty() {
+                    return Err((
+                        ErrorCode::ToolNotFound,
+                        format!("no agent matching {p} offers tool {tool}"),
+                    ));
+                }
+                with_tool
+            }
+        };
+        let reg = &self.registry;
+        let agent = |id: &AgentId| reg.get(id);
+        candidates.retain(|id| agent(id).is_some_and(|a| a.max_concurrent > 0));
+        if candidates.is_empty() {
+            return Err((
+                ErrorCode::NoRoute,
+                format!("no agent matching the target serves calls ({tool})"),
+            ));
+        }
+        self.rr = self.rr.wrapping_add(1);
+        let start = self.rr;
+        // Fewest calls in flight among agents with a free slot and nobody
+        // waiting (waiting calls keep their order); round robin among ties.
+        let free = least(&candidates, start, |id| {
+            agent(id)
+                .filter(|a| a.queue.is_empty() && a.in_flight < a.max_concurrent)
+                .map(|a| a.in_flight)
+        });
+        if let Some(id) = free {
+            return Ok(Choice::Slot(id));
+        }
+        let shortest = least(&candidates, start, |id| {
+            agent(id).map(|a| u32::try_from(a.queue.len()).unwrap_or(u32::MAX))
+        });
+        let Some(id) = shortest else {
+            return Err((ErrorCode::NoRoute, format!("no agent serves {tool}")));
+        };
+        let queued = agent(&id).map_or(0, |a| a.queue.len());
+        if queued < self.cfg.agent_queue_limit {
+            Ok(Choice::Queue(id))
+        } else {
+            Err((
+                ErrorCode::RateLimited,
+                format!("agent {id} is at its concurrency limit and {queued} calls are waiting"),
+            ))
+        }
+    }
+
+    /// Fewest hops, then fewest calls in flight; round robin among ties.
+    fn select_remote(&mut self, target: &Target, tool: &Capability) -> Option<AgentId> {
+        match target {
+            Target::Agent(id) => self
+                .remote
+                .get(id)
+                .filter(|r| r.route.agent.tools.iter().any(|t| &t.name == tool))
+                .map(|_| id.clone()),
+            Target::Capability(p) => {
+                let candidates: Vec<AgentId> = self
+                    .remote
+                    .iter()
+                    .filter(|(_, r)| {
+                        let a = &r.route.agent;
+                        a.tools.iter().any(|t| &t.name == tool)
+                            && a.capabilities.iter().any(|c| p.matches(c))
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                self.rr = self.rr.wrapping_add(1);
+                let (remote, load) = (&self.remote, &self.remote_load);
+                least(&candidates, self.rr, |id| {
+                    let hops = remote.get(id).map_or(u32::MAX, |r| r.route.hops);
+                    let in_flight = load.get(id).copied().unwrap_or(0);
+                    Some(u64::from(hops) << 32 | u64::from(in_flight))
+                })
+            }
+        }
+    }
+
+    /// A relayed call runs on the agent the entry broker chose, which must
+    /// match the signed target; through a hub it is relayed on.
+    fn select_pinned(
+        &mut self,
+        target: &Target,
+        agent: &AgentId,
+        tool: &Capability,
+        hops_left: u8,
+    ) -> Result<Choice, Refusal> {
+        let matches_target = match target {
+            Target::Agent(id) => id == agent,
+            Target::Capability(p) => match (self.registry.get(agent), self.remote.get(agent)) {
+                (Some(a), _) => a.profile.matches(p),
+                (None, Some(r)) => r.route.agent.capabilities.iter().any(|c| p.matches(c)),
+                (None, None) => true,
+            },
+        };
+        if !matches_target {
+            return Err((
+                ErrorCode::BadRequest,
+                format!("relayed to agent {agent}, which the call's target does not name"),
+            ));
+        }
+        if self.registry.get(agent).is_some() {
+            return self.select_local(&Target::Agent(agent.clone()), tool);
+        }
+        match self.select_remote(&Target::Agent(agent.clone()), tool) {
+            Some(_) if hops_left == 0 => Err((
+                ErrorCode::NoRoute,
+                "the call reached its broker hop limit".into(),
+            )),
+            Some(a) => Ok(Choice::Remote(a)),
+            None => Err((
+                ErrorCode::AgentUnavailable,
+                format!("agent {agent} is no longer reachable from this broker"),
+            )),
+        }
+    }
+
+    fn refuse_call(
+        &mut self,
+        reply: ReplyTo,
+        request_id: RequestId,
+        code: ErrorCode,
+        message: String,
+    ) {
+        self.metrics
+            .tool_calls
+            .with_label_values(&[code.as_str()])
+            .inc();
+        debug!(request = %request_id, %code, %message, "call refused");
+        self.answer(reply, request_id, Answer::Failed { code, message });
+    }
+
+    /// Ends a call: frees its slot or load, counts it, sends the answer.
+    fn finish(&mut self, id: CallId, now: Micros, answer: Answer) {
+        let Some(p) = self.pending.remove(id) else {
+            return;
+        };
+        match &p.target {
+            CallTarget::Local { session, agent } => {
+                if p.holds_slot {
+                    if let Some(a) = self
+                        .registry
+                        .get_mut(agent)
+                        .filter(|a| a.session == *session)
+                    {
+                        a.in_flight = a.in_flight.saturating_sub(1);
+                    }
+                    self.pump(agent);
+                }
+            }
+            CallTarget::Remote { agent, .. } => {
+                if let Some(n) = self.remote_load.get_mut(agent) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.remote_load.remove(agent);
+                    }
+                }
+            }
+        }
+        let outcome = match &answer {
+            Answer::Result { outcome, .. } => outcome,
+            Answer::Failed { code, .. } => code.as_str(),
+        };
+        self.metrics.calls_in_flight.dec();
+        self.metrics.tool_calls.with_label_values(&[outcome]).inc();
+        #[allow(clippy::cast_precision_loss)]
+        self.metrics
+            .tool_call_duration
+            .with_label_values(&[outcome])
+            .observe(now.saturating_sub(p.started) as f64 / 1e6);
+        self.answer(p.reply, p.request_id, answer);
+    }
+
+    fn answer(&mut self, reply: ReplyTo, request_id: RequestId, answer: Answer) {
+        let out = match (reply, answer) {
+            (
+                ReplyTo::Client(to),
+                Answer::Result {
+                    envelope, signer, ..
+                },
+            ) => Output::Send {
+                to,
+                frame: Frame::Deliver { envelope, signer },
+            },
+            (ReplyTo::Client(to), Answer::Failed { code, message }) => Output::Send {
+                to,
+                frame: Frame::CallFailed {
+                    request_id,
+                    code,
+                    message,
+                },
+            },
+            (
+                ReplyTo::Link { link, relay },
+                Answer::Result {
+                    envelope, signer, ..
+                },
+            ) => Output::Link {
+                to: link,
+                frame: FedFrame::RelayResult {
+                    id: relay,
+                    signer,
+                    envelope,
+                },
+            },
+            (ReplyTo::Link { link, relay }, Answer::Failed { code, message }) => Output::Link {
+                to: link,
+                frame: FedFrame::RelayFailed {
+                    id: relay,
+                    code,
+                    message,
+                },
+            },
+        };
+        self.out.push_back(out);
+    }
+
+    /// Moves waiting calls onto free slots of `agent`, oldest first.
+    fn pump(&mut self, agent: &AgentId) {
+        let Some(a) = self.registry.get_mut(agent) else {
+            return;
+        };
+        if a.queue.is_empty() {
+            return;
+        }
+        while a.in_flight < a.max_concurrent {
+            let Some(id) = a.queue.pop_front() else {
+                break;
+            };
+            let Some(p) = self.pending.get_mut(id) else {
+                continue;
+            };
+            let Some(frame) = p.waiting.take() else {
+                continue;
+            };
+            p.holds_slot = true;
+            a.in_flight += 1;
+            self.out.push_back(Output::Send {
+                to: a.session,
+                frame,
+            });
+        }
+        self.metrics
+            .agent_queue_length
+            .with_label_values(&[agent.as_str()])
+            .set(i64::try_from(a.queue.len()).unwrap_or(i64::MAX));
+    }
+
+    fn fail_session_calls(&mut self, session: ClientId, now: Micros, why: &str) {
+        let ids = self
+            .pending
+            .select(|p| matches!(&p.target, CallTarget::Local { session: s, .. } if *s == session));
+        for id in ids {
+            let agent = match self.pending.get(id).map(|p| &p.target) {
+                Some(CallTarget::Local { agent, .. }) => agent.clone(),
+                _ => continue,
+            };
+            self.finish(
+                id,
+                now,
+                Answer::Failed {
+                    code: ErrorCode::AgentUnavailable,
+                    message: format!("{agent}: {why}"),
+                },
+            );
+        }
+    }
+
+    // ----- discovery, events, instructions -----
+
+    /// Answers discoverTools: local agents first, then agents behind peers.
+    pub fn discover(&mut self, client: ClientId, q: &DiscoverTools) {
+        let limit = match q.limit {
+            0 => MAX_DISCOVERY,
+            n => (n as usize).min(MAX_DISCOVERY),
+        };
+        let mut ids: Vec<AgentId> = match &q.capability {
+            Some(p) => self.registry.matching(p),
+            None => self.registry.iter().map(|a| a.id.clone()).collect(),
+        };
+        ids.sort_unstable();
+        let mut tools = Vec::new();
+        'outer: for id in ids {
+            let Some(a) = self.registry.get(&id) else {
+                continue;
+            };
+            let p = &a.profile;
+            if let Some(env) = &q.environment {
+                if p.metadata.get("environment") != Some(env) {
+                    continue;
+                }
+            }
+            // Prefer the tools whose own name matches the pattern; an agent
+            // whose tools are named otherwise lists all of them.
+            let named: Vec<_> = match &q.capability {
+                Some(pat) => p.tools.iter().filter(|t| pat.matches(&t.name)).collect(),
+                None => Vec::new(),
+            };
+            let listed: Vec<_> = if named.is_empty() {
+                p.tools.iter().collect()
+            } else {
+                named
+            };
+            for t in listed {
+                if tools.len() >= limit {
+                    break 'outer;
+                }
+                tools.push(DiscoveredTool {
+                    agent_id: a.id.clone(),
+                    broker_id: self.cfg.broker_id.clone(),
+                    capabilities: p.capabilities.clone(),
+                    tool: t.clone(),
+                });
+            }
+        }
+        if q.environment.is_none() {
+            'remote: for (id, r) in &self.remote {
+                let a = &r.route.agent;
+                if q.capability
+                    .as_ref()
+                    .is_some_and(|p| !a.capabilities.iter().any(|c| p.matches(c)))
+                {
+                    continue;
+                }
+                for t in &a.tools {
+                    if tools.len() >= limit {
+                        break 'remote;
+                    }
+                    tools.push(DiscoveredTool {
+                        agent_id: id.clone(),
+                        broker_id: r.route.origin.clone(),
+                        capabilities: a.capabilities.clone(),
+                        tool: t.clone(),
+                    });
+                }
+            }
+        }
+        self.out.push_back(Output::Discovered {
+            to: client,
+            request_id: q.request_id,
+            tools,
+        });
+    }
+
+    /// Subscribes the agent `id` on `client` to `topic`.
+    pub fn subscribe(&mut self, client: ClientId, id: &AgentId, topic: Capability) {
+        let v = self.subs.entry(topic).or_default();
+        v.retain(|(_, x)| x != id);
+        v.push((client, id.clone()));
+    }
+
+    /// Ends the subscription of `id` to `topic`.
+    pub fn unsubscribe(&mut self, id: &AgentId, topic: &Capability) {
+        if let Some(v) = self.subs.get_mut(topic) {
+            v.retain(|(_, x)| x != id);
+            if v.is_empty() {
+                self.subs.remove(topic);
+            }
+        }
+    }
+
+    fn drop_subscriptions(&mut self, client: ClientId) {
+        self.subs.retain(|_, v| {
+            v.retain(|(c, _)| *c != client);
+            !v.is_empty()
+        });
+    }
+
+    /// Fans an event out to the topic's subscribers, not back to its sender.
+    pub fn emit(
+        &mut self,
+        sender: &AgentId,
+        topic: &Capability,
+        envelope: &SignedEnvelope,
+        key: PublicKey,
+    ) {
+        let Some(v) = self.subs.get(topic) else {
+            return;
+        };
+        for (client, id) in v {
+            if id != sender {
+                self.out.push_back(Output::Send {
+                    to: *client,
+                    frame: Frame::Deliver {
+                        envelope: envelope.clone(),
+                        signer: key,
+                    },
+                });
+            }
+        }
+    }
+
+    /// Delivers a renderInstruction to its target agent.
+    ///
+    /// # Errors
+    /// `NO_ROUTE` when the target is not registered here.
+    pub fn render(
+        &mut self,
+        target: &AgentId,
+        envelope: SignedEnvelope,
+        key: PublicKey,
+    ) -> Result<(), Refusal> {
+        let Some(a) = self.registry.get(target) else {
+            return Err((
+                ErrorCode::NoRoute,
+                format!("no agent {target} is registered"),
+            ));
+        };
+        self.out.push_back(Output::Send {
+            to: a.session,
+            frame: Frame::Deliver {
+                envelope,
+                signer: key,
+            },
+        });
+        Ok(())
+    }
+
+    // ----- federation -----
+
+    /// A link to broker `peer` passed its handshake; `initiator` opened it.
+    pub fn link_up(
+        &mut self,
+        now: Micros,
+        link: LinkId,
+        peer: AgentId,
+        initiator: AgentId,
+    ) -> LinkUp {
+        if let Some(old) = self.links.get(&peer) {
+            let winner = std::cmp::min(&self.cfg.broker_id, &peer);
+            if old.initiator == *winner && initiator != *winner {
+                return LinkUp::Duplicate;
+            }
+            let old = old.id;
+            self.out.push_back(Output::CloseLink { link: old });
+            self.link_down(now, old);
+        }
+        self.links.insert(
+            peer.clone(),
+            LinkState {
+                id: link,
+                initiator,
+            },
+        );
+        self.link_peer.insert(link, peer.clone());
+        self.peers_changed();
+        // A fresh advertisement of our own agents to everyone (the new peer
+        // included), then every route we chose, to the new peer.
+        self.flush_local();
+        for frame in self.routes.frames_for(&self.cfg.broker_id, &peer) {
+            self.out.push_back(Output::Link { to: link, frame });
+        }
+        LinkUp::Accepted
+    }
+
+    /// A link ended: its routes are withdrawn and the calls relayed over it fail.
+    pub fn link_down(&mut self, now: Micros, link: LinkId) {
+        let Some(peer) = self.link_peer.remove(&link) else {
+            return;
+        };
+        if self.links.get(&peer).is_some_and(|l| l.id == link) {
+            self.links.remove(&peer);
+        }
+        self.peers_changed();
+        let ids = self
+            .pending
+            .select(|p| matches!(&p.target, CallTarget::Remote { link: l, .. } if *l == link));
+        for id in ids {
+            let agent = match self.pending.get(id).map(|p| &p.target) {
+                Some(CallTarget::Remote { agent, .. }) => agent.clone(),
+                _ => continue,
+            };
+            self.finish(
+                id,
+                now,
+                Answer::Failed {
+                    code: ErrorCode::AgentUnavailable,
+                    message: format!("{agent}: link to the agent's broker lost"),
+                },
+            );
+        }
+        let changes = self.routes.peer_lost(&peer);
+        self.routes_changed(changes);
+    }
+
+    /// A route message from a link (advertise or withdraw); other messages
+    /// have their own entry points and are ignored here.
+    pub fn link_frame(&mut self, link: LinkId, frame: FedFrame) {
+        let Some(peer) = self.link_peer.get(&link).cloned() else {
+            return;
+        };
+        let change = match frame {
+            FedFrame::Advertise {
+                origin,
+                seq,
+                path,
+                agents,
+            } => self.routes.advertised(
+                &self.cfg.broker_id,
+                &peer,
+                origin,
+                Advert { seq, path, agents },
+            ),
+            FedFrame::Withdraw { origin } => self.routes.withdrawn(&peer, origin),
+            _ => None,
+        };
+        if let Some(c) = change {
+            self.routes_changed(vec![c]);
+        }
+    }
+
+    fn routes_changed(&mut self, changes: Vec<Change>) {
+        if changes.is_empty() {
+            return;
+        }
+        for (peer, l) in &self.links {
+            for c in &changes {
+                let frame =
+                    RouteTable::frame_for(&self.cfg.broker_id, peer, &c.origin, c.best.as_ref());
+                self.out.push_back(Output::Link { to: l.id, frame });
+            }
+        }
+        let links = &self.links;
+        self.remote = self
+            .routes
+            .agents()
+            .into_iter()
+            .filter_map(|(id, route)| {
+                let link = links.get(&route.via)?.id;
+                Some((id, RemoteAgent { route, link }))
+            })
+            .collect();
+        self.metrics
+            .routes
+            .set(i64::try_from(self.remote.len()).unwrap_or(i64::MAX));
+    }
+
+    fn peers_changed(&self) {
+        self.metrics
+            .federation_peers
+            .with_label_values(&["up"])
+            .set(i64::try_from(self.links.len()).unwrap_or(i64::MAX));
+    }
+
+    /// Schedules an advertisement of the local agents (a new link gets one
+    /// at once, so without links there is nothing to schedule).
+    fn local_changed(&mut self, now: Micros) {
+        if self.advert_due.is_none() && !self.links.is_empty() {
+            let delay = u64::try_from(self.cfg.advert_delay.as_micros()).unwrap_or(u64::MAX);
+            self.advert_due = Some(now.saturating_add(delay));
+        }
+    }
+
+    /// Sends the local agent set, under a new sequence number, to every peer.
+    fn flush_local(&mut self) {
+        self.advert_due = None;
+        if self.links.is_empty() {
+            return;
+        }
+        self.local_seq += 1;
+        let mut agents: Vec<AdvertisedAgent> = self
+            .registry
+            .iter()
+            .filter(|a| a.max_concurrent > 0)
+            .map(|a| AdvertisedAgent {
+                id: a.id.clone(),
+                key: a.key,
+                capabilities: a.profile.capabilities.clone(),
+                tools: a.profile.tools.clone(),
+            })
+            .collect();
+        agents.sort_by(|a, b| a.id.cmp(&b.id));
+        let me = self.cfg.broker_id.clone();
+        for l in self.links.values() {
+            self.out.push_back(Output::Link {
+                to: l.id,
+                frame: FedFrame::Advertise {
+                    origin: me.clone(),
+                    seq: self.local_seq,
+                    path: vec![me.clone()],
+                    agents: agents.clone(),
+                },
+            });
+        }
+    }
+
+    // ----- views -----
+
+    /// This broker's id.
+    pub fn broker_id(&self) -> &AgentId {
+        &self.cfg.broker_id
+    }
+
+    /// Agents registered here.
+    pub fn agents(&self) -> impl Iterator<Item = &LocalAgent> {
+        self.registry.iter()
+    }
+
+    /// The agent `id`, if registered here.
+    pub fn agent(&self, id: &AgentId) -> Option<&LocalAgent> {
+        self.registry.get(id)
+    }
+
+    /// The agent registered on `client`.
+    pub fn agent_of(&self, client: ClientId) -> Option<&LocalAgent> {
+        self.registry.by_session(client)
+    }
+
+    /// Number of agents registered here.
+    pub fn agent_count(&self) -> usize {
+        self.registry.len()
+    }
+
+    /// Agents behind peer brokers, with their best route.
+    pub fn remote_agents(&self) -> impl Iterator<Item = (&AgentId, &RemoteAgent)> {
+        self.remote.iter()
+    }
+
+    /// Calls in flight to a remote agent, as this broker counts them.
+    pub fn remote_in_flight(&self, id: &AgentId) -> u32 {
+        self.remote_load.get(id).copied().unwrap_or(0)
+    }
+
+    /// Peers with a live link.
+    pub fn peers(&self) -> impl Iterator<Item = &AgentId> {
+        self.links.keys()
+    }
+
+    /// True when a link to `peer` is up.
+    pub fn has_link(&self, peer: &AgentId) -> bool {
+        self.links.contains_key(peer)
+    }
+
+    /// Calls awaiting an answer.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+fn outcome_label(r: &ToolResult) -> &'static str {
+    match &r.outcome {
+        ToolOutcome::Success(_) => "ok",
+        ToolOutcome::Error { code, .. } => code.as_str(),
+    }
+}
+
+/// The candidate with the smallest `load` (None: not eligible), scanning
+/// from `start` so that ties rotate.
+fn least<K: Ord + Copy>(
+    candidates: &[AgentId],
+    start: usize,
+    load: impl Fn(&AgentId) -> Option<K>,
+) -> Option<AgentId> {
+    let len = candidates.len();
+    let mut best: Option<(K, usize)> = None;
+    for i in 0..len {
+        let j = (start + i) % len;
+        if let Some(l) = load(&candidates[j]) {
+            if best.is_none_or(|(b, _)| l < b) {
+                best = Some((l, j));
+            }
+        }
+    }
+    best.map(|(_, j)| candidates[j].clone())
+}
+
+#[cfg(test)]
+mod tests;

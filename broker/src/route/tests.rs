@@ -1,0 +1,268 @@
+//! Unit tests of the routing core: events in, outputs out, explicit time.
+
+use fem_proto::{Body, Envelope, Header, JsonText, RequestId, SigningKey, ToolOutcome, ToolSpec};
+
+use super::*;
+
+const T0: Micros = 1_700_000_000_000_000;
+
+fn id(s: &str) -> AgentId {
+    AgentId::new(s).expect("id")
+}
+
+fn router(name: &str) -> Router {
+    Router::new(
+        RouterConfig {
+            broker_id: id(name),
+            max_call_timeout: Duration::from_secs(600),
+            agent_queue_limit: 2,
+            advert_delay: Duration::from_millis(50),
+        },
+        Metrics::new().expect("metrics"),
+        T0,
+    )
+}
+
+fn tool(name: &str) -> ToolSpec {
+    ToolSpec {
+        name: Capability::new(name).expect("tool"),
+        description: String::new(),
+        input_schema: JsonText::new("{}").expect("json"),
+    }
+}
+
+fn register(r: &mut Router, client: u64, name: &str, key: &SigningKey, max: u32) {
+    r.register(
+        T0,
+        Registration {
+            client: ClientId(client),
+            id: id(name),
+            key: key.public_key(),
+            transport: "tcp",
+            max_concurrent: max,
+            profile: Profile {
+                capabilities: vec![Capability::new("echo").expect("cap")],
+                tools: vec![tool("echo")],
+                metadata: Default::default(),
+            },
+            accepted: Frame::Heartbeat { seq: 0 },
+        },
+    )
+    .expect("registered");
+    drain(r);
+}
+
+fn drain(r: &mut Router) -> Vec<Output> {
+    std::iter::from_fn(|| r.poll_output()).collect()
+}
+
+fn call_env(
+    key: &SigningKey,
+    caller: &str,
+    target: Target,
+    deadline_ms: u64,
+) -> (ToolCall, SignedEnvelope) {
+    let call = ToolCall {
+        request_id: RequestId::random(),
+        target,
+        tool: Capability::new("echo").expect("tool"),
+        parameters: JsonText::new("{}").expect("json"),
+        deadline_ms,
+    };
+    let env = Envelope::new(Header::now(id(caller)), Body::ToolCall(call.clone()));
+    (call, SignedEnvelope::sign(&env, key).expect("sign"))
+}
+
+fn result_env(
+    key: &SigningKey,
+    agent: &str,
+    call: &ToolCall,
+    caller: &str,
+) -> (ToolResult, SignedEnvelope) {
+    let result = ToolResult {
+        request_id: call.request_id,
+        caller: id(caller),
+        outcome: ToolOutcome::Success(JsonText::new("1").expect("json")),
+    };
+    let env = Envelope::new(Header::now(id(agent)), Body::ToolResult(result.clone()));
+    (result, SignedEnvelope::sign(&env, key).expect("sign"))
+}
+
+#[test]
+fn a_call_waits_for_a_slot_and_times_out_exactly_once() {
+    let mut r = router("b");
+    let agent = SigningKey::generate();
+    let caller = SigningKey::generate();
+    register(&mut r, 1, "a", &agent, 1);
+    register(&mut r, 2, "c", &caller, 0);
+    let deadline_ms = T0 / 1000 + 1_000;
+    let (c1, e1) = call_env(&caller, "c", Target::Agent(id("a")), deadline_ms);
+    let (c2, e2) = call_env(&caller, "c", Target::Agent(id("a")), deadline_ms);
+    r.call(
+        T0,
+        ReplyTo::Client(ClientId(2)),
+        &id("c"),
+        caller.public_key(),
+        &c1,
+        e1,
+        8,
+        None,
+    );
+    r.call(
+        T0,
+        ReplyTo::Client(ClientId(2)),
+        &id("c"),
+        caller.public_key(),
+        &c2,
+        e2,
+        8,
+        None,
+    );
+    let out = drain(&mut r);
+    assert_eq!(out.len(), 1, "one delivered, one waiting: {out:?}");
+    assert_eq!(r.agent(&id("a")).map(|a| a.queue.len()), Some(1));
+    // The first answers; the waiting call takes the slot.
+    let (res, env) = result_env(&agent, "a", &c1, "c");
+    r.result(T0 + 10, ClientId(1), &res, env, agent.public_key());
+    let out = drain(&mut r);
+    assert!(
+        matches!(
+            &out[0],
+            Output::Send {
+                to: ClientId(1),
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert!(
+        matches!(
+            &out[1],
+            Output::Send {
+                to: ClientId(2),
+                frame: Frame::Deliver { .. }
+            }
+        ),
+        "{out:?}"
+    );
+    // The second never answers: one TIMEOUT at its deadline, then nothing.
+    assert_eq!(r.next_timeout(), Some(deadline_ms * 1000));
+    r.tick(deadline_ms * 1000 - 1);
+    assert!(drain(&mut r).is_empty());
+    r.tick(deadline_ms * 1000);
+    let out = drain(&mut r);
+    assert!(
+        matches!(
+            &out[..],
+            [Output::Send {
+                frame: Frame::CallFailed {
+                    code: ErrorCode::Timeout,
+                    ..
+                },
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+    let (res, env) = result_env(&agent, "a", &c2, "c");
+    r.result(T0 + 2_000_000, ClientId(1), &res, env, agent.public_key());
+    assert!(drain(&mut r).is_empty(), "a late result is dropped");
+    assert_eq!(r.pending_len(), 0);
+    assert_eq!(r.agent(&id("a")).map(|a| a.in_flight), Some(0));
+}
+
+#[test]
+fn a_result_for_another_caller_is_not_accepted() {
+    let mut r = router("b");
+    let agent = SigningKey::generate();
+    let caller = SigningKey::generate();
+    register(&mut r, 1, "a", &agent, 4);
+    register(&mut r, 2, "c", &caller, 0);
+    let (c1, e1) = call_env(&caller, "c", Target::Agent(id("a")), T0 / 1000 + 1_000);
+    r.call(
+        T0,
+        ReplyTo::Client(ClientId(2)),
+        &id("c"),
+        caller.public_key(),
+        &c1,
+        e1,
+        8,
+        None,
+    );
+    drain(&mut r);
+    let (res, env) = result_env(&agent, "a", &c1, "someone-else");
+    r.result(T0, ClientId(1), &res, env, agent.public_key());
+    assert!(drain(&mut r).is_empty());
+    assert_eq!(r.pending_len(), 1);
+}
+
+#[test]
+fn a_replaced_session_fails_its_calls_and_is_evicted() {
+    let mut r = router("b");
+    let agent = SigningKey::generate();
+    let caller = SigningKey::generate();
+    register(&mut r, 1, "a", &agent, 4);
+    register(&mut r, 2, "c", &caller, 0);
+    let (c1, e1) = call_env(&caller, "c", Target::Agent(id("a")), T0 / 1000 + 1_000);
+    r.call(
+        T0,
+        ReplyTo::Client(ClientId(2)),
+        &id("c"),
+        caller.public_key(),
+        &c1,
+        e1,
+        8,
+        None,
+    );
+    drain(&mut r);
+    // Another key may not take the id.
+    let intruder = SigningKey::generate();
+    let refused = r.register(
+        T0,
+        Registration {
+            client: ClientId(3),
+            id: id("a"),
+            key: intruder.public_key(),
+            transport: "tcp",
+            max_concurrent: 1,
+            profile: Profile::default(),
+            accepted: Frame::Heartbeat { seq: 0 },
+        },
+    );
+    assert_eq!(refused.map_err(|e| e.0), Err(ErrorCode::IdConflict));
+    register(&mut r, 4, "a", &agent, 4);
+    assert_eq!(r.pending_len(), 0);
+    r.session_closed(T0, ClientId(1));
+    assert_eq!(r.agent(&id("a")).map(|a| a.session), Some(ClientId(4)));
+}
+
+#[test]
+fn deadlines_of_answered_calls_do_not_pile_up() {
+    let mut r = router("b");
+    let agent = SigningKey::generate();
+    let caller = SigningKey::generate();
+    register(&mut r, 1, "a", &agent, 4);
+    register(&mut r, 2, "c", &caller, 0);
+    let far = T0 / 1000 + 600_000;
+    let (c, e) = call_env(&caller, "c", Target::Agent(id("a")), far);
+    let (res, renv) = result_env(&agent, "a", &c, "c");
+    for _ in 0..5_000 {
+        r.call(
+            T0,
+            ReplyTo::Client(ClientId(2)),
+            &id("c"),
+            caller.public_key(),
+            &c,
+            e.clone(),
+            8,
+            None,
+        );
+        r.result(T0, ClientId(1), &res, renv.clone(), agent.public_key());
+        drain(&mut r);
+    }
+    assert!(
+        r.pending.heap_len() <= 1025,
+        "{} stale deadlines kept",
+        r.pending.heap_len()
+    );
+}

@@ -1,0 +1,380 @@
+//! The broker's shared state: the routing core behind one lock, the tables
+//! that map its client and link ids to channels, and the timer task. This is
+//! the only place that turns the core's outputs into I/O.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use fem_proto::{
+    AgentId, Body, Envelope, ErrorCode, FedFrame, Frame, Header, PublicKey, SignedEnvelope,
+    SigningKey, ToolsDiscovered,
+};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tracing::{debug, warn};
+
+use crate::config::BrokerConfig;
+use crate::metrics::Metrics;
+use crate::route::admission::ReplayGuard;
+use crate::route::{ClientId, LinkId, Micros, Output, Router, RouterConfig, now_micros};
+
+/// Frames towards one client.
+pub(crate) type ClientTx = mpsc::Sender<Frame>;
+
+/// A client's channel and the signal that closes its session.
+#[derive(Debug)]
+pub(crate) struct ClientHandle {
+    pub(crate) tx: ClientTx,
+    /// Set with the reason before `close` is notified.
+    pub(crate) close_reason: Mutex<Option<(ErrorCode, String)>>,
+    pub(crate) close: Notify,
+    /// Time of the last frame received, ms since the epoch.
+    pub(crate) last_seen_ms: AtomicU64,
+}
+
+impl ClientHandle {
+    pub(crate) fn new(tx: ClientTx) -> Arc<Self> {
+        Arc::new(Self {
+            tx,
+            close_reason: Mutex::new(None),
+            close: Notify::new(),
+            last_seen_ms: AtomicU64::new(fem_proto::now_ms()),
+        })
+    }
+
+    /// Asks the session to send `error {code, message}` and close.
+    pub(crate) fn evict(&self, code: ErrorCode, message: String) {
+        if let Ok(mut r) = self.close_reason.lock() {
+            r.get_or_insert((code, message));
+        }
+        self.close.notify_one();
+    }
+
+    pub(crate) fn take_reason(&self) -> Option<(ErrorCode, String)> {
+        self.close_reason.lock().ok().and_then(|mut r| r.take())
+    }
+}
+
+/// A link's channel and the signal that closes it.
+#[derive(Debug)]
+pub(crate) struct LinkHandle {
+    pub(crate) tx: mpsc::Sender<FedFrame>,
+    pub(crate) close: Notify,
+}
+
+/// State shared by every task of one broker.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: BrokerConfig,
+    pub(crate) identity: SigningKey,
+    pub(crate) broker_key: PublicKey,
+    pub(crate) metrics: Metrics,
+    pub(crate) replay: ReplayGuard,
+    pub(crate) conn_limit: Arc<Semaphore>,
+    pub(crate) ready: AtomicBool,
+    /// Set at shutdown: new native sessions are refused.
+    pub(crate) draining: AtomicBool,
+    /// Federation state the async layer keeps (endpoint, readiness).
+    pub(crate) fed: crate::federation::Fed,
+    router: Mutex<Router>,
+    clients: DashMap<ClientId, Arc<ClientHandle>>,
+    links: DashMap<LinkId, Arc<LinkHandle>>,
+    next_id: AtomicU64,
+    /// The timeout the timer task sleeps towards (u64::MAX: none); only an
+    /// earlier one wakes it.
+    armed: AtomicU64,
+    timer_wake: Arc<Notify>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Shared {
+    /// Creates the state and spawns its timer and janitor tasks.
+    pub(crate) fn new(config: BrokerConfig, identity: SigningKey, metrics: Metrics) -> Arc<Self> {
+        let (shutdown, _) = watch::channel(false);
+        let router = Router::new(
+            RouterConfig {
+                broker_id: config.broker_id.clone(),
+                max_call_timeout: config.max_call_timeout,
+                agent_queue_limit: config.agent_queue_limit,
+                advert_delay: Duration::from_millis(50),
+            },
+            metrics.clone(),
+            now_micros(),
+        );
+        let shared = Arc::new(Self {
+            broker_key: identity.public_key(),
+            identity,
+            replay: ReplayGuard::new(config.replay_window_ms),
+            conn_limit: Arc::new(Semaphore::new(config.max_connections)),
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            fed: crate::federation::Fed::default(),
+            router: Mutex::new(router),
+            clients: DashMap::new(),
+            links: DashMap::new(),
+            next_id: AtomicU64::new(1),
+            armed: AtomicU64::new(u64::MAX),
+            timer_wake: Arc::new(Notify::new()),
+            shutdown,
+            metrics,
+            config,
+        });
+        tokio::spawn(timer_task(
+            Arc::downgrade(&shared),
+            Arc::clone(&shared.timer_wake),
+        ));
+        tokio::spawn(janitor_task(Arc::downgrade(&shared)));
+        shared
+    }
+
+    /// A fresh id for a client or a link.
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn begin_shutdown(&self) {
+        self.ready.store(false, Ordering::Relaxed);
+        let _ = self.shutdown.send(true);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Router> {
+        self.router
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Reads the router (views, readiness); nothing is sent.
+    pub(crate) fn view<R>(&self, f: impl FnOnce(&Router) -> R) -> R {
+        f(&self.lock())
+    }
+
+    /// Runs one event through the router at the current time and carries
+    /// out what it returns. Frames are handed to channels under the lock, so
+    /// every client and link sees them in the router's order; discovery
+    /// answers are signed after it is released.
+    pub(crate) fn route<R>(&self, f: impl FnOnce(&mut Router, Micros) -> R) -> R {
+        let (r, next) = self.run(f);
+        if let Some(next) = next {
+            if next < self.armed.load(Ordering::Acquire) {
+                self.armed.fetch_min(next, Ordering::AcqRel);
+                self.timer_wake.notify_one();
+            }
+        }
+        r
+    }
+
+    /// [`Self::route`] without waking the timer; returns the next timeout.
+    fn run<R>(&self, f: impl FnOnce(&mut Router, Micros) -> R) -> (R, Option<Micros>) {
+        let mut to_sign = Vec::new();
+        let (r, next) = {
+            let mut router = self.lock();
+            let r = f(&mut router, now_micros());
+            while let Some(out) = router.poll_output() {
+                self.dispatch(out, &mut to_sign);
+            }
+            (r, router.next_timeout())
+        };
+        for (to, request_id, tools) in to_sign {
+            self.send_discovered(to, request_id, tools);
+        }
+        (r, next)
+    }
+
+    fn dispatch(
+        &self,
+        out: Output,
+        to_sign: &mut Vec<(
+            ClientId,
+            fem_proto::RequestId,
+            Vec<fem_proto::DiscoveredTool>,
+        )>,
+    ) {
+        match out {
+            Output::Send { to, frame } => self.send_client(to, frame),
+            Output::Link { to, frame } => {
+                if let Some(l) = self.links.get(&to) {
+                    if l.tx.try_send(frame).is_err() {
+                        warn!(
+                            link = to.0,
+                            "federation link queue full or closed; closing it"
+                        );
+                        l.close.notify_one();
+                    }
+                }
+            }
+            Output::Evict {
+                client,
+                code,
+                message,
+            } => {
+                if let Some(c) = self.clients.get(&client) {
+                    c.evict(code, message);
+                }
+            }
+            Output::CloseLink { link } => {
+                if let Some(l) = self.links.get(&link) {
+                    l.close.notify_one();
+                }
+            }
+            Output::Discovered {
+                to,
+                request_id,
+                tools,
+            } => to_sign.push((to, request_id, tools)),
+        }
+    }
+
+    /// Sends without waiting; a client whose queue is full is a slow
+    /// consumer and its session is closed (its calls then fail), so other
+    /// clients never wait on it.
+    pub(crate) fn send_client(&self, to: ClientId, frame: Frame) {
+        let Some(c) = self.clients.get(&to) else {
+            debug!(client = to.0, "client gone; frame dropped");
+            return;
+        };
+        match c.tx.try_send(frame) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                debug!(client = to.0, "client gone; frame dropped");
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!(
+                    client = to.0,
+                    "slow consumer: queue full; closing its session"
+                );
+                self.metrics
+                    .refusals
+                    .with_label_values(&[ErrorCode::SlowConsumer.as_str()])
+                    .inc();
+                c.evict(
+                    ErrorCode::SlowConsumer,
+                    "session queue full: the client does not read".into(),
+                );
+            }
+        }
+    }
+
+    fn send_discovered(
+        &self,
+        to: ClientId,
+        request_id: fem_proto::RequestId,
+        tools: Vec<fem_proto::DiscoveredTool>,
+    ) {
+        let env = Envelope::new(
+            broker_header(&self.config.broker_id),
+            Body::ToolsDiscovered(ToolsDiscovered { request_id, tools }),
+        );
+        let frame = match SignedEnvelope::sign(&env, &self.identity) {
+            Ok(signed) => Frame::Deliver {
+                envelope: signed,
+                signer: self.broker_key,
+            },
+            Err(e) => Frame::CallFailed {
+                request_id,
+                code: e.code(),
+                message: format!("discovery answer: {e}"),
+            },
+        };
+        self.send_client(to, frame);
+    }
+
+    /// Adds a client whose frames go to `tx`; returns its id and handle.
+    pub(crate) fn add_client(&self, tx: ClientTx) -> (ClientId, Arc<ClientHandle>) {
+        let id = ClientId(self.next_id());
+        let h = ClientHandle::new(tx);
+        self.clients.insert(id, Arc::clone(&h));
+        (id, h)
+    }
+
+    /// Removes a client and tells the router.
+    pub(crate) fn remove_client(&self, id: ClientId) {
+        self.route(|r, now| r.session_closed(now, id));
+        self.clients.remove(&id);
+    }
+
+    /// The handle of a live client.
+    pub(crate) fn client(&self, id: ClientId) -> Option<Arc<ClientHandle>> {
+        self.clients.get(&id).map(|c| Arc::clone(c.value()))
+    }
+
+    /// Adds a link whose messages go to `tx`.
+    pub(crate) fn add_link(&self, tx: mpsc::Sender<FedFrame>) -> (LinkId, Arc<LinkHandle>) {
+        let id = LinkId(self.next_id());
+        let h = Arc::new(LinkHandle {
+            tx,
+            close: Notify::new(),
+        });
+        self.links.insert(id, Arc::clone(&h));
+        (id, h)
+    }
+
+    /// Removes a link and tells the router.
+    pub(crate) fn remove_link(&self, id: LinkId) {
+        self.route(|r, now| r.link_down(now, id));
+        self.links.remove(&id);
+    }
+
+    /// Calls awaiting an answer.
+    pub(crate) fn pending_len(&self) -> usize {
+        self.view(Router::pending_len)
+    }
+}
+
+/// The header of an envelope the broker signs itself.
+pub(crate) fn broker_header(id: &AgentId) -> Header {
+    Header::now(id.clone())
+}
+
+/// The longest the timer task sleeps: it bounds how late a timeout fires
+/// if it raced the task.
+const TICK: Duration = Duration::from_millis(100);
+
+/// One task ticks the router at its next timeout (deadlines, batched
+/// advertisements); no task per call. It ends within a tick of the broker's
+/// state being dropped.
+async fn timer_task(weak: std::sync::Weak<Shared>, wake: Arc<Notify>) {
+    loop {
+        let sleep = {
+            let Some(shared) = weak.upgrade() else {
+                return;
+            };
+            let ((), next) = shared.run(|r, now| r.tick(now));
+            shared
+                .armed
+                .store(next.unwrap_or(u64::MAX), Ordering::Release);
+            let now = now_micros();
+            next.map_or(TICK, |at| {
+                Duration::from_micros(at.saturating_sub(now)).min(TICK)
+            })
+        };
+        tokio::select! {
+            () = tokio::time::sleep(sleep) => {}
+            () = wake.notified() => {}
+        }
+    }
+}
+
+/// Forgets replay caches of senders that are gone and whose window passed.
+async fn janitor_task(weak: std::sync::Weak<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tick.tick().await;
+        let Some(shared) = weak.upgrade() else {
+            return;
+        };
+        let live: std::collections::HashSet<AgentId> =
+            shared.view(|r| r.agents().map(|a| a.id.clone()).collect());
+        shared
+            .replay
+            .forget_idle(fem_proto::now_ms(), |id| live.contains(id));
+    }
+}
