@@ -41,7 +41,7 @@ use fem_broker::route::{
     RouterConfig,
 };
 use fem_proto::{
-    Accepted, AgentId, Body, Capability, CapabilityPattern, Envelope, ErrorCode, FedFrame, Frame,
+    Accepted, AgentId, Body, Capability, CapabilityPattern, Envelope, FedFrame, Frame,
     Header, JsonText, Nonce, RequestId, SignedEnvelope, SigningKey, Target, ToolCall, ToolOutcome,
     ToolResult, ToolSpec,
 };
@@ -77,7 +77,7 @@ struct Broker {
 
 #[derive(Debug)]
 enum EdgeState {
-    Up { epoch: u64, a: LinkId, b: LinkId },
+    Up { a: LinkId, b: LinkId },
     Down,
 }
 
@@ -209,6 +209,8 @@ struct Sim {
     /// Calls answered by each agent (for the load scenario).
     served: BTreeMap<AgentId, u32>,
     broker_key: SigningKey,
+    /// Share of calls an agent runs slowly (0.5 to 4 s).
+    slow: f64,
 }
 
 fn id(s: &str) -> AgentId {
@@ -281,7 +283,7 @@ impl Sim {
                 restore_scheduled: false,
             })
             .collect();
-        let mut seed_key = |rng: &mut StdRng| {
+        let seed_key = |rng: &mut StdRng| {
             let mut s = [0u8; 32];
             rng.fill(&mut s);
             SigningKey::from_seed(s)
@@ -324,6 +326,7 @@ impl Sim {
             violations: Vec::new(),
             served: BTreeMap::new(),
             broker_key,
+            slow: 0.1,
         }
     }
 
@@ -512,7 +515,6 @@ impl Sim {
         self.next_id += 2;
         self.edges[e].epoch += 1;
         self.edges[e].state = EdgeState::Up {
-            epoch: self.edges[e].epoch,
             a: la,
             b: lb,
         };
@@ -983,7 +985,11 @@ impl Sim {
                 }
             }
             Ev::Restore { edge } => self.restore(edge),
-            Ev::BrokerRestart { broker } => self.start_broker(broker),
+            Ev::BrokerRestart { broker } => {
+                if !self.alive(broker) {
+                    self.start_broker(broker);
+                }
+            }
             Ev::AgentStart { agent } => {
                 if self.agents[agent].conn.is_none() {
                     self.connect_agent(agent);
@@ -1021,7 +1027,7 @@ impl Sim {
             }
             *self.served.entry(name).or_default() += 1;
             // Mostly fast; some slow enough to miss their deadline.
-            let service = if self.rng.gen_bool(0.1) {
+            let service = if self.rng.gen_bool(self.slow) {
                 self.rng.gen_range(500 * MS..=4 * SEC)
             } else {
                 self.rng.gen_range(MS..=50 * MS)
@@ -1147,7 +1153,16 @@ impl Sim {
                 seen.insert(id.clone(), ra.route.origin.clone());
             }
             if seen != holders {
-                return Err(format!("{} routes {seen:?}, live agents {holders:?}", b.name));
+                let peers: Vec<_> = r.peers().cloned().collect();
+                let edges: Vec<_> = self
+                    .edges
+                    .iter()
+                    .map(|e| format!("{}-{}:{}", e.a, e.b, matches!(e.state, EdgeState::Up { .. })))
+                    .collect();
+                return Err(format!(
+                    "{} routes {seen:?}, live agents {holders:?}; its peers {peers:?}; edges {edges:?}",
+                    b.name
+                ));
             }
         }
         Ok(())
@@ -1342,9 +1357,10 @@ fn simulation_of_the_federation_under_faults() {
 #[test]
 fn simulation_load_spreads_across_brokers() {
     let mut sim = Sim::new(7, Topology::Mesh, 3, 2, 1);
+    sim.slow = 0.0;
     for a in &mut sim.agents {
         a.caps = vec![cap("work.a")];
-        a.max = 8;
+        a.max = 64;
     }
     for b in 0..3 {
         sim.start_broker(b);
