@@ -1234,8 +1234,9 @@ impl Sim {
     }
 }
 
-/// Runs one seeded scenario; returns (calls, simulated seconds) or the violations.
-fn run_seed(seed: u64) -> Result<(usize, u64), String> {
+/// Runs one seeded scenario; returns (calls, simulated seconds, events
+/// handled) or the violations.
+fn run_seed(seed: u64) -> Result<(usize, u64, u64), String> {
     let mut pick = StdRng::seed_from_u64(seed ^ 0x5eed);
     let n = pick.gen_range(2..=8);
     let topology = match pick.gen_range(0..3) {
@@ -1303,7 +1304,7 @@ fn run_seed(seed: u64) -> Result<(usize, u64), String> {
     }
     let simulated = (sim.now - T0) / SEC;
     if sim.violations.is_empty() {
-        Ok((sim.calls.len(), simulated))
+        Ok((sim.calls.len(), simulated, sim.events))
     } else {
         Err(format!(
             "seed {} ({topology:?}, {n} brokers, {n_agents} agents, {n_callers} callers):\n  {}",
@@ -1329,7 +1330,7 @@ fn simulation_of_the_federation_under_faults() {
     let (mut calls, mut simulated, mut failures) = (0usize, 0u64, Vec::new());
     for seed in &seeds {
         match run_seed(*seed) {
-            Ok((c, s)) => {
+            Ok((c, s, _)) => {
                 calls += c;
                 simulated += s;
             }
@@ -1350,6 +1351,14 @@ fn simulation_of_the_federation_under_faults() {
         seeds.len(),
         failures.iter().take(5).cloned().collect::<Vec<_>>().join("\n")
     );
+}
+
+/// The same seed replays exactly: same calls, same events, same outcome.
+#[test]
+fn simulation_replays_a_seed_exactly() {
+    for seed in [11, 12] {
+        assert_eq!(run_seed(seed), run_seed(seed), "seed {seed}");
+    }
 }
 
 /// Calls by capability from a third broker spread over agents behind two

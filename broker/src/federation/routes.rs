@@ -88,12 +88,15 @@ impl RouteTable {
 
     /// The link to `peer` is gone: forget all it advertised.
     pub fn peer_lost(&mut self, peer: &AgentId) -> Vec<Change> {
-        let origins: Vec<AgentId> = self
+        let mut origins: Vec<AgentId> = self
             .adj
             .iter_mut()
             .filter_map(|(o, per)| per.remove(peer).map(|_| o.clone()))
             .collect();
-        origins.iter().filter_map(|o| self.recompute(o)).collect()
+        // In a fixed order, so the messages that follow are deterministic.
+        origins.sort_unstable();
+        origins
+            .iter().filter_map(|o| self.recompute(o)).collect()
     }
 
     fn recompute(&mut self, origin: &AgentId) -> Option<Change> {
