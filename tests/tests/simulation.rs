@@ -37,12 +37,11 @@ use std::time::Duration;
 
 use fem_broker::Metrics;
 use fem_broker::route::{
-    ClientId, LinkId, LinkUp, Micros, Output, Profile, Registration, ReplyTo, Router,
-    RouterConfig,
+    ClientId, LinkId, LinkUp, Micros, Output, Profile, Registration, ReplyTo, Router, RouterConfig,
 };
 use fem_proto::{
-    Accepted, AgentId, Body, Capability, CapabilityPattern, Envelope, FedFrame, Frame,
-    Header, JsonText, Nonce, RequestId, SignedEnvelope, SigningKey, Target, ToolCall, ToolOutcome,
+    Accepted, AgentId, Body, Capability, CapabilityPattern, Envelope, FedFrame, Frame, Header,
+    JsonText, Nonce, RequestId, SignedEnvelope, SigningKey, Target, ToolCall, ToolOutcome,
     ToolResult, ToolSpec,
 };
 use rand::rngs::StdRng;
@@ -141,6 +140,7 @@ enum Ev {
         epoch: u64,
         to: usize,
         frame: FedFrame,
+        sent: Micros,
     },
     ToClient {
         conn: Conn,
@@ -211,6 +211,8 @@ struct Sim {
     broker_key: SigningKey,
     /// Share of calls an agent runs slowly (0.5 to 4 s).
     slow: f64,
+    /// Print route messages and link changes (`FEM_SIM_TRACE=1`).
+    trace: bool,
 }
 
 fn id(s: &str) -> AgentId {
@@ -327,6 +329,7 @@ impl Sim {
             served: BTreeMap::new(),
             broker_key,
             slow: 0.1,
+            trace: std::env::var_os("FEM_SIM_TRACE").is_some(),
         }
     }
 
@@ -347,7 +350,8 @@ impl Sim {
 
     fn violation(&mut self, what: String) {
         if self.violations.len() < 20 {
-            self.violations.push(format!("t=+{}ms {what}", (self.now - T0) / MS));
+            self.violations
+                .push(format!("t=+{}ms {what}", (self.now - T0) / MS));
         }
     }
 
@@ -426,6 +430,7 @@ impl Sim {
                         epoch,
                         to: peer,
                         frame,
+                        sent: self.now,
                     },
                 );
             }
@@ -448,11 +453,14 @@ impl Sim {
     }
 
     fn edge_of(&self, b: usize, link: LinkId) -> Option<(usize, usize)> {
-        self.edges.iter().enumerate().find_map(|(i, e)| match e.state {
-            EdgeState::Up { a, .. } if e.a == b && a == link => Some((i, e.b)),
-            EdgeState::Up { b: lb, .. } if e.b == b && lb == link => Some((i, e.a)),
-            _ => None,
-        })
+        self.edges
+            .iter()
+            .enumerate()
+            .find_map(|(i, e)| match e.state {
+                EdgeState::Up { a, .. } if e.a == b && a == link => Some((i, e.b)),
+                EdgeState::Up { b: lb, .. } if e.b == b && lb == link => Some((i, e.a)),
+                _ => None,
+            })
     }
 
     /// Records a terminal answer emitted by a call's entry broker.
@@ -498,8 +506,7 @@ impl Sim {
     fn restore(&mut self, e: usize) {
         self.edges[e].restore_scheduled = false;
         let (a, b) = (self.edges[e].a, self.edges[e].b);
-        if matches!(self.edges[e].state, EdgeState::Up { .. }) || !self.alive(a) || !self.alive(b)
-        {
+        if matches!(self.edges[e].state, EdgeState::Up { .. }) || !self.alive(a) || !self.alive(b) {
             return;
         }
         let blocked = self.edges[e]
@@ -514,17 +521,21 @@ impl Sim {
         let (la, lb) = (LinkId(self.next_id), LinkId(self.next_id + 1));
         self.next_id += 2;
         self.edges[e].epoch += 1;
-        self.edges[e].state = EdgeState::Up {
-            a: la,
-            b: lb,
-        };
+        self.edges[e].state = EdgeState::Up { a: la, b: lb };
+        if self.trace {
+            println!("+{}ms link b{a}-b{b} up", (self.now - T0) / MS);
+        }
         let (na, nb) = (self.brokers[a].name.clone(), self.brokers[b].name.clone());
         let initiator = na.clone();
         let mut ups = Vec::new();
-        self.with_router(a, |r, now| ups.push(r.link_up(now, la, nb, initiator.clone())));
+        self.with_router(a, |r, now| {
+            ups.push(r.link_up(now, la, nb, initiator.clone()))
+        });
         self.with_router(b, |r, now| ups.push(r.link_up(now, lb, na, initiator)));
         if ups.iter().any(|u| *u != LinkUp::Accepted) {
-            self.violation(format!("edge {e}: a single link was refused as a duplicate"));
+            self.violation(format!(
+                "edge {e}: a single link was refused as a duplicate"
+            ));
         }
     }
 
@@ -535,6 +546,14 @@ impl Sim {
         };
         self.edges[e].state = EdgeState::Down;
         self.edges[e].epoch += 1;
+        if self.trace {
+            println!(
+                "+{}ms link b{}-b{} down",
+                (self.now - T0) / MS,
+                self.edges[e].a,
+                self.edges[e].b
+            );
+        }
         self.edges[e].blocked_until = self.now + block;
         let (a, b) = (self.edges[e].a, self.edges[e].b);
         self.with_router(a, |r, now| r.link_down(now, la));
@@ -663,6 +682,9 @@ impl Sim {
                     let d = self.rng.gen_range(100 * MS..=4 * SEC);
                     self.brokers[b].paused_until = self.now + d;
                     self.brokers[b].pauses.push((self.now, self.now + d));
+                    if self.trace {
+                        println!("+{}ms b{b} paused for {} ms", (self.now - T0) / MS, d / MS);
+                    }
                     if d > LINK_TIMEOUT {
                         // The peers' pings find it silent: its links drop
                         // (the cut is applied when it wakes up for its own side).
@@ -725,7 +747,12 @@ impl Sim {
             parameters: JsonText::new("{}").expect("json"),
             deadline_ms,
         };
-        let env = self.sign(&self.callers[i].name.clone(), Body::ToolCall(call.clone()), i, true);
+        let env = self.sign(
+            &self.callers[i].name.clone(),
+            Body::ToolCall(call.clone()),
+            i,
+            true,
+        );
         self.calls.insert(
             request_id,
             CallRecord {
@@ -779,7 +806,37 @@ impl Sim {
                 epoch,
                 to,
                 frame,
+                sent,
             } => {
+                if self.trace {
+                    let from = if self.edges[edge].a == to {
+                        self.edges[edge].b
+                    } else {
+                        self.edges[edge].a
+                    };
+                    let alive = self.edges[edge].epoch == epoch;
+                    match &frame {
+                        FedFrame::Advertise {
+                            origin,
+                            seq,
+                            path,
+                            agents,
+                        } => println!(
+                            "+{}ms (sent +{}ms) b{from}->b{to} adv {origin} seq {seq} path {path:?} agents {:?}{}",
+                            (self.now - T0) / MS,
+                            (sent - T0) / MS,
+                            agents.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+                            if alive { "" } else { " (lost)" }
+                        ),
+                        FedFrame::Withdraw { origin } => println!(
+                            "+{}ms (sent +{}ms) b{from}->b{to} withdraw {origin}{}",
+                            (self.now - T0) / MS,
+                            (sent - T0) / MS,
+                            if alive { "" } else { " (lost)" }
+                        ),
+                        _ => {}
+                    }
+                }
                 if self.edges[edge].epoch != epoch {
                     return; // lost with the link
                 }
@@ -854,14 +911,26 @@ impl Sim {
                             description: String::new(),
                             input_schema: JsonText::new("{}").expect("json"),
                         };
-                        (a.name.clone(), a.key.public_key(), a.max, a.caps.clone(), vec![run])
+                        (
+                            a.name.clone(),
+                            a.key.public_key(),
+                            a.max,
+                            a.caps.clone(),
+                            vec![run],
+                        )
                     }
                     (None, Some(i)) => {
                         if self.callers[i].conn != Some(conn) {
                             return;
                         }
                         let c = &self.callers[i];
-                        (c.name.clone(), c.key.public_key(), 0, Vec::new(), Vec::new())
+                        (
+                            c.name.clone(),
+                            c.key.public_key(),
+                            0,
+                            Vec::new(),
+                            Vec::new(),
+                        )
                     }
                     (None, None) => return,
                 };
@@ -1023,7 +1092,9 @@ impl Sim {
                 twice = rec.deliveries > 1;
             }
             if twice {
-                self.violation(format!("call {request} reached an agent twice (now {name})"));
+                self.violation(format!(
+                    "call {request} reached an agent twice (now {name})"
+                ));
             }
             *self.served.entry(name).or_default() += 1;
             // Mostly fast; some slow enough to miss their deadline.
@@ -1066,7 +1137,9 @@ impl Sim {
             _ => return,
         };
         if !self.callers[i].outstanding.remove(&request) {
-            self.violation(format!("call {request}: an answer after its terminal answer"));
+            self.violation(format!(
+                "call {request}: an answer after its terminal answer"
+            ));
         }
         if let Some(rec) = self.calls.get_mut(&request) {
             rec.answers += 1;
@@ -1157,7 +1230,14 @@ impl Sim {
                 let edges: Vec<_> = self
                     .edges
                     .iter()
-                    .map(|e| format!("{}-{}:{}", e.a, e.b, matches!(e.state, EdgeState::Up { .. })))
+                    .map(|e| {
+                        format!(
+                            "{}-{}:{}",
+                            e.a,
+                            e.b,
+                            matches!(e.state, EdgeState::Up { .. })
+                        )
+                    })
                     .collect();
                 return Err(format!(
                     "{} routes {seen:?}, live agents {holders:?}; its peers {peers:?}; edges {edges:?}",
@@ -1172,7 +1252,11 @@ impl Sim {
         for b in &self.brokers {
             let Some(r) = &b.router else { continue };
             if r.pending_len() != 0 {
-                return Err(format!("{}: {} calls still pending", b.name, r.pending_len()));
+                return Err(format!(
+                    "{}: {} calls still pending",
+                    b.name,
+                    r.pending_len()
+                ));
             }
             for a in r.agents() {
                 if a.in_flight != 0 || !a.queue.is_empty() {
@@ -1198,13 +1282,19 @@ impl Sim {
         let mut found = Vec::new();
         for (req, rec) in &self.calls {
             if rec.answers != 1 {
-                found.push(format!("call {req}: {} terminal answers at the caller", rec.answers));
+                found.push(format!(
+                    "call {req}: {} terminal answers at the caller",
+                    rec.answers
+                ));
             }
             if rec.lost {
                 continue;
             }
             if rec.emitted.len() > 1 {
-                found.push(format!("call {req}: the entry broker answered {} times", rec.emitted.len()));
+                found.push(format!(
+                    "call {req}: the entry broker answered {} times",
+                    rec.emitted.len()
+                ));
             }
             if let Some(&(idx, t, is_result)) = rec.emitted.first() {
                 let pauses = &self.brokers[rec.entry].pauses;
@@ -1265,18 +1355,16 @@ fn run_seed(seed: u64) -> Result<(usize, u64, u64), String> {
     sim.at(T0 + SEC, Ev::IssueCall);
     sim.at(T0 + 2 * SEC, Ev::Fault);
     sim.run_until(T0 + fault_phase);
-    // Faults stop: every broker wakes, restarts, every link may come back.
+    // Faults stop: crashed brokers restart, every link may come back.
     let healed = sim.now;
+    // (A pause in progress runs out: events deferred to its end keep their order.)
     for b in 0..n {
-        if sim.brokers[b].paused_until > healed {
-            sim.brokers[b].paused_until = healed;
-        }
         if !sim.alive(b) {
             sim.start_broker(b);
         }
     }
     for e in 0..sim.edges.len() {
-        sim.edges[e].blocked_until = healed;
+        sim.edges[e].blocked_until = sim.edges[e].blocked_until.min(healed);
         sim.schedule_restore(e, 0);
     }
     // Agents that crashed come back within 3 s and their old sessions are
@@ -1294,7 +1382,10 @@ fn run_seed(seed: u64) -> Result<(usize, u64, u64), String> {
     }
     if converged.is_none() {
         let why = sim.check_routes().err().unwrap_or_default();
-        sim.violation(format!("routes did not converge within {} s: {why}", CONVERGE / SEC));
+        sim.violation(format!(
+            "routes did not converge within {} s: {why}",
+            CONVERGE / SEC
+        ));
     }
     // Let every call reach its deadline and every answer its caller.
     sim.run_until(sim.now + 10 * SEC);
@@ -1349,7 +1440,12 @@ fn simulation_of_the_federation_under_faults() {
         "{} of {} seeds failed; replay one with FEM_SIM_SEED=N:\n{}",
         failures.len(),
         seeds.len(),
-        failures.iter().take(5).cloned().collect::<Vec<_>>().join("\n")
+        failures
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 

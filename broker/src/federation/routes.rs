@@ -95,8 +95,7 @@ impl RouteTable {
             .collect();
         // In a fixed order, so the messages that follow are deterministic.
         origins.sort_unstable();
-        origins
-            .iter().filter_map(|o| self.recompute(o)).collect()
+        origins.iter().filter_map(|o| self.recompute(o)).collect()
     }
 
     fn recompute(&mut self, origin: &AgentId) -> Option<Change> {

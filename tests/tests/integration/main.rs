@@ -7,6 +7,7 @@ mod federation;
 mod hostile;
 mod ops;
 mod processes;
+mod routing;
 
 use std::future::Future;
 use std::time::Duration;
