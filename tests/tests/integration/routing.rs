@@ -214,9 +214,10 @@ async fn ready_once_links_are_up_although_both_ends_dial() {
             for d in [&da, &db] {
                 fem_tests::seed_ca(ca_dir.path(), d.path());
             }
+            let (to_b, to_a) = ([b], [a]);
             let (pa, pb) = tokio::join!(
-                mesh_broker(a, da.path(), &ca, &[b]),
-                mesh_broker(b, db.path(), &ca, &[a])
+                mesh_broker(a, da.path(), &ca, &to_b),
+                mesh_broker(b, db.path(), &ca, &to_a)
             );
             for x in [a, b] {
                 assert!(
