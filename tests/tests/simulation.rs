@@ -37,7 +37,8 @@ use std::time::Duration;
 
 use fem_broker::Metrics;
 use fem_broker::route::{
-    ClientId, LinkId, LinkUp, Micros, Output, Profile, Registration, ReplyTo, Router, RouterConfig,
+    ClientId, Incoming, LinkId, LinkUp, Micros, Output, Profile, Registration, ReplyTo, Router,
+    RouterConfig,
 };
 use fem_proto::{
     Accepted, AgentId, Body, Capability, CapabilityPattern, Envelope, FedFrame, Frame, Header,
@@ -862,13 +863,15 @@ impl Sim {
                         self.with_router(to, |r, now| {
                             r.call(
                                 now,
-                                ReplyTo::Link { link, relay: id },
-                                &header.sender,
-                                signer,
-                                &call,
-                                envelope,
-                                hops_left,
-                                Some(&agent),
+                                Incoming {
+                                    reply: ReplyTo::Link { link, relay: id },
+                                    caller: &header.sender,
+                                    caller_key: signer,
+                                    call: &call,
+                                    envelope,
+                                    hops_left,
+                                    pinned: Some(&agent),
+                                },
                             );
                         });
                     }
@@ -981,13 +984,15 @@ impl Sim {
                 self.with_router(conn.broker, |r, now| {
                     r.call(
                         now,
-                        ReplyTo::Client(conn.client),
-                        &name,
-                        key,
-                        &call,
-                        env,
-                        fem_proto::DEFAULT_MAX_HOPS,
-                        None,
+                        Incoming {
+                            reply: ReplyTo::Client(conn.client),
+                            caller: &name,
+                            caller_key: key,
+                            call: &call,
+                            envelope: env,
+                            hops_left: fem_proto::DEFAULT_MAX_HOPS,
+                            pinned: None,
+                        },
                     );
                 });
             }

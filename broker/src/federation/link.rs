@@ -16,7 +16,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::config::FederationMode;
 use crate::route::admission::{self, Entry, Refused, Signer};
-use crate::route::{LinkId, LinkUp, ReplyTo};
+use crate::route::{Incoming, LinkId, LinkUp, ReplyTo};
 use crate::state::Shared;
 
 /// Messages queued towards one peer before the link counts as stuck.
@@ -321,13 +321,15 @@ fn relay_in(
     shared.route(|r, now| {
         r.call(
             now,
-            ReplyTo::Link { link, relay: id },
-            &caller,
-            signer,
-            &call,
-            envelope,
-            hops_left,
-            Some(agent),
+            Incoming {
+                reply: ReplyTo::Link { link, relay: id },
+                caller: &caller,
+                caller_key: signer,
+                call: &call,
+                envelope,
+                hops_left,
+                pinned: Some(agent),
+            },
         );
     });
 }

@@ -20,8 +20,8 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::route::ReplyTo;
 use crate::route::admission::{self, Entry, Refused, Signer};
+use crate::route::{Incoming, ReplyTo};
 use crate::state::Shared;
 
 #[derive(Debug, Deserialize)]
@@ -124,13 +124,15 @@ async fn serve(s: Arc<Shared>, body: Bytes, want: EnvelopeType, endpoint: &str) 
             s.route(|r, now| {
                 r.call(
                     now,
-                    ReplyTo::Client(client),
-                    &sender,
-                    req.public_key,
-                    &c,
-                    req.envelope,
-                    fem_proto::DEFAULT_MAX_HOPS,
-                    None,
+                    Incoming {
+                        reply: ReplyTo::Client(client),
+                        caller: &sender,
+                        caller_key: req.public_key,
+                        call: &c,
+                        envelope: req.envelope,
+                        hops_left: fem_proto::DEFAULT_MAX_HOPS,
+                        pinned: None,
+                    },
                 );
             });
             wait

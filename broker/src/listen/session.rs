@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::route::admission::{self, Entry, Refusal, Refused, Signer};
-use crate::route::{ClientId, Profile, Registration, ReplyTo};
+use crate::route::{ClientId, Incoming, Profile, Registration, ReplyTo};
 use crate::state::{ClientHandle, Shared};
 
 /// The registered identity of a session.
@@ -208,7 +208,7 @@ async fn serve<R: AsyncRead + Unpin>(
     loop {
         let frame = tokio::select! {
             () = me.handle.close.notified() => {
-                let (code, message) = me.handle.take_reason().unwrap_or((ErrorCode::AgentUnavailable, "session closed by the broker".into()));
+                let (code, message) = me.handle.take_reason().unwrap_or_else(|| (ErrorCode::AgentUnavailable, "session closed by the broker".into()));
                 let _ = tx.try_send(Frame::Error { code, message });
                 return;
             }
@@ -384,13 +384,15 @@ fn handle_envelope(
             shared.route(|r, now| {
                 r.call(
                     now,
-                    ReplyTo::Client(me.client),
-                    &me.id,
-                    me.key,
-                    &call,
-                    signed,
-                    fem_proto::DEFAULT_MAX_HOPS,
-                    None,
+                    Incoming {
+                        reply: ReplyTo::Client(me.client),
+                        caller: &me.id,
+                        caller_key: me.key,
+                        call: &call,
+                        envelope: signed,
+                        hops_left: fem_proto::DEFAULT_MAX_HOPS,
+                        pinned: None,
+                    },
                 );
             });
         }

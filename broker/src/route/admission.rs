@@ -112,7 +112,7 @@ pub struct Refused {
     /// Code and message.
     pub refusal: Refusal,
     /// The opened envelope, when it could be opened (the answer correlates with it).
-    pub env: Option<Envelope>,
+    pub env: Option<Box<Envelope>>,
 }
 
 /// Opens `signed`, checks the sender and signature against `signer`, checks
@@ -174,7 +174,7 @@ pub fn admit(
                 .inc();
             Err(Refused {
                 refusal,
-                env: Some(env),
+                env: Some(Box::new(env)),
             })
         }
     }

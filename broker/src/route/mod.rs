@@ -132,6 +132,25 @@ pub struct Registration {
     pub accepted: Frame,
 }
 
+/// A toolCall that passed admission, and where it came from.
+#[derive(Debug)]
+pub struct Incoming<'a> {
+    /// Where the answer goes.
+    pub reply: ReplyTo,
+    /// The caller (the envelope's sender).
+    pub caller: &'a AgentId,
+    /// The key that signed it (passed on so the agent can verify).
+    pub caller_key: PublicKey,
+    /// The call.
+    pub call: &'a ToolCall,
+    /// The caller's signed bytes, relayed untouched.
+    pub envelope: SignedEnvelope,
+    /// Broker hops the call may still take.
+    pub hops_left: u8,
+    /// The agent a peer broker chose, for a relayed call.
+    pub pinned: Option<&'a AgentId>,
+}
+
 /// Whether a new link is kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LinkUp {
@@ -373,21 +392,19 @@ impl Router {
 
     // ----- calls -----
 
-    /// Routes an admitted toolCall from `caller` (key `caller_key`). A call
-    /// relayed by a peer names the agent the entry broker chose (`pinned`);
-    /// it runs there or fails, never on another agent.
-    #[allow(clippy::too_many_arguments)]
-    pub fn call(
-        &mut self,
-        now: Micros,
-        reply: ReplyTo,
-        caller: &AgentId,
-        caller_key: PublicKey,
-        call: &ToolCall,
-        envelope: SignedEnvelope,
-        hops_left: u8,
-        pinned: Option<&AgentId>,
-    ) {
+    /// Routes an admitted toolCall. A call relayed by a peer names the agent
+    /// the entry broker chose ([`Incoming::pinned`]); it runs there or
+    /// fails, never on another agent.
+    pub fn call(&mut self, now: Micros, incoming: Incoming<'_>) {
+        let Incoming {
+            reply,
+            caller,
+            caller_key,
+            call,
+            envelope,
+            hops_left,
+            pinned,
+        } = incoming;
         let deadline_at = call.deadline_ms.saturating_mul(1000);
         if deadline_at <= now {
             return self.refuse_call(
@@ -469,12 +486,12 @@ impl Router {
             );
         };
         self.metrics.calls_in_flight.inc();
-        let deliver = Frame::Deliver {
-            envelope,
-            signer: caller_key,
-        };
         match target {
             CallTarget::Local { session, agent } => {
+                let deliver = Frame::Deliver {
+                    envelope,
+                    signer: caller_key,
+                };
                 if slot {
                     debug!(request = %call.request_id, tool = %call.tool, %agent, "routing call");
                     if let Some(a) = self.registry.get_mut(&agent) {
@@ -501,16 +518,13 @@ impl Router {
             CallTarget::Remote { link, agent, .. } => {
                 debug!(request = %call.request_id, tool = %call.tool, %agent, "relaying call");
                 *self.remote_load.entry(agent.clone()).or_default() += 1;
-                let Frame::Deliver { envelope, signer } = deliver else {
-                    return;
-                };
                 self.out.push_back(Output::Link {
                     to: link,
                     frame: FedFrame::RelayCall {
                         id: id.0,
                         agent,
                         hops_left: hops_left.saturating_sub(1),
-                        signer,
+                        signer: caller_key,
                         envelope,
                     },
                 });

@@ -88,36 +88,36 @@ fn result_env(
     (result, SignedEnvelope::sign(&env, key).expect("sign"))
 }
 
+fn incoming<'a>(
+    caller: &'a AgentId,
+    key: &SigningKey,
+    call: &'a ToolCall,
+    envelope: SignedEnvelope,
+) -> Incoming<'a> {
+    Incoming {
+        reply: ReplyTo::Client(ClientId(2)),
+        caller,
+        caller_key: key.public_key(),
+        call,
+        envelope,
+        hops_left: 8,
+        pinned: None,
+    }
+}
+
 #[test]
 fn a_call_waits_for_a_slot_and_times_out_exactly_once() {
     let mut r = router("b");
     let agent = SigningKey::generate();
     let caller = SigningKey::generate();
+    let cid = id("c");
     register(&mut r, 1, "a", &agent, 1);
     register(&mut r, 2, "c", &caller, 0);
     let deadline_ms = T0 / 1000 + 1_000;
     let (c1, e1) = call_env(&caller, "c", Target::Agent(id("a")), deadline_ms);
     let (c2, e2) = call_env(&caller, "c", Target::Agent(id("a")), deadline_ms);
-    r.call(
-        T0,
-        ReplyTo::Client(ClientId(2)),
-        &id("c"),
-        caller.public_key(),
-        &c1,
-        e1,
-        8,
-        None,
-    );
-    r.call(
-        T0,
-        ReplyTo::Client(ClientId(2)),
-        &id("c"),
-        caller.public_key(),
-        &c2,
-        e2,
-        8,
-        None,
-    );
+    r.call(T0, incoming(&cid, &caller, &c1, e1));
+    r.call(T0, incoming(&cid, &caller, &c2, e2));
     let out = drain(&mut r);
     assert_eq!(out.len(), 1, "one delivered, one waiting: {out:?}");
     assert_eq!(r.agent(&id("a")).map(|a| a.queue.len()), Some(1));
@@ -176,19 +176,11 @@ fn a_result_for_another_caller_is_not_accepted() {
     let mut r = router("b");
     let agent = SigningKey::generate();
     let caller = SigningKey::generate();
+    let cid = id("c");
     register(&mut r, 1, "a", &agent, 4);
     register(&mut r, 2, "c", &caller, 0);
     let (c1, e1) = call_env(&caller, "c", Target::Agent(id("a")), T0 / 1000 + 1_000);
-    r.call(
-        T0,
-        ReplyTo::Client(ClientId(2)),
-        &id("c"),
-        caller.public_key(),
-        &c1,
-        e1,
-        8,
-        None,
-    );
+    r.call(T0, incoming(&cid, &caller, &c1, e1));
     drain(&mut r);
     let (res, env) = result_env(&agent, "a", &c1, "someone-else");
     r.result(T0, ClientId(1), &res, env, agent.public_key());
@@ -201,19 +193,11 @@ fn a_replaced_session_fails_its_calls_and_is_evicted() {
     let mut r = router("b");
     let agent = SigningKey::generate();
     let caller = SigningKey::generate();
+    let cid = id("c");
     register(&mut r, 1, "a", &agent, 4);
     register(&mut r, 2, "c", &caller, 0);
     let (c1, e1) = call_env(&caller, "c", Target::Agent(id("a")), T0 / 1000 + 1_000);
-    r.call(
-        T0,
-        ReplyTo::Client(ClientId(2)),
-        &id("c"),
-        caller.public_key(),
-        &c1,
-        e1,
-        8,
-        None,
-    );
+    r.call(T0, incoming(&cid, &caller, &c1, e1));
     drain(&mut r);
     // Another key may not take the id.
     let intruder = SigningKey::generate();
@@ -241,22 +225,14 @@ fn deadlines_of_answered_calls_do_not_pile_up() {
     let mut r = router("b");
     let agent = SigningKey::generate();
     let caller = SigningKey::generate();
+    let cid = id("c");
     register(&mut r, 1, "a", &agent, 4);
     register(&mut r, 2, "c", &caller, 0);
     let far = T0 / 1000 + 600_000;
     let (c, e) = call_env(&caller, "c", Target::Agent(id("a")), far);
     let (res, renv) = result_env(&agent, "a", &c, "c");
     for _ in 0..5_000 {
-        r.call(
-            T0,
-            ReplyTo::Client(ClientId(2)),
-            &id("c"),
-            caller.public_key(),
-            &c,
-            e.clone(),
-            8,
-            None,
-        );
+        r.call(T0, incoming(&cid, &caller, &c, e.clone()));
         r.result(T0, ClientId(1), &res, renv.clone(), agent.public_key());
         drain(&mut r);
     }
