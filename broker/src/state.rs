@@ -63,6 +63,16 @@ pub(crate) struct LinkHandle {
     pub(crate) close: Notify,
 }
 
+/// Federation state the async layer keeps; routes and links live in the
+/// routing core.
+#[derive(Debug, Default)]
+pub(crate) struct Fed {
+    pub(crate) endpoint: std::sync::OnceLock<quinn::Endpoint>,
+    /// Links the configuration asks for, by readiness key, and the peer
+    /// each reached once its handshake passed.
+    pub(crate) required: DashMap<String, Option<AgentId>>,
+}
+
 /// State shared by every task of one broker.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -76,7 +86,7 @@ pub(crate) struct Shared {
     /// Set at shutdown: new native sessions are refused.
     pub(crate) draining: AtomicBool,
     /// Federation state the async layer keeps (endpoint, readiness).
-    pub(crate) fed: crate::federation::Fed,
+    pub(crate) fed: Fed,
     router: Mutex<Router>,
     clients: DashMap<ClientId, Arc<ClientHandle>>,
     links: DashMap<LinkId, Arc<LinkHandle>>,
@@ -109,7 +119,7 @@ impl Shared {
             conn_limit: Arc::new(Semaphore::new(config.max_connections)),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
-            fed: crate::federation::Fed::default(),
+            fed: Fed::default(),
             router: Mutex::new(router),
             clients: DashMap::new(),
             links: DashMap::new(),

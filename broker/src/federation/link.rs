@@ -334,8 +334,9 @@ fn relay_in(
     });
 }
 
-/// A result relayed back for our call `id`: checked against the agent's
-/// key before the core takes it; one that does not verify fails the call.
+/// A result relayed back for our call `id`: admitted (the agent's signature
+/// with `signer`, its replay window) before the core takes it, where the
+/// key must be the chosen agent's; one that fails admission fails the call.
 fn relay_back(
     shared: &Arc<Shared>,
     link: LinkId,
@@ -343,38 +344,31 @@ fn relay_back(
     signer: PublicKey,
     envelope: SignedEnvelope,
 ) {
-    let result = envelope.open().and_then(|env| {
-        envelope.verify_opened(EnvelopeType::ToolResult, &signer)?;
-        Ok(env)
-    });
-    match result {
-        Ok(Envelope {
-            body: Body::ToolResult(result),
+    let admitted = admission::admit(
+        &envelope,
+        Signer::Key(&signer),
+        Some(EnvelopeType::ToolResult),
+        Entry::Relay,
+        &shared.replay,
+        &shared.metrics,
+    );
+    match admitted.map(|a| a.env.body) {
+        Ok(Body::ToolResult(result)) => {
+            shared.route(|r, now| r.relay_result(now, link, id, &result, envelope, signer));
+        }
+        Ok(_) => {}
+        Err(Refused {
+            refusal: (code, message),
             ..
-        }) => shared.route(|r, now| r.relay_result(now, link, id, &result, envelope, signer)),
-        Ok(_) => shared.route(|r, now| {
-            r.relay_failed(
-                now,
-                link,
-                id,
-                ErrorCode::BadRequest,
-                "the peer relayed an answer that is not a toolResult".into(),
-            );
-        }),
-        Err(e) => {
-            warn!(error = %e, "relayed result does not verify");
-            shared
-                .metrics
-                .refusals
-                .with_label_values(&[e.code().as_str()])
-                .inc();
+        }) => {
+            warn!(%code, %message, "relayed result refused");
             shared.route(|r, now| {
                 r.relay_failed(
                     now,
                     link,
                     id,
-                    e.code(),
-                    format!("the agent's result does not verify: {e}"),
+                    code,
+                    format!("the agent's result was refused: {message}"),
                 );
             });
         }

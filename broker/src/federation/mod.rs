@@ -1,5 +1,5 @@
 //! Federation: authenticated QUIC links between brokers (ALPN `fem-fed/1`),
-//! path-vector routes ([`routes`], pure functions the routing core uses),
+//! path-vector routes (computed by the routing core, [`crate::route::paths`]),
 //! dialling with backoff and fail-over, and DNS SRV discovery.
 //!
 //! A call routed to an agent behind another broker leaves as a `RelayCall`
@@ -10,11 +10,9 @@
 mod dial;
 mod discovery;
 mod link;
-pub mod routes;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use dashmap::DashMap;
 use fem_proto::AgentId;
 use tracing::warn;
 
@@ -22,16 +20,6 @@ use self::dial::{DialTarget, dial_loop};
 pub(crate) use self::link::accept;
 use crate::config::FederationMode;
 use crate::state::Shared;
-
-/// Federation state the async layer keeps; routes and links live in the
-/// routing core.
-#[derive(Debug, Default)]
-pub(crate) struct Fed {
-    pub(crate) endpoint: OnceLock<quinn::Endpoint>,
-    /// Links the configuration asks for, by readiness key, and the peer
-    /// each reached once its handshake passed.
-    pub(crate) required: DashMap<String, Option<AgentId>>,
-}
 
 /// True when every configured link reached its peer and a link to that
 /// peer is up (whichever of two duplicate links was kept).

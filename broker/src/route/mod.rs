@@ -14,6 +14,7 @@
 //! work stays outside the lock the async layer keeps around the router.
 
 pub mod admission;
+pub mod paths;
 mod pending;
 mod registry;
 
@@ -28,10 +29,10 @@ use fem_proto::{
 use tracing::debug;
 
 use self::admission::Refusal;
+use self::paths::{Advert, Change, RemoteRoute, RouteTable};
 use self::pending::{CallTarget, Pending, PendingTable};
 use self::registry::Registry;
 pub use self::registry::{LocalAgent, Profile};
-use crate::federation::routes::{Advert, Change, RemoteRoute, RouteTable};
 use crate::metrics::Metrics;
 
 /// Time in microseconds since the Unix epoch (virtual in the simulation).

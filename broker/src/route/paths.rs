@@ -1,6 +1,8 @@
-//! Path-vector route computation as pure functions over a table: no I/O, no
-//! clock, no knowledge of sessions. The routing core feeds it what links
-//! carry and sends what it returns.
+//! Path-vector route computation between brokers, as pure functions over a
+//! table: no I/O, no clock, no knowledge of sessions. The routing core feeds
+//! it what federation links carry and sends what it returns. (It lives with
+//! the core rather than in `federation/`, which drives links, so that no
+//! two broker modules import each other.)
 //!
 //! Each broker advertises, per origin broker, the full set of agents it can
 //! reach with the path of broker ids the advertisement took. A broker drops
