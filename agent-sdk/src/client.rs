@@ -1058,7 +1058,10 @@ fn handle_inbound(
             warn!(%code, %reason, "broker denied the session");
             false
         }
-        Frame::Envelope(_) | Frame::Subscribe { .. } | Frame::Unsubscribe { .. } => {
+        Frame::Envelope(_)
+        | Frame::Subscribe { .. }
+        | Frame::Unsubscribe { .. }
+        | Frame::Grant(_) => {
             debug!("ignoring a client-only frame from the broker");
             true
         }

@@ -49,6 +49,9 @@ pub struct BrokerConfig {
     pub federation: FederationConfig,
     /// Grace period for in-flight calls at shutdown.
     pub shutdown_grace: Duration,
+    /// Operator keys whose grants admit agents and callers; empty is
+    /// development trust (ids bound to their first key, with a warning).
+    pub trust_anchors: Vec<PublicKey>,
 }
 
 impl Default for BrokerConfig {
@@ -72,6 +75,7 @@ impl Default for BrokerConfig {
             admin_token: None,
             federation: FederationConfig::default(),
             shutdown_grace: Duration::from_secs(10),
+            trust_anchors: Vec::new(),
         }
     }
 }

@@ -22,6 +22,7 @@ mod metrics;
 pub mod route;
 mod state;
 pub mod tls;
+mod trust;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -70,6 +70,11 @@ struct Args {
     /// /v1/routes); the FEM_ADMIN_TOKEN variable may give the token itself [default: views disabled].
     #[arg(long, env = "FEM_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
+    /// Operator public key whose grants admit agents and callers (repeatable, for
+    /// rotation). Without one the broker runs in development trust: any key may
+    /// register, and an id is bound to the first key that used it [default: none].
+    #[arg(long = "trust-anchor", env = "FEM_TRUST_ANCHOR", value_delimiter = ',')]
+    trust_anchor: Option<Vec<PathBuf>>,
     /// Federation mode: hub, spoke or mesh [default: none].
     #[arg(long, env = "FEM_FEDERATION_MODE", value_enum)]
     federation_mode: Option<ModeArg>,
@@ -184,6 +189,8 @@ struct FileConfig {
     admin_token_file: Option<PathBuf>,
     log_level: Option<String>,
     log_format: Option<fem_agent_sdk::cli::LogFormat>,
+    #[serde(default)]
+    trust_anchor: Option<OneOrMany>,
     #[serde(default)]
     federation: FileFederation,
 }
@@ -300,6 +307,16 @@ fn config(args: &mut Args) -> anyhow::Result<BrokerConfig> {
     }
     .filter(|t| !t.is_empty());
     let federation = federation(args, file.federation)?;
+    let anchor_files: Vec<PathBuf> = match (args.trust_anchor.clone(), file.trust_anchor) {
+        (Some(a), _) => a,
+        (None, Some(OneOrMany::One(a))) => vec![a.into()],
+        (None, Some(OneOrMany::Many(a))) => a.into_iter().map(PathBuf::from).collect(),
+        (None, None) => Vec::new(),
+    };
+    let mut trust_anchors = Vec::new();
+    for f in &anchor_files {
+        trust_anchors.extend(read_keys("--trust-anchor", f)?);
+    }
     Ok(BrokerConfig {
         listen: parse_addr("--listen", &listen)?,
         data_dir: args
@@ -333,8 +350,27 @@ fn config(args: &mut Args) -> anyhow::Result<BrokerConfig> {
         metrics_listen,
         admin_token,
         federation,
+        trust_anchors,
         ..d
     })
+}
+
+/// Public keys from a file: one per line in hex, `#` comments allowed.
+fn read_keys(flag: &str, p: &Path) -> anyhow::Result<Vec<fem_proto::PublicKey>> {
+    let text = std::fs::read_to_string(p).with_context(|| format!("{flag} {}", p.display()))?;
+    let keys = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            l.parse::<fem_proto::PublicKey>()
+                .with_context(|| format!("{flag} {}: {l:?}", p.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if keys.is_empty() {
+        anyhow::bail!("{flag} {}: no public key in the file", p.display());
+    }
+    Ok(keys)
 }
 
 fn federation(args: &Args, file: FileFederation) -> anyhow::Result<FederationConfig> {
@@ -411,20 +447,7 @@ fn federation(args: &Args, file: FileFederation) -> anyhow::Result<FederationCon
         args.insecure || file.insecure.unwrap_or(false),
     )?;
     let peer_keys = match args.peer_keys.clone().or(file.peer_keys) {
-        Some(p) => {
-            let text = std::fs::read_to_string(&p)
-                .with_context(|| format!("--peer-keys {}", p.display()))?;
-            let keys = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(|l| {
-                    l.parse::<fem_proto::PublicKey>()
-                        .with_context(|| format!("--peer-keys {}: {l:?}", p.display()))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            Some(keys)
-        }
+        Some(p) => Some(read_keys("--peer-keys", &p)?),
         None => None,
     };
     let d = FederationConfig::default();

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub routes: IntGauge,
     /// Failed DNS SRV resolutions, by kind.
     pub discovery_errors: IntCounterVec,
+    /// 1 while the broker runs in development trust (no trust anchor).
+    pub development_trust: IntGauge,
 }
 
 impl Metrics {
@@ -161,6 +163,11 @@ impl Metrics {
             &["kind"],
         )?;
         registry.register(Box::new(discovery_errors.clone()))?;
+        let development_trust = IntGauge::new(
+            "fem_broker_development_trust",
+            "1 when no trust anchor is configured: any key may register (ids bound on first use)",
+        )?;
+        registry.register(Box::new(development_trust.clone()))?;
         registry.register(Box::new(federation_peers.clone()))?;
         registry.register(Box::new(routes.clone()))?;
         registry.register(Box::new(bytes_received.clone()))?;
@@ -198,6 +205,7 @@ impl Metrics {
             federation_peers,
             routes,
             discovery_errors,
+            development_trust,
         })
     }
 

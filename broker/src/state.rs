@@ -81,6 +81,8 @@ pub(crate) struct Shared {
     pub(crate) broker_key: PublicKey,
     pub(crate) metrics: Metrics,
     pub(crate) replay: ReplayGuard,
+    /// Trust anchors and verified grants, or development bindings.
+    pub(crate) trust: crate::trust::Trust,
     pub(crate) conn_limit: Arc<Semaphore>,
     pub(crate) ready: AtomicBool,
     /// Set at shutdown: new native sessions are refused.
@@ -112,10 +114,23 @@ impl Shared {
             metrics.clone(),
             now_micros(),
         );
+        if config.trust_anchors.is_empty() {
+            metrics.development_trust.set(1);
+            tracing::warn!(
+                data_dir = %config.data_dir.display(),
+                "development trust: no --trust-anchor, so any key may register and call; ids are bound to the first key that used them"
+            );
+        } else {
+            tracing::info!(
+                anchors = config.trust_anchors.len(),
+                "trust anchors configured: grants required"
+            );
+        }
         let shared = Arc::new(Self {
             broker_key: identity.public_key(),
             identity,
             replay: ReplayGuard::new(config.replay_window_ms),
+            trust: crate::trust::Trust::new(config.trust_anchors.clone(), &config.data_dir),
             conn_limit: Arc::new(Semaphore::new(config.max_connections)),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),

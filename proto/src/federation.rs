@@ -111,6 +111,9 @@ pub enum FedFrame {
         signer: PublicKey,
         /// The caller's envelope, bytes untouched.
         envelope: SignedEnvelope,
+        /// The caller's grant, when the federation has a trust anchor (the
+        /// agent's broker and the agent check the call against it).
+        grant: Option<crate::grant::SignedGrant>,
     },
     /// The agent's result for the relayed call `id`.
     RelayResult {

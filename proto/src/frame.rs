@@ -112,6 +112,11 @@ pub enum Frame {
         /// Detail.
         message: String,
     },
+    /// A grant (section "Trust" of proto/README.md). Client to broker: the
+    /// client's own grant, sent before its registerAgent. Broker to agent:
+    /// the grant of a caller, sent before that caller's first call reaches
+    /// the session, so the agent can check the call end to end.
+    Grant(crate::grant::SignedGrant),
 }
 
 /// Appends the length-prefixed encoding of `frame` to `out`.

@@ -852,6 +852,7 @@ impl Sim {
                         hops_left,
                         signer,
                         envelope,
+                        ..
                     } => {
                         let Ok(Envelope {
                             header,
@@ -871,6 +872,7 @@ impl Sim {
                                     envelope,
                                     hops_left,
                                     pinned: Some(&agent),
+                                    credential: None,
                                 },
                             );
                         });
@@ -992,6 +994,7 @@ impl Sim {
                             envelope: env,
                             hops_left: fem_proto::DEFAULT_MAX_HOPS,
                             pinned: None,
+                            credential: None,
                         },
                     );
                 });

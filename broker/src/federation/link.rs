@@ -263,7 +263,20 @@ fn handle_frame(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>,
             hops_left,
             signer,
             envelope,
-        } => relay_in(shared, link, tx, id, &agent, hops_left, signer, envelope),
+            grant,
+        } => relay_in(
+            shared,
+            link,
+            tx,
+            Relayed {
+                id,
+                agent,
+                hops_left,
+                signer,
+                envelope,
+                grant,
+            },
+        ),
         FedFrame::RelayResult {
             id,
             signer,
@@ -283,20 +296,29 @@ fn handle_frame(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>,
     }
 }
 
-/// A call relayed to us for `agent`: the caller's signature is checked on
-/// entry, then the core runs it on that agent; the answer goes back over
-/// the link under the peer's `id`.
-#[allow(clippy::too_many_arguments)]
-fn relay_in(
-    shared: &Arc<Shared>,
-    link: LinkId,
-    tx: &mpsc::Sender<FedFrame>,
+/// A `relayCall` as it arrived.
+struct Relayed {
     id: u64,
-    agent: &AgentId,
+    agent: AgentId,
     hops_left: u8,
     signer: PublicKey,
     envelope: SignedEnvelope,
-) {
+    grant: Option<fem_proto::SignedGrant>,
+}
+
+/// A call relayed to us for `agent`: the caller's signature is checked on
+/// entry and, with a trust anchor, its grant (never the peer's word alone);
+/// then the core runs it on that agent; the answer goes back over the link
+/// under the peer's `id`.
+fn relay_in(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>, relayed: Relayed) {
+    let Relayed {
+        id,
+        agent,
+        hops_left,
+        signer,
+        envelope,
+        grant,
+    } = relayed;
     let admitted = match admission::admit(
         &envelope,
         Signer::Key(&signer),
@@ -318,6 +340,35 @@ fn relay_in(
         return;
     };
     let caller = admitted.env.header.sender;
+    let credential = if shared.trust.enforced() {
+        let checked = grant
+            .ok_or_else(|| {
+                (
+                    ErrorCode::PermissionDenied,
+                    "a relayed call needs the caller's grant".to_owned(),
+                )
+            })
+            .and_then(|g| shared.trust.verify(&g))
+            .and_then(|c| {
+                if c.grant.subject == signer && c.grant.may_register(&caller) {
+                    Ok(c)
+                } else {
+                    Err((
+                        ErrorCode::PermissionDenied,
+                        format!("the grant does not bind caller {caller} to its key"),
+                    ))
+                }
+            });
+        match checked {
+            Ok(c) => Some(c),
+            Err((code, message)) => {
+                let _ = tx.try_send(FedFrame::RelayFailed { id, code, message });
+                return;
+            }
+        }
+    } else {
+        None
+    };
     shared.route(|r, now| {
         r.call(
             now,
@@ -328,7 +379,8 @@ fn relay_in(
                 call: &call,
                 envelope,
                 hops_left,
-                pinned: Some(agent),
+                pinned: Some(&agent),
+                credential,
             },
         );
     });

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::route::admission::{self, Entry, Refused, Signer};
+use crate::route::admission::{self, Credential, Entry, Refused, Signer};
 use crate::route::{Incoming, ReplyTo};
 use crate::state::Shared;
 
@@ -29,6 +29,38 @@ use crate::state::Shared;
 struct GatewayRequest {
     public_key: PublicKey,
     envelope: SignedEnvelope,
+    /// The caller's grant in its file form (required with a trust anchor).
+    #[serde(default)]
+    grant: Option<String>,
+}
+
+/// The caller's verified grant with a trust anchor (its id must be within
+/// it); without one, the id is bound to the first key that used it.
+fn caller_credential(
+    s: &Shared,
+    sender: &fem_proto::AgentId,
+    req: &GatewayRequest,
+) -> Result<Option<Arc<Credential>>, admission::Refusal> {
+    if !s.trust.enforced() {
+        s.trust.bind(sender, &req.public_key)?;
+        return Ok(None);
+    }
+    let text = req.grant.as_deref().ok_or_else(|| {
+        (
+            ErrorCode::PermissionDenied,
+            "this broker has a trust anchor: the request needs a \"grant\"".to_owned(),
+        )
+    })?;
+    let signed = fem_proto::SignedGrant::from_text(text)
+        .map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
+    let c = s.trust.verify(&signed)?;
+    if c.grant.subject != req.public_key || !c.grant.may_register(sender) {
+        return Err((
+            ErrorCode::PermissionDenied,
+            format!("the grant does not bind id {sender} to this key"),
+        ));
+    }
+    Ok(Some(c))
 }
 
 fn status_of(code: ErrorCode) -> StatusCode {
@@ -102,18 +134,14 @@ async fn serve(s: Arc<Shared>, body: Bytes, want: EnvelopeType, endpoint: &str) 
         }
     };
     let sender = admitted.env.header.sender.clone();
-    if s.view(|r| r.agent(&sender).is_some_and(|a| a.key != req.public_key)) {
-        s.metrics
-            .refusals
-            .with_label_values(&[ErrorCode::IdConflict.as_str()])
-            .inc();
-        return error(
-            &s,
-            endpoint,
-            ErrorCode::IdConflict,
-            format!("id {sender} is registered with another public key"),
-        );
-    }
+    let credential = match caller_credential(&s, &sender, &req) {
+        Ok(c) => c,
+        Err((code, message)) => {
+            s.metrics.refusals.with_label_values(&[code.as_str()]).inc();
+            return error(&s, endpoint, code, message);
+        }
+    };
+    let grant = credential.as_deref().map(|c| &c.grant);
     // A one-answer client: the broker answers it like any other caller.
     let (tx, mut rx) = mpsc::channel(4);
     let (client, _handle) = s.add_client(tx);
@@ -132,13 +160,14 @@ async fn serve(s: Arc<Shared>, body: Bytes, want: EnvelopeType, endpoint: &str) 
                         envelope: req.envelope,
                         hops_left: fem_proto::DEFAULT_MAX_HOPS,
                         pinned: None,
+                        credential: credential.clone(),
                     },
                 );
             });
             wait
         }
         Body::DiscoverTools(q) => {
-            s.route(|r, _| r.discover(client, &q));
+            s.route(|r, _| r.discover(client, &q, grant));
             Duration::from_secs(5)
         }
         _ => {

@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use crate::route::admission::{self, Entry, Refusal, Refused, Signer};
+use crate::route::admission::{self, Credential, Entry, Refusal, Refused, Signer};
 use crate::route::{ClientId, Incoming, Profile, Registration, ReplyTo};
 use crate::state::{ClientHandle, Shared};
 
@@ -24,6 +24,8 @@ struct Identity {
     handle: Arc<ClientHandle>,
     id: AgentId,
     key: PublicKey,
+    /// Its verified grant (with a trust anchor).
+    credential: Option<Arc<Credential>>,
 }
 
 /// Serves one connection until it closes, is evicted or the broker stops.
@@ -100,26 +102,36 @@ async fn register<R: AsyncRead + Unpin>(
             .inc();
         r
     };
-    let first = tokio::time::timeout(shared.config.registration_timeout, reader.next())
-        .await
-        .map_err(|_| {
-            refused((
-                ErrorCode::NotRegistered,
-                "no registerAgent within the registration timeout".to_owned(),
-            ))
-        })?
-        .map_err(|e| refused(read_refusal(&e)))?
-        .ok_or_else(|| {
-            refused((
-                ErrorCode::NotRegistered,
-                "connection closed before registering".to_owned(),
-            ))
-        })?;
-    let Frame::Envelope(signed) = first else {
-        return Err(refused((
-            ErrorCode::NotRegistered,
-            "the first frame must be a signed registerAgent".to_owned(),
-        )));
+    let deadline = tokio::time::Instant::now() + shared.config.registration_timeout;
+    let mut presented = None;
+    let signed = loop {
+        let frame = tokio::time::timeout_at(deadline, reader.next())
+            .await
+            .map_err(|_| {
+                refused((
+                    ErrorCode::NotRegistered,
+                    "no registerAgent within the registration timeout".to_owned(),
+                ))
+            })?
+            .map_err(|e| refused(read_refusal(&e)))?
+            .ok_or_else(|| {
+                refused((
+                    ErrorCode::NotRegistered,
+                    "connection closed before registering".to_owned(),
+                ))
+            })?;
+        match frame {
+            // A grant may precede the registration, once.
+            Frame::Grant(g) if presented.is_none() => presented = Some(g),
+            Frame::Envelope(signed) => break signed,
+            _ => {
+                return Err(refused((
+                    ErrorCode::NotRegistered,
+                    "the first frame must be a signed registerAgent (after an optional grant)"
+                        .to_owned(),
+                )));
+            }
+        }
     };
     let admitted = admission::admit(
         &signed,
@@ -141,6 +153,28 @@ async fn register<R: AsyncRead + Unpin>(
         )));
     };
     admission::validate_tools(&reg.tools).map_err(refused)?;
+    let credential = if shared.trust.enforced() {
+        let Some(g) = presented else {
+            return Err(refused((
+                ErrorCode::PermissionDenied,
+                "this broker has a trust anchor: present a grant (--grant) before registerAgent"
+                    .to_owned(),
+            )));
+        };
+        let c = shared.trust.verify(&g).map_err(refused)?;
+        admission::check_registration(
+            &c.grant,
+            &id,
+            &reg.public_key,
+            &reg.capabilities,
+            &reg.tools,
+        )
+        .map_err(refused)?;
+        Some(c)
+    } else {
+        shared.trust.bind(&id, &reg.public_key).map_err(refused)?;
+        None
+    };
     let RegisterAgent {
         public_key,
         capabilities,
@@ -183,7 +217,19 @@ async fn register<R: AsyncRead + Unpin>(
         handle: Arc::clone(handle),
         id,
         key: public_key,
+        credential,
     })
+}
+
+impl Identity {
+    fn grant(&self) -> Option<&fem_proto::Grant> {
+        self.credential.as_deref().map(|c| &c.grant)
+    }
+}
+
+/// The pseudo-tool a call rule names to allow renderInstructions to agents.
+fn render_tool() -> fem_proto::Capability {
+    fem_proto::Capability::new("render").unwrap_or_else(|_| unreachable!())
 }
 
 fn millis(d: Duration) -> u64 {
@@ -263,6 +309,15 @@ async fn serve<R: AsyncRead + Unpin>(
                 }
             }
             Frame::Subscribe { nonce, topic } => {
+                // Reading a topic is calling it: a call rule must cover it.
+                if me.grant().is_some_and(|g| !g.may_call_somewhere(&topic)) {
+                    let _ = tx.try_send(Frame::Nack {
+                        nonce,
+                        code: ErrorCode::PermissionDenied,
+                        message: format!("your grant does not allow subscribing to {topic}"),
+                    });
+                    continue;
+                }
                 shared.route(|r, _| r.subscribe(me.client, &me.id, topic));
                 let _ = tx.try_send(Frame::Ack { nonce });
             }
@@ -301,6 +356,7 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Subscribe { .. } => "subscribe",
         Frame::Unsubscribe { .. } => "unsubscribe",
         Frame::Error { .. } => "error",
+        Frame::Grant(_) => "grant",
     }
 }
 
@@ -392,6 +448,7 @@ fn handle_envelope(
                         envelope: signed,
                         hops_left: fem_proto::DEFAULT_MAX_HOPS,
                         pinned: None,
+                        credential: me.credential.clone(),
                     },
                 );
             });
@@ -399,12 +456,30 @@ fn handle_envelope(
         Body::ToolResult(result) => {
             shared.route(|r, now| r.result(now, me.client, &result, signed, me.key));
         }
-        Body::DiscoverTools(q) => shared.route(|r, _| r.discover(me.client, &q)),
+        Body::DiscoverTools(q) => shared.route(|r, _| r.discover(me.client, &q, me.grant())),
         Body::EmitEvent(ev) => {
+            // Publishing on a topic is offering it.
+            if me.grant().is_some_and(|g| !g.may_offer(&ev.topic)) {
+                ack(Err((
+                    ErrorCode::PermissionDenied,
+                    format!("your grant does not allow publishing on {}", ev.topic),
+                )));
+                return true;
+            }
             shared.route(|r, _| r.emit(&me.id, &ev.topic, &signed, me.key));
             ack(Ok(()));
         }
         Body::RenderInstruction(ri) => {
+            if me
+                .grant()
+                .is_some_and(|g| !g.may_call(&render_tool(), &ri.target))
+            {
+                ack(Err((
+                    ErrorCode::PermissionDenied,
+                    format!("your grant does not allow render on {}", ri.target),
+                )));
+                return true;
+            }
             ack(shared.route(|r, _| r.render(&ri.target, signed, me.key)));
         }
         Body::Revoke(r) => {
@@ -419,7 +494,16 @@ fn handle_envelope(
             )));
         }
         Body::EmbodimentUpdate(u) => {
-            let r = admission::validate_tools(&u.tools)
+            let granted = match me.grant() {
+                Some(g) => admission::check_offer(
+                    g,
+                    u.capabilities.as_deref().unwrap_or_default(),
+                    &u.tools,
+                ),
+                None => Ok(()),
+            };
+            let r = granted
+                .and_then(|()| admission::validate_tools(&u.tools))
                 .and_then(|()| shared.route(|r, now| r.update_profile(now, me.client, u)));
             if r.is_ok() {
                 info!(agent = %me.id, "embodiment updated");

@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use dashmap::DashMap;
 use fem_proto::{
-    AgentId, Body, Envelope, EnvelopeType, ErrorCode, Header, NonceCache, ProtoError, PublicKey,
-    SignedEnvelope, ToolSpec,
+    AgentId, Body, Capability, Envelope, EnvelopeType, ErrorCode, Grant, Header, NonceCache,
+    ProtoError, PublicKey, Role, SignedEnvelope, SignedGrant, ToolSpec,
 };
 
 use crate::metrics::Metrics;
@@ -262,6 +262,65 @@ pub fn validate_tools(tools: &[ToolSpec]) -> Result<(), Refusal> {
                 format!("tool {}: invalid JSON Schema: {e}", t.name),
             )
         })?;
+    }
+    Ok(())
+}
+
+/// A verified grant and its signed form (passed on to peers and agents).
+#[derive(Debug)]
+pub struct Credential {
+    /// The grant, verified against the broker's trust anchors.
+    pub grant: Grant,
+    /// Ids of the grant and its ancestors (revocations may name any).
+    pub chain: Vec<[u8; 16]>,
+    /// As the client presented it.
+    pub signed: SignedGrant,
+}
+
+/// Checks that `grant` lets `key` register `id` offering `capabilities` and `tools`.
+///
+/// # Errors
+/// `PERMISSION_DENIED` naming what the grant does not cover.
+pub fn check_registration(
+    grant: &Grant,
+    id: &AgentId,
+    key: &PublicKey,
+    capabilities: &[Capability],
+    tools: &[ToolSpec],
+) -> Result<(), Refusal> {
+    let deny = |m: String| Err((ErrorCode::PermissionDenied, m));
+    if grant.subject != *key {
+        return deny(format!(
+            "the grant is bound to key {}, not to the registering key {}",
+            grant.subject.fingerprint(),
+            key.fingerprint()
+        ));
+    }
+    if grant.role != Role::Agent {
+        return deny(format!("a {:?} grant cannot register an agent", grant.role));
+    }
+    if !grant.may_register(id) {
+        return deny(format!("the grant does not cover agent id {id}"));
+    }
+    check_offer(grant, capabilities, tools)
+}
+
+/// Checks that every capability and tool is within the grant's offers.
+///
+/// # Errors
+/// `PERMISSION_DENIED` naming the first one outside.
+pub fn check_offer(
+    grant: &Grant,
+    capabilities: &[Capability],
+    tools: &[ToolSpec],
+) -> Result<(), Refusal> {
+    for c in capabilities.iter().chain(tools.iter().map(|t| &t.name)) {
+        if !grant.may_offer(c) {
+            return Err((
+                ErrorCode::PermissionDenied,
+                format!("the grant does not let this key offer {c}"),
+            ));
+        }
     }
     Ok(())
 }

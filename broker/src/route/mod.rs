@@ -18,7 +18,8 @@ pub mod paths;
 mod pending;
 mod registry;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fem_proto::{
@@ -28,7 +29,7 @@ use fem_proto::{
 };
 use tracing::debug;
 
-use self::admission::Refusal;
+use self::admission::{Credential, Refusal};
 use self::paths::{Advert, Change, RemoteRoute, RouteTable};
 use self::pending::{CallTarget, Pending, PendingTable};
 use self::registry::Registry;
@@ -150,6 +151,8 @@ pub struct Incoming<'a> {
     pub hops_left: u8,
     /// The agent a peer broker chose, for a relayed call.
     pub pinned: Option<&'a AgentId>,
+    /// The caller's verified grant, when the broker has a trust anchor.
+    pub credential: Option<Arc<Credential>>,
 }
 
 /// Whether a new link is kept.
@@ -322,6 +325,7 @@ impl Router {
             in_flight: 0,
             queue: VecDeque::new(),
             profile: reg.profile,
+            grants_sent: HashSet::new(),
         });
         match old {
             Some(old) => {
@@ -405,7 +409,9 @@ impl Router {
             envelope,
             hops_left,
             pinned,
+            credential,
         } = incoming;
+        let grant = credential.as_deref().map(|c| &c.grant);
         let deadline_at = call.deadline_ms.saturating_mul(1000);
         if deadline_at <= now {
             return self.refuse_call(
@@ -417,11 +423,19 @@ impl Router {
         }
         let max = u64::try_from(self.cfg.max_call_timeout.as_micros()).unwrap_or(u64::MAX);
         let deadline = now + (deadline_at - now).min(max);
+        if grant.is_some_and(|g| !g.may_call_somewhere(&call.tool)) {
+            return self.refuse_call(
+                reply,
+                call.request_id,
+                ErrorCode::PermissionDenied,
+                format!("your grant does not allow calling {}", call.tool),
+            );
+        }
         let choice = match pinned {
-            Some(agent) => self.select_pinned(&call.target, agent, &call.tool, hops_left),
-            None => match self.select_local(&call.target, &call.tool) {
+            Some(agent) => self.select_pinned(&call.target, agent, &call.tool, hops_left, grant),
+            None => match self.select_local(&call.target, &call.tool, grant) {
                 Ok(c) => Ok(c),
-                Err(e) => match self.select_remote(&call.target, &call.tool) {
+                Err(e) => match self.select_remote(&call.target, &call.tool, grant) {
                     Some(_) if hops_left == 0 => Err((
                         ErrorCode::NoRoute,
                         "the call reached its broker hop limit".into(),
@@ -493,6 +507,16 @@ impl Router {
                     envelope,
                     signer: caller_key,
                 };
+                // The agent checks the call against the caller's grant: it
+                // gets the grant once per session, before the first call.
+                if let (Some(c), Some(a)) = (&credential, self.registry.get_mut(&agent)) {
+                    if a.grants_sent.insert(caller_key) {
+                        self.out.push_back(Output::Send {
+                            to: session,
+                            frame: Frame::Grant(c.signed.clone()),
+                        });
+                    }
+                }
                 if slot {
                     debug!(request = %call.request_id, tool = %call.tool, %agent, "routing call");
                     if let Some(a) = self.registry.get_mut(&agent) {
@@ -527,6 +551,7 @@ impl Router {
                         hops_left: hops_left.saturating_sub(1),
                         signer: caller_key,
                         envelope,
+                        grant: credential.map(|c| c.signed.clone()),
                     },
                 });
             }
@@ -618,7 +643,12 @@ impl Router {
             .inc();
     }
 
-    fn select_local(&mut self, target: &Target, tool: &Capability) -> Result<Choice, Refusal> {
+    fn select_local(
+        &mut self,
+        target: &Target,
+        tool: &Capability,
+        grant: Option<&fem_proto::Grant>,
+    ) -> Result<Choice, Refusal> {
         let mut candidates: Vec<AgentId> = match target {
             Target::Agent(id) => {
                 let a = self
@@ -658,6 +688,18 @@ impl Router {
                 with_tool
             }
         };
+        if let Some(g) = grant {
+            candidates.retain(|id| g.may_call(tool, id));
+            if candidates.is_empty() {
+                return Err((
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "your grant does not allow calling {tool} on {}",
+                        describe(target)
+                    ),
+                ));
+            }
+        }
         let reg = &self.registry;
         let agent = |id: &AgentId| reg.get(id);
         candidates.retain(|id| agent(id).is_some_and(|a| a.max_concurrent > 0));
@@ -697,12 +739,19 @@ impl Router {
     }
 
     /// Fewest hops, then fewest calls in flight; round robin among ties.
-    fn select_remote(&mut self, target: &Target, tool: &Capability) -> Option<AgentId> {
+    fn select_remote(
+        &mut self,
+        target: &Target,
+        tool: &Capability,
+        grant: Option<&fem_proto::Grant>,
+    ) -> Option<AgentId> {
+        let allowed = |id: &AgentId| grant.is_none_or(|g| g.may_call(tool, id));
         match target {
             Target::Agent(id) => self
                 .remote
                 .get(id)
                 .filter(|r| r.route.agent.tools.iter().any(|t| &t.name == tool))
+                .filter(|_| allowed(id))
                 .map(|_| id.clone()),
             Target::Capability(p) => {
                 let candidates: Vec<AgentId> = self
@@ -713,6 +762,7 @@ impl Router {
                         a.tools.iter().any(|t| &t.name == tool)
                             && a.capabilities.iter().any(|c| p.matches(c))
                     })
+                    .filter(|(id, _)| allowed(id))
                     .map(|(id, _)| id.clone())
                     .collect();
                 self.rr = self.rr.wrapping_add(1);
@@ -734,6 +784,7 @@ impl Router {
         agent: &AgentId,
         tool: &Capability,
         hops_left: u8,
+        grant: Option<&fem_proto::Grant>,
     ) -> Result<Choice, Refusal> {
         let matches_target = match target {
             Target::Agent(id) => id == agent,
@@ -749,10 +800,16 @@ impl Router {
                 format!("relayed to agent {agent}, which the call's target does not name"),
             ));
         }
-        if self.registry.get(agent).is_some() {
-            return self.select_local(&Target::Agent(agent.clone()), tool);
+        if grant.is_some_and(|g| !g.may_call(tool, agent)) {
+            return Err((
+                ErrorCode::PermissionDenied,
+                format!("the caller's grant does not allow calling {tool} on {agent}"),
+            ));
         }
-        match self.select_remote(&Target::Agent(agent.clone()), tool) {
+        if self.registry.get(agent).is_some() {
+            return self.select_local(&Target::Agent(agent.clone()), tool, grant);
+        }
+        match self.select_remote(&Target::Agent(agent.clone()), tool, grant) {
             Some(_) if hops_left == 0 => Err((
                 ErrorCode::NoRoute,
                 "the call reached its broker hop limit".into(),
@@ -918,8 +975,14 @@ impl Router {
 
     // ----- discovery, events, instructions -----
 
-    /// Answers discoverTools: local agents first, then agents behind peers.
-    pub fn discover(&mut self, client: ClientId, q: &DiscoverTools) {
+    /// Answers discoverTools: local agents first, then agents behind peers;
+    /// with a grant, only the tools it may call.
+    pub fn discover(
+        &mut self,
+        client: ClientId,
+        q: &DiscoverTools,
+        grant: Option<&fem_proto::Grant>,
+    ) {
         let limit = match q.limit {
             0 => MAX_DISCOVERY,
             n => (n as usize).min(MAX_DISCOVERY),
@@ -952,6 +1015,9 @@ impl Router {
                 named
             };
             for t in listed {
+                if grant.is_some_and(|g| !g.may_call(&t.name, &a.id)) {
+                    continue;
+                }
                 if tools.len() >= limit {
                     break 'outer;
                 }
@@ -973,6 +1039,9 @@ impl Router {
                     continue;
                 }
                 for t in &a.tools {
+                    if grant.is_some_and(|g| !g.may_call(&t.name, id)) {
+                        continue;
+                    }
                     if tools.len() >= limit {
                         break 'remote;
                     }
@@ -1284,6 +1353,13 @@ impl Router {
     /// Calls awaiting an answer.
     pub fn pending_len(&self) -> usize {
         self.pending.len()
+    }
+}
+
+fn describe(target: &Target) -> String {
+    match target {
+        Target::Agent(id) => format!("agent {id}"),
+        Target::Capability(p) => format!("agents with a capability matching {p}"),
     }
 }
 

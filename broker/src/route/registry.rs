@@ -1,7 +1,7 @@
 //! Local agents: sessions, profiles, the capability index, concurrency slots
 //! and the calls waiting for one.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use fem_proto::{AgentId, Capability, CapabilityPattern, PublicKey, ToolSpec};
 
@@ -51,6 +51,8 @@ pub struct LocalAgent {
     pub queue: VecDeque<CallId>,
     /// What it offers.
     pub profile: Profile,
+    /// Callers whose grant this session already received.
+    pub grants_sent: HashSet<PublicKey>,
 }
 
 /// The registry: agent id -> agent, session -> id, capability -> ids.

@@ -102,6 +102,7 @@ fn incoming<'a>(
         envelope,
         hops_left: 8,
         pinned: None,
+        credential: None,
     }
 }
 

@@ -1,0 +1,122 @@
+//! The broker's trust: its anchors and a cache of verified grants, or,
+//! without an anchor, development trust that binds each id to the first key
+//! that registered it (trust on first use), persisted in the data directory.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+use fem_proto::{AgentId, ErrorCode, PublicKey, SignedGrant};
+use sha2::Digest as _;
+
+use crate::route::admission::{Credential, Refusal};
+
+/// Verified grants kept at most (the cache is dropped whole when full).
+const CACHE_MAX: usize = 10_000;
+
+/// Anchors and verified grants, or development bindings.
+#[derive(Debug)]
+pub(crate) struct Trust {
+    anchors: Vec<PublicKey>,
+    cache: DashMap<[u8; 32], Arc<Credential>>,
+    bindings: Mutex<HashMap<AgentId, PublicKey>>,
+    bindings_file: PathBuf,
+}
+
+impl Trust {
+    /// Trust with `anchors` (none: development trust, bindings in `data_dir`).
+    pub(crate) fn new(anchors: Vec<PublicKey>, data_dir: &Path) -> Self {
+        let bindings_file = data_dir.join("id-bindings");
+        let mut bindings = HashMap::new();
+        if anchors.is_empty() {
+            if let Ok(text) = std::fs::read_to_string(&bindings_file) {
+                for line in text.lines() {
+                    let mut it = line.split_whitespace();
+                    if let (Some(id), Some(key)) = (it.next(), it.next()) {
+                        if let (Ok(id), Ok(key)) = (AgentId::new(id), key.parse::<PublicKey>()) {
+                            bindings.insert(id, key);
+                        }
+                    }
+                }
+            }
+        }
+        Self {
+            anchors,
+            cache: DashMap::new(),
+            bindings: Mutex::new(bindings),
+            bindings_file,
+        }
+    }
+
+    /// True when a trust anchor is configured.
+    pub(crate) fn enforced(&self) -> bool {
+        !self.anchors.is_empty()
+    }
+
+    /// Verifies a grant (once per distinct grant; then from the cache).
+    ///
+    /// # Errors
+    /// `PERMISSION_DENIED` with the reason.
+    pub(crate) fn verify(&self, signed: &SignedGrant) -> Result<Arc<Credential>, Refusal> {
+        let bytes = postcard::to_allocvec(signed)
+            .map_err(|e| (ErrorCode::BadRequest, format!("grant: {e}")))?;
+        let digest: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+        let now = fem_proto::now_ms();
+        if let Some(c) = self.cache.get(&digest) {
+            if now < c.grant.expires_ms {
+                return Ok(Arc::clone(&c));
+            }
+        }
+        let v = signed
+            .verify(&self.anchors, now)
+            .map_err(|e| (ErrorCode::PermissionDenied, format!("grant refused: {e}")))?;
+        let c = Arc::new(Credential {
+            grant: v.grant,
+            chain: v.chain,
+            signed: signed.clone(),
+        });
+        if self.cache.len() >= CACHE_MAX {
+            self.cache.clear();
+        }
+        self.cache.insert(digest, Arc::clone(&c));
+        Ok(c)
+    }
+
+    /// Development trust: binds `id` to `key` on first use and refuses any
+    /// other key for it afterwards, connected or not.
+    ///
+    /// # Errors
+    /// `ID_CONFLICT` when the id belongs to another key.
+    pub(crate) fn bind(&self, id: &AgentId, key: &PublicKey) -> Result<(), Refusal> {
+        let mut b = self
+            .bindings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match b.get(id) {
+            Some(k) if k == key => Ok(()),
+            Some(k) => Err((
+                ErrorCode::IdConflict,
+                format!(
+                    "agent id {id} belongs to key {} (development trust binds an id to the first key that used it; remove it from {} to reassign)",
+                    k.fingerprint(),
+                    self.bindings_file.display()
+                ),
+            )),
+            None => {
+                b.insert(id.clone(), *key);
+                let line = format!("{id} {key}\n");
+                let written = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.bindings_file)
+                    .and_then(|mut f| f.write_all(line.as_bytes()));
+                if let Err(e) = written {
+                    tracing::warn!(error = %e, file = %self.bindings_file.display(), "id binding not persisted");
+                }
+                Ok(())
+            }
+        }
+    }
+}
