@@ -50,6 +50,9 @@ pub struct ConnectArgs {
     /// Heartbeat interval.
     #[arg(long, env = "FEM_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub heartbeat: Duration,
+    /// Grant file (from `fem trust grant`), presented to brokers with a trust anchor.
+    #[arg(long, env = "FEM_GRANT")]
+    pub grant: Option<PathBuf>,
 }
 
 impl ConnectArgs {
@@ -69,6 +72,13 @@ impl ConnectArgs {
             .heartbeat(self.heartbeat);
         if let Some(t) = transport {
             o = o.transport(t);
+        }
+        if let Some(p) = &self.grant {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| SdkError::Config(format!("--grant {}: {e}", p.display())))?;
+            let g = fem_proto::SignedGrant::from_text(&text)
+                .map_err(|e| SdkError::Config(format!("--grant {}: {e}", p.display())))?;
+            o = o.grant(g);
         }
         Ok(o)
     }

@@ -761,6 +761,11 @@ async fn run_once(
             return false;
         }
     };
+    // A grant, when the client has one, goes first (brokers with a trust
+    // anchor require it before registerAgent).
+    if let Some(g) = &inner.opts.grant {
+        let _ = wtx.send(Frame::Grant(g.clone())).await;
+    }
     let _ = wtx.send(Frame::Envelope(signed)).await;
     let answer = tokio::time::timeout(inner.opts.connect_timeout, reader.next()).await;
     let accepted = match answer {

@@ -112,6 +112,9 @@ pub struct Options {
     pub call_timeout: Duration,
     /// Maximum frame size accepted.
     pub max_frame: usize,
+    /// The client's grant, presented before every registration (needed
+    /// where the broker has a trust anchor).
+    pub grant: Option<fem_proto::SignedGrant>,
 }
 
 impl Options {
@@ -150,6 +153,7 @@ impl Options {
             backoff_max: Duration::from_secs(30),
             call_timeout: Duration::from_secs(30),
             max_frame: fem_proto::DEFAULT_MAX_FRAME,
+            grant: None,
         })
     }
 
@@ -157,6 +161,13 @@ impl Options {
     #[must_use]
     pub fn trust(mut self, trust: Trust) -> Self {
         self.trust = trust;
+        self
+    }
+
+    /// Sets the grant presented at registration.
+    #[must_use]
+    pub fn grant(mut self, grant: fem_proto::SignedGrant) -> Self {
+        self.grant = Some(grant);
         self
     }
 

@@ -9,6 +9,8 @@ use fem_agent_sdk::cli::{ConnectArgs, LogArgs};
 use fem_agent_sdk::{CallError, Client, keys};
 use fem_proto::{AgentId, CapabilityPattern, SignedEnvelope, SigningKey, Target};
 
+mod trust;
+
 /// Command-line client for a FEM mesh.
 #[derive(Debug, Parser)]
 #[command(name = "fem", version)]
@@ -85,6 +87,9 @@ enum Cmd {
         #[arg(long)]
         pubkey: PathBuf,
     },
+    /// Operator keys and grants: init, issuer, grant, show.
+    #[command(subcommand)]
+    Trust(trust::TrustCmd),
     /// Sign an envelope given in JSON form (prints the signed envelope JSON).
     Sign {
         /// Envelope JSON ({"header": ..., "body": ...}).
@@ -211,6 +216,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::from(1))
                 }
             }
+        }
+        Cmd::Trust(cmd) => {
+            trust::run(cmd)?;
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Sign { envelope, key } => {
             let text = std::fs::read_to_string(&envelope)
