@@ -71,6 +71,8 @@ pub(crate) struct Fed {
     /// Links the configuration asks for, by readiness key, and the peer
     /// each reached once its handshake passed.
     pub(crate) required: DashMap<String, Option<AgentId>>,
+    /// The key each peer broker id last linked with.
+    pub(crate) linked: DashMap<AgentId, PublicKey>,
 }
 
 /// State shared by every task of one broker.

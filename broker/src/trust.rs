@@ -90,6 +90,20 @@ impl Trust {
     /// # Errors
     /// `ID_CONFLICT` when the id belongs to another key.
     pub(crate) fn bind(&self, id: &AgentId, key: &PublicKey) -> Result<(), Refusal> {
+        self.check(id, key, true)
+    }
+
+    /// Development trust for one-shot gateway requests: an id that an agent
+    /// registered stays that agent's, but a request binds nothing (gateway
+    /// clients may use a fresh key per request).
+    ///
+    /// # Errors
+    /// `ID_CONFLICT` when the id belongs to another key.
+    pub(crate) fn check_bound(&self, id: &AgentId, key: &PublicKey) -> Result<(), Refusal> {
+        self.check(id, key, false)
+    }
+
+    fn check(&self, id: &AgentId, key: &PublicKey, bind: bool) -> Result<(), Refusal> {
         let mut b = self
             .bindings
             .lock()
@@ -104,6 +118,7 @@ impl Trust {
                     self.bindings_file.display()
                 ),
             )),
+            None if !bind => Ok(()),
             None => {
                 b.insert(id.clone(), *key);
                 let line = format!("{id} {key}\n");

@@ -116,7 +116,28 @@ fn check_hello(
         }
     }
     if rb.broker_id == shared.config.broker_id {
-        return Err((ErrorCode::BadRequest, MYSELF.into()));
+        if rb.public_key == shared.broker_key {
+            return Err((ErrorCode::BadRequest, MYSELF.into()));
+        }
+        return Err((
+            ErrorCode::IdConflict,
+            format!(
+                "the peer uses this broker's own id {}: give each broker its own --broker-id (it defaults to the host name)",
+                rb.broker_id
+            ),
+        ));
+    }
+    if let Some(k) = shared.fed.linked.get(&rb.broker_id) {
+        if *k != rb.public_key && shared.view(|r| r.has_link(&rb.broker_id)) {
+            return Err((
+                ErrorCode::IdConflict,
+                format!(
+                    "broker id {} is already linked under another key ({}); a second broker with the same --broker-id?",
+                    rb.broker_id,
+                    k.fingerprint()
+                ),
+            ));
+        }
     }
     Ok((rb.broker_id, rb.public_key))
 }
@@ -153,7 +174,10 @@ where
         .and_then(Result::ok)
         .flatten();
     let peer = match check_hello(&shared, first) {
-        Ok((peer, _key)) => peer,
+        Ok((peer, key)) => {
+            shared.fed.linked.insert(peer.clone(), key);
+            peer
+        }
         Err((ErrorCode::BadRequest, reason)) if reason == MYSELF => {
             conn.close(2u32.into(), b"myself");
             return LinkEnd::Myself;

@@ -42,7 +42,7 @@ fn caller_credential(
     req: &GatewayRequest,
 ) -> Result<Option<Arc<Credential>>, admission::Refusal> {
     if !s.trust.enforced() {
-        s.trust.bind(sender, &req.public_key)?;
+        s.trust.check_bound(sender, &req.public_key)?;
         return Ok(None);
     }
     let text = req.grant.as_deref().ok_or_else(|| {

@@ -8,6 +8,7 @@ mod hostile;
 mod ops;
 mod processes;
 mod routing;
+mod trust;
 
 use std::future::Future;
 use std::time::Duration;

@@ -1,0 +1,305 @@
+//! Trust, tested as an outsider would attack it: throw-away keys, grants
+//! for other keys or ids, forged and tampered grants, calls outside a
+//! grant, and ids squatted in development trust. Brokers on 127.0.x.y
+//! (hosts 160 to 179), clients through the SDK.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fem_agent_sdk::{AgentBuilder, Client, Options, SdkError};
+use fem_proto::grant::RateLimit;
+use fem_proto::{
+    AgentId, CallRule, CapabilityPattern, ErrorCode, Grant, IdPattern, Role, SignedGrant,
+    SigningKey, Target,
+};
+use fem_tests::{TestBroker, echo_tool, host};
+use serde_json::json;
+
+use crate::bounded;
+
+fn now() -> u64 {
+    fem_proto::now_ms()
+}
+
+/// A grant for `subject` from `issuer` with the given rights.
+fn grant(
+    issuer: &SigningKey,
+    subject: &SigningKey,
+    ids: &[&str],
+    offer: &[&str],
+    call: &[&str],
+    deny: &[&str],
+) -> SignedGrant {
+    Grant {
+        version: 1,
+        id: rand_id(),
+        subject: subject.public_key(),
+        role: Role::Agent,
+        issued_ms: now(),
+        expires_ms: now() + 3_600_000,
+        register: ids.iter().map(|s| IdPattern::new(*s).unwrap()).collect(),
+        offer: offer
+            .iter()
+            .map(|s| CapabilityPattern::new(*s).unwrap())
+            .collect(),
+        offer_ids: Vec::new(),
+        call: call.iter().map(|s| CallRule::parse(s).unwrap()).collect(),
+        deny: deny.iter().map(|s| CallRule::parse(s).unwrap()).collect(),
+        rate: None::<RateLimit>,
+        operator: false,
+        delegate: false,
+    }
+    .sign(issuer, None)
+    .unwrap()
+}
+
+fn rand_id() -> [u8; 16] {
+    fem_proto::RequestId::random().0
+}
+
+async fn trusted_broker(n: u16, operator: &SigningKey) -> TestBroker {
+    let anchor = operator.public_key();
+    TestBroker::start(host(n), move |c| c.trust_anchors = vec![anchor]).await
+}
+
+/// An agent `id` offering capability `echo.basic` and tool `echo`.
+async fn agent(
+    id: &str,
+    key: SigningKey,
+    opts: Options,
+) -> Result<(Client, Arc<Mutex<u32>>), SdkError> {
+    let n = Arc::new(Mutex::new(0));
+    let c = AgentBuilder::new(AgentId::new(id).unwrap(), key)
+        .capability("echo.basic")
+        .unwrap()
+        .tool(echo_tool(Arc::clone(&n)))
+        .connect(opts)
+        .await?;
+    Ok((c, n))
+}
+
+fn denied_code(r: Result<impl Sized, SdkError>) -> ErrorCode {
+    match r {
+        Err(SdkError::Denied { code, .. }) => code,
+        Err(e) => panic!("expected a refusal, got {e}"),
+        Ok(_) => panic!("expected a refusal, the registration was accepted"),
+    }
+}
+
+#[tokio::test]
+async fn registration_needs_a_grant_for_this_key_id_and_offer() {
+    bounded(60, async {
+        let op = SigningKey::generate();
+        let b = trusted_broker(160, &op).await;
+        // A throw-away key without a grant.
+        let k = SigningKey::generate();
+        assert_eq!(
+            denied_code(agent("coder-1", k.clone(), b.options()).await),
+            ErrorCode::PermissionDenied
+        );
+        // A grant bound to another key.
+        let other = SigningKey::generate();
+        let g = grant(&op, &other, &["coder-*"], &["echo.*", "echo"], &[], &[]);
+        assert_eq!(
+            denied_code(agent("coder-1", k.clone(), b.options().grant(g)).await),
+            ErrorCode::PermissionDenied
+        );
+        // A grant from a key that is not the anchor.
+        let rogue = SigningKey::generate();
+        let g = grant(&rogue, &k, &["coder-*"], &["echo.*", "echo"], &[], &[]);
+        assert_eq!(
+            denied_code(agent("coder-1", k.clone(), b.options().grant(g)).await),
+            ErrorCode::PermissionDenied
+        );
+        // An id outside the grant, then a capability outside it.
+        let g = grant(&op, &k, &["coder-*"], &["echo.*", "echo"], &[], &[]);
+        assert_eq!(
+            denied_code(agent("web-1", k.clone(), b.options().grant(g.clone())).await),
+            ErrorCode::PermissionDenied
+        );
+        let narrow = grant(&op, &k, &["coder-*"], &["echo"], &[], &[]);
+        assert_eq!(
+            denied_code(agent("coder-1", k.clone(), b.options().grant(narrow)).await),
+            ErrorCode::PermissionDenied
+        );
+        // Expired, and tampered with (one byte of the signed grant flipped).
+        let mut expired = grant(&op, &k, &["coder-*"], &["echo.*", "echo"], &[], &[]);
+        let mut raw = expired.decode().unwrap();
+        raw.expires_ms = now() - 1;
+        expired = raw.sign(&op, None).unwrap();
+        assert_eq!(
+            denied_code(agent("coder-1", k.clone(), b.options().grant(expired)).await),
+            ErrorCode::PermissionDenied
+        );
+        let mut tampered = g.clone();
+        let last = tampered.chain[0].body.len() - 1;
+        tampered.chain[0].body[last] ^= 1;
+        assert_eq!(
+            denied_code(agent("coder-1", k.clone(), b.options().grant(tampered)).await),
+            ErrorCode::PermissionDenied
+        );
+        // The right grant registers; the same key cannot take a second id
+        // outside it.
+        let (_a, _) = agent("coder-1", k.clone(), b.options().grant(g.clone()))
+            .await
+            .expect("a granted agent registers");
+        assert_eq!(b.broker.registry().len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn calls_outside_the_grant_are_refused_at_entry_and_hidden_from_discovery() {
+    bounded(60, async {
+        let op = SigningKey::generate();
+        let b = trusted_broker(161, &op).await;
+        let ak = SigningKey::generate();
+        let ag = grant(
+            &op,
+            &ak,
+            &["coder-*"],
+            &["echo.*", "echo", "secret"],
+            &[],
+            &[],
+        );
+        let n = Arc::new(Mutex::new(0));
+        let secret =
+            fem_agent_sdk::Tool::new("secret", "must not run", json!({"type": "object"}), {
+                let n = Arc::clone(&n);
+                move |req| {
+                    let n = Arc::clone(&n);
+                    async move {
+                        *n.lock().unwrap() += 1;
+                        Ok(req.params)
+                    }
+                }
+            })
+            .unwrap();
+        let _agent = AgentBuilder::new(AgentId::new("coder-1").unwrap(), ak)
+            .capability("echo.basic")
+            .unwrap()
+            .tool(echo_tool(Arc::new(Mutex::new(0))))
+            .tool(secret)
+            .connect(b.options().grant(ag))
+            .await
+            .unwrap();
+        // The caller may call echo on coder-*, and anything but `secret`.
+        let ck = SigningKey::generate();
+        let cg = grant(
+            &op,
+            &ck,
+            &["caller-1"],
+            &[],
+            &["echo@coder-*", "*"],
+            &["secret"],
+        );
+        let caller = Client::connect(AgentId::new("caller-1").unwrap(), ck, b.options().grant(cg))
+            .await
+            .unwrap();
+        let by_id = Target::Agent(AgentId::new("coder-1").unwrap());
+        assert_eq!(
+            caller
+                .call(by_id.clone(), "echo", json!({"x": 1}))
+                .await
+                .unwrap(),
+            json!({"x": 1})
+        );
+        let e = caller
+            .call(by_id.clone(), "secret", json!({}))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::PermissionDenied, "deny beats allow: {e}");
+        let by_cap = Target::Capability(CapabilityPattern::new("echo.*").unwrap());
+        let e = caller.call(by_cap, "secret", json!({})).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::PermissionDenied);
+        assert_eq!(*n.lock().unwrap(), 0, "the denied tool never ran");
+        let tools = caller.discover(None, 100).await.unwrap();
+        let names: Vec<&str> = tools.iter().map(|t| t.tool.name.as_str()).collect();
+        assert_eq!(
+            names,
+            vec!["echo"],
+            "discovery hides what the caller may not call"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn attenuated_grants_work_and_cannot_widen() {
+    bounded(60, async {
+        let op = SigningKey::generate();
+        let b = trusted_broker(162, &op).await;
+        let parent_key = SigningKey::generate();
+        let mut parent = grant(
+            &op,
+            &parent_key,
+            &["team-*"],
+            &["echo.*", "echo"],
+            &["echo"],
+            &[],
+        )
+        .decode()
+        .unwrap();
+        parent.delegate = true;
+        let parent = parent.sign(&op, None).unwrap();
+        // A sub-agent's narrower grant signed by the parent's key.
+        let sub = SigningKey::generate();
+        let mut narrow = grant(
+            &parent_key,
+            &sub,
+            &["team-sub"],
+            &["echo.basic", "echo"],
+            &["echo"],
+            &[],
+        )
+        .decode()
+        .unwrap();
+        narrow.expires_ms = now() + 60_000;
+        let child = narrow
+            .clone()
+            .sign(&parent_key, Some(parent.clone()))
+            .unwrap();
+        let (_a, _) = agent("team-sub", sub.clone(), b.options().grant(child))
+            .await
+            .expect("a narrower grant works");
+        // The same, widened to every id: refused.
+        let mut wide = narrow;
+        wide.register = vec![IdPattern::new("*").unwrap()];
+        let widened = wide.sign(&parent_key, Some(parent)).unwrap();
+        assert_eq!(
+            denied_code(
+                agent(
+                    "other-1",
+                    SigningKey::generate(),
+                    b.options().grant(widened)
+                )
+                .await
+            ),
+            ErrorCode::PermissionDenied
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn development_trust_binds_an_id_to_its_first_key() {
+    bounded(60, async {
+        let b = TestBroker::start(host(163), |_| {}).await;
+        let first = SigningKey::generate();
+        let (a, _) = agent("squat-1", first.clone(), b.options()).await.unwrap();
+        a.shutdown().await;
+        assert!(
+            fem_tests::eventually(Duration::from_secs(5), || b.broker.registry().is_empty()).await
+        );
+        // The agent is gone; a new key claims its id.
+        let thief = SigningKey::generate();
+        assert_eq!(
+            denied_code(agent("squat-1", thief, b.options()).await),
+            ErrorCode::IdConflict
+        );
+        let (_back, _) = agent("squat-1", first, b.options())
+            .await
+            .expect("the first key gets its id back");
+    })
+    .await;
+}
