@@ -16,11 +16,19 @@ use crate::route::admission::{Credential, Refusal};
 /// Verified grants kept at most (the cache is dropped whole when full).
 const CACHE_MAX: usize = 10_000;
 
+/// A token bucket (the rate limit of one grant at this broker).
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    last_ms: u64,
+}
+
 /// Anchors and verified grants, or development bindings.
 #[derive(Debug)]
 pub(crate) struct Trust {
     anchors: Vec<PublicKey>,
     cache: DashMap<[u8; 32], Arc<Credential>>,
+    buckets: DashMap<[u8; 16], Mutex<Bucket>>,
     bindings: Mutex<HashMap<AgentId, PublicKey>>,
     bindings_file: PathBuf,
 }
@@ -45,6 +53,7 @@ impl Trust {
         Self {
             anchors,
             cache: DashMap::new(),
+            buckets: DashMap::new(),
             bindings: Mutex::new(bindings),
             bindings_file,
         }
@@ -82,6 +91,43 @@ impl Trust {
         }
         self.cache.insert(digest, Arc::clone(&c));
         Ok(c)
+    }
+
+    /// Takes one call from the grant's rate limit, if it has one.
+    ///
+    /// # Errors
+    /// `RATE_LIMITED` with the limit.
+    pub(crate) fn take_call(&self, c: &Credential) -> Result<(), Refusal> {
+        let Some(rate) = c.grant.rate else {
+            return Ok(());
+        };
+        let now = fem_proto::now_ms();
+        let burst = f64::from(rate.burst);
+        let bucket = self.buckets.entry(c.grant.id).or_insert_with(|| {
+            Mutex::new(Bucket {
+                tokens: burst,
+                last_ms: now,
+            })
+        });
+        let mut b = bucket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        #[allow(clippy::cast_precision_loss)]
+        let refill = now.saturating_sub(b.last_ms) as f64 * f64::from(rate.per_sec) / 1000.0;
+        b.tokens = (b.tokens + refill).min(burst);
+        b.last_ms = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err((
+                ErrorCode::RateLimited,
+                format!(
+                    "the grant's rate limit of {} calls/s (burst {}) is exhausted",
+                    rate.per_sec, rate.burst
+                ),
+            ))
+        }
     }
 
     /// Development trust: binds `id` to `key` on first use and refuses any

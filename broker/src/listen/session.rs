@@ -430,6 +430,21 @@ fn handle_envelope(
     };
     match body {
         Body::ToolCall(call) => {
+            if let Some(Err((code, message))) =
+                me.credential.as_deref().map(|c| shared.trust.take_call(c))
+            {
+                shared
+                    .metrics
+                    .refusals
+                    .with_label_values(&[code.as_str()])
+                    .inc();
+                let _ = tx.try_send(Frame::CallFailed {
+                    request_id: call.request_id,
+                    code,
+                    message,
+                });
+                return true;
+            }
             let _span = tracing::debug_span!(
                 "call",
                 request = %call.request_id,

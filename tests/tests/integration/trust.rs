@@ -45,7 +45,7 @@ fn grant(
         offer_ids: Vec::new(),
         call: call.iter().map(|s| CallRule::parse(s).unwrap()).collect(),
         deny: deny.iter().map(|s| CallRule::parse(s).unwrap()).collect(),
-        rate: None::<RateLimit>,
+        rate: None,
         operator: false,
         delegate: false,
     }
@@ -300,6 +300,60 @@ async fn development_trust_binds_an_id_to_its_first_key() {
         let (_back, _) = agent("squat-1", first, b.options())
             .await
             .expect("the first key gets its id back");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_grants_rate_limit_answers_rate_limited() {
+    bounded(60, async {
+        let op = SigningKey::generate();
+        let b = trusted_broker(164, &op).await;
+        let ak = SigningKey::generate();
+        let (_a, _) = agent(
+            "rl-agent",
+            ak.clone(),
+            b.options().grant(grant(
+                &op,
+                &ak,
+                &["rl-agent"],
+                &["echo.*", "echo"],
+                &[],
+                &[],
+            )),
+        )
+        .await
+        .unwrap();
+        let ck = SigningKey::generate();
+        let mut g = grant(&op, &ck, &["rl-caller"], &[], &["echo"], &[])
+            .decode()
+            .unwrap();
+        g.rate = Some(RateLimit {
+            per_sec: 1,
+            burst: 2,
+        });
+        let caller = Client::connect(
+            AgentId::new("rl-caller").unwrap(),
+            ck,
+            b.options().grant(g.sign(&op, None).unwrap()),
+        )
+        .await
+        .unwrap();
+        let target = Target::Agent(AgentId::new("rl-agent").unwrap());
+        for _ in 0..2 {
+            caller
+                .call(target.clone(), "echo", json!({}))
+                .await
+                .unwrap();
+        }
+        let e = caller
+            .call(target.clone(), "echo", json!({}))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::RateLimited, "{e}");
+        // The bucket refills at 1/s.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        caller.call(target, "echo", json!({})).await.unwrap();
     })
     .await;
 }
