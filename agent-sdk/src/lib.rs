@@ -32,30 +32,28 @@
 #[cfg(feature = "cli")]
 pub mod cli;
 mod client;
-pub mod keys;
 mod metrics;
-pub mod tls;
 mod tool;
-pub mod wire;
 
 use std::time::Duration;
 
 pub use client::{AgentBuilder, CallError, Client, Event, Origin};
+pub use fem_net::{BrokerUrl, NetError, Transport, Trust, keys, tls, wire};
 pub use fem_proto as proto;
 pub use metrics::AgentMetrics;
-pub use tls::Trust;
 pub use tool::{Tool, ToolError, ToolRequest};
 
-/// Errors of the SDK (connection set-up, configuration, keys).
+/// Errors of the SDK (connection set-up, configuration).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SdkError {
     /// Invalid configuration.
     #[error("configuration: {0}")]
     Config(String),
-    /// A key file problem.
-    #[error("key: {0}")]
-    Key(String),
+    /// A configuration the connection cannot be made with: the broker URL,
+    /// certificate trust (a CA file, a pin) or TLS set-up.
+    #[error(transparent)]
+    Net(#[from] NetError),
     /// Could not connect to the broker.
     #[error("connect to {url}: {reason}")]
     Connect {
@@ -77,16 +75,12 @@ pub enum SdkError {
     Proto(#[from] fem_proto::ProtoError),
 }
 
-/// Which transport to use.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Transport {
-    /// QUIC first, TLS over TCP when QUIC does not connect (UDP blocked).
-    #[default]
-    Auto,
-    /// QUIC only.
-    Quic,
-    /// TLS over TCP only.
-    Tcp,
+impl SdkError {
+    /// True for errors that retrying will not mend: [`SdkError::Config`]
+    /// and [`SdkError::Net`] (a bad URL, CA file or pin).
+    pub fn is_config(&self) -> bool {
+        matches!(self, Self::Config(_) | Self::Net(_))
+    }
 }
 
 /// Connection options.
@@ -119,30 +113,19 @@ impl Options {
     /// TLS/TCP), `quic://host:port` or `tls://host:port`. Port defaults to 8443.
     ///
     /// # Errors
-    /// [`SdkError::Config`] for a malformed URL or unknown scheme.
+    /// [`SdkError::Net`] with [`NetError::Url`] for a malformed URL or an
+    /// unknown scheme.
     pub fn new(url: &str) -> Result<Self, SdkError> {
-        let u = url::Url::parse(url)
-            .map_err(|e| SdkError::Config(format!("broker URL {url:?}: {e}")))?;
-        let transport = match u.scheme() {
-            "https" | "fem" => Transport::Auto,
-            "quic" => Transport::Quic,
-            "tls" | "tcp" => Transport::Tcp,
-            s => {
-                return Err(SdkError::Config(format!(
-                    "broker URL {url:?}: unknown scheme {s:?}"
-                )));
-            }
-        };
-        let host = match u.host() {
-            Some(url::Host::Domain(d)) => d.to_owned(),
-            Some(url::Host::Ipv4(ip)) => ip.to_string(),
-            Some(url::Host::Ipv6(ip)) => ip.to_string(),
-            None => return Err(SdkError::Config(format!("broker URL {url:?} has no host"))),
-        };
-        Ok(Self {
-            host,
-            port: u.port().unwrap_or(8443),
-            transport,
+        let url = BrokerUrl::parse(url)?;
+        Ok(Self::from_url(&url))
+    }
+
+    /// Options for a parsed broker URL, with the defaults of [`Options::new`].
+    pub fn from_url(url: &BrokerUrl) -> Self {
+        Self {
+            host: url.host().to_owned(),
+            port: url.port(),
+            transport: url.transport(),
             trust: Trust::default(),
             heartbeat: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
@@ -150,7 +133,7 @@ impl Options {
             backoff_max: Duration::from_secs(30),
             call_timeout: Duration::from_secs(30),
             max_frame: fem_proto::DEFAULT_MAX_FRAME,
-        })
+        }
     }
 
     /// Sets the certificate trust.
@@ -191,10 +174,6 @@ impl Options {
 
     /// `host:port` for messages.
     pub fn endpoint(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        fem_net::endpoint(&self.host, self.port)
     }
 }

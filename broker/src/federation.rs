@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use fem_agent_sdk::wire::{FrameReader, write_loop};
+use fem_net::wire::{FrameReader, write_loop};
 use fem_proto::{
     ALPN_FEDERATION, AdvertisedAgent, AgentId, Body, Capability, CapabilityPattern, Envelope,
     ErrorCode, FedFrame, Frame, Header, PublicKey, RegisterBroker, SignedEnvelope, Target,
@@ -54,7 +54,7 @@ pub struct FederationConfig {
     /// Hub URLs for a spoke, in fail-over order.
     pub hubs: Vec<String>,
     /// How to trust peer certificates.
-    pub trust: fem_agent_sdk::Trust,
+    pub trust: fem_net::Trust,
     /// Broker keys allowed to federate; `None` is development trust (any key).
     pub peer_keys: Option<Vec<PublicKey>>,
     /// Link liveness probe interval.
@@ -79,7 +79,7 @@ impl Default for FederationConfig {
             mode: FederationMode::Off,
             peers: Vec::new(),
             hubs: Vec::new(),
-            trust: fem_agent_sdk::Trust::System,
+            trust: fem_net::Trust::System,
             peer_keys: None,
             ping_interval: Duration::from_millis(500),
             link_timeout: Duration::from_secs(3),
@@ -389,13 +389,13 @@ async fn dial_url(
         }
         return Err(last);
     }
-    let opts = fem_agent_sdk::Options::new(url).map_err(|e| e.to_string())?;
-    let addr = tokio::net::lookup_host((opts.host.as_str(), opts.port))
+    let opts = fem_net::BrokerUrl::parse(url).map_err(|e| e.to_string())?;
+    let addr = tokio::net::lookup_host((opts.host(), opts.port()))
         .await
         .map_err(|e| format!("resolve {url}: {e}"))?
         .next()
         .ok_or_else(|| format!("resolve {url}: no address"))?;
-    dial(shared, addr, &opts.host).await
+    dial(shared, addr, opts.host()).await
 }
 
 async fn dial(
@@ -404,9 +404,8 @@ async fn dial(
     name: &str,
 ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
     let endpoint = shared.fed.endpoint.get().ok_or("no endpoint")?;
-    let tls =
-        fem_agent_sdk::tls::client_config(&shared.config.federation.trust, &[ALPN_FEDERATION])
-            .map_err(|e| e.to_string())?;
+    let tls = fem_net::tls::client_config(&shared.config.federation.trust, &[ALPN_FEDERATION])
+        .map_err(|e| e.to_string())?;
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
     let cfg = quinn::ClientConfig::new(Arc::new(crypto));

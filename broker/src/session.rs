@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use fem_agent_sdk::wire::{FrameReader, ReadError, write_loop};
+use fem_net::wire::{FrameReader, ReadError, write_loop};
 use fem_proto::{
     Accepted, AgentId, Body, Envelope, ErrorCode, Frame, Header, ProtoError, RegisterAgent,
     SignedEnvelope, ToolSpec,
