@@ -1,33 +1,13 @@
-//! Command-line options shared by the FEM programs (feature `cli`).
+//! Command-line options shared by the FEM programs (feature `cli`): those
+//! of fem-net, and [`ConnectArgs`] for the broker connection.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
+pub use fem_net::cli::{LogArgs, LogFormat, TransportArg, host_name, shutdown_signal};
 
 use crate::{Options, SdkError, Transport, Trust};
-
-/// Transport choice on the command line.
-#[derive(Clone, Copy, Debug, ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TransportArg {
-    /// QUIC, falling back to TLS over TCP.
-    Auto,
-    /// QUIC only.
-    Quic,
-    /// TLS over TCP only.
-    Tcp,
-}
-
-impl From<TransportArg> for Transport {
-    fn from(t: TransportArg) -> Self {
-        match t {
-            TransportArg::Auto => Self::Auto,
-            TransportArg::Quic => Self::Quic,
-            TransportArg::Tcp => Self::Tcp,
-        }
-    }
-}
 
 /// Broker connection options: URL and certificate trust.
 #[derive(Clone, Debug, Args)]
@@ -59,7 +39,8 @@ impl ConnectArgs {
     /// Connection options from the arguments.
     ///
     /// # Errors
-    /// [`SdkError::Config`] for a bad URL or conflicting trust options.
+    /// [`SdkError::Net`] for a bad URL, conflicting trust options or a
+    /// malformed pin.
     pub fn options(&self) -> Result<Options, SdkError> {
         let trust = Trust::from_options(self.ca.clone(), self.pin.as_deref(), self.insecure)?;
         // Auto leaves the choice to the URL's scheme.
@@ -81,73 +62,5 @@ impl ConnectArgs {
             o = o.grant(g);
         }
         Ok(o)
-    }
-}
-
-/// Log output format.
-#[derive(Clone, Copy, Debug, ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line (for log shippers).
-    Json,
-}
-
-/// Logging options.
-#[derive(Clone, Debug, Args)]
-pub struct LogArgs {
-    /// Log level or filter (RUST_LOG overrides it; default info, warn for `fem`).
-    #[arg(long, env = "FEM_LOG_LEVEL")]
-    pub log_level: Option<String>,
-    /// Log format [default: text].
-    #[arg(long, env = "FEM_LOG_FORMAT", value_enum)]
-    pub log_format: Option<LogFormat>,
-}
-
-impl LogArgs {
-    /// Installs the global subscriber (logs go to stderr); `default_level`
-    /// applies when neither `--log-level` nor RUST_LOG is set.
-    pub fn init(&self, default_level: &str) {
-        let level = self.log_level.as_deref().unwrap_or(default_level);
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-        let b = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(ansi)
-            .with_writer(std::io::stderr);
-        match self.log_format.unwrap_or(LogFormat::Text) {
-            LogFormat::Text => b.init(),
-            LogFormat::Json => b.json().flatten_event(true).init(),
-        }
-    }
-}
-
-/// The host name (from the kernel), or `fallback` when it cannot be read.
-pub fn host_name(fallback: &str) -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| fallback.to_owned())
-}
-
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
     }
 }

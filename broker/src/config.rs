@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use fem_proto::{AgentId, DEFAULT_MAX_FRAME, DEFAULT_REPLAY_WINDOW_MS, PublicKey};
 
-use crate::tls::TlsSource;
+use fem_net::tls::TlsSource;
 
 /// Broker configuration.
 #[derive(Clone, Debug)]
@@ -104,7 +104,7 @@ pub struct FederationConfig {
     /// Hub URLs for a spoke, in fail-over order.
     pub hubs: Vec<String>,
     /// How to trust peer certificates.
-    pub trust: fem_agent_sdk::Trust,
+    pub trust: fem_net::Trust,
     /// Broker keys allowed to federate; `None` is development trust (any key).
     pub peer_keys: Option<Vec<PublicKey>>,
     /// Link liveness probe interval.
@@ -129,7 +129,7 @@ impl Default for FederationConfig {
             mode: FederationMode::Off,
             peers: Vec::new(),
             hubs: Vec::new(),
-            trust: fem_agent_sdk::Trust::System,
+            trust: fem_net::Trust::System,
             peer_keys: None,
             ping_interval: Duration::from_millis(500),
             link_timeout: Duration::from_secs(3),

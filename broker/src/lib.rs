@@ -21,7 +21,6 @@ mod listen;
 mod metrics;
 pub mod route;
 mod state;
-pub mod tls;
 mod trust;
 
 use std::net::SocketAddr;
@@ -32,9 +31,11 @@ use std::time::{Duration, Instant};
 
 pub use config::{BrokerConfig, FederationConfig, FederationMode};
 use fem_proto::{AgentId, PublicKey};
+/// TLS configuration and the development CA (from fem-net).
+pub use fem_net::tls;
+pub use fem_net::tls::TlsSource;
 pub use metrics::Metrics;
 pub use route::Profile;
-pub use tls::TlsSource;
 
 use crate::state::Shared;
 
@@ -64,6 +65,9 @@ pub enum BrokerError {
     /// Metrics registration failed.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// Key files, certificates or TLS set-up.
+    #[error(transparent)]
+    Net(#[from] fem_net::NetError),
 }
 
 impl BrokerError {
@@ -93,12 +97,13 @@ impl Broker {
     /// starts serving. With port 0, a free port is chosen for both.
     ///
     /// # Errors
-    /// [`BrokerError::Config`], [`BrokerError::Io`] or [`BrokerError::Bind`].
+    /// [`BrokerError::Config`], [`BrokerError::Io`], [`BrokerError::Net`] or
+    /// [`BrokerError::Bind`].
     pub async fn bind(config: BrokerConfig) -> Result<Self, BrokerError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| BrokerError::io(&config.data_dir, e))?;
-        let identity = tls::load_or_create_identity(&config.data_dir)?;
+        let identity = fem_net::keys::load_or_generate_key(&config.data_dir.join("broker.key"))?;
         let names = cert_names(&config);
         let material = tls::load_material(&config.tls, &config.data_dir, &names)?;
         let tcp_tls = tls::server_config(&material, &[fem_proto::ALPN_NATIVE, b"h2", b"http/1.1"])?;

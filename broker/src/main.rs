@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use fem_agent_sdk::cli::LogArgs;
 use fem_broker::{Broker, BrokerConfig, FederationConfig, TlsSource};
+use fem_net::cli::LogArgs;
 use fem_proto::AgentId;
 use serde::Deserialize;
 
@@ -188,7 +188,7 @@ struct FileConfig {
     metrics_listen: Option<String>,
     admin_token_file: Option<PathBuf>,
     log_level: Option<String>,
-    log_format: Option<fem_agent_sdk::cli::LogFormat>,
+    log_format: Option<fem_net::cli::LogFormat>,
     #[serde(default)]
     trust_anchor: Option<OneOrMany>,
     #[serde(default)]
@@ -256,7 +256,7 @@ fn config(args: &mut Args) -> anyhow::Result<BrokerConfig> {
         args.broker_id
             .clone()
             .or(file.broker_id)
-            .unwrap_or_else(|| fem_agent_sdk::cli::host_name("fem-broker")),
+            .unwrap_or_else(|| fem_net::cli::host_name("fem-broker")),
     )
     .context("--broker-id")?;
     let cert = args.cert.clone().or(file.cert);
@@ -433,7 +433,7 @@ fn federation(args: &Args, file: FileFederation) -> anyhow::Result<FederationCon
         _ => {}
     }
     for u in peers.iter().chain(&hubs).filter(|u| !u.starts_with("srv:")) {
-        fem_agent_sdk::Options::new(u).with_context(|| format!("peer URL {u:?}"))?;
+        fem_net::BrokerUrl::parse(u).with_context(|| format!("peer URL {u:?}"))?;
     }
     let listen = args
         .federation_listen
@@ -441,7 +441,7 @@ fn federation(args: &Args, file: FileFederation) -> anyhow::Result<FederationCon
         .or(file.listen)
         .map(|s| parse_addr("--federation-listen", &s))
         .transpose()?;
-    let trust = fem_agent_sdk::Trust::from_options(
+    let trust = fem_net::Trust::from_options(
         args.ca.clone().or(file.ca),
         args.pin.clone().or(file.pin).as_deref(),
         args.insecure || file.insecure.unwrap_or(false),
@@ -480,7 +480,7 @@ async fn main() -> ExitCode {
     args.log.init("info");
     let run = async {
         let broker = Broker::bind(cfg?).await?;
-        fem_agent_sdk::cli::shutdown_signal().await;
+        fem_net::cli::shutdown_signal().await;
         tracing::info!("signal received; draining");
         broker.shutdown().await;
         tracing::info!("stopped");

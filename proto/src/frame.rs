@@ -202,12 +202,22 @@ pub fn decode_message<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<
     }
 }
 
+/// Received bytes above this are released once every frame in them has been
+/// taken, so an idle connection does not keep the buffer of a large frame.
+const KEEP_BUFFER: usize = 64 * 1024;
+
 /// Incremental decoder of a byte stream into frames (sans-IO): push bytes as
-/// they arrive, pull complete frames. Memory stays within one maximum frame
-/// plus the bytes pushed at once.
+/// they arrive, pull complete frames.
+///
+/// Memory stays within one maximum frame plus the bytes pushed at once: the
+/// buffer grows only with bytes pushed (a declared length is never reserved
+/// ahead), and a length above the maximum is refused as soon as its 4-byte
+/// header is in, before any of its payload is needed.
 #[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
+    /// Bytes of `buf` before this offset belong to frames already taken.
+    start: usize,
     max: usize,
 }
 
@@ -216,13 +226,25 @@ impl FrameDecoder {
     pub fn new(max: usize) -> Self {
         Self {
             buf: Vec::new(),
+            start: 0,
             max,
         }
     }
 
     /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 {
+            // Drop the frames already taken before growing.
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
         self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes pushed but not yet taken as frames (a partial frame, or frames
+    /// not yet pulled). Zero at a frame boundary.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
     }
 
     /// The next complete frame, `Ok(None)` if more bytes are needed.
@@ -231,17 +253,88 @@ impl FrameDecoder {
     /// [`ProtoError::TooLarge`] or [`ProtoError::Malformed`]; the stream is
     /// unusable afterwards.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, ProtoError> {
-        let Some(header) = self.buf.get(..FRAME_HEADER_LEN) else {
+        self.next_message()
+    }
+
+    /// [`Self::next_frame`] for any message type (e.g. [`FedFrame`](crate::FedFrame)).
+    ///
+    /// # Errors
+    /// As [`Self::next_frame`].
+    pub fn next_message<T: serde::de::DeserializeOwned>(
+        &mut self,
+    ) -> Result<Option<T>, ProtoError> {
+        let pending = &self.buf[self.start..];
+        let Some(header) = pending.get(..FRAME_HEADER_LEN) else {
             return Ok(None);
         };
         let mut h = [0u8; FRAME_HEADER_LEN];
         h.copy_from_slice(header);
         let len = frame_len(h, self.max)?;
-        let Some(payload) = self.buf.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + len) else {
+        let Some(payload) = pending.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + len) else {
             return Ok(None);
         };
-        let frame = decode_frame_payload(payload)?;
-        self.buf.drain(..FRAME_HEADER_LEN + len);
-        Ok(Some(frame))
+        let message = decode_message(payload)?;
+        self.start += FRAME_HEADER_LEN + len;
+        if self.start == self.buf.len() {
+            self.start = 0;
+            if self.buf.capacity() > KEEP_BUFFER {
+                self.buf = Vec::new();
+            } else {
+                self.buf.clear();
+            }
+        }
+        Ok(Some(message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::FedFrame;
+
+    #[test]
+    fn next_message_decodes_other_types() {
+        let mut buf = Vec::new();
+        encode_message(&FedFrame::Ping { seq: 7 }, &mut buf, DEFAULT_MAX_FRAME).unwrap();
+        encode_message(&FedFrame::Ping { seq: 8 }, &mut buf, DEFAULT_MAX_FRAME).unwrap();
+        let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        dec.push(&buf[..buf.len() - 1]);
+        assert_eq!(
+            dec.next_message::<FedFrame>().unwrap(),
+            Some(FedFrame::Ping { seq: 7 })
+        );
+        assert_eq!(dec.next_message::<FedFrame>().unwrap(), None);
+        assert!(dec.buffered() > 0);
+        dec.push(&buf[buf.len() - 1..]);
+        assert_eq!(
+            dec.next_message::<FedFrame>().unwrap(),
+            Some(FedFrame::Ping { seq: 8 })
+        );
+        assert_eq!(dec.buffered(), 0);
+    }
+
+    #[test]
+    fn declared_length_is_not_reserved() {
+        let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        let len = u32::try_from(DEFAULT_MAX_FRAME).unwrap();
+        dec.push(&len.to_be_bytes());
+        dec.push(&[0; 16]);
+        assert_eq!(dec.next_frame().unwrap(), None);
+        assert!(dec.buf.capacity() < 1024, "{}", dec.buf.capacity());
+    }
+
+    #[test]
+    fn large_buffer_released_at_a_frame_boundary() {
+        let big = Frame::Error {
+            code: ErrorCode::Internal,
+            message: "x".repeat(2 * KEEP_BUFFER),
+        };
+        let mut buf = Vec::new();
+        encode_frame(&big, &mut buf, DEFAULT_MAX_FRAME).unwrap();
+        let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        dec.push(&buf);
+        assert_eq!(dec.next_frame().unwrap(), Some(big));
+        assert_eq!(dec.buf.capacity(), 0);
     }
 }

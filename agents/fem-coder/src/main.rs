@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fem_agent_sdk::cli::{ConnectArgs, LogArgs};
-use fem_agent_sdk::{AgentBuilder, AgentMetrics, Client, SdkError, Tool, ToolError, keys};
+use fem_agent_sdk::{AgentBuilder, AgentMetrics, Client, Tool, ToolError, keys};
 use fem_coder::sandbox::{self, Policy, PolicyOptions, SandboxError};
 use fem_proto::{AgentId, SigningKey};
 
@@ -182,7 +182,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         match b.connect(opts.clone()).await {
             Ok(c) => break c,
-            Err(e @ SdkError::Config(_)) => return Err(e.into()),
+            Err(e) if e.is_config() => return Err(e.into()),
             Err(e) => {
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot register yet");
                 tokio::time::sleep(backoff).await;

@@ -112,13 +112,13 @@ async fn dial_url(
         }
         return Err(last);
     }
-    let opts = fem_agent_sdk::Options::new(url).map_err(|e| e.to_string())?;
-    let addr = tokio::net::lookup_host((opts.host.as_str(), opts.port))
+    let opts = fem_net::BrokerUrl::parse(url).map_err(|e| e.to_string())?;
+    let addr = tokio::net::lookup_host((opts.host(), opts.port()))
         .await
         .map_err(|e| format!("resolve {url}: {e}"))?
         .next()
         .ok_or_else(|| format!("resolve {url}: no address"))?;
-    dial(shared, addr, &opts.host).await
+    dial(shared, addr, opts.host()).await
 }
 
 async fn dial(
@@ -128,7 +128,7 @@ async fn dial(
 ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
     let endpoint = shared.fed.endpoint.get().ok_or("no endpoint")?;
     let tls =
-        fem_agent_sdk::tls::client_config(&shared.config.federation.trust, &[ALPN_FEDERATION])
+        fem_net::tls::client_config(&shared.config.federation.trust, &[ALPN_FEDERATION])
             .map_err(|e| e.to_string())?;
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fem_agent_sdk::wire::{FrameReader, write_loop};
+use fem_net::wire::{FrameReader, write_loop};
 use fem_proto::{
     AgentId, Body, Envelope, EnvelopeType, ErrorCode, FedFrame, Header, PublicKey, RELAY_FEATURE,
     RegisterBroker, SignedEnvelope,

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fem_agent_sdk::wire::write_loop;
+use fem_net::wire::write_loop;
 use fem_proto::{ALPN_NATIVE, ErrorCode, Frame};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use fem_agent_sdk::wire::{FrameReader, ReadError, write_loop};
+use fem_net::wire::{FrameReader, ReadError, write_loop};
 use fem_proto::{
     Accepted, AgentId, Body, ErrorCode, Frame, PublicKey, RegisterAgent, SignedEnvelope,
 };

@@ -1,17 +1,16 @@
-//! Client-side TLS trust: a CA file, a pinned certificate fingerprint, the
-//! system roots, or (only when asked) no verification.
+//! The client side: trust in the server's certificate by a CA file, a pinned
+//! fingerprint, the system roots, or (only when asked) no verification.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use sha2::Digest as _;
 
-use crate::SdkError;
+use super::{fingerprint, read_certs};
+use crate::NetError;
 
 /// How the client decides to trust the broker's certificate.
 #[derive(Clone, Debug, Default)]
@@ -32,15 +31,15 @@ impl Trust {
     /// (at most one may be given).
     ///
     /// # Errors
-    /// [`SdkError::Config`] for conflicting options or a malformed pin.
+    /// [`NetError::Config`] for conflicting options or a malformed pin.
     pub fn from_options(
         ca: Option<PathBuf>,
         pin: Option<&str>,
         insecure: bool,
-    ) -> Result<Self, SdkError> {
+    ) -> Result<Self, NetError> {
         let given = usize::from(ca.is_some()) + usize::from(pin.is_some()) + usize::from(insecure);
         if given > 1 {
-            return Err(SdkError::Config(
+            return Err(NetError::Config(
                 "give at most one of --ca, --pin and --insecure".into(),
             ));
         }
@@ -51,7 +50,7 @@ impl Trust {
             let hexpart = pin.trim().trim_start_matches("sha256:").replace(':', "");
             let mut b = [0u8; 32];
             hex::decode_to_slice(&hexpart, &mut b).map_err(|_| {
-                SdkError::Config("--pin needs the 64 hex digits of a SHA-256 fingerprint".into())
+                NetError::Config("--pin needs the 64 hex digits of a SHA-256 fingerprint".into())
             })?;
             return Ok(Self::Pin(b));
         }
@@ -66,12 +65,12 @@ impl Trust {
 /// A TLS 1.3-only client configuration offering `alpn`.
 ///
 /// # Errors
-/// [`SdkError::Config`] when the CA file cannot be read or holds no certificate.
-pub fn client_config(trust: &Trust, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, SdkError> {
+/// For [`Trust::CaFile`]: [`NetError::Pem`] when the file cannot be read,
+/// [`NetError::NoCertificate`] or [`NetError::BadCertificate`].
+pub fn client_config(trust: &Trust, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, NetError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| SdkError::Config(format!("TLS: {e}")))?;
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
     let mut cfg = match trust {
         Trust::System => {
             let mut roots = rustls::RootCertStore::empty();
@@ -83,19 +82,14 @@ pub fn client_config(trust: &Trust, alpn: &[&[u8]]) -> Result<rustls::ClientConf
         }
         Trust::CaFile(path) => {
             let mut roots = rustls::RootCertStore::empty();
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-                .map_err(|e| SdkError::Config(format!("--ca {}: {e}", path.display())))?;
-            for c in certs {
-                roots
-                    .add(c)
-                    .map_err(|e| SdkError::Config(format!("--ca {}: {e}", path.display())))?;
+            for c in read_certs(path)? {
+                roots.add(c).map_err(|source| NetError::BadCertificate {
+                    path: path.clone(),
+                    source,
+                })?;
             }
             if roots.is_empty() {
-                return Err(SdkError::Config(format!(
-                    "--ca {}: no certificate found",
-                    path.display()
-                )));
+                return Err(NetError::NoCertificate { path: path.clone() });
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
@@ -143,7 +137,7 @@ impl ServerCertVerifier for FingerprintVerifier {
         match self.pin {
             None => Ok(ServerCertVerified::assertion()),
             Some(pin) => {
-                let got: [u8; 32] = sha2::Sha256::digest(end_entity.as_ref()).into();
+                let got = fingerprint(end_entity);
                 if got == pin {
                     Ok(ServerCertVerified::assertion())
                 } else {

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use fem_broker::TlsSource;
+use fem_net::tls::{TlsSource, load_material};
 use http_body_util::BodyExt as _;
 
 /// The broker port (QUIC on UDP, TLS on TCP); every broker has its own address.
@@ -231,7 +231,7 @@ pub(crate) struct BenchCa {
 impl BenchCa {
     /// Generates a development CA in `dir/tls/`.
     pub(crate) fn new(dir: &Path) -> anyhow::Result<Self> {
-        fem_broker::tls::load_material(&TlsSource::SelfSigned, dir, &["localhost".to_owned()])?;
+        load_material(&TlsSource::SelfSigned, dir, &["localhost".to_owned()])?;
         Ok(Self {
             dir: dir.to_owned(),
             pem: dir.join("tls").join("ca.pem"),
@@ -253,7 +253,7 @@ impl BenchCa {
     /// (certificate, key) PEM paths.
     fn issue(&self, ip: Ipv4Addr, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
         self.seed(dir)?;
-        fem_broker::tls::load_material(
+        load_material(
             &TlsSource::SelfSigned,
             dir,
             &[ip.to_string(), "localhost".to_owned()],

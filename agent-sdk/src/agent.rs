@@ -1,0 +1,328 @@
+//! [`AgentBuilder`], and serving the calls delivered to this agent's tools.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fem_proto::{
+    AgentId, Body, Capability, Envelope, ErrorCode, Format, Frame, Header, JsonText, PublicKey,
+    RequestId, SignedEnvelope, SigningKey, Target, ToolCall, ToolOutcome, ToolResult,
+};
+use tokio::sync::{Semaphore, oneshot};
+use tracing::{Instrument as _, debug, info_span, warn};
+
+use crate::caller::{Client, CloseOnDrop};
+use crate::connection::{Inner, connection_task, lock};
+use crate::{AgentMetrics, Options, SdkError, Tool, ToolError, ToolRequest};
+
+/// Builds and connects an agent.
+#[derive(Debug)]
+pub struct AgentBuilder {
+    id: AgentId,
+    key: SigningKey,
+    capabilities: Vec<Capability>,
+    tools: Vec<Tool>,
+    metadata: BTreeMap<String, String>,
+    max_concurrent: usize,
+    call_timeout: Duration,
+    metrics: Option<AgentMetrics>,
+}
+
+impl AgentBuilder {
+    /// An agent with this id and key; no tools yet; 10 concurrent calls; 30 s per call.
+    pub fn new(id: AgentId, key: SigningKey) -> Self {
+        Self {
+            id,
+            key,
+            capabilities: Vec::new(),
+            tools: Vec::new(),
+            metadata: BTreeMap::new(),
+            max_concurrent: 10,
+            call_timeout: Duration::from_secs(30),
+            metrics: None,
+        }
+    }
+
+    /// Adds a capability.
+    ///
+    /// # Errors
+    /// [`SdkError::Proto`] for an invalid name.
+    pub fn capability(mut self, c: &str) -> Result<Self, SdkError> {
+        let c = Capability::new(c)?;
+        if !self.capabilities.contains(&c) {
+            self.capabilities.push(c);
+        }
+        Ok(self)
+    }
+
+    /// Adds a tool.
+    #[must_use]
+    pub fn tool(mut self, t: Tool) -> Self {
+        self.tools.push(t);
+        self
+    }
+
+    /// Adds a metadata entry (e.g. `environment`).
+    #[must_use]
+    pub fn metadata(mut self, k: &str, v: &str) -> Self {
+        self.metadata.insert(k.to_owned(), v.to_owned());
+        self
+    }
+
+    /// Calls served at once (the broker never sends more).
+    #[must_use]
+    pub fn max_concurrent(mut self, n: usize) -> Self {
+        self.max_concurrent = n;
+        self
+    }
+
+    /// Records served calls in these metrics.
+    #[must_use]
+    pub fn metrics(mut self, m: AgentMetrics) -> Self {
+        self.metrics = Some(m);
+        self
+    }
+
+    /// Upper bound on one handler's run time.
+    #[must_use]
+    pub fn call_timeout(mut self, d: Duration) -> Self {
+        self.call_timeout = d;
+        self
+    }
+
+    /// Connects, registers and starts serving. Returns once the broker accepted
+    /// the registration; afterwards the connection is kept up (heartbeats,
+    /// reconnection with exponential backoff, re-registration).
+    ///
+    /// # Errors
+    /// [`SdkError::Connect`] when the first attempt fails, [`SdkError::Denied`]
+    /// when the broker refuses the registration.
+    pub async fn connect(self, opts: Options) -> Result<Client, SdkError> {
+        start(self, opts).await
+    }
+}
+
+async fn start(b: AgentBuilder, opts: Options) -> Result<Client, SdkError> {
+    let tools = b
+        .tools
+        .into_iter()
+        .map(|t| (t.spec.name.clone(), Arc::new(t)))
+        .collect();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (shutdown, _) = tokio::sync::watch::channel(false);
+    let (finished_tx, finished) = tokio::sync::watch::channel(false);
+    let inner = Arc::new(Inner {
+        id: b.id,
+        key: b.key,
+        opts,
+        writer: Mutex::new(None),
+        pending: Mutex::new(HashMap::new()),
+        acks: Mutex::new(HashMap::new()),
+        subs: Mutex::new(HashMap::new()),
+        tools: Mutex::new(tools),
+        capabilities: Mutex::new(b.capabilities),
+        metadata: b.metadata,
+        max_concurrent: b.max_concurrent,
+        handler_timeout: b.call_timeout,
+        metrics: b.metrics,
+        broker_key: Mutex::new(None),
+        shutdown: shutdown.clone(),
+        finished,
+    });
+    let weak = Arc::downgrade(&inner);
+    let (first_tx, first_rx) = oneshot::channel();
+    let span = info_span!("agent", id = %inner.id);
+    tokio::spawn(
+        async move {
+            connection_task(weak, first_tx).await;
+            let _ = finished_tx.send(true);
+        }
+        .instrument(span),
+    );
+    match first_rx.await {
+        Ok(Ok(())) => Ok(Client {
+            inner,
+            _guard: Arc::new(CloseOnDrop(shutdown)),
+        }),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(SdkError::Config("connection task ended".into())),
+    }
+}
+
+pub(crate) fn reply_error(
+    inner: &Arc<Inner>,
+    epoch: u64,
+    format: Format,
+    request_id: RequestId,
+    caller: AgentId,
+    code: ErrorCode,
+    message: String,
+) {
+    send_result(
+        inner,
+        epoch,
+        format,
+        ToolResult {
+            request_id,
+            caller,
+            outcome: ToolOutcome::Error { code, message },
+        },
+    );
+}
+
+fn send_result(inner: &Arc<Inner>, epoch: u64, format: Format, result: ToolResult) {
+    let env = Envelope::new(Header::now(inner.id.clone()), Body::ToolResult(result));
+    // Answer in the caller's format: a JSON caller (the HTTP gateway) can
+    // then verify and read the result without a postcard decoder.
+    let signed = match format {
+        Format::Json => SignedEnvelope::sign_json(&env, &inner.key),
+        _ => SignedEnvelope::sign(&env, &inner.key),
+    };
+    match signed {
+        Ok(s) => {
+            let sent = inner
+                .writer(epoch)
+                .is_some_and(|w| w.try_send(Frame::Envelope(s)).is_ok());
+            if !sent {
+                warn!(
+                    "outgoing queue full; result dropped (the broker answers the caller at the deadline)"
+                );
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot sign a result"),
+    }
+}
+
+pub(crate) fn serve_call(
+    inner: &Arc<Inner>,
+    epoch: u64,
+    format: Format,
+    header: Header,
+    signer: PublicKey,
+    call: ToolCall,
+    sem: &Arc<Semaphore>,
+) {
+    let caller = header.sender;
+    let addressed = match &call.target {
+        Target::Agent(id) => id == &inner.id,
+        Target::Capability(p) => lock(&inner.capabilities).iter().any(|c| p.matches(c)),
+    };
+    if !addressed {
+        return reply_error(
+            inner,
+            epoch,
+            format,
+            call.request_id,
+            caller,
+            ErrorCode::BadRequest,
+            "call not addressed to this agent".into(),
+        );
+    }
+    let Some(tool) = lock(&inner.tools).get(&call.tool).cloned() else {
+        return reply_error(
+            inner,
+            epoch,
+            format,
+            call.request_id,
+            caller,
+            ErrorCode::ToolNotFound,
+            format!("no tool {}", call.tool),
+        );
+    };
+    let now = fem_proto::now_ms();
+    if call.deadline_ms <= now {
+        return reply_error(
+            inner,
+            epoch,
+            format,
+            call.request_id,
+            caller,
+            ErrorCode::Timeout,
+            "deadline passed before execution".into(),
+        );
+    }
+    let budget = Duration::from_millis(call.deadline_ms - now).min(inner.handler_timeout);
+    let params = match call.parameters.parse() {
+        Ok(p) => p,
+        Err(e) => {
+            return reply_error(
+                inner,
+                epoch,
+                format,
+                call.request_id,
+                caller,
+                ErrorCode::BadRequest,
+                e.to_string(),
+            );
+        }
+    };
+    if let Err(e) = tool.validate(&params) {
+        return reply_error(
+            inner,
+            epoch,
+            format,
+            call.request_id,
+            caller,
+            e.code,
+            e.message,
+        );
+    }
+    let inner = Arc::clone(inner);
+    let sem = Arc::clone(sem);
+    // Debug level, as at the broker: a span per call is costly at info.
+    let span = tracing::debug_span!("call", request = %call.request_id, tool = %call.tool, caller = %caller);
+    tokio::spawn(
+        async move {
+            let m = inner.metrics.clone();
+            if let Some(m) = &m {
+                m.queue_length.inc();
+            }
+            let _permit = sem.acquire_owned().await;
+            if let Some(m) = &m {
+                m.queue_length.dec();
+                m.calls_in_flight.inc();
+            }
+            let started = Instant::now();
+            let req = ToolRequest {
+                caller: caller.clone(),
+                caller_key: signer,
+                request_id: call.request_id,
+                tool: call.tool.clone(),
+                params,
+                deadline: Instant::now() + budget,
+            };
+            let outcome = match tokio::time::timeout(budget, (tool.handler)(req)).await {
+                Ok(Ok(v)) => ToolOutcome::Success(JsonText::from_value(&v)),
+                Ok(Err(ToolError { code, message })) => ToolOutcome::Error { code, message },
+                Err(_) => ToolOutcome::Error {
+                    code: ErrorCode::Timeout,
+                    message: format!("handler exceeded {} ms", budget.as_millis()),
+                },
+            };
+            let label = match &outcome {
+                ToolOutcome::Success(_) => "ok",
+                ToolOutcome::Error { code, .. } => code.as_str(),
+            };
+            if let Some(m) = &m {
+                m.calls_in_flight.dec();
+                let labels = [call.tool.as_str(), label];
+                m.tool_execution_duration
+                    .with_label_values(&labels)
+                    .observe(started.elapsed().as_secs_f64());
+                m.tool_calls.with_label_values(&labels).inc();
+            }
+            debug!(outcome = label, "call served");
+            send_result(
+                &inner,
+                epoch,
+                format,
+                ToolResult {
+                    request_id: call.request_id,
+                    caller,
+                    outcome,
+                },
+            );
+        }
+        .instrument(span),
+    );
+}

@@ -1,0 +1,313 @@
+//! The [`Client`] handle: calls, discovery, events and subscriptions.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fem_proto::{
+    AgentId, Body, Capability, CapabilityPattern, DiscoverTools, DiscoveredTool, EmbodimentUpdate,
+    EmitEvent, Envelope, ErrorCode, Frame, Header, JsonText, Nonce, PublicKey, RequestId, Revoke,
+    SignedEnvelope, SigningKey, Target, ToolCall,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::connection::{Inner, PendingCall, lock};
+use crate::{AgentBuilder, CallError, Options, SdkError, Tool};
+
+/// An event received on a subscribed topic.
+#[derive(Clone, Debug)]
+pub struct Event {
+    /// Who emitted it.
+    pub sender: AgentId,
+    /// Topic.
+    pub topic: Capability,
+    /// Payload.
+    pub payload: serde_json::Value,
+}
+
+/// A connected agent or caller. Cheap to clone; the connection lives in a
+/// background task and closes when the last clone is dropped or on [`Client::close`].
+#[derive(Clone, Debug)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) _guard: Arc<CloseOnDrop>,
+}
+
+#[derive(Debug)]
+pub(crate) struct CloseOnDrop(pub(crate) tokio::sync::watch::Sender<bool>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(true);
+    }
+}
+
+impl Client {
+    /// Connects a pure caller (no tools).
+    ///
+    /// # Errors
+    /// As [`AgentBuilder::connect`].
+    pub async fn connect(id: AgentId, key: SigningKey, opts: Options) -> Result<Self, SdkError> {
+        AgentBuilder::new(id, key)
+            .max_concurrent(0)
+            .connect(opts)
+            .await
+    }
+
+    /// This client's agent id.
+    pub fn id(&self) -> &AgentId {
+        &self.inner.id
+    }
+
+    /// This client's public key.
+    pub fn public_key(&self) -> PublicKey {
+        self.inner.key.public_key()
+    }
+
+    /// True while registered with a broker.
+    pub fn is_connected(&self) -> bool {
+        lock(&self.inner.writer).is_some()
+    }
+
+    /// Waits until registered (after a reconnect), up to `timeout`.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        while !self.is_connected() {
+            if Instant::now() >= end {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    fn sign(&self, body: Body) -> Result<SignedEnvelope, CallError> {
+        let env = Envelope::new(Header::now(self.inner.id.clone()), body);
+        SignedEnvelope::sign(&env, &self.inner.key)
+            .map_err(|e| CallError::local(ErrorCode::Internal, e.to_string()))
+    }
+
+    /// The current connection's epoch and writer.
+    fn connection(&self) -> Result<(u64, mpsc::Sender<Frame>), CallError> {
+        lock(&self.inner.writer).clone().ok_or_else(|| {
+            CallError::local(ErrorCode::AgentUnavailable, "not connected to the broker")
+        })
+    }
+
+    /// Calls `tool` on `target` with the default deadline.
+    ///
+    /// # Errors
+    /// A [`CallError`]: from the broker (NO_ROUTE, TIMEOUT, AGENT_UNAVAILABLE,
+    /// RATE_LIMITED, ...), the agent (BAD_REQUEST, PERMISSION_DENIED,
+    /// TOOL_FAILED, ...) or locally (not connected).
+    pub async fn call(
+        &self,
+        target: Target,
+        tool: &str,
+        params: serde_json::Value,
+    ) -> Result<serde_json::Value, CallError> {
+        self.call_with_timeout(target, tool, params, self.inner.opts.call_timeout)
+            .await
+    }
+
+    /// Calls `tool` on `target`; the broker answers TIMEOUT at the deadline.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub async fn call_with_timeout(
+        &self,
+        target: Target,
+        tool: &str,
+        params: serde_json::Value,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, CallError> {
+        let tool = Capability::new(tool)
+            .map_err(|e| CallError::local(ErrorCode::BadRequest, e.to_string()))?;
+        let request_id = RequestId::random();
+        let deadline_ms =
+            fem_proto::now_ms() + u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX / 2);
+        let signed = self.sign(Body::ToolCall(ToolCall {
+            request_id,
+            target,
+            tool,
+            parameters: JsonText::from_value(&params),
+            deadline_ms,
+        }))?;
+        self.request(request_id, signed, timeout).await
+    }
+
+    async fn request(
+        &self,
+        request_id: RequestId,
+        signed: SignedEnvelope,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, CallError> {
+        if signed.bytes.len() + 128 > self.inner.opts.max_frame {
+            return Err(CallError::local(
+                ErrorCode::TooLarge,
+                "request exceeds the maximum frame size",
+            ));
+        }
+        let (epoch, writer) = self.connection()?;
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inner.pending).insert(request_id, PendingCall { epoch, tx });
+        if writer.send(Frame::Envelope(signed)).await.is_err() {
+            lock(&self.inner.pending).remove(&request_id);
+            return Err(CallError::local(
+                ErrorCode::AgentUnavailable,
+                "connection closed",
+            ));
+        }
+        // The broker answers TIMEOUT at the deadline; the local timer only
+        // guards against a broker that never answers.
+        match tokio::time::timeout(timeout + Duration::from_secs(2), rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(CallError::local(
+                ErrorCode::AgentUnavailable,
+                "connection closed",
+            )),
+            Err(_) => {
+                lock(&self.inner.pending).remove(&request_id);
+                Err(CallError::local(
+                    ErrorCode::Timeout,
+                    "no answer from the broker",
+                ))
+            }
+        }
+    }
+
+    /// Lists tools whose agents have a capability matching `capability`.
+    ///
+    /// # Errors
+    /// A [`CallError`].
+    pub async fn discover(
+        &self,
+        capability: Option<CapabilityPattern>,
+        limit: u32,
+    ) -> Result<Vec<DiscoveredTool>, CallError> {
+        let request_id = RequestId::random();
+        let signed = self.sign(Body::DiscoverTools(DiscoverTools {
+            request_id,
+            capability,
+            environment: None,
+            limit,
+        }))?;
+        let v = self
+            .request(request_id, signed, self.inner.opts.call_timeout)
+            .await?;
+        serde_json::from_value(v).map_err(|e| CallError::local(ErrorCode::Internal, e.to_string()))
+    }
+
+    async fn acked(&self, nonce: Nonce, frame: Frame) -> Result<(), CallError> {
+        let (epoch, writer) = self.connection()?;
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inner.acks).insert(nonce, (epoch, tx));
+        if writer.send(frame).await.is_err() {
+            return Err(CallError::local(
+                ErrorCode::AgentUnavailable,
+                "connection closed",
+            ));
+        }
+        match tokio::time::timeout(self.inner.opts.call_timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(CallError::local(
+                ErrorCode::AgentUnavailable,
+                "connection closed",
+            )),
+            Err(_) => {
+                lock(&self.inner.acks).remove(&nonce);
+                Err(CallError::local(
+                    ErrorCode::Timeout,
+                    "no acknowledgement from the broker",
+                ))
+            }
+        }
+    }
+
+    async fn send_acked(&self, body: Body) -> Result<(), CallError> {
+        let signed = self.sign(body)?;
+        let nonce = signed
+            .open()
+            .map_err(|e| CallError::local(ErrorCode::Internal, e.to_string()))?
+            .header
+            .nonce;
+        self.acked(nonce, Frame::Envelope(signed)).await
+    }
+
+    /// Publishes an event on `topic`.
+    ///
+    /// # Errors
+    /// A [`CallError`].
+    pub async fn emit(&self, topic: &str, payload: serde_json::Value) -> Result<(), CallError> {
+        let topic = Capability::new(topic)
+            .map_err(|e| CallError::local(ErrorCode::BadRequest, e.to_string()))?;
+        self.send_acked(Body::EmitEvent(EmitEvent {
+            topic,
+            payload: JsonText::from_value(&payload),
+        }))
+        .await
+    }
+
+    /// Subscribes to `topic`; events arrive on the returned channel (kept
+    /// across reconnections).
+    ///
+    /// # Errors
+    /// A [`CallError`].
+    pub async fn subscribe(&self, topic: &str) -> Result<mpsc::Receiver<Event>, CallError> {
+        let topic = Capability::new(topic)
+            .map_err(|e| CallError::local(ErrorCode::BadRequest, e.to_string()))?;
+        let (tx, rx) = mpsc::channel(256);
+        lock(&self.inner.subs)
+            .entry(topic.clone())
+            .or_default()
+            .push(tx);
+        let nonce = Nonce::random();
+        self.acked(nonce, Frame::Subscribe { nonce, topic }).await?;
+        Ok(rx)
+    }
+
+    /// Replaces this agent's tools (embodimentUpdate).
+    ///
+    /// # Errors
+    /// A [`CallError`].
+    pub async fn update_tools(&self, tools: Vec<Tool>) -> Result<(), CallError> {
+        let specs = tools.iter().map(|t| t.spec.clone()).collect();
+        *lock(&self.inner.tools) = tools
+            .into_iter()
+            .map(|t| (t.spec.name.clone(), Arc::new(t)))
+            .collect();
+        self.send_acked(Body::EmbodimentUpdate(EmbodimentUpdate {
+            tools: specs,
+            capabilities: None,
+            metadata: None,
+        }))
+        .await
+    }
+
+    /// Removes this agent from the mesh and closes the connection.
+    ///
+    /// # Errors
+    /// A [`CallError`].
+    pub async fn revoke(&self, reason: &str) -> Result<(), CallError> {
+        let r = self
+            .send_acked(Body::Revoke(Revoke {
+                target: self.inner.id.clone(),
+                reason: reason.to_owned(),
+            }))
+            .await;
+        let _ = self.inner.shutdown.send(true);
+        r
+    }
+
+    /// Starts closing the connection (pending calls fail with AGENT_UNAVAILABLE).
+    pub fn close(&self) {
+        let _ = self.inner.shutdown.send(true);
+    }
+
+    /// Closes the connection and waits (up to 2 s) until the broker has been
+    /// told, so it unregisters the agent at once.
+    pub async fn shutdown(&self) {
+        self.close();
+        let mut f = self.inner.finished.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(2), f.wait_for(|d| *d)).await;
+    }
+}
