@@ -33,6 +33,9 @@ pub struct ConnectArgs {
     /// Grant file (from `fem trust grant`), presented to brokers with a trust anchor.
     #[arg(long, env = "FEM_GRANT")]
     pub grant: Option<PathBuf>,
+    /// Operator public key file: callers' grants must verify against it (repeatable).
+    #[arg(long = "trust-anchor", env = "FEM_TRUST_ANCHOR", value_delimiter = ',')]
+    pub trust_anchor: Vec<PathBuf>,
 }
 
 impl ConnectArgs {
@@ -60,6 +63,13 @@ impl ConnectArgs {
             let g = fem_proto::SignedGrant::from_text(&text)
                 .map_err(|e| SdkError::Config(format!("--grant {}: {e}", p.display())))?;
             o = o.grant(g);
+        }
+        let mut anchors = Vec::new();
+        for p in &self.trust_anchor {
+            anchors.push(crate::keys::load_public_key(p)?);
+        }
+        if !anchors.is_empty() {
+            o = o.trust_anchors(anchors);
         }
         Ok(o)
     }

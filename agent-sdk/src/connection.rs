@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use fem_proto::{
-    ALPN_NATIVE, AgentId, Body, Capability, Envelope, ErrorCode, Frame, Header, Nonce, NonceCache,
-    PublicKey, RegisterAgent, RequestId, SignedEnvelope, SigningKey,
+    ALPN_NATIVE, AgentId, Body, Capability, Envelope, ErrorCode, Frame, Header, Nonce, PublicKey,
+    RegisterAgent, RequestId, SignedEnvelope, SigningKey,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -360,11 +360,11 @@ async fn run_once(
         let sem = Arc::new(Semaphore::new(inner.max_concurrent.max(1)));
         tokio::spawn(
             async move {
-                let mut replay: HashMap<AgentId, NonceCache> = HashMap::new();
+                let mut seen = crate::dispatch::Seen::default();
                 while let Ok(Some(f)) = reader.next().await {
                     let at = u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX);
                     last_rx.store(at, Ordering::Relaxed);
-                    if !handle_inbound(&inner, f, epoch, &wtx, &sem, &mut replay) {
+                    if !handle_inbound(&inner, f, epoch, &wtx, &sem, &mut seen) {
                         break;
                     }
                 }

@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use fem_proto::{AgentId, Body, Envelope, ErrorCode, Frame, NonceCache, RequestId, ToolOutcome};
+use fem_proto::{
+    AgentId, Body, Envelope, ErrorCode, Frame, Grant, NonceCache, PublicKey, RequestId, ToolOutcome,
+};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, warn};
 
@@ -21,6 +23,52 @@ fn resolve(inner: &Inner, id: &RequestId, reply: Reply) {
     }
 }
 
+/// Callers' grants kept per connection at most (dropped whole when full).
+const MAX_GRANTS: usize = 10_000;
+
+/// What one connection has seen: replay caches per sender, and the grants
+/// of callers (verified against the agent's own trust anchors).
+#[derive(Debug, Default)]
+pub(crate) struct Seen {
+    replay: HashMap<AgentId, NonceCache>,
+    grants: HashMap<PublicKey, Grant>,
+}
+
+/// With trust anchors, a call runs only if the caller's grant (sent by the
+/// broker before the first call, verified here) binds its id to its key
+/// and allows this tool on this agent: a broker can drop calls but cannot
+/// make the agent run one the operator did not grant.
+fn check_caller(
+    inner: &Inner,
+    seen: &Seen,
+    caller: &AgentId,
+    signer: &PublicKey,
+    tool: &fem_proto::Capability,
+) -> Result<(), String> {
+    if inner.opts.trust_anchors.is_empty() {
+        return Ok(());
+    }
+    let g = seen
+        .grants
+        .get(signer)
+        .ok_or_else(|| format!("no valid grant of caller {caller} reached this agent"))?;
+    if fem_proto::now_ms() >= g.expires_ms {
+        return Err(format!("the grant of caller {caller} expired"));
+    }
+    if !g.may_register(caller) {
+        return Err(format!(
+            "the caller's grant does not bind id {caller} to its key"
+        ));
+    }
+    if !g.may_call(tool, &inner.id) {
+        return Err(format!(
+            "the grant of caller {caller} does not allow {tool} on {}",
+            inner.id
+        ));
+    }
+    Ok(())
+}
+
 /// Handles one frame from the broker; false ends the connection.
 pub(crate) fn handle_inbound(
     inner: &Arc<Inner>,
@@ -28,9 +76,25 @@ pub(crate) fn handle_inbound(
     epoch: u64,
     wtx: &mpsc::Sender<Frame>,
     sem: &Arc<Semaphore>,
-    replay: &mut HashMap<AgentId, NonceCache>,
+    seen: &mut Seen,
 ) -> bool {
     match frame {
+        Frame::Grant(g) => {
+            if !inner.opts.trust_anchors.is_empty() {
+                match g.verify(&inner.opts.trust_anchors, fem_proto::now_ms()) {
+                    Ok(v) => {
+                        if seen.grants.len() >= MAX_GRANTS {
+                            seen.grants.clear();
+                        }
+                        seen.grants.insert(v.grant.subject, v.grant);
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "a caller's grant from the broker does not verify; ignored")
+                    }
+                }
+            }
+            true
+        }
         Frame::Deliver { envelope, signer } => {
             let format = envelope.format;
             let env = match envelope.verify(&signer) {
@@ -40,7 +104,8 @@ pub(crate) fn handle_inbound(
                     return true;
                 }
             };
-            let cache = replay
+            let cache = seen
+                .replay
                 .entry(env.header.sender.clone())
                 .or_insert_with(|| NonceCache::new(fem_proto::DEFAULT_REPLAY_WINDOW_MS, 1_000_000));
             if let Err(e) = cache.check(
@@ -64,7 +129,23 @@ pub(crate) fn handle_inbound(
             }
             let Envelope { header, body } = env;
             match body {
-                Body::ToolCall(call) => serve_call(inner, epoch, format, header, signer, call, sem),
+                Body::ToolCall(call) => {
+                    if let Err(why) = check_caller(inner, seen, &header.sender, &signer, &call.tool)
+                    {
+                        warn!(caller = %header.sender, %why, "call refused end to end");
+                        reply_error(
+                            inner,
+                            epoch,
+                            format,
+                            call.request_id,
+                            header.sender,
+                            ErrorCode::PermissionDenied,
+                            why,
+                        );
+                        return true;
+                    }
+                    serve_call(inner, epoch, format, header, signer, call, sem);
+                }
                 Body::ToolResult(r) => {
                     let reply = match r.outcome {
                         ToolOutcome::Success(v) => v.parse().map_err(|e| {
@@ -164,10 +245,7 @@ pub(crate) fn handle_inbound(
             warn!(%code, %reason, "broker denied the session");
             false
         }
-        Frame::Envelope(_)
-        | Frame::Subscribe { .. }
-        | Frame::Unsubscribe { .. }
-        | Frame::Grant(_) => {
+        Frame::Envelope(_) | Frame::Subscribe { .. } | Frame::Unsubscribe { .. } => {
             debug!("ignoring a client-only frame from the broker");
             true
         }

@@ -30,6 +30,9 @@ pub struct Options {
     /// The client's grant, presented before every registration (needed
     /// where the broker has a trust anchor).
     pub grant: Option<fem_proto::SignedGrant>,
+    /// Operator keys: when set, an agent runs a call only if the caller's
+    /// grant verifies against them and allows it (end-to-end check).
+    pub trust_anchors: Vec<fem_proto::PublicKey>,
 }
 
 impl Options {
@@ -58,6 +61,7 @@ impl Options {
             call_timeout: Duration::from_secs(30),
             max_frame: fem_proto::DEFAULT_MAX_FRAME,
             grant: None,
+            trust_anchors: Vec::new(),
         }
     }
 
@@ -72,6 +76,13 @@ impl Options {
     #[must_use]
     pub fn transport(mut self, t: Transport) -> Self {
         self.transport = t;
+        self
+    }
+
+    /// Sets the operator keys that callers' grants must verify against.
+    #[must_use]
+    pub fn trust_anchors(mut self, anchors: Vec<fem_proto::PublicKey>) -> Self {
+        self.trust_anchors = anchors;
         self
     }
 

@@ -30,10 +30,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 pub use config::{BrokerConfig, FederationConfig, FederationMode};
-use fem_proto::{AgentId, PublicKey};
 /// TLS configuration and the development CA (from fem-net).
 pub use fem_net::tls;
 pub use fem_net::tls::TlsSource;
+use fem_proto::{AgentId, PublicKey};
 pub use metrics::Metrics;
 pub use route::Profile;
 

@@ -127,9 +127,8 @@ async fn dial(
     name: &str,
 ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
     let endpoint = shared.fed.endpoint.get().ok_or("no endpoint")?;
-    let tls =
-        fem_net::tls::client_config(&shared.config.federation.trust, &[ALPN_FEDERATION])
-            .map_err(|e| e.to_string())?;
+    let tls = fem_net::tls::client_config(&shared.config.federation.trust, &[ALPN_FEDERATION])
+        .map_err(|e| e.to_string())?;
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
     let cfg = quinn::ClientConfig::new(Arc::new(crypto));

@@ -357,3 +357,149 @@ async fn a_grants_rate_limit_answers_rate_limited() {
     })
     .await;
 }
+
+/// A compromised broker (a TLS server speaking fem/1 that the test
+/// controls) forges calls to an agent that trusts the operator: signed by a
+/// throw-away key without a grant, then with a grant from a rogue operator.
+/// The agent's SDK refuses both and runs nothing; a call whose caller holds
+/// a real grant runs (the control).
+#[tokio::test]
+async fn a_forging_broker_cannot_make_an_agent_run_a_call() {
+    use fem_net::wire::FrameReader;
+    use fem_proto::{Accepted, Body, Envelope, Frame, Header, ToolCall, ToolOutcome};
+    use tokio::io::AsyncWriteExt as _;
+
+    bounded(60, async {
+        let op = SigningKey::generate();
+        let addr = host(165);
+        let dir = tempfile::tempdir().unwrap();
+        let material = fem_broker::tls::load_material(
+            &fem_broker::TlsSource::SelfSigned,
+            dir.path(),
+            &[addr.ip().to_string()],
+        )
+        .unwrap();
+        let server = fem_broker::tls::server_config(&material, &[fem_proto::ALPN_NATIVE]).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+
+        // The victim agent trusts the operator's key.
+        let ak = SigningKey::generate();
+        let ag = grant(&op, &ak, &["victim"], &["echo.*", "echo"], &[], &[]);
+        let opts = Options::new(&format!("tls://{addr}"))
+            .unwrap()
+            .trust(fem_agent_sdk::Trust::CaFile(
+                material.ca_path.clone().unwrap(),
+            ))
+            .grant(ag)
+            .trust_anchors(vec![op.public_key()]);
+        let ran = Arc::new(Mutex::new(0));
+        let agent_task = {
+            let ran = Arc::clone(&ran);
+            tokio::spawn(async move {
+                AgentBuilder::new(AgentId::new("victim").unwrap(), ak)
+                    .capability("echo.basic")
+                    .unwrap()
+                    .tool(echo_tool(ran))
+                    .connect(opts)
+                    .await
+            })
+        };
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = acceptor.accept(tcp).await.unwrap();
+        let (r, mut w) = tokio::io::split(tls);
+        let mut reader = FrameReader::new(r, 1 << 20);
+        let send = |f: Frame| {
+            let mut buf = Vec::new();
+            fem_proto::encode_frame(&f, &mut buf, 1 << 20).unwrap();
+            buf
+        };
+        // Grant, then registration; the forging broker accepts.
+        assert!(matches!(
+            reader.next().await.unwrap(),
+            Some(Frame::Grant(_))
+        ));
+        assert!(matches!(
+            reader.next().await.unwrap(),
+            Some(Frame::Envelope(_))
+        ));
+        let accepted = Frame::Accepted(Accepted {
+            agent_id: AgentId::new("victim").unwrap(),
+            broker_id: AgentId::new("forger").unwrap(),
+            broker_key: SigningKey::generate().public_key(),
+            heartbeat_interval_ms: 10_000,
+            grace_ms: 30_000,
+            max_frame: 1 << 20,
+        });
+        w.write_all(&send(accepted)).await.unwrap();
+        let _agent = agent_task.await.unwrap().unwrap();
+
+        let evil = SigningKey::generate();
+        let call = |n: u8| {
+            let c = ToolCall {
+                request_id: fem_proto::RequestId([n; 16]),
+                target: Target::Agent(AgentId::new("victim").unwrap()),
+                tool: fem_proto::Capability::new("echo").unwrap(),
+                parameters: fem_proto::JsonText::new("{}").unwrap(),
+                deadline_ms: now() + 10_000,
+            };
+            let env = Envelope::new(
+                Header::now(AgentId::new("evil").unwrap()),
+                Body::ToolCall(c),
+            );
+            Frame::Deliver {
+                envelope: fem_proto::SignedEnvelope::sign(&env, &evil).unwrap(),
+                signer: evil.public_key(),
+            }
+        };
+        let outcome = async |reader: &mut FrameReader<_>| loop {
+            match reader.next().await.unwrap() {
+                Some(Frame::Envelope(s)) => {
+                    if let Body::ToolResult(r) = s.open().unwrap().body {
+                        return r.outcome;
+                    }
+                }
+                Some(_) => continue,
+                None => panic!("the agent closed the connection"),
+            }
+        };
+        // 1. A forged call, no grant at all.
+        w.write_all(&send(call(1))).await.unwrap();
+        let o = outcome(&mut reader).await;
+        assert!(
+            matches!(
+                o,
+                ToolOutcome::Error {
+                    code: ErrorCode::PermissionDenied,
+                    ..
+                }
+            ),
+            "{o:?}"
+        );
+        // 2. With a grant from a rogue operator.
+        let rogue = SigningKey::generate();
+        let fake = grant(&rogue, &evil, &["evil"], &[], &["echo"], &[]);
+        w.write_all(&send(Frame::Grant(fake))).await.unwrap();
+        w.write_all(&send(call(2))).await.unwrap();
+        let o = outcome(&mut reader).await;
+        assert!(
+            matches!(
+                o,
+                ToolOutcome::Error {
+                    code: ErrorCode::PermissionDenied,
+                    ..
+                }
+            ),
+            "{o:?}"
+        );
+        assert_eq!(*ran.lock().unwrap(), 0, "no forged call ran");
+        // 3. The control: the caller holds a real grant for echo.
+        let real = grant(&op, &evil, &["evil"], &[], &["echo"], &[]);
+        w.write_all(&send(Frame::Grant(real))).await.unwrap();
+        w.write_all(&send(call(3))).await.unwrap();
+        let o = outcome(&mut reader).await;
+        assert!(matches!(o, ToolOutcome::Success(_)), "{o:?}");
+        assert_eq!(*ran.lock().unwrap(), 1);
+    })
+    .await;
+}
