@@ -35,14 +35,7 @@ pub fn load_key(path: &Path) -> Result<SigningKey, NetError> {
 /// # Errors
 /// [`NetError::Io`] on I/O failure or when the path exists.
 pub fn save_key(path: &Path, key: &SigningKey) -> Result<(), NetError> {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| NetError::io(path, e))?;
-    writeln!(f, "{}", hex::encode(key.seed())).map_err(|e| NetError::io(path, e))
+    write_no_follow(path, &hex::encode(key.seed()), Replace::No, 0o600)
 }
 
 /// Writes a public key file (hex, mode 0644), replacing a file at `path`
@@ -51,15 +44,31 @@ pub fn save_key(path: &Path, key: &SigningKey) -> Result<(), NetError> {
 /// # Errors
 /// [`NetError::Io`] on I/O failure or when `path` is a symbolic link.
 pub fn save_public_key(path: &Path, key: &PublicKey) -> Result<(), NetError> {
-    let mut f = fs::OpenOptions::new()
+    write_no_follow(path, &key.to_string(), Replace::Yes, 0o644)
+}
+
+/// Whether [`write_no_follow`] may replace an existing file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Replace {
+    Yes,
+    No,
+}
+
+/// Writes `line` and a newline to `path`, created with `mode`, never through
+/// a symbolic link (`O_NOFOLLOW`); an existing file is truncated with
+/// [`Replace::Yes`] and refused (`O_EXCL`) with [`Replace::No`].
+fn write_no_follow(path: &Path, line: &str, replace: Replace, mode: u32) -> Result<(), NetError> {
+    let mut options = fs::OpenOptions::new();
+    options
         .write(true)
-        .create(true)
-        .truncate(true)
         .custom_flags(libc::O_NOFOLLOW)
-        .mode(0o644)
-        .open(path)
-        .map_err(|e| NetError::io(path, e))?;
-    writeln!(f, "{key}").map_err(|e| NetError::io(path, e))
+        .mode(mode);
+    match replace {
+        Replace::Yes => options.create(true).truncate(true),
+        Replace::No => options.create_new(true),
+    };
+    let mut f = options.open(path).map_err(|e| NetError::io(path, e))?;
+    writeln!(f, "{line}").map_err(|e| NetError::io(path, e))
 }
 
 /// Reads a public key file (hex).
