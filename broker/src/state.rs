@@ -31,6 +31,8 @@ pub(crate) struct ClientHandle {
     pub(crate) close: Notify,
     /// Time of the last frame received, ms since the epoch.
     pub(crate) last_seen_ms: AtomicU64,
+    /// The session's verified grant (with a trust anchor), for revocation.
+    pub(crate) credential: Mutex<Option<Arc<crate::route::admission::Credential>>>,
 }
 
 impl ClientHandle {
@@ -40,6 +42,7 @@ impl ClientHandle {
             close_reason: Mutex::new(None),
             close: Notify::new(),
             last_seen_ms: AtomicU64::new(fem_proto::now_ms()),
+            credential: Mutex::new(None),
         })
     }
 
@@ -348,6 +351,45 @@ impl Shared {
     pub(crate) fn remove_link(&self, id: LinkId) {
         self.route(|r, now| r.link_down(now, id));
         self.links.remove(&id);
+    }
+
+    /// Applies a revocation (from a client, an operator or a peer `from`):
+    /// persisted, sessions of revoked grants closed at once (their calls
+    /// answered), and passed on to every other peer. Returns whether it was new.
+    ///
+    /// # Errors
+    /// As [`crate::trust::Trust::revoke`].
+    pub(crate) fn apply_revocation(
+        &self,
+        signed: &fem_proto::SignedRevocation,
+        from: Option<LinkId>,
+    ) -> Result<bool, crate::route::admission::Refusal> {
+        let Some(r) = self.trust.revoke(signed)? else {
+            return Ok(false);
+        };
+        let mut closed = 0;
+        for c in &self.clients {
+            let hit = c
+                .credential
+                .lock()
+                .ok()
+                .and_then(|g| g.clone())
+                .is_some_and(|cred| r.revokes(&cred.grant, &cred.chain));
+            if hit {
+                closed += 1;
+                c.evict(
+                    ErrorCode::PermissionDenied,
+                    "the session's grant was revoked".into(),
+                );
+            }
+        }
+        for l in &self.links {
+            if Some(*l.key()) != from {
+                let _ = l.tx.try_send(FedFrame::Revocations(vec![signed.clone()]));
+            }
+        }
+        tracing::info!(revocation = %hex::encode(r.id), sessions_closed = closed, "revocation applied");
+        Ok(true)
     }
 
     /// Calls awaiting an answer.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
-use fem_proto::{AgentId, ErrorCode, PublicKey, SignedGrant};
+use fem_proto::{AgentId, ErrorCode, PublicKey, Revocation, SignedGrant, SignedRevocation};
 use sha2::Digest as _;
 
 use crate::route::admission::{Credential, Refusal};
@@ -31,12 +31,24 @@ pub(crate) struct Trust {
     buckets: DashMap<[u8; 16], Mutex<Bucket>>,
     bindings: Mutex<HashMap<AgentId, PublicKey>>,
     bindings_file: PathBuf,
+    revocations: Mutex<Vec<(Revocation, SignedRevocation)>>,
+    revocations_file: PathBuf,
 }
 
 impl Trust {
     /// Trust with `anchors` (none: development trust, bindings in `data_dir`).
     pub(crate) fn new(anchors: Vec<PublicKey>, data_dir: &Path) -> Self {
         let bindings_file = data_dir.join("id-bindings");
+        let revocations_file = data_dir.join("revocations");
+        let mut revocations = Vec::new();
+        if let Ok(text) = std::fs::read_to_string(&revocations_file) {
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                match SignedRevocation::from_text(line).and_then(|s| Ok((s.verify(&anchors)?, s))) {
+                    Ok(r) => revocations.push(r),
+                    Err(e) => tracing::warn!(error = %e, "stored revocation ignored"),
+                }
+            }
+        }
         let mut bindings = HashMap::new();
         if anchors.is_empty() {
             if let Ok(text) = std::fs::read_to_string(&bindings_file) {
@@ -56,6 +68,8 @@ impl Trust {
             buckets: DashMap::new(),
             bindings: Mutex::new(bindings),
             bindings_file,
+            revocations: Mutex::new(revocations),
+            revocations_file,
         }
     }
 
@@ -81,6 +95,12 @@ impl Trust {
         let v = signed
             .verify(&self.anchors, now)
             .map_err(|e| (ErrorCode::PermissionDenied, format!("grant refused: {e}")))?;
+        if self.revoked(&v.grant, &v.chain) {
+            return Err((
+                ErrorCode::PermissionDenied,
+                format!("grant {} is revoked", hex::encode(v.grant.id)),
+            ));
+        }
         let c = Arc::new(Credential {
             grant: v.grant,
             chain: v.chain,
@@ -91,6 +111,62 @@ impl Trust {
         }
         self.cache.insert(digest, Arc::clone(&c));
         Ok(c)
+    }
+
+    fn revoked(&self, grant: &fem_proto::Grant, chain: &[[u8; 16]]) -> bool {
+        lock(&self.revocations)
+            .iter()
+            .any(|(r, _)| r.revokes(grant, chain))
+    }
+
+    /// Verifies and records a revocation (persisted in the data directory);
+    /// returns it when it is new, `None` when it was known.
+    ///
+    /// # Errors
+    /// `BAD_REQUEST` without a trust anchor or for a malformed revocation;
+    /// `PERMISSION_DENIED` when no anchor signed it.
+    pub(crate) fn revoke(&self, signed: &SignedRevocation) -> Result<Option<Revocation>, Refusal> {
+        if !self.enforced() {
+            return Err((
+                ErrorCode::BadRequest,
+                "development trust: this broker has no trust anchor, so nothing to revoke".into(),
+            ));
+        }
+        let r = signed.verify(&self.anchors).map_err(|e| match e {
+            fem_proto::GrantError::Malformed(_) => (ErrorCode::BadRequest, e.to_string()),
+            _ => (
+                ErrorCode::PermissionDenied,
+                format!("revocation refused: {e}"),
+            ),
+        })?;
+        let mut list = lock(&self.revocations);
+        if list.iter().any(|(x, _)| x.id == r.id) {
+            return Ok(None);
+        }
+        let line = signed
+            .to_text()
+            .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.revocations_file)
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = written {
+            tracing::warn!(error = %e, file = %self.revocations_file.display(), "revocation not persisted");
+        }
+        list.push((r.clone(), signed.clone()));
+        drop(list);
+        // Cached grants are checked again on their next use.
+        self.cache.clear();
+        Ok(Some(r))
+    }
+
+    /// Every revocation held (sent to a peer when a link comes up).
+    pub(crate) fn revocations(&self) -> Vec<SignedRevocation> {
+        lock(&self.revocations)
+            .iter()
+            .map(|(_, s)| s.clone())
+            .collect()
     }
 
     /// Takes one call from the grant's rate limit, if it has one.
@@ -150,10 +226,7 @@ impl Trust {
     }
 
     fn check(&self, id: &AgentId, key: &PublicKey, bind: bool) -> Result<(), Refusal> {
-        let mut b = self
-            .bindings
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut b = lock(&self.bindings);
         match b.get(id) {
             Some(k) if k == key => Ok(()),
             Some(k) => Err((
@@ -180,4 +253,8 @@ impl Trust {
             }
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

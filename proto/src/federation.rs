@@ -133,6 +133,9 @@ pub enum FedFrame {
         /// Detail.
         message: String,
     },
+    /// Revocations the sender holds: all of them when a link comes up (so
+    /// peers reconcile after a partition), then each new one as it arrives.
+    Revocations(Vec<crate::grant::SignedRevocation>),
 }
 
 /// The feature a broker announces in registerBroker when it relays calls

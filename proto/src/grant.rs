@@ -505,6 +505,128 @@ pub struct Verified {
     pub chain: Vec<[u8; 16]>,
 }
 
+/// Domain-separation tag of revocation signatures.
+pub const REVOCATION_DOMAIN: &[u8] = b"fem/1 revocation\n";
+
+/// What a revocation withdraws: every grant of a key, one grant (and every
+/// grant signed under it), or a key's grants issued before a time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Revocation {
+    /// Format version (1).
+    pub version: u8,
+    /// Random id (brokers keep each once).
+    pub id: [u8; 16],
+    /// When it was signed, ms since the epoch.
+    pub issued_ms: u64,
+    /// The key whose grants are revoked (all of them, or those before `before_ms`).
+    pub subject: Option<PublicKey>,
+    /// One grant (by id) revoked wherever it appears in a chain.
+    pub grant_id: Option<[u8; 16]>,
+    /// With `subject`: only grants issued before this time.
+    pub before_ms: Option<u64>,
+}
+
+impl Revocation {
+    /// Whether a verified grant (its leaf and chain ids) is revoked.
+    pub fn revokes(&self, grant: &Grant, chain: &[[u8; 16]]) -> bool {
+        if self.grant_id.is_some_and(|g| chain.contains(&g)) {
+            return true;
+        }
+        match (self.subject, self.before_ms) {
+            (Some(k), None) => grant.subject == k,
+            (Some(k), Some(t)) => grant.subject == k && grant.issued_ms < t,
+            (None, _) => false,
+        }
+    }
+
+    /// Signs the revocation (with an operator key, a trust anchor).
+    ///
+    /// # Errors
+    /// [`ProtoError::Encode`] on serialisation failure.
+    pub fn sign(&self, key: &SigningKey) -> Result<SignedRevocation, ProtoError> {
+        let body = postcard::to_allocvec(self).map_err(|e| ProtoError::Encode(e.to_string()))?;
+        let signature = key.sign(&revocation_input(&body));
+        Ok(SignedRevocation {
+            body,
+            signer: key.public_key(),
+            signature,
+        })
+    }
+}
+
+fn revocation_input(body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(REVOCATION_DOMAIN.len() + body.len());
+    v.extend_from_slice(REVOCATION_DOMAIN);
+    v.extend_from_slice(body);
+    v
+}
+
+/// A revocation signed by a trust anchor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SignedRevocation {
+    /// The postcard bytes of the [`Revocation`].
+    pub body: Vec<u8>,
+    /// Who signed it (must be a trust anchor).
+    pub signer: PublicKey,
+    /// Ed25519 over [`REVOCATION_DOMAIN`] and `body`.
+    pub signature: Signature,
+}
+
+impl SignedRevocation {
+    /// Verifies the signature by one of `anchors` and decodes.
+    ///
+    /// # Errors
+    /// [`GrantError::UnknownIssuer`], [`GrantError::BadSignature`] or [`GrantError::Malformed`].
+    pub fn verify(&self, anchors: &[PublicKey]) -> Result<Revocation, GrantError> {
+        if !anchors.contains(&self.signer) {
+            return Err(GrantError::UnknownIssuer(self.signer.fingerprint()));
+        }
+        self.signer
+            .verify(&revocation_input(&self.body), &self.signature)
+            .map_err(|_| GrantError::BadSignature)?;
+        self.decode()
+    }
+
+    /// Decodes without checking the signature (for display).
+    ///
+    /// # Errors
+    /// [`GrantError::Malformed`].
+    pub fn decode(&self) -> Result<Revocation, GrantError> {
+        let r: Revocation =
+            postcard::from_bytes(&self.body).map_err(|e| GrantError::Malformed(e.to_string()))?;
+        if r.version != 1 || (r.subject.is_none() && r.grant_id.is_none()) {
+            return Err(GrantError::Malformed(
+                "a revocation names a key or a grant".into(),
+            ));
+        }
+        Ok(r)
+    }
+
+    /// The file form: base64 of the postcard bytes, one line.
+    ///
+    /// # Errors
+    /// [`ProtoError::Encode`] on serialisation failure.
+    pub fn to_text(&self) -> Result<String, ProtoError> {
+        use base64::Engine as _;
+        let bytes = postcard::to_allocvec(self).map_err(|e| ProtoError::Encode(e.to_string()))?;
+        Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    /// Parses the file form.
+    ///
+    /// # Errors
+    /// [`GrantError::Malformed`].
+    pub fn from_text(text: &str) -> Result<Self, GrantError> {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .map_err(|e| GrantError::Malformed(format!("not base64: {e}")))?;
+        postcard::from_bytes(&bytes).map_err(|e| GrantError::Malformed(e.to_string()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -643,6 +765,42 @@ mod tests {
                 .verify(&[op.public_key()], 2_000)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn revocations_name_keys_grants_and_times() {
+        let op = SigningKey::generate();
+        let k = SigningKey::generate();
+        let g = grant(&k);
+        let r = Revocation {
+            version: 1,
+            id: [9; 16],
+            issued_ms: 5_000,
+            subject: Some(k.public_key()),
+            grant_id: None,
+            before_ms: Some(1_000),
+        };
+        assert!(!r.revokes(&g, &[g.id]), "issued at 1000, not before");
+        let r = Revocation {
+            before_ms: Some(1_001),
+            ..r
+        };
+        assert!(r.revokes(&g, &[g.id]));
+        let by_id = Revocation {
+            subject: None,
+            grant_id: Some([7; 16]),
+            before_ms: None,
+            ..r
+        };
+        assert!(
+            by_id.revokes(&g, &[g.id, [7; 16]]),
+            "an ancestor's id revokes the chain"
+        );
+        let signed = by_id.sign(&op).expect("sign");
+        assert!(signed.verify(&[op.public_key()]).is_ok());
+        assert!(signed.verify(&[k.public_key()]).is_err());
+        let back = SignedRevocation::from_text(&signed.to_text().expect("text")).expect("parse");
+        assert_eq!(back, signed);
     }
 
     #[test]

@@ -45,7 +45,10 @@ pub use frame::{
     Accepted, DEFAULT_MAX_FRAME, FRAME_HEADER_LEN, Frame, FrameDecoder, decode_frame_payload,
     decode_message, encode_frame, encode_message, frame_len,
 };
-pub use grant::{CallRule, Grant, GrantError, GrantLink, IdPattern, Role, SignedGrant};
+pub use grant::{
+    CallRule, Grant, GrantError, GrantLink, IdPattern, Revocation, Role, SignedGrant,
+    SignedRevocation,
+};
 pub use ids::{AgentId, Capability, CapabilityPattern, MAX_ID_LEN, MAX_NAME_LEN, Nonce, RequestId};
 pub use keys::{PublicKey, Signature, SigningKey};
 pub use replay::{DEFAULT_REPLAY_WINDOW_MS, NonceCache};

@@ -218,7 +218,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Trust(cmd) => {
-            trust::run(cmd)?;
+            trust::run(cmd).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Sign { envelope, key } => {

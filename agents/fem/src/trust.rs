@@ -8,7 +8,9 @@ use anyhow::Context as _;
 use clap::Subcommand;
 use fem_agent_sdk::keys;
 use fem_proto::grant::RateLimit;
-use fem_proto::{CallRule, CapabilityPattern, Grant, IdPattern, Role, SignedGrant};
+use fem_proto::{
+    CallRule, CapabilityPattern, Grant, IdPattern, Revocation, Role, SignedGrant, SignedRevocation,
+};
 
 /// `fem trust ...`
 #[derive(Debug, Subcommand)]
@@ -77,7 +79,33 @@ pub(crate) enum TrustCmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Print a grant file in readable form (and verify it if --anchor is given).
+    /// Write a signed revocation: every grant of a key, one grant (with every
+    /// grant signed under it), or a key's grants issued before a time.
+    Revoke {
+        /// The operator key (a trust anchor).
+        #[arg(long)]
+        key: PathBuf,
+        /// Public key file whose grants are revoked.
+        #[arg(long, required_unless_present = "grant_id")]
+        subject: Option<PathBuf>,
+        /// The id of one grant (hex, as `fem trust show` prints it).
+        #[arg(long)]
+        grant_id: Option<String>,
+        /// With --subject: only grants issued before this time (RFC 3339, e.g. 2026-11-26T12:00:00Z).
+        #[arg(long, requires = "subject")]
+        before: Option<String>,
+        /// Revocation file to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Deliver a revocation to a broker (it applies it and passes it to its peers).
+    Push {
+        #[command(flatten)]
+        conn: fem_agent_sdk::cli::ConnectArgs,
+        /// The revocation file.
+        file: PathBuf,
+    },
+    /// Print a grant or revocation file in readable form (and verify it if --anchor is given).
     Show {
         /// The grant file.
         file: PathBuf,
@@ -88,8 +116,50 @@ pub(crate) enum TrustCmd {
 }
 
 /// Runs a `fem trust` command.
-pub(crate) fn run(cmd: TrustCmd) -> anyhow::Result<()> {
+pub(crate) async fn run(cmd: TrustCmd) -> anyhow::Result<()> {
     match cmd {
+        TrustCmd::Revoke {
+            key,
+            subject,
+            grant_id,
+            before,
+            out,
+        } => {
+            let grant_id = grant_id
+                .map(|h| {
+                    let mut b = [0u8; 16];
+                    hex::decode_to_slice(h.trim(), &mut b)
+                        .map(|()| b)
+                        .context("--grant-id needs the 32 hex digits of a grant id")
+                })
+                .transpose()?;
+            let before_ms = before
+                .map(|t| {
+                    let at = humantime::parse_rfc3339_weak(&t)
+                        .with_context(|| format!("--before {t:?}"))?;
+                    let ms = at
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_err(|_| anyhow::anyhow!("--before is before 1970"))?
+                        .as_millis();
+                    Ok::<u64, anyhow::Error>(u64::try_from(ms).unwrap_or(u64::MAX))
+                })
+                .transpose()?;
+            let mut id = [0u8; 16];
+            rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut id);
+            let r = Revocation {
+                version: 1,
+                id,
+                issued_ms: fem_proto::now_ms(),
+                subject: subject.as_deref().map(keys::load_public_key).transpose()?,
+                grant_id,
+                before_ms,
+            };
+            let signed = r.sign(&keys::load_key(&key)?)?;
+            create_new(&out, &signed.to_text()?)?;
+            println!("revocation written to {}", out.display());
+            Ok(())
+        }
+        TrustCmd::Push { conn, file } => push(&conn, &file).await,
         TrustCmd::Init { out } => {
             std::fs::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
             let key = fem_proto::SigningKey::generate();
@@ -158,6 +228,33 @@ pub(crate) fn run(cmd: TrustCmd) -> anyhow::Result<()> {
             write_grant(&out, &signed)
         }
         TrustCmd::Show { file, anchor } => {
+            let text =
+                std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
+            let mut anchors = Vec::new();
+            for a in &anchor {
+                anchors.push(keys::load_public_key(a)?);
+            }
+            if let Ok(r) = SignedRevocation::from_text(&text) {
+                let d = r.decode()?;
+                println!("revocation {}", hex::encode(d.id));
+                println!("  signed by: {}", r.signer);
+                println!("  issued:    {} ms", d.issued_ms);
+                if let Some(k) = d.subject {
+                    println!("  key:       {k}");
+                }
+                if let Some(g) = d.grant_id {
+                    println!("  grant:     {}", hex::encode(g));
+                }
+                if let Some(t) = d.before_ms {
+                    println!("  before:    {t} ms");
+                }
+                if !anchors.is_empty() {
+                    r.verify(&anchors)
+                        .map_err(|e| anyhow::anyhow!("does not verify: {e}"))?;
+                    println!("verified against the given anchor(s)");
+                }
+                return Ok(());
+            }
             let signed = read_grant(&file)?;
             for (i, link) in signed.chain.iter().enumerate() {
                 let g = SignedGrant {
@@ -168,11 +265,7 @@ pub(crate) fn run(cmd: TrustCmd) -> anyhow::Result<()> {
                 println!("{label} {}", hex::encode(g.id));
                 print_grant(&g, &link.signer);
             }
-            if !anchor.is_empty() {
-                let mut anchors = Vec::new();
-                for a in &anchor {
-                    anchors.push(keys::load_public_key(a)?);
-                }
+            if !anchors.is_empty() {
                 match signed.verify(&anchors, fem_proto::now_ms()) {
                     Ok(_) => println!("verified against the given anchor(s)"),
                     Err(e) => anyhow::bail!("does not verify: {e}"),
@@ -225,16 +318,58 @@ pub(crate) fn read_grant(path: &Path) -> anyhow::Result<SignedGrant> {
     SignedGrant::from_text(&text).with_context(|| format!("{}", path.display()))
 }
 
-/// Creates a grant file; never overwrites and never follows a symlink
-/// (create_new fails on any existing path, a dangling link included).
+/// Creates a grant file.
 fn write_grant(path: &Path, g: &SignedGrant) -> anyhow::Result<()> {
+    create_new(path, &g.to_text()?)?;
+    println!("grant written to {}", path.display());
+    Ok(())
+}
+
+/// Writes a new file; never overwrites and never follows a symlink
+/// (create_new fails on any existing path, a dangling link included).
+fn create_new(path: &Path, text: &str) -> anyhow::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
-        .with_context(|| format!("{} (grant files are never overwritten)", path.display()))?;
-    writeln!(f, "{}", g.to_text()?).with_context(|| format!("{}", path.display()))?;
-    println!("grant written to {}", path.display());
+        .with_context(|| format!("{} (trust files are never overwritten)", path.display()))?;
+    writeln!(f, "{text}").with_context(|| format!("{}", path.display()))
+}
+
+/// POSTs a revocation to the broker's `/v1/revocations` over HTTPS.
+async fn push(conn: &fem_agent_sdk::cli::ConnectArgs, file: &Path) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let text = std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
+    SignedRevocation::from_text(&text).with_context(|| format!("{}", file.display()))?;
+    let opts = conn.options()?;
+    let tls = fem_agent_sdk::tls::client_config(&opts.trust, &[b"http/1.1"])?;
+    let name = rustls::pki_types::ServerName::try_from(opts.host.clone())
+        .with_context(|| format!("broker host {:?}", opts.host))?;
+    let body = text.trim();
+    let request = format!(
+        "POST /v1/revocations HTTP/1.1\r\nHost: {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        opts.endpoint(),
+        body.len()
+    );
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect((opts.host.as_str(), opts.port)).await?;
+        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+            .connect(name, tcp)
+            .await?;
+        tls.write_all(request.as_bytes()).await?;
+        let mut answer = Vec::new();
+        tls.read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {} within 10 s", opts.endpoint()))?
+        .with_context(|| format!("POST https://{}/v1/revocations", opts.endpoint()))?;
+    let answer = String::from_utf8_lossy(&answer);
+    let status = answer.split_whitespace().nth(1).unwrap_or("?");
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim();
+    anyhow::ensure!(status == "200", "broker answered {status}: {body}");
+    println!("{body}");
     Ok(())
 }
 

@@ -215,6 +215,11 @@ where
             return LinkEnd::Other;
         }
         info!("federation link up");
+        // Every revocation we hold, so a peer that missed some catches up.
+        let held = shared.trust.revocations();
+        if !held.is_empty() {
+            let _ = fed_tx.try_send(FedFrame::Revocations(held));
+        }
         let timeout = shared.config.federation.link_timeout;
         let mut ping = tokio::time::interval(shared.config.federation.ping_interval);
         let mut last_rx = Instant::now();
@@ -314,6 +319,13 @@ fn handle_frame(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>,
         }
         FedFrame::Pong { .. } | FedFrame::Hello(_) => {}
         FedFrame::Refused { code, reason } => warn!(%code, %reason, "peer refused the link"),
+        FedFrame::Revocations(list) => {
+            for r in &list {
+                if let Err((code, message)) = shared.apply_revocation(r, Some(link)) {
+                    warn!(%code, %message, "revocation from a peer refused");
+                }
+            }
+        }
         FedFrame::Call { .. } | FedFrame::Result { .. } | FedFrame::CallFailed { .. } => {
             warn!("relay/1 message from a relay/2 peer; dropped");
         }

@@ -37,8 +37,32 @@ pub(crate) fn tls_router(shared: Arc<Shared>) -> Router {
         .route("/v1/routes", get(routes))
         .route("/v1/call", post(gateway::call))
         .route("/v1/discover", post(gateway::discover))
+        .route("/v1/revocations", post(revocations))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(shared)
+}
+
+/// `POST /v1/revocations`: a signed revocation in its file form. Anyone may
+/// deliver one: its signature by a trust anchor is what counts.
+async fn revocations(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
+    let text = String::from_utf8_lossy(&body);
+    let outcome = fem_proto::SignedRevocation::from_text(&text)
+        .map_err(|e| (fem_proto::ErrorCode::BadRequest, e.to_string()))
+        .and_then(|r| s.apply_revocation(&r, None));
+    match outcome {
+        Ok(applied) => axum::Json(json!({"applied": applied})).into_response(),
+        Err((code, message)) => {
+            let status = match code {
+                fem_proto::ErrorCode::PermissionDenied => StatusCode::FORBIDDEN,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            (
+                status,
+                axum::Json(json!({"error": {"code": code.as_str(), "message": message}})),
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn health(State(s): State<Arc<Shared>>) -> Response {

@@ -211,6 +211,9 @@ async fn register<R: AsyncRead + Unpin>(
             )
         })
         .map_err(refused)?;
+    if let Ok(mut c) = handle.credential.lock() {
+        c.clone_from(&credential);
+    }
     info!(agent = %id, key = %public_key.fingerprint(), tools = n_tools, "agent registered");
     Ok(Identity {
         client,
