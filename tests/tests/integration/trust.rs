@@ -503,3 +503,211 @@ async fn a_forging_broker_cannot_make_an_agent_run_a_call() {
     })
     .await;
 }
+
+/// Broker `i` of a mesh over `addrs` with anchor `op`, in `dir` (which
+/// holds the shared development CA), as `fem-broker` would start it.
+async fn mesh_member(
+    addrs: &[std::net::SocketAddr],
+    i: usize,
+    dir: &std::path::Path,
+    ca: &std::path::Path,
+    op: &SigningKey,
+) -> fem_broker::Broker {
+    let peers = addrs
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != i)
+        .map(|(_, a)| format!("https://{a}"))
+        .collect();
+    let config = fem_broker::BrokerConfig {
+        listen: addrs[i],
+        data_dir: dir.to_owned(),
+        broker_id: AgentId::new(format!("rv-{i}")).unwrap(),
+        shutdown_grace: Duration::from_millis(200),
+        trust_anchors: vec![op.public_key()],
+        federation: fem_broker::FederationConfig {
+            mode: fem_broker::FederationMode::Mesh,
+            peers,
+            trust: fem_agent_sdk::Trust::CaFile(ca.to_owned()),
+            link_timeout: Duration::from_millis(1500),
+            ping_interval: Duration::from_millis(250),
+            backoff_max: Duration::from_millis(300),
+            ..fem_broker::FederationConfig::default()
+        },
+        ..fem_broker::BrokerConfig::default()
+    };
+    // A restarted broker may find its port still held for a moment by the
+    // tasks of the one it replaces.
+    for _ in 0..100 {
+        match fem_broker::Broker::bind(config.clone()).await {
+            Ok(b) => return b,
+            Err(fem_broker::BrokerError::Bind { .. }) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("{} stayed in use", addrs[i]);
+}
+
+/// A revocation delivered to one broker of a 3-broker mesh closes the
+/// revoked agent's session on another broker, keeps it out after a broker
+/// restart, and reaches a broker that was not linked when it was issued.
+#[tokio::test]
+async fn a_revocation_reaches_the_mesh_survives_restarts_and_partitions() {
+    bounded(120, async {
+        let op = SigningKey::generate();
+        let ca_dir = fem_tests::shared_ca();
+        let ca = ca_dir.path().join("tls/ca.pem");
+        let addrs = [host(166), host(167), host(168)];
+        let dirs: Vec<tempfile::TempDir> = (0..4)
+            .map(|_| {
+                let d = tempfile::tempdir().unwrap();
+                fem_tests::seed_ca(ca_dir.path(), d.path());
+                d
+            })
+            .collect();
+        let mut brokers = Vec::new();
+        for (i, d) in dirs.iter().take(3).enumerate() {
+            brokers.push(mesh_member(&addrs, i, d.path(), &ca, &op).await);
+        }
+        // The agent to revoke on broker 2, a caller on broker 0.
+        let ak = SigningKey::generate();
+        let ag = grant(&op, &ak, &["rv-agent"], &["echo.*", "echo"], &[], &[]);
+        let (agent_client, _) = agent("rv-agent", ak.clone(), fem_tests::options_for(addrs[2], &ca).grant(ag.clone()))
+            .await
+            .unwrap();
+        let ck = SigningKey::generate();
+        let cg = grant(&op, &ck, &["rv-caller"], &[], &["echo"], &[]);
+        let caller = Client::connect(
+            AgentId::new("rv-caller").unwrap(),
+            ck,
+            fem_tests::options_for(addrs[0], &ca).grant(cg),
+        )
+        .await
+        .unwrap();
+        let target = Target::Agent(AgentId::new("rv-agent").unwrap());
+        let mut routed = false;
+        for _ in 0..200 {
+            if caller.call(target.clone(), "echo", json!({})).await.is_ok() {
+                routed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(routed, "the agent on broker 2 was never routable from broker 0");
+
+        // The operator revokes the agent's key; anyone delivers it to broker 0.
+        let revocation = fem_proto::Revocation {
+            version: 1,
+            id: rand_id(),
+            issued_ms: now(),
+            subject: Some(ak.public_key()),
+            grant_id: None,
+            before_ms: None,
+        }
+        .sign(&op)
+        .unwrap();
+        let t = std::time::Instant::now();
+        let (status, body) = fem_tests::https(
+            addrs[0],
+            &ca,
+            "POST",
+            "/v1/revocations",
+            &[("content-type", "text/plain")],
+            &revocation.to_text().unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let gone = fem_tests::eventually(Duration::from_secs(10), || {
+            brokers[2]
+                .registry()
+                .get(&AgentId::new("rv-agent").unwrap())
+                .is_none()
+        })
+        .await;
+        assert!(gone, "the revoked agent's session on broker 2 was not closed");
+        eprintln!(
+            "trust: revocation delivered to broker 0 closed the agent's session on broker 2 after {:?}",
+            t.elapsed()
+        );
+        let e = caller.call(target.clone(), "echo", json!({})).await.unwrap_err();
+        assert!(
+            matches!(e.code, ErrorCode::NoRoute | ErrorCode::AgentUnavailable),
+            "{e}"
+        );
+        // A forged revocation (not signed by the anchor) is refused.
+        let forged = fem_proto::Revocation {
+            version: 1,
+            id: rand_id(),
+            issued_ms: now(),
+            subject: Some(SigningKey::generate().public_key()),
+            grant_id: None,
+            before_ms: None,
+        }
+        .sign(&SigningKey::generate())
+        .unwrap();
+        let (status, _) = fem_tests::https(
+            addrs[1],
+            &ca,
+            "POST",
+            "/v1/revocations",
+            &[],
+            &forged.to_text().unwrap(),
+        )
+        .await;
+        assert_eq!(status, 403);
+
+        // Broker 2 restarts: the revocation is kept.
+        agent_client.close();
+        let b2 = brokers.pop().unwrap();
+        b2.shutdown().await;
+        brokers.push(mesh_member(&addrs, 2, dirs[2].path(), &ca, &op).await);
+        assert_eq!(
+            denied_code(
+                agent("rv-agent", ak.clone(), fem_tests::options_for(addrs[2], &ca).grant(ag.clone())).await
+            ),
+            ErrorCode::PermissionDenied
+        );
+
+        // A fourth broker, not linked when the revocation was issued, joins
+        // broker 0 and learns it on link-up.
+        let d = host(169);
+        let late = fem_broker::Broker::bind(fem_broker::BrokerConfig {
+            listen: d,
+            data_dir: dirs[3].path().to_owned(),
+            broker_id: AgentId::new("rv-late").unwrap(),
+            trust_anchors: vec![op.public_key()],
+            federation: fem_broker::FederationConfig {
+                mode: fem_broker::FederationMode::Mesh,
+                peers: vec![format!("https://{}", addrs[0])],
+                trust: fem_agent_sdk::Trust::CaFile(ca.clone()),
+                ..fem_broker::FederationConfig::default()
+            },
+            ..fem_broker::BrokerConfig::default()
+        })
+        .await
+        .unwrap();
+        let mut refused = false;
+        for _ in 0..100 {
+            let r = agent("rv-agent", ak.clone(), fem_tests::options_for(d, &ca).grant(ag.clone())).await;
+            match r {
+                Err(SdkError::Denied {
+                    code: ErrorCode::PermissionDenied,
+                    ..
+                }) => {
+                    refused = true;
+                    break;
+                }
+                Ok((c, _)) => {
+                    c.close();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(refused, "the late broker never learnt the revocation");
+        late.shutdown().await;
+    })
+    .await;
+}
