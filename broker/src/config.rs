@@ -107,6 +107,9 @@ pub struct FederationConfig {
     pub trust: fem_net::Trust,
     /// Broker keys allowed to federate; `None` is development trust (any key).
     pub peer_keys: Option<Vec<PublicKey>>,
+    /// This broker's grant (role broker), presented to peers before its
+    /// hello; peers with a trust anchor require one.
+    pub grant: Option<fem_proto::SignedGrant>,
     /// Link liveness probe interval.
     pub ping_interval: Duration,
     /// Silence after which a link is declared down and its routes withdrawn.
@@ -131,6 +134,7 @@ impl Default for FederationConfig {
             hubs: Vec::new(),
             trust: fem_net::Trust::System,
             peer_keys: None,
+            grant: None,
             ping_interval: Duration::from_millis(500),
             link_timeout: Duration::from_secs(3),
             backoff_max: Duration::from_secs(5),

@@ -70,6 +70,10 @@ struct Args {
     /// /v1/routes); the FEM_ADMIN_TOKEN variable may give the token itself [default: views disabled].
     #[arg(long, env = "FEM_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
+    /// This broker's grant (from `fem trust grant --role broker`), presented to
+    /// federation peers; peers with a trust anchor require it [default: none].
+    #[arg(long = "broker-grant", env = "FEM_BROKER_GRANT")]
+    broker_grant: Option<PathBuf>,
     /// Operator public key whose grants admit agents and callers (repeatable, for
     /// rotation). Without one the broker runs in development trust: any key may
     /// register, and an id is bound to the first key that used it [default: none].
@@ -191,6 +195,7 @@ struct FileConfig {
     log_format: Option<fem_net::cli::LogFormat>,
     #[serde(default)]
     trust_anchor: Option<OneOrMany>,
+    broker_grant: Option<PathBuf>,
     #[serde(default)]
     federation: FileFederation,
 }
@@ -306,7 +311,15 @@ fn config(args: &mut Args) -> anyhow::Result<BrokerConfig> {
         None => std::env::var("FEM_ADMIN_TOKEN").ok(),
     }
     .filter(|t| !t.is_empty());
-    let federation = federation(args, file.federation)?;
+    let mut federation = federation(args, file.federation)?;
+    if let Some(p) = args.broker_grant.clone().or(file.broker_grant) {
+        let text = std::fs::read_to_string(&p)
+            .with_context(|| format!("--broker-grant {}", p.display()))?;
+        federation.grant = Some(
+            fem_proto::SignedGrant::from_text(&text)
+                .with_context(|| format!("--broker-grant {}", p.display()))?,
+        );
+    }
     let anchor_files: Vec<PathBuf> = match (args.trust_anchor.clone(), file.trust_anchor) {
         (Some(a), _) => a,
         (None, Some(OneOrMany::One(a))) => vec![a.into()],

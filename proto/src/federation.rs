@@ -136,6 +136,9 @@ pub enum FedFrame {
     /// Revocations the sender holds: all of them when a link comes up (so
     /// peers reconcile after a partition), then each new one as it arrives.
     Revocations(Vec<crate::grant::SignedRevocation>),
+    /// The sender's broker grant, sent before its hello when it has one
+    /// (required by brokers with a trust anchor).
+    Grant(crate::grant::SignedGrant),
 }
 
 /// The feature a broker announces in registerBroker when it relays calls

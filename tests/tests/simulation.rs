@@ -530,9 +530,11 @@ impl Sim {
         let initiator = na.clone();
         let mut ups = Vec::new();
         self.with_router(a, |r, now| {
-            ups.push(r.link_up(now, la, nb, initiator.clone()))
+            ups.push(r.link_up(now, la, nb, initiator.clone(), None))
         });
-        self.with_router(b, |r, now| ups.push(r.link_up(now, lb, na, initiator)));
+        self.with_router(b, |r, now| {
+            ups.push(r.link_up(now, lb, na, initiator, None))
+        });
         if ups.iter().any(|u| *u != LinkUp::Accepted) {
             self.violation(format!(
                 "edge {e}: a single link was refused as a duplicate"

@@ -51,7 +51,13 @@ pub(crate) enum TrustCmd {
         /// The public key file the grant is bound to.
         #[arg(long)]
         subject: PathBuf,
-        /// Agent id patterns the key may register ('coder-*'; comma-separated).
+        /// What the key is: an agent (or caller), or a broker of the federation.
+        #[arg(long, value_enum, default_value = "agent")]
+        role: RoleArg,
+        /// Brokers: agent id patterns the broker may advertise to its peers.
+        #[arg(long, value_delimiter = ',')]
+        advertise: Vec<String>,
+        /// Agent id patterns the key may register ('coder-*'), or a broker's own id (comma-separated).
         #[arg(long = "register-id", value_delimiter = ',')]
         register_id: Vec<String>,
         /// Capabilities, tools and event topics it may offer (comma-separated patterns).
@@ -113,6 +119,15 @@ pub(crate) enum TrustCmd {
         #[arg(long)]
         anchor: Vec<PathBuf>,
     },
+}
+
+/// `--role` of `fem trust grant`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub(crate) enum RoleArg {
+    /// An agent or caller.
+    Agent,
+    /// A federation broker.
+    Broker,
 }
 
 /// Runs a `fem trust` command.
@@ -192,6 +207,8 @@ pub(crate) async fn run(cmd: TrustCmd) -> anyhow::Result<()> {
             key,
             issuer_grant,
             subject,
+            role,
+            advertise,
             register_id,
             offer,
             call,
@@ -209,7 +226,11 @@ pub(crate) async fn run(cmd: TrustCmd) -> anyhow::Result<()> {
                     .collect()
             };
             let g = Grant {
-                role: Role::Agent,
+                role: match role {
+                    RoleArg::Agent => Role::Agent,
+                    RoleArg::Broker => Role::Broker,
+                },
+                offer_ids: id_patterns(&advertise)?,
                 register: id_patterns(&register_id)?,
                 offer: offer
                     .iter()
@@ -396,6 +417,12 @@ fn print_grant(g: &Grant, signer: &fem_proto::PublicKey) {
         "  offer:     {}",
         join(g.offer.iter().map(ToString::to_string).collect())
     );
+    if g.role == Role::Broker {
+        println!(
+            "  advertise: {}",
+            join(g.offer_ids.iter().map(ToString::to_string).collect())
+        );
+    }
     println!(
         "  call:      {}",
         join(g.call.iter().map(ToString::to_string).collect())

@@ -142,6 +142,36 @@ fn check_hello(
     Ok((rb.broker_id, rb.public_key))
 }
 
+/// With a trust anchor, a peer must hold a broker grant for its id and key;
+/// returns the agent ids it may advertise (None without an anchor).
+fn check_peer_grant(
+    shared: &Shared,
+    peer: &AgentId,
+    key: &PublicKey,
+    grant: Option<fem_proto::SignedGrant>,
+) -> Result<Option<Vec<fem_proto::IdPattern>>, (ErrorCode, String)> {
+    if !shared.trust.enforced() {
+        return Ok(None);
+    }
+    let g = grant.ok_or_else(|| {
+        (
+            ErrorCode::PermissionDenied,
+            format!("broker {peer} presented no grant (this federation has a trust anchor: start it with --broker-grant)"),
+        )
+    })?;
+    let c = shared.trust.verify(&g)?;
+    let ok = c.grant.role == fem_proto::Role::Broker
+        && c.grant.subject == *key
+        && c.grant.may_register(peer);
+    if !ok {
+        return Err((
+            ErrorCode::PermissionDenied,
+            format!("the grant of broker {peer} is not a broker grant for its id and key"),
+        ));
+    }
+    Ok(Some(c.grant.offer_ids.clone()))
+}
+
 /// Runs a link whose QUIC stream is open: handshake, then traffic until it
 /// ends. A dialled link registered for readiness under `ready_key` records
 /// the peer it reached there, whichever of two duplicate links survives.
@@ -167,16 +197,32 @@ where
     let Ok(h) = hello(&shared) else {
         return LinkEnd::Other;
     };
+    if let Some(g) = &shared.config.federation.grant {
+        let _ = fed_tx.send(FedFrame::Grant(g.clone())).await;
+    }
     let _ = fed_tx.send(h).await;
-    let first = tokio::time::timeout(Duration::from_secs(5), reader.next_message::<FedFrame>())
+    // The peer's grant (if it has one), then its hello, within 5 s.
+    let handshake = async {
+        let mut grant = None;
+        loop {
+            match reader.next_message::<FedFrame>().await {
+                Ok(Some(FedFrame::Grant(g))) if grant.is_none() => grant = Some(g),
+                Ok(other) => return (grant, other),
+                Err(_) => return (grant, None),
+            }
+        }
+    };
+    let (peer_grant, first) = tokio::time::timeout(Duration::from_secs(5), handshake)
         .await
-        .ok()
-        .and_then(Result::ok)
-        .flatten();
-    let peer = match check_hello(&shared, first) {
-        Ok((peer, key)) => {
+        .unwrap_or((None, None));
+    let checked = check_hello(&shared, first).and_then(|(peer, key)| {
+        let advertise = check_peer_grant(&shared, &peer, &key, peer_grant)?;
+        Ok((peer, key, advertise))
+    });
+    let (peer, advertise) = match checked {
+        Ok((peer, key, advertise)) => {
             shared.fed.linked.insert(peer.clone(), key);
-            peer
+            (peer, advertise)
         }
         Err((ErrorCode::BadRequest, reason)) if reason == MYSELF => {
             conn.close(2u32.into(), b"myself");
@@ -204,7 +250,9 @@ where
     let span = info_span!("link", %peer, initiator);
     async move {
         let (link, handle) = shared.add_link(fed_tx.clone());
-        if shared.route(|r, now| r.link_up(now, link, peer.clone(), opener)) == LinkUp::Duplicate {
+        if shared.route(|r, now| r.link_up(now, link, peer.clone(), opener, advertise))
+            == LinkUp::Duplicate
+        {
             debug!("duplicate link; keeping the existing one");
             shared.remove_link(link);
             drop(fed_tx);
@@ -317,7 +365,7 @@ fn handle_frame(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>,
         FedFrame::Ping { seq } => {
             let _ = tx.try_send(FedFrame::Pong { seq });
         }
-        FedFrame::Pong { .. } | FedFrame::Hello(_) => {}
+        FedFrame::Pong { .. } | FedFrame::Hello(_) | FedFrame::Grant(_) => {}
         FedFrame::Refused { code, reason } => warn!(%code, %reason, "peer refused the link"),
         FedFrame::Revocations(list) => {
             for r in &list {

@@ -194,6 +194,8 @@ const MAX_DISCOVERY: usize = 1000;
 struct LinkState {
     id: LinkId,
     initiator: AgentId,
+    /// Agent ids the peer's grant lets it advertise (None: unrestricted).
+    advertise: Option<Vec<fem_proto::IdPattern>>,
 }
 
 enum Answer {
@@ -1138,12 +1140,15 @@ impl Router {
     // ----- federation -----
 
     /// A link to broker `peer` passed its handshake; `initiator` opened it.
+    /// With a trust anchor, `advertise` holds the agent ids the peer's grant
+    /// lets it advertise: agents outside them are dropped from its adverts.
     pub fn link_up(
         &mut self,
         now: Micros,
         link: LinkId,
         peer: AgentId,
         initiator: AgentId,
+        advertise: Option<Vec<fem_proto::IdPattern>>,
     ) -> LinkUp {
         if let Some(old) = self.links.get(&peer) {
             let winner = std::cmp::min(&self.cfg.broker_id, &peer);
@@ -1159,6 +1164,7 @@ impl Router {
             LinkState {
                 id: link,
                 initiator,
+                advertise,
             },
         );
         self.link_peer.insert(link, peer.clone());
@@ -1213,13 +1219,26 @@ impl Router {
                 origin,
                 seq,
                 path,
-                agents,
-            } => self.routes.advertised(
-                &self.cfg.broker_id,
-                &peer,
-                origin,
-                Advert { seq, path, agents },
-            ),
+                mut agents,
+            } => {
+                if let Some(allowed) = self.links.get(&peer).and_then(|l| l.advertise.as_ref()) {
+                    let before = agents.len();
+                    agents.retain(|a| allowed.iter().any(|p| p.matches(&a.id)));
+                    if agents.len() < before {
+                        debug!(%peer, dropped = before - agents.len(), "advertised agents outside the peer's grant dropped");
+                        self.metrics
+                            .refusals
+                            .with_label_values(&["ADVERT_OUTSIDE_GRANT"])
+                            .inc_by((before - agents.len()) as u64);
+                    }
+                }
+                self.routes.advertised(
+                    &self.cfg.broker_id,
+                    &peer,
+                    origin,
+                    Advert { seq, path, agents },
+                )
+            }
             FedFrame::Withdraw { origin } => self.routes.withdrawn(&peer, origin),
             _ => None,
         };

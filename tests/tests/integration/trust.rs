@@ -504,6 +504,25 @@ async fn a_forging_broker_cannot_make_an_agent_run_a_call() {
     .await;
 }
 
+/// A broker grant from `op` for the identity key in `dir` (created here,
+/// as `fem-broker` would on first start), for broker id `id`, allowed to
+/// advertise agents matching `advertise`.
+fn broker_grant(
+    op: &SigningKey,
+    dir: &std::path::Path,
+    id: &str,
+    advertise: &[&str],
+) -> SignedGrant {
+    let key = fem_net::keys::load_or_generate_key(&dir.join("broker.key")).unwrap();
+    let mut g = grant(op, &key, &[id], &[], &[], &[]).decode().unwrap();
+    g.role = Role::Broker;
+    g.offer_ids = advertise
+        .iter()
+        .map(|p| IdPattern::new(*p).unwrap())
+        .collect();
+    g.sign(op, None).unwrap()
+}
+
 /// Broker `i` of a mesh over `addrs` with anchor `op`, in `dir` (which
 /// holds the shared development CA), as `fem-broker` would start it.
 async fn mesh_member(
@@ -519,10 +538,12 @@ async fn mesh_member(
         .filter(|(j, _)| *j != i)
         .map(|(_, a)| format!("https://{a}"))
         .collect();
+    let id = format!("rv-{i}");
+    let grant = broker_grant(op, dir, &id, &["*"]);
     let config = fem_broker::BrokerConfig {
         listen: addrs[i],
         data_dir: dir.to_owned(),
-        broker_id: AgentId::new(format!("rv-{i}")).unwrap(),
+        broker_id: AgentId::new(id).unwrap(),
         shutdown_grace: Duration::from_millis(200),
         trust_anchors: vec![op.public_key()],
         federation: fem_broker::FederationConfig {
@@ -532,6 +553,7 @@ async fn mesh_member(
             link_timeout: Duration::from_millis(1500),
             ping_interval: Duration::from_millis(250),
             backoff_max: Duration::from_millis(300),
+            grant: Some(grant),
             ..fem_broker::FederationConfig::default()
         },
         ..fem_broker::BrokerConfig::default()
@@ -682,6 +704,7 @@ async fn a_revocation_reaches_the_mesh_survives_restarts_and_partitions() {
                 mode: fem_broker::FederationMode::Mesh,
                 peers: vec![format!("https://{}", addrs[0])],
                 trust: fem_agent_sdk::Trust::CaFile(ca.clone()),
+                grant: Some(broker_grant(&op, dirs[3].path(), "rv-late", &["*"])),
                 ..fem_broker::FederationConfig::default()
             },
             ..fem_broker::BrokerConfig::default()
@@ -708,6 +731,146 @@ async fn a_revocation_reaches_the_mesh_survives_restarts_and_partitions() {
         }
         assert!(refused, "the late broker never learnt the revocation");
         late.shutdown().await;
+    })
+    .await;
+}
+
+/// With a trust anchor, a broker without a broker grant cannot link, and a
+/// broker granted only `team-a-*` cannot attract calls for other agents.
+#[tokio::test]
+async fn rogue_brokers_can_neither_link_nor_attract_calls() {
+    bounded(90, async {
+        let op = SigningKey::generate();
+        let ca_dir = fem_tests::shared_ca();
+        let ca = ca_dir.path().join("tls/ca.pem");
+        let (a, r) = (host(170), host(171));
+        let dirs: Vec<tempfile::TempDir> = (0..2)
+            .map(|_| {
+                let d = tempfile::tempdir().unwrap();
+                fem_tests::seed_ca(ca_dir.path(), d.path());
+                d
+            })
+            .collect();
+        let fed =
+            |peer: std::net::SocketAddr, grant: Option<SignedGrant>| fem_broker::FederationConfig {
+                mode: fem_broker::FederationMode::Mesh,
+                peers: vec![format!("https://{peer}")],
+                trust: fem_agent_sdk::Trust::CaFile(ca.clone()),
+                link_timeout: Duration::from_millis(1500),
+                ping_interval: Duration::from_millis(250),
+                backoff_max: Duration::from_millis(300),
+                grant,
+                ..fem_broker::FederationConfig::default()
+            };
+        let start = |addr, dir: &std::path::Path, id: &str, f| {
+            fem_broker::Broker::bind(fem_broker::BrokerConfig {
+                listen: addr,
+                data_dir: dir.to_owned(),
+                broker_id: AgentId::new(id).unwrap(),
+                trust_anchors: vec![op.public_key()],
+                federation: f,
+                ..fem_broker::BrokerConfig::default()
+            })
+        };
+        let good = start(
+            a,
+            dirs[0].path(),
+            "good",
+            fed(r, Some(broker_grant(&op, dirs[0].path(), "good", &["*"]))),
+        )
+        .await
+        .unwrap();
+        // 1. No broker grant: never linked.
+        let rogue = start(r, dirs[1].path(), "rogue", fed(a, None))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            good.metrics().federation_peers.with_label_values(&["up"]).get(),
+            0,
+            "a broker without a grant linked"
+        );
+        assert!(
+            good.metrics().render().contains(r#"fem_broker_refusals_total{reason="PEER_REFUSED"}"#),
+            "the refusal is counted"
+        );
+        rogue.shutdown().await;
+        // 2. Granted for team-a-* only; its agent shell-1 claims shell.run.
+        let mut rogue = None;
+        for _ in 0..100 {
+            match start(
+                r,
+                dirs[1].path(),
+                "rogue",
+                fed(
+                    a,
+                    Some(broker_grant(&op, dirs[1].path(), "rogue", &["team-a-*"])),
+                ),
+            )
+            .await
+            {
+                Ok(b) => {
+                    rogue = Some(b);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let rogue = rogue.expect("the rogue broker could not bind again");
+        let mk = |id: &str| {
+            let k = SigningKey::generate();
+            let g = grant(&op, &k, &[id], &["echo.*", "echo"], &[], &[]);
+            (k, g)
+        };
+        let (k1, g1) = mk("team-a-1");
+        let (_a1, _) = agent("team-a-1", k1, fem_tests::options_for(r, &ca).grant(g1))
+            .await
+            .unwrap();
+        let (k2, g2) = mk("shell-1");
+        let (_a2, _) = agent("shell-1", k2, fem_tests::options_for(r, &ca).grant(g2))
+            .await
+            .unwrap();
+        let ck = SigningKey::generate();
+        let cg = grant(&op, &ck, &["rg-caller"], &[], &["echo"], &[]);
+        let caller = Client::connect(
+            AgentId::new("rg-caller").unwrap(),
+            ck,
+            fem_tests::options_for(a, &ca).grant(cg),
+        )
+        .await
+        .unwrap();
+        let mut reached = false;
+        for _ in 0..200 {
+            if caller
+                .call(
+                    Target::Agent(AgentId::new("team-a-1").unwrap()),
+                    "echo",
+                    json!({}),
+                )
+                .await
+                .is_ok()
+            {
+                reached = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(reached, "the granted namespace is routable");
+        let e = caller
+            .call(
+                Target::Agent(AgentId::new("shell-1").unwrap()),
+                "echo",
+                json!({}),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code,
+            ErrorCode::NoRoute,
+            "an agent outside the broker's grant attracted a call: {e}"
+        );
+        rogue.shutdown().await;
+        good.shutdown().await;
     })
     .await;
 }
