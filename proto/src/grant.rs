@@ -320,11 +320,16 @@ impl Grant {
     }
 }
 
-fn signing_input(body: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(GRANT_DOMAIN.len() + body.len());
-    v.extend_from_slice(GRANT_DOMAIN);
+/// What a signature covers: a domain-separation tag, then the bytes.
+fn tagged(domain: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(domain.len() + body.len());
+    v.extend_from_slice(domain);
     v.extend_from_slice(body);
     v
+}
+
+fn signing_input(body: &[u8]) -> Vec<u8> {
+    tagged(GRANT_DOMAIN, body)
 }
 
 /// One signed grant of a chain.
@@ -387,9 +392,7 @@ impl SignedGrant {
     /// # Errors
     /// [`ProtoError::Encode`] on serialisation failure.
     pub fn to_text(&self) -> Result<String, ProtoError> {
-        use base64::Engine as _;
-        let bytes = postcard::to_allocvec(self).map_err(|e| ProtoError::Encode(e.to_string()))?;
-        Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+        to_text(self)
     }
 
     /// Parses the grant file form.
@@ -397,11 +400,7 @@ impl SignedGrant {
     /// # Errors
     /// [`GrantError::Malformed`].
     pub fn from_text(text: &str) -> Result<Self, GrantError> {
-        use base64::Engine as _;
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(text.trim())
-            .map_err(|e| GrantError::Malformed(format!("not base64: {e}")))?;
-        postcard::from_bytes(&bytes).map_err(|e| GrantError::Malformed(e.to_string()))
+        from_text(text)
     }
 
     /// The leaf grant without checking anything (for display).
@@ -556,10 +555,7 @@ impl Revocation {
 }
 
 fn revocation_input(body: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(REVOCATION_DOMAIN.len() + body.len());
-    v.extend_from_slice(REVOCATION_DOMAIN);
-    v.extend_from_slice(body);
-    v
+    tagged(REVOCATION_DOMAIN, body)
 }
 
 /// A revocation signed by a trust anchor.
@@ -609,9 +605,7 @@ impl SignedRevocation {
     /// # Errors
     /// [`ProtoError::Encode`] on serialisation failure.
     pub fn to_text(&self) -> Result<String, ProtoError> {
-        use base64::Engine as _;
-        let bytes = postcard::to_allocvec(self).map_err(|e| ProtoError::Encode(e.to_string()))?;
-        Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+        to_text(self)
     }
 
     /// Parses the file form.
@@ -619,12 +613,23 @@ impl SignedRevocation {
     /// # Errors
     /// [`GrantError::Malformed`].
     pub fn from_text(text: &str) -> Result<Self, GrantError> {
-        use base64::Engine as _;
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(text.trim())
-            .map_err(|e| GrantError::Malformed(format!("not base64: {e}")))?;
-        postcard::from_bytes(&bytes).map_err(|e| GrantError::Malformed(e.to_string()))
+        from_text(text)
     }
+}
+
+/// The file form of grants and revocations: base64 of the postcard bytes.
+fn to_text<T: Serialize>(v: &T) -> Result<String, ProtoError> {
+    use base64::Engine as _;
+    let bytes = postcard::to_allocvec(v).map_err(|e| ProtoError::Encode(e.to_string()))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+fn from_text<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, GrantError> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|e| GrantError::Malformed(format!("not base64: {e}")))?;
+    postcard::from_bytes(&bytes).map_err(|e| GrantError::Malformed(e.to_string()))
 }
 
 #[cfg(test)]

@@ -278,11 +278,9 @@ impl Router {
             let Some(p) = self.pending.get(id) else {
                 continue;
             };
-            let agent = match &p.target {
-                CallTarget::Local { agent, .. } | CallTarget::Remote { agent, .. } => agent,
-            };
             let message = format!(
-                "no answer from {agent} within the deadline ({} ms)",
+                "no answer from {} within the deadline ({} ms)",
+                p.target.agent(),
                 now.saturating_sub(p.started) / 1000
             );
             self.finish(
@@ -489,9 +487,7 @@ impl Router {
             waiting: None,
         });
         let Some(id) = filed else {
-            let agent = match &target {
-                CallTarget::Local { agent, .. } | CallTarget::Remote { agent, .. } => agent,
-            };
+            let agent = target.agent();
             return self.refuse_call(
                 reply,
                 call.request_id,
@@ -956,13 +952,18 @@ impl Router {
     }
 
     fn fail_session_calls(&mut self, session: ClientId, now: Micros, why: &str) {
-        let ids = self
-            .pending
-            .select(|p| matches!(&p.target, CallTarget::Local { session: s, .. } if *s == session));
-        for id in ids {
-            let agent = match self.pending.get(id).map(|p| &p.target) {
-                Some(CallTarget::Local { agent, .. }) => agent.clone(),
-                _ => continue,
+        self.fail_calls(
+            now,
+            |t| matches!(t, CallTarget::Local { session: s, .. } if *s == session),
+            why,
+        );
+    }
+
+    /// Answers AGENT_UNAVAILABLE to every call whose target is `gone`.
+    fn fail_calls(&mut self, now: Micros, gone: impl Fn(&CallTarget) -> bool, why: &str) {
+        for id in self.pending.select(|p| gone(&p.target)) {
+            let Some(agent) = self.pending.get(id).map(|p| p.target.agent().clone()) else {
+                continue;
             };
             self.finish(
                 id,
@@ -1187,23 +1188,11 @@ impl Router {
             self.links.remove(&peer);
         }
         self.peers_changed();
-        let ids = self
-            .pending
-            .select(|p| matches!(&p.target, CallTarget::Remote { link: l, .. } if *l == link));
-        for id in ids {
-            let agent = match self.pending.get(id).map(|p| &p.target) {
-                Some(CallTarget::Remote { agent, .. }) => agent.clone(),
-                _ => continue,
-            };
-            self.finish(
-                id,
-                now,
-                Answer::Failed {
-                    code: ErrorCode::AgentUnavailable,
-                    message: format!("{agent}: link to the agent's broker lost"),
-                },
-            );
-        }
+        self.fail_calls(
+            now,
+            |t| matches!(t, CallTarget::Remote { link: l, .. } if *l == link),
+            "link to the agent's broker lost",
+        );
         let changes = self.routes.peer_lost(&peer);
         self.routes_changed(changes);
     }

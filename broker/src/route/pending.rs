@@ -29,6 +29,15 @@ pub(crate) enum CallTarget {
     },
 }
 
+impl CallTarget {
+    /// The agent the call went to.
+    pub(crate) fn agent(&self) -> &AgentId {
+        match self {
+            Self::Local { agent, .. } | Self::Remote { agent, .. } => agent,
+        }
+    }
+}
+
 /// A call awaiting its terminal answer.
 #[derive(Debug)]
 pub(crate) struct Pending {

@@ -786,12 +786,17 @@ async fn rogue_brokers_can_neither_link_nor_attract_calls() {
             .unwrap();
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(
-            good.metrics().federation_peers.with_label_values(&["up"]).get(),
+            good.metrics()
+                .federation_peers
+                .with_label_values(&["up"])
+                .get(),
             0,
             "a broker without a grant linked"
         );
         assert!(
-            good.metrics().render().contains(r#"fem_broker_refusals_total{reason="PEER_REFUSED"}"#),
+            good.metrics()
+                .render()
+                .contains(r#"fem_broker_refusals_total{reason="PEER_REFUSED"}"#),
             "the refusal is counted"
         );
         rogue.shutdown().await;
