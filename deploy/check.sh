@@ -462,7 +462,7 @@ import glob, sys, yaml
 def containers(docs):
     out = {}
     for d in docs:
-        if d.get("kind") in ("Deployment", "DaemonSet"):
+        if d.get("kind") in ("Deployment", "StatefulSet", "DaemonSet"):
             for c in d["spec"]["template"]["spec"]["containers"]:
                 out[(d["kind"], d["metadata"]["name"], c["name"])] = c
     return out
