@@ -215,9 +215,16 @@ check_flags() {
   # Subcommands from the "Commands:" section of `fem --help`.
   awk '/^Commands:/{on=1; next} on && /^  [a-z]/{print $1} on && /^$/{on=0}' "$TMP/help-fem" |
     grep -vx help >"$TMP/fem-subcommands" || true
-  local sub
+  # And their own subcommands (fem trust init|grant|...), one level down.
+  local sub subsub
   while read -r sub; do
-    "$BIN_DIR/fem" "$sub" --help >>"$TMP/help-fem" || { echo "  fem $sub --help failed"; return 1; }
+    "$BIN_DIR/fem" "$sub" --help >"$TMP/help-fem-$sub" || { echo "  fem $sub --help failed"; return 1; }
+    cat "$TMP/help-fem-$sub" >>"$TMP/help-fem"
+    while read -r subsub; do
+      "$BIN_DIR/fem" "$sub" "$subsub" --help >>"$TMP/help-fem" ||
+        { echo "  fem $sub $subsub --help failed"; return 1; }
+    done < <(awk '/^Commands:/{on=1; next} on && /^  [a-z]/{print $1} on && /^$/{on=0}' "$TMP/help-fem-$sub" |
+      grep -vx help || true)
   done <"$TMP/fem-subcommands"
   python3 - "$TMP" <<'PY'
 """Every FEM flag and FEM_* variable written under deploy/ must exist.
@@ -462,7 +469,7 @@ import glob, sys, yaml
 def containers(docs):
     out = {}
     for d in docs:
-        if d.get("kind") in ("Deployment", "DaemonSet"):
+        if d.get("kind") in ("Deployment", "StatefulSet", "DaemonSet"):
             for c in d["spec"]["template"]["spec"]["containers"]:
                 out[(d["kind"], d["metadata"]["name"], c["name"])] = c
     return out

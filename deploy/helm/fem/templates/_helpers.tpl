@@ -77,3 +77,32 @@ runAsNonRoot: true
 capabilities:
   drop: ["ALL"]
 {{- end -}}
+
+{{- define "fem.peersName" -}}{{ include "fem.brokerName" . }}-peers{{- end -}}
+
+{{/* The broker Service type: LoadBalancer with trust, ClusterIP without,
+unless set; LoadBalancer without trust is refused. */}}
+{{- define "fem.serviceType" -}}
+{{- $t := .Values.broker.service.type | default (ternary "LoadBalancer" "ClusterIP" .Values.trust.enabled) -}}
+{{- if and (eq $t "LoadBalancer") (not .Values.trust.enabled) -}}
+{{- fail "broker.service.type=LoadBalancer needs trust.enabled=true: in development trust anyone who reaches the broker can run programs on every fem-coder" -}}
+{{- end -}}
+{{- $t -}}
+{{- end -}}
+
+{{/* FEM_TRUST_ANCHOR: the anchor files, comma-separated. */}}
+{{- define "fem.trustAnchors" -}}
+{{- $paths := list -}}
+{{- range .Values.trust.anchor.keys -}}
+{{- $paths = append $paths (printf "/etc/fem-trust/%s" .) -}}
+{{- end -}}
+{{- if not $paths -}}
+{{- fail "trust.enabled needs at least one key in trust.anchor.keys" -}}
+{{- end -}}
+{{- join "," $paths -}}
+{{- end -}}
+
+{{/* The SRV name the brokers discover each other by. */}}
+{{- define "fem.discoverSrv" -}}
+{{- printf "_fem._udp.%s.%s.svc.%s" (include "fem.peersName" .) .Release.Namespace .Values.broker.federation.clusterDomain -}}
+{{- end -}}
