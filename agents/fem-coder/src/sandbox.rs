@@ -559,7 +559,7 @@ pub async fn shell_run(policy: &Policy, params: Value) -> Result<Value, SandboxE
         Some(raw) => fs::resolve_dir(policy, &raw).await?,
         None => policy.work_dir.clone(),
     };
-    let tmp = call_dir("fem-coder-tmp-")?;
+    let tmp = call_dir(&isolation::call_dir_prefix(true))?;
     let spec = exec::Spec {
         program,
         args,
@@ -606,7 +606,7 @@ pub async fn code_execute(policy: &Policy, params: Value) -> Result<Value, Sandb
     };
     let program = interpreter_path.to_path_buf();
 
-    let dir = call_dir("fem-coder-")?;
+    let dir = call_dir(&isolation::call_dir_prefix(false))?;
     let file = dir.path().join(file_name);
     tokio::fs::write(&file, p.code.as_bytes())
         .await

@@ -40,9 +40,11 @@ enum Layer {
     LandlockSignals,
     Seccomp,
     Namespaces,
+    /// A cgroup per call, where the agent may create one.
+    Cgroup,
 }
 
-use Layer::{Base, Landlock, LandlockSignals, LandlockTcp, Namespaces, Seccomp};
+use Layer::{Base, Cgroup, Landlock, LandlockSignals, LandlockTcp, Namespaces, Seccomp};
 
 /// A coder configuration: a label and the layers switched off.
 #[derive(Clone, Copy, Debug)]
@@ -69,7 +71,7 @@ const NO_NAMESPACES: Config = Config {
 };
 const BASE_ONLY: Config = Config {
     label: "base-only",
-    disable: "landlock,seccomp,namespaces",
+    disable: "landlock,seccomp,namespaces,cgroup",
 };
 const ALL: [Config; 5] = [FULL, NO_LANDLOCK, NO_SECCOMP, NO_NAMESPACES, BASE_ONLY];
 
@@ -104,6 +106,7 @@ impl Coder {
             LandlockSignals => layers["landlock"]["signal_scope"] == true,
             Seccomp => layers["seccomp"].is_object(),
             Namespaces => layers["namespaces"].is_object(),
+            Cgroup => layers["cgroup"].is_object(),
         }
     }
 
@@ -763,12 +766,12 @@ time.sleep(60)
             if !survey() {
                 assert_eq!(r.result["timed_out"], true, "{}", r.stdout);
             }
-            judge(c, "setsid() + double fork outlives the deadline", &[Seccomp, Namespaces], escaped, &r.text());
+            judge(c, "setsid() + double fork outlives the deadline", &[Seccomp, Namespaces, Cgroup], escaped, &r.text());
 
             let m = marker();
             let r = lab.sh(c, &format!("setsid sleep {m} & sleep 1; exit 0")).await;
             let escaped = survives(&m).await;
-            judge(c, "setsid(1) background outlives a finished call", &[Seccomp, Namespaces], escaped, &r.text());
+            judge(c, "setsid(1) background outlives a finished call", &[Seccomp, Namespaces, Cgroup], escaped, &r.text());
 
             let m = marker();
             let r = lab
@@ -881,10 +884,35 @@ async fn bombs_are_contained_and_the_agent_keeps_serving() {
         r.ok();
         assert!(r.text().contains("REFUSED"), "{}", r.text());
         serving().await;
-        eprintln!("[isolation] memory per call: {}", c.report["memory"]);
+        eprintln!("[isolation] memory: {}", c.report["memory"]);
+
+        // Three processes of 400 MiB each stay under the per-process limit;
+        // together they pass the call's 512 MiB, where a cgroup holds it.
+        if c.report["memory"].as_str().is_some_and(|m| m.starts_with("per call")) {
+            let code = r#"import os, time
+kids = []
+for i in range(3):
+    pid = os.fork()
+    if pid == 0:
+        b = b"x" * (400 << 20)
+        print("HELD", i, flush=True)
+        time.sleep(2)
+        os._exit(0)
+    kids.append(pid)
+for k in kids:
+    os.waitpid(k, 0)
+"#;
+            let r = lab.python(c, code).await;
+            r.ok();
+            let held = r.text().matches("HELD").count();
+            assert!(held < 3, "three 400 MiB children fitted in a 512 MiB call: {}", r.text());
+            serving().await;
+        } else {
+            eprintln!("[isolation] memory per call skipped: only RLIMIT_AS bounds it here");
+        }
 
         // A fork bomb only where something bounds the processes of one call.
-        if c.report["processes"] == "bounded" {
+        if c.report["processes"].as_str().is_some_and(|p| p.starts_with("bounded")) {
             let r = lab
                 .call(c, "code.execute", json!({"language": "sh", "code": "b() { b | b & }; b", "timeout_ms": 3000}))
                 .await;

@@ -174,8 +174,10 @@ fn spawn_error(program: &Path, e: io::Error) -> SandboxError {
 pub(super) async fn run(policy: &Policy, spec: Spec) -> Result<Value, SandboxError> {
     // The call's own directory is writable besides the roots (it is the cwd
     // of code.execute and the TMPDIR of both tools).
+    let group = policy.isolation.call_group(policy.limits)?;
     let prepared = policy.isolation.prepare(
         policy.limits,
+        &group,
         &[spec.tmpdir.as_path()],
         &spec.cwd,
         spec.network,
@@ -215,6 +217,7 @@ pub(super) async fn run(policy: &Policy, spec: Spec) -> Result<Value, SandboxErr
             "spawned child has no usable process id".to_owned(),
         ));
     };
+    let cgroup = group;
     let mut group = GroupKiller {
         pgid: Pid::from_raw(pgid),
         armed: true,
@@ -295,6 +298,9 @@ pub(super) async fn run(policy: &Policy, spec: Spec) -> Result<Value, SandboxErr
         // signal the (possibly recycled) id again.
         group.armed = false;
     }
+    // Whatever left the process group (setsid, double fork) is still in the
+    // call's cgroup, where there is one.
+    cgroup.finish().await;
 
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let exit_code = status.and_then(|s| s.code());

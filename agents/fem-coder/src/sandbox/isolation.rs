@@ -34,6 +34,7 @@
 #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
 compile_error!("fem-coder's isolation supports 64-bit Linux only");
 
+mod cgroup;
 mod child;
 mod filter;
 mod rules;
@@ -116,11 +117,19 @@ pub enum Layer {
     Seccomp,
     /// User, mount, PID, IPC, UTS and net namespaces.
     Namespaces,
+    /// A cgroup per call (process and memory limits, kill of every member);
+    /// beside the levels, where the agent may create cgroups.
+    Cgroup,
 }
 
 impl Layer {
-    /// Every optional layer, weakest first.
-    pub const ALL: [Self; 3] = [Self::Landlock, Self::Seccomp, Self::Namespaces];
+    /// Every optional layer.
+    pub const ALL: [Self; 4] = [
+        Self::Landlock,
+        Self::Seccomp,
+        Self::Namespaces,
+        Self::Cgroup,
+    ];
 
     /// The layer's name in flags, reports and metrics.
     pub fn as_str(self) -> &'static str {
@@ -128,6 +137,7 @@ impl Layer {
             Self::Landlock => "landlock",
             Self::Seccomp => "seccomp",
             Self::Namespaces => "namespaces",
+            Self::Cgroup => "cgroup",
         }
     }
 }
@@ -145,7 +155,9 @@ impl FromStr for Layer {
         Self::ALL
             .into_iter()
             .find(|l| l.as_str() == s.trim())
-            .ok_or_else(|| format!("unknown sandbox layer {s:?} (landlock, seccomp, namespaces)"))
+            .ok_or_else(|| {
+                format!("unknown sandbox layer {s:?} (landlock, seccomp, namespaces, cgroup)")
+            })
     }
 }
 
@@ -265,10 +277,10 @@ pub struct Isolation {
     kernel_abi: Option<i32>,
     seccomp: Option<Seccomp>,
     namespaces: Option<Namespaces>,
+    cgroups: Option<cgroup::Cgroups>,
     /// Why each missing layer is missing.
     off: BTreeMap<Layer, String>,
-    /// Owns the (empty) directory new roots are mounted on.
-    _new_root: Option<tempfile::TempDir>,
+
     roots: Vec<PathBuf>,
     protected: Vec<Protected>,
     protected_c: Vec<CString>,
@@ -285,6 +297,29 @@ pub struct Isolation {
 pub(super) struct Prepared {
     plan: Arc<ChildPlan>,
     _ruleset: Option<OwnedFd>,
+}
+
+/// A call's cgroup, killed and removed when the call ends (or is dropped).
+#[derive(Debug)]
+pub(super) struct CallGroup(Option<cgroup::CallGroup>);
+
+impl CallGroup {
+    /// Kills whatever is left of the call and removes its cgroup (off the
+    /// async runtime: it may wait up to a second).
+    pub(super) async fn finish(mut self) {
+        if let Some(g) = self.0.take() {
+            let _ = tokio::task::spawn_blocking(move || g.finish()).await;
+        }
+    }
+}
+
+impl Drop for CallGroup {
+    fn drop(&mut self) {
+        // A cancelled call: clean up on a thread of its own.
+        if let Some(g) = self.0.take() {
+            std::thread::spawn(move || g.finish());
+        }
+    }
 }
 
 impl Prepared {
@@ -389,24 +424,33 @@ impl Isolation {
         }
         let uid = nix::unistd::geteuid().as_raw();
         let gid = nix::unistd::getegid().as_raw();
-        let mut new_root = None;
         let mut namespaces = None;
         if !off.contains_key(&Layer::Namespaces) {
-            let dir = tempfile::Builder::new()
-                .prefix("fem-coder-root-")
-                .tempdir()
-                .map_err(|e| SandboxError::Io {
-                    context: "creating the sandbox root directory".to_owned(),
-                    source: e,
-                })?;
-            let view = view::View::new(dir.path(), &dirs, &files, &devices, roots);
+            let root = new_root_dir(uid)?;
+            let view = view::View::new(&root, &dirs, &files, &devices, roots);
             namespaces = Some(Namespaces {
                 view,
                 proc: true,
                 uid_map: format!("{uid} {uid} 1\n").into_bytes(),
                 gid_map: format!("{gid} {gid} 1\n").into_bytes(),
             });
-            new_root = Some(dir);
+        }
+        remove_stale_call_dirs(uid);
+
+        let mut cgroups = None;
+        if let std::collections::btree_map::Entry::Vacant(slot) = off.entry(Layer::Cgroup) {
+            match cgroup::Cgroups::detect() {
+                Some(c) => match probe_cgroup(&c, limits) {
+                    Ok(()) => cgroups = Some(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "sandbox: cannot put children in a cgroup");
+                        slot.insert(e.to_string());
+                    }
+                },
+                None => {
+                    slot.insert("no writable cgroup with the pids controller".to_owned());
+                }
+            }
         }
 
         let mut iso = Self {
@@ -415,8 +459,8 @@ impl Isolation {
             kernel_abi,
             seccomp: None,
             namespaces,
+            cgroups,
             off,
-            _new_root: new_root,
             roots: roots.to_vec(),
             protected,
             protected_c,
@@ -497,10 +541,8 @@ impl Isolation {
         match layer {
             Layer::Landlock => self.landlock = None,
             Layer::Seccomp => self.seccomp = None,
-            Layer::Namespaces => {
-                self.namespaces = None;
-                self._new_root = None;
-            }
+            Layer::Namespaces => self.namespaces = None,
+            Layer::Cgroup => self.cgroups = None,
         }
         self.off.insert(layer, why);
     }
@@ -531,7 +573,15 @@ impl Isolation {
                 context: "creating the sandbox probe directory".to_owned(),
                 source: e,
             })?;
-        let prepared = self.prepare(limits, &[scratch.path()], scratch.path(), false, true)?;
+        let group = self.call_group(limits)?;
+        let prepared = self.prepare(
+            limits,
+            &group,
+            &[scratch.path()],
+            scratch.path(),
+            false,
+            true,
+        )?;
         let mut cmd = std::process::Command::new("/");
         cmd.current_dir(scratch.path())
             .env_clear()
@@ -545,6 +595,7 @@ impl Isolation {
             source: e,
         })?;
         drop(prepared);
+        drop(group);
         match out.status.code() {
             Some(code) if code & probe::DONE != 0 => Ok(code),
             _ => Err(SandboxError::Internal(format!(
@@ -561,6 +612,7 @@ impl Isolation {
     pub(super) fn prepare(
         &self,
         limits: Limits,
+        group: &CallGroup,
         writable: &[&Path],
         cwd: &Path,
         network: bool,
@@ -619,6 +671,11 @@ impl Isolation {
         Ok(Prepared {
             plan: Arc::new(ChildPlan {
                 limits,
+                cgroup_procs: group
+                    .0
+                    .as_ref()
+                    .map(cgroup::CallGroup::procs_files)
+                    .unwrap_or_default(),
                 cap_last: self.cap_last,
                 landlock,
                 seccomp,
@@ -634,6 +691,22 @@ impl Isolation {
         })
     }
 
+    /// A cgroup for one call where cgroups are available (empty otherwise).
+    ///
+    /// Errors: [`SandboxError::Io`] if it cannot be created.
+    pub(super) fn call_group(&self, limits: Limits) -> Result<CallGroup, SandboxError> {
+        match &self.cgroups {
+            Some(c) => c
+                .call(limits.processes, limits.address_space)
+                .map(|g| CallGroup(Some(g)))
+                .map_err(|e| SandboxError::Io {
+                    context: "creating the call's cgroup".to_owned(),
+                    source: e,
+                }),
+            None => Ok(CallGroup(None)),
+        }
+    }
+
     /// The level reached.
     pub fn level(&self) -> Level {
         self.level
@@ -645,6 +718,7 @@ impl Isolation {
             Layer::Landlock => self.landlock.is_some(),
             Layer::Seccomp => self.seccomp.is_some(),
             Layer::Namespaces => self.namespaces.is_some(),
+            Layer::Cgroup => self.cgroups.is_some(),
         }
     }
 
@@ -714,6 +788,26 @@ impl Isolation {
                 "proc": n.proc,
             })
         });
+        let cgroup = self.cgroups.as_ref().map(|c| {
+            json!({
+                "version": c.version(),
+                "processes": "pids.max",
+                "memory": c.limits_memory(),
+                "kill": "every member at the end",
+            })
+        });
+        let processes = if self.cgroups.is_some() {
+            "bounded per call (cgroup pids.max)"
+        } else if self.processes_bounded {
+            "bounded per user (RLIMIT_NPROC counts every process of the agent's uid)"
+        } else {
+            "not bounded (no cgroup, and RLIMIT_NPROC does not apply to root)"
+        };
+        let memory = if self.cgroups.as_ref().is_some_and(|c| c.limits_memory()) {
+            "per call (cgroup) and per process (RLIMIT_AS)"
+        } else {
+            "per process only (RLIMIT_AS)"
+        };
         json!({
             "level": self.level.as_str(),
             "network": network,
@@ -722,9 +816,10 @@ impl Isolation {
                 "landlock": landlock,
                 "seccomp": seccomp,
                 "namespaces": namespaces,
+                "cgroup": cgroup,
             },
-            "processes": if self.processes_bounded { "bounded" } else { "not bounded (RLIMIT_NPROC does not apply to root)" },
-            "memory": "per process (RLIMIT_AS)",
+            "processes": processes,
+            "memory": memory,
         })
     }
 
@@ -747,6 +842,105 @@ impl Isolation {
             }
         }
         parts.join(" ")
+    }
+}
+
+/// The empty directory each child mounts its new root on (in its own mount
+/// namespace, so one directory serves every call): `fem-coder-root-UID` in
+/// the temporary directory, made once and kept, or a fresh one if that name
+/// is taken by something else.
+fn new_root_dir(uid: u32) -> Result<PathBuf, SandboxError> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let path = std::env::temp_dir().join(format!("fem-coder-root-{uid}"));
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(&path);
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.is_dir() && m.uid() == uid => Ok(path),
+        _ => {
+            let dir = tempfile::Builder::new()
+                .prefix("fem-coder-root-")
+                .tempdir()
+                .map_err(|e| SandboxError::Io {
+                    context: "creating the sandbox root directory".to_owned(),
+                    source: e,
+                })?;
+            // Kept for the agent's life (an empty directory).
+            Ok(dir.keep())
+        }
+    }
+}
+
+/// The prefix of this agent's per-call directories (`fem-coder-PID-` and
+/// `fem-coder-tmp-PID-`), by which a later agent finds what a killed one
+/// left behind.
+pub(super) fn call_dir_prefix(tmp: bool) -> String {
+    let pid = std::process::id();
+    if tmp {
+        format!("fem-coder-tmp-{pid}-")
+    } else {
+        format!("fem-coder-{pid}-")
+    }
+}
+
+/// Removes the call directories of agents of this uid that are gone.
+fn remove_stale_call_dirs(uid: u32) {
+    let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("fem-coder-")) else {
+            continue;
+        };
+        let rest = rest.strip_prefix("tmp-").unwrap_or(rest);
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        // Only real directories of our own (remove_dir_all does not follow
+        // symbolic links).
+        if std::fs::symlink_metadata(e.path()).is_ok_and(|m| m.is_dir() && m.uid() == uid) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Starts a probe child with only the base layer in a call cgroup.
+fn probe_cgroup(c: &cgroup::Cgroups, limits: Limits) -> Result<(), SandboxError> {
+    let group = c
+        .call(limits.processes, limits.address_space)
+        .map_err(|e| SandboxError::Io {
+            context: "creating a probe cgroup".to_owned(),
+            source: e,
+        })?;
+    let plan = Arc::new(ChildPlan {
+        limits,
+        cgroup_procs: group.procs_files(),
+        cap_last: 0,
+        landlock: None,
+        seccomp: Vec::new(),
+        ns: None,
+        probe: true,
+        protected: Vec::new(),
+    });
+    let mut cmd = std::process::Command::new("/");
+    cmd.env_clear()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    child::install(&mut cmd, plan);
+    let status = cmd.status();
+    group.finish();
+    match status {
+        Ok(st) if st.code().is_some_and(|c| c & probe::DONE != 0) => Ok(()),
+        Ok(st) => Err(SandboxError::Internal(format!(
+            "the cgroup probe ended with {st}"
+        ))),
+        Err(e) => Err(SandboxError::Io {
+            context: "joining a cgroup".to_owned(),
+            source: e,
+        }),
     }
 }
 

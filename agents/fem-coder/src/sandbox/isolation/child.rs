@@ -94,6 +94,8 @@ pub(super) struct NsPlan {
 #[derive(Debug)]
 pub(super) struct ChildPlan {
     pub(super) limits: Limits,
+    /// `cgroup.procs` files of the call's cgroups, joined first.
+    pub(super) cgroup_procs: Vec<CString>,
     /// Highest capability number; the bounding set is emptied up to it.
     pub(super) cap_last: c_int,
     pub(super) landlock: Option<LandlockPlan>,
@@ -396,6 +398,10 @@ fn run(plan: &ChildPlan) -> io::Result<()> {
         libc::signal(libc::SIGCHLD, libc::SIG_DFL);
     }
     set_limits(plan.limits)?;
+    // "0" is the writer itself; everything it starts stays in the cgroup.
+    for procs in &plan.cgroup_procs {
+        write_file(procs, b"0")?;
+    }
     if let Some(ns) = &plan.ns {
         // Returns only in P2.
         enter_namespaces(ns)?;
