@@ -141,7 +141,7 @@ impl Policy {
     /// Validates `opts`.
     ///
     /// Allowed programs that cannot be found are dropped with a warning. The
-    /// isolation layers are probed here (see [`Isolation::probe`]), with test
+    /// isolation layers are probed here (see [`isolation`]), with test
     /// children.
     ///
     /// Errors: [`SandboxError::Io`] if the work dir or an allowed path cannot
