@@ -93,7 +93,7 @@ struct Args {
     )]
     sandbox_read_paths: Vec<PathBuf>,
     /// Isolation layers to switch off, for tests and diagnosis (landlock,
-    /// seccomp, namespaces).
+    /// seccomp, namespaces, cgroup).
     #[arg(
         long = "sandbox-disable",
         env = "FEM_SANDBOX_DISABLE",

@@ -439,6 +439,30 @@ async fn secrets_stay_out_of_reach() {
                 judge(c, "code.execute reads /etc/shadow", by, r.text().contains(line.as_str()), &r.text());
             }
 
+            // The broker of this node, same user: its identity key and the
+            // development CA's private key.
+            let broker_keys = [
+                lab.broker.dir.path().join("broker.key"),
+                lab.broker.dir.path().join("tls/ca.key"),
+            ];
+            let secrets: Vec<String> = broker_keys
+                .iter()
+                .filter_map(|p| std::fs::read_to_string(p).ok())
+                .map(|s| s.lines().find(|l| !l.starts_with("-----")).unwrap_or("").to_owned())
+                .filter(|l| l.len() > 16)
+                .collect();
+            assert!(!secrets.is_empty(), "the broker wrote no key files");
+            let paths: Vec<&str> = broker_keys.iter().map(|p| p.to_str().unwrap()).collect();
+            let r = lab.python(c, &py_read(&paths)).await;
+            let leaked = secrets.iter().any(|s| r.text().contains(s.as_str()));
+            judge(c, "code.execute reads the broker's and the CA's keys", &files, leaked, &r.text());
+
+            // Nothing of the agent's descriptors reaches the child.
+            let r = lab
+                .python(c, "import os\nfds = []\nfor fd in range(3, 4096):\n    try:\n        os.fstat(fd)\n        fds.append(fd)\n    except OSError:\n        pass\nprint('FDS', fds)\n")
+                .await;
+            judge(c, "code.execute inherits the agent's descriptors", &[Base], !r.text().contains("FDS []"), &r.text());
+
             let by: &[Layer] = if other_owned {
                 &[Base, Landlock, Namespaces]
             } else {

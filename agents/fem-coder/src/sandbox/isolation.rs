@@ -425,15 +425,21 @@ impl Isolation {
         let uid = nix::unistd::geteuid().as_raw();
         let gid = nix::unistd::getegid().as_raw();
         let mut namespaces = None;
-        if !off.contains_key(&Layer::Namespaces) {
-            let root = new_root_dir(uid)?;
-            let view = view::View::new(&root, &dirs, &files, &devices, roots);
-            namespaces = Some(Namespaces {
-                view,
-                proc: true,
-                uid_map: format!("{uid} {uid} 1\n").into_bytes(),
-                gid_map: format!("{gid} {gid} 1\n").into_bytes(),
-            });
+        if let std::collections::btree_map::Entry::Vacant(slot) = off.entry(Layer::Namespaces) {
+            match new_root_dir(uid) {
+                Ok(root) => {
+                    let view = view::View::new(&root, &dirs, &files, &devices, roots);
+                    namespaces = Some(Namespaces {
+                        view,
+                        proc: true,
+                        uid_map: format!("{uid} {uid} 1\n").into_bytes(),
+                        gid_map: format!("{gid} {gid} 1\n").into_bytes(),
+                    });
+                }
+                Err(e) => {
+                    slot.insert(e.to_string());
+                }
+            }
         }
         remove_stale_call_dirs(uid);
 

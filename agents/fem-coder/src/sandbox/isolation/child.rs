@@ -391,11 +391,15 @@ impl MountStep {
 
 /// The pre-exec hook.
 fn run(plan: &ChildPlan) -> io::Result<()> {
-    // The agent's SIGCHLD handler must not run in the processes below that
-    // wait for their own children.
-    // SAFETY: signal(2) with a default disposition.
+    // The agent's handlers (SIGCHLD, SIGTERM, SIGINT) must not run in the
+    // processes below that never exec: they wait for their children, and
+    // die by the signals sent to them. exec resets them for the tool.
+    // SAFETY: signal(2) with default dispositions; errors (SIGKILL, SIGSTOP,
+    // numbers the kernel lacks) are ignored.
     unsafe {
-        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+        for sig in 1..32 {
+            libc::signal(sig, libc::SIG_DFL);
+        }
     }
     set_limits(plan.limits)?;
     // "0" is the writer itself; everything it starts stays in the cgroup.
