@@ -428,13 +428,14 @@ fn set_limits(limits: Limits) -> io::Result<()> {
 fn enter_namespaces(ns: &NsPlan) -> io::Result<()> {
     // SAFETY (this function): system calls on plan data and stack buffers.
     cvt(unsafe { libc::unshare(ns.flags) })?;
-    // Kernels before 3.19 have no setgroups file.
-    match write_file(c"/proc/self/setgroups", b"deny") {
-        Err(e) if e.raw_os_error() != Some(libc::ENOENT) => return Err(e),
-        _ => {}
-    }
-    write_file(c"/proc/self/uid_map", &ns.uid_map)?;
-    write_file(c"/proc/self/gid_map", &ns.gid_map)?;
+    // The agent is non-dumpable, so /proc/self of this copy belongs to root
+    // and an unprivileged agent could not write its own maps: dumpable for
+    // the three writes only (nothing else runs as this uid in the new
+    // namespace yet), then back before anything else happens.
+    cvt(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1 as c_ulong, 0, 0, 0) })?;
+    let maps = write_maps(ns);
+    cvt(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0 as c_ulong, 0, 0, 0) })?;
+    maps?;
     // Nothing we mount may propagate back to the agent's namespace.
     mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None)?;
     for step in &ns.steps {
@@ -498,6 +499,16 @@ fn enter_namespaces(ns: &NsPlan) -> io::Result<()> {
     // P2: the tool.
     unsafe { libc::close(status[1]) };
     Ok(())
+}
+
+fn write_maps(ns: &NsPlan) -> io::Result<()> {
+    // Kernels before 3.19 have no setgroups file.
+    match write_file(c"/proc/self/setgroups", b"deny") {
+        Err(e) if e.raw_os_error() != Some(libc::ENOENT) => return Err(e),
+        _ => {}
+    }
+    write_file(c"/proc/self/uid_map", &ns.uid_map)?;
+    write_file(c"/proc/self/gid_map", &ns.gid_map)
 }
 
 /// P1: reaps every orphan of the namespace until the tool (P2) ends, then
