@@ -14,7 +14,7 @@ echo "==> building fem-broker, fem-coder and fem (cargo build --workspace --bins
 cargo build --quiet --workspace --bins
 
 rm -rf "$demo"
-mkdir -p "$demo/work"
+mkdir -p "$demo/work" "$demo/keys"
 echo "this file is inside fem-coder's allowed root" > "$demo/work/hello.txt"
 
 pids=()
@@ -42,11 +42,12 @@ wait_for "$demo/broker.log" "fem-broker listening"
 grep -o 'fingerprint=[0-9a-f]*' "$demo/broker.log" | sed 's/^/    certificate /'
 
 ca="$demo/broker/tls/ca.pem"
-echo "==> starting fem-coder --agent demo-coder (work dir $demo/work)"
+echo "==> starting fem-coder --agent demo-coder (work dir $demo/work, key $demo/keys/agent.key)"
 "$bin/fem-coder" --broker "$url" --ca "$ca" --agent demo-coder --work-dir "$demo/work" \
-  >"$demo/coder.log" 2>&1 &
+  --key "$demo/keys/agent.key" >"$demo/coder.log" 2>&1 &
 pids+=($!)
 wait_for "$demo/coder.log" "fem-coder registered"
+grep -o 'sandbox level level=[a-z]*.*' "$demo/coder.log" | sed 's/^/    /' 
 
 fem() { "$bin/fem" "$@"; }
 
@@ -72,6 +73,20 @@ status=$?
 set -e
 if [ "$status" -ne 2 ]; then
   echo "expected exit code 2 for a refused call, got $status" >&2
+  exit 1
+fi
+
+echo
+echo "==> an escape the sandbox refuses: code.execute tries to read the agent's own key"
+key="$demo/keys/agent.key"
+out=$(fem call --broker "$url" --ca "$ca" --agent demo-coder --tool code.execute \
+  --args "{\"language\":\"python\",\"code\":\"print(open('$key').read())\"}")
+printf '%s\n' "$out" | python3 -c 'import json, sys
+r = json.load(sys.stdin)
+print("    sandbox level:", r["sandbox"]["level"], "| exit code:", r["exit_code"])
+print("    " + (r["stderr"].strip().splitlines() or [""])[-1])'
+if printf '%s' "$out" | grep -q "$(cat "$key")"; then
+  echo "the key leaked to the child" >&2
   exit 1
 fi
 

@@ -485,3 +485,73 @@ pub async fn run_fem(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A `fem-broker` process on its own loopback address, with a fresh data
+/// directory (its development CA is `DATA/tls/ca.pem`).
+pub struct BrokerProcess {
+    /// The process.
+    pub proc: Proc,
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its data directory.
+    pub dir: tempfile::TempDir,
+}
+
+impl BrokerProcess {
+    /// Starts `fem-broker --listen ADDR` with `extra` flags and `envs`, and
+    /// waits for its listening line.
+    pub async fn start(addr: SocketAddr, extra: &[&str], envs: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let listen = addr.to_string();
+        let data = dir.path().to_str().unwrap().to_owned();
+        let id = format!("broker-{}", addr.ip());
+        let mut args = vec!["--listen", &listen, "--data-dir", &data, "--broker-id", &id];
+        args.extend_from_slice(extra);
+        let mut proc = Proc::spawn("fem-broker", &args, envs);
+        proc.wait_for("fem-broker listening", Duration::from_secs(30))
+            .await;
+        Self { proc, addr, dir }
+    }
+
+    /// The development CA file (PEM).
+    pub fn ca(&self) -> String {
+        self.dir
+            .path()
+            .join("tls/ca.pem")
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// `https://ADDR`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// `fem call --agent AGENT --tool TOOL --args ARGS` through this broker,
+    /// with a 60 s CLI deadline; returns (exit code, stdout, stderr).
+    pub async fn call(
+        &self,
+        agent: &str,
+        tool: &str,
+        args: &serde_json::Value,
+    ) -> (i32, String, String) {
+        let (url, ca, args) = (self.url(), self.ca(), args.to_string());
+        run_fem(&[
+            "call",
+            "--broker",
+            &url,
+            "--ca",
+            &ca,
+            "--agent",
+            agent,
+            "--tool",
+            tool,
+            "--timeout",
+            "60s",
+            "--args",
+            &args,
+        ])
+        .await
+    }
+}

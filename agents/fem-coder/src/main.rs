@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use fem_agent_sdk::cli::{ConnectArgs, LogArgs};
 use fem_agent_sdk::{AgentBuilder, AgentMetrics, Client, Tool, ToolError, keys};
+use fem_coder::sandbox::isolation::{IsolationOptions, Layer, Level};
 use fem_coder::sandbox::{self, Policy, PolicyOptions, SandboxError};
 use fem_proto::{AgentId, SigningKey};
 
@@ -74,6 +75,32 @@ struct Args {
     /// Calls served at once.
     #[arg(long, env = "FEM_MAX_CONCURRENT", default_value_t = 10)]
     max_concurrent: usize,
+    /// Refuse to start unless children get at least this isolation level
+    /// (base, landlock, seccomp, namespaces; each includes the ones before).
+    /// The agent always runs at the best level the machine offers.
+    #[arg(long, env = "FEM_SANDBOX_MIN_LEVEL", default_value = "base")]
+    sandbox_min_level: Level,
+    /// Let calls ask for network access ("network": true); without it,
+    /// children have no TCP or UDP at all.
+    #[arg(long, env = "FEM_ALLOW_NETWORK")]
+    allow_network: bool,
+    /// Another path children may read and execute (repeatable), e.g. a
+    /// toolchain outside /usr.
+    #[arg(
+        long = "sandbox-read-path",
+        env = "FEM_SANDBOX_READ_PATHS",
+        value_delimiter = ','
+    )]
+    sandbox_read_paths: Vec<PathBuf>,
+    /// Isolation layers to switch off, for tests and diagnosis (landlock,
+    /// seccomp, namespaces, cgroup).
+    #[arg(
+        long = "sandbox-disable",
+        env = "FEM_SANDBOX_DISABLE",
+        value_delimiter = ',',
+        hide = true
+    )]
+    sandbox_disable: Vec<String>,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -129,9 +156,20 @@ fn tools(policy: &Arc<Policy>, caps: &[String]) -> anyhow::Result<Vec<Tool>> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let defaults = PolicyOptions::default();
+    let mut disable = Vec::new();
+    for name in args.sandbox_disable.iter().filter(|n| !n.trim().is_empty()) {
+        disable.push(
+            name.parse::<Layer>()
+                .map_err(|e| anyhow::anyhow!("FEM_SANDBOX_DISABLE: {e}"))?,
+        );
+    }
     let work_dir = match &args.work_dir {
         Some(d) => d.clone(),
         None => std::env::current_dir()?,
+    };
+    let key = match &args.key {
+        Some(p) => keys::load_or_generate_key(p)?,
+        None => SigningKey::generate(),
     };
     let policy = Arc::new(Policy::new(PolicyOptions {
         // Empty means "the work directory" (see PolicyOptions).
@@ -148,21 +186,47 @@ async fn run(args: Args) -> anyhow::Result<()> {
         cpu_seconds: args.cpu_seconds,
         memory_bytes: args.memory_bytes,
         max_processes: args.max_processes,
+        isolation: IsolationOptions {
+            disable,
+            allow_network: args.allow_network,
+            read_paths: args.sandbox_read_paths.clone(),
+            // The key is created before the policy, so its inode is known.
+            protected_files: args.key.iter().cloned().collect(),
+        },
     })?);
     tracing::info!(policy = %policy.describe(), "sandbox policy");
+    let isolation = policy.isolation();
+    let level = isolation.level();
+    tracing::info!(
+        level = %level,
+        layers = %isolation.describe(),
+        network = if args.allow_network { "calls may ask" } else { "off" },
+        "sandbox level"
+    );
+    if level < args.sandbox_min_level {
+        let missing: Vec<String> = Level::ALL
+            .into_iter()
+            .filter(|l| *l > level && *l <= args.sandbox_min_level)
+            .filter_map(Level::layer)
+            .map(|l| format!("{l}: {}", isolation.why_off(l).unwrap_or("off")))
+            .collect();
+        anyhow::bail!(
+            "refusing to start: children would run at sandbox level {level}, below \
+             --sandbox-min-level {} ({})",
+            args.sandbox_min_level,
+            missing.join("; ")
+        );
+    }
     let id = AgentId::new(
         args.agent
             .clone()
             .unwrap_or_else(|| fem_agent_sdk::cli::host_name("fem-coder")),
     )?;
-    let key = match &args.key {
-        Some(p) => keys::load_or_generate_key(p)?,
-        None => SigningKey::generate(),
-    };
     let opts = args.conn.options()?.call_timeout(args.timeout);
     let tools = tools(&policy, &args.capabilities)?;
     let registry = prometheus::Registry::new();
     let metrics = AgentMetrics::new(&registry)?;
+    register_sandbox_metrics(&registry, policy.isolation())?;
     let client_slot: Arc<std::sync::OnceLock<Client>> = Arc::default();
     if let Some(addr) = &args.metrics_listen {
         serve_metrics(addr, registry, Arc::clone(&client_slot)).await?;
@@ -173,7 +237,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let mut b = AgentBuilder::new(id.clone(), key.clone())
             .metrics(metrics.clone())
             .max_concurrent(args.max_concurrent)
-            .call_timeout(args.timeout);
+            .call_timeout(args.timeout)
+            .metadata("sandbox.level", level.as_str());
+        if let Some(abi) = policy.isolation().kernel_landlock_abi() {
+            b = b.metadata("sandbox.landlock_abi", &abi.to_string());
+        }
         for c in &args.capabilities {
             b = b.capability(c)?;
         }
@@ -195,6 +263,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
     fem_agent_sdk::cli::shutdown_signal().await;
     tracing::info!("signal received; closing");
     client.shutdown().await;
+    Ok(())
+}
+
+/// `fem_coder_sandbox_level` (0 base .. 3 namespaces) and
+/// `fem_coder_sandbox_layer{layer}` (1 when enforced), set once at start.
+fn register_sandbox_metrics(
+    registry: &prometheus::Registry,
+    isolation: &sandbox::isolation::Isolation,
+) -> anyhow::Result<()> {
+    let level = prometheus::IntGauge::new(
+        "fem_coder_sandbox_level",
+        "Isolation level of tool children: 0 base, 1 landlock, 2 seccomp, 3 namespaces",
+    )?;
+    level.set(isolation.level().rank());
+    registry.register(Box::new(level))?;
+    let layers = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            "fem_coder_sandbox_layer",
+            "1 when the isolation layer is enforced on tool children",
+        ),
+        &["layer"],
+    )?;
+    for layer in Layer::ALL {
+        layers
+            .with_label_values(&[layer.as_str()])
+            .set(i64::from(isolation.enforces(layer)));
+    }
+    registry.register(Box::new(layers))?;
     Ok(())
 }
 
@@ -284,6 +380,9 @@ struct FileConfig {
     max_processes: Option<u64>,
     metrics_listen: Option<String>,
     max_concurrent: Option<usize>,
+    sandbox_min_level: Option<Level>,
+    allow_network: Option<bool>,
+    sandbox_read_paths: Option<Vec<PathBuf>>,
     log_level: Option<String>,
     log_format: Option<fem_agent_sdk::cli::LogFormat>,
 }
@@ -355,6 +454,17 @@ fn parse_args() -> anyhow::Result<Args> {
         f.metrics_listen.map(Some)
     );
     take!("max_concurrent", args.max_concurrent, f.max_concurrent);
+    take!(
+        "sandbox_min_level",
+        args.sandbox_min_level,
+        f.sandbox_min_level
+    );
+    take!("allow_network", args.allow_network, f.allow_network);
+    take!(
+        "sandbox_read_paths",
+        args.sandbox_read_paths,
+        f.sandbox_read_paths
+    );
     take!("log_level", args.log.log_level, f.log_level.map(Some));
     take!("log_format", args.log.log_format, f.log_format.map(Some));
     Ok(args)
@@ -362,6 +472,14 @@ fn parse_args() -> anyhow::Result<Args> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Before anything holds the key: a non-dumpable process's /proc/PID/mem,
+    // environ and ptrace are refused to processes of the same uid that lack
+    // CAP_SYS_PTRACE (tool children have no capabilities), and it leaves no
+    // core dump.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("fem-coder: error: cannot make the process non-dumpable: {e}");
+        return ExitCode::FAILURE;
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {

@@ -6,39 +6,37 @@
 //! protocol error code to answer with. Everything is decided by a [`Policy`]
 //! built once at startup from [`PolicyOptions`].
 //!
-//! What the sandbox enforces:
-//! - only allowed programs run, by the absolute path resolved at startup, with
-//!   arguments passed as a vector (no shell unless `sh` is allowed and the
-//!   caller asks for `command`);
-//! - children get a scrubbed environment (`PATH`, `HOME`, `LANG`, `TMPDIR`
-//!   only), their own process group, resource limits (CPU, address space,
-//!   processes, no core dumps), a deadline after which the whole group is
-//!   killed, and capped output; the group is also killed when the leader exits
-//!   or the call is cancelled;
-//! - `file.read` and `cwd` are confined to the allowed roots after resolving
-//!   symlinks and `..`.
+//! Two things keep a caller in check:
+//! - the policy: only allowed programs start, by the absolute path resolved
+//!   at startup, with arguments passed as a vector (no shell unless `sh` is
+//!   allowed and the caller asks for `command`); `file.read` and `cwd` are
+//!   confined to the allowed roots after resolving symlinks and `..`, and
+//!   `file.read` refuses the agent's key by inode (hard links too); output is
+//!   capped and a deadline ends every call;
+//! - the [`isolation`] of every child, in layers applied before exec and
+//!   probed at start (base, Landlock, seccomp, namespaces): what an allowed
+//!   program does is bounded there, not by the allow-list, since allowed
+//!   programs (sh, python3, env, git) can start any other.
 //!
-//! What it does not: it is not an OS-level sandbox. Children run with the
-//! agent's uid and can read, write and connect wherever that uid can; an
-//! allowed `cat` or `sh` reaches files outside the roots. Processes that leave
-//! the group (`setsid`) escape the group kill. For real isolation run the agent
-//! in a container or an unprivileged account. `RLIMIT_NPROC` counts every
-//! process of the child's real uid (not just the child's descendants) and is
-//! not enforced at all for root or holders of `CAP_SYS_RESOURCE`.
+//! Every result of `shell.run` and `code.execute` carries a `sandbox` object
+//! with the level reached and what each layer enforced for that call.
 
 mod exec;
 mod fs;
+pub mod isolation;
 
 use std::{
     collections::BTreeMap,
     io,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
 use base64::Engine as _;
 use fem_proto::ErrorCode;
+use isolation::{Isolation, IsolationOptions, Limits};
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::{Value, json};
 
@@ -98,6 +96,9 @@ pub struct PolicyOptions {
     /// processes and threads of the child's real uid, including the agent and
     /// anything else that user runs, and does not enforce it for root.
     pub max_processes: u64,
+    /// The isolation layers' settings. Default: every layer available, no
+    /// network, no protected file.
+    pub isolation: IsolationOptions,
 }
 
 impl Default for PolicyOptions {
@@ -113,6 +114,7 @@ impl Default for PolicyOptions {
             cpu_seconds: 30,
             memory_bytes: 1024 * MIB,
             max_processes: 256,
+            isolation: IsolationOptions::default(),
         }
     }
 }
@@ -131,17 +133,23 @@ pub struct Policy {
     cpu_seconds: u64,
     memory_bytes: u64,
     max_processes: u64,
+    limits: Limits,
+    isolation: Arc<Isolation>,
 }
 
 impl Policy {
     /// Validates `opts`.
     ///
-    /// Allowed programs that cannot be found are dropped with a warning.
+    /// Allowed programs that cannot be found are dropped with a warning. The
+    /// isolation layers are probed here (see [`isolation`]), with test
+    /// children.
     ///
     /// Errors: [`SandboxError::Io`] if the work dir or an allowed path cannot
     /// be canonicalized (e.g. it does not exist); [`SandboxError::InvalidPolicy`]
     /// if one of them is not a directory, the work dir is outside every
-    /// allowed path, or the timeout or a resource limit is zero.
+    /// allowed path, the timeout or a resource limit is zero, or a protected
+    /// file lies where children could read it; [`SandboxError::Internal`] if
+    /// not even the base layer can start a child.
     pub fn new(opts: PolicyOptions) -> Result<Self, SandboxError> {
         let invalid = |msg: &str| Err(SandboxError::InvalidPolicy(msg.to_owned()));
         if opts.timeout.is_zero() {
@@ -187,6 +195,8 @@ impl Policy {
                 ),
             }
         }
+        let limits = Limits::for_options(opts.cpu_seconds, opts.memory_bytes, opts.max_processes)?;
+        let isolation = Isolation::probe(&opts.isolation, &roots, limits)?;
         Ok(Self {
             roots,
             work_dir,
@@ -197,7 +207,14 @@ impl Policy {
             cpu_seconds: opts.cpu_seconds,
             memory_bytes: opts.memory_bytes,
             max_processes: opts.max_processes,
+            limits,
+            isolation: Arc::new(isolation),
         })
+    }
+
+    /// The probed isolation of children.
+    pub fn isolation(&self) -> &Isolation {
+        &self.isolation
     }
 
     /// One line for the startup log: roots, programs, shell, limits.
@@ -385,6 +402,8 @@ struct ShellRunParams {
     cwd: Option<String>,
     stdin: Option<String>,
     timeout_ms: Option<u64>,
+    #[serde(default)]
+    network: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -401,6 +420,8 @@ struct CodeExecuteParams {
     code: String,
     stdin: Option<String>,
     timeout_ms: Option<u64>,
+    #[serde(default)]
+    network: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -429,6 +450,37 @@ fn check_stdin(stdin: Option<&String>) -> Result<(), SandboxError> {
     }
 }
 
+/// A call may have the network only if it asks and the policy allows it.
+fn check_network(policy: &Policy, network: bool) -> Result<(), SandboxError> {
+    if network && !policy.isolation.allows_network() {
+        return Err(SandboxError::PermissionDenied(
+            "network access is not allowed by policy (fem-coder runs without --allow-network)"
+                .to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// A fresh directory for one call (its TMPDIR; writable by the child).
+fn call_dir(prefix: &str) -> Result<tempfile::TempDir, SandboxError> {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .map_err(|e| SandboxError::Io {
+            context: "creating a temporary directory".to_owned(),
+            source: e,
+        })
+}
+
+/// Removes a call's directory off the runtime (what the child left there
+/// can take a while).
+async fn remove_call_dir(dir: tempfile::TempDir) {
+    let removal = tokio::task::spawn_blocking(move || dir.close()).await;
+    if let Ok(Err(e)) | Err(e) = removal.map_err(io::Error::other) {
+        tracing::warn!(error = %e, "removing a call's temporary directory failed");
+    }
+}
+
 fn check_no_nul(what: &str, s: &str) -> Result<(), SandboxError> {
     if s.contains('\0') {
         return Err(SandboxError::BadRequest(format!(
@@ -440,9 +492,10 @@ fn check_no_nul(what: &str, s: &str) -> Result<(), SandboxError> {
 
 /// Runs a program (`argv`) or, if the policy allows `sh`, a shell command
 /// (`command`). Params: `{"argv": [..] | "command": "..", "cwd"?, "stdin"?,
-/// "timeout_ms"?}`; see [`shell_run_schema`]. Result: `{"stdout", "stderr",
-/// "exit_code", "signal", "timed_out", "truncated", "duration_ms"}`. A
-/// timeout is not an error: it is reported with `timed_out: true`.
+/// "timeout_ms"?, "network"?}`; see [`shell_run_schema`]. Result: `{"stdout",
+/// "stderr", "exit_code", "signal", "timed_out", "truncated", "duration_ms",
+/// "sandbox"}`. A timeout is not an error: it is reported with
+/// `timed_out: true`. The child's TMPDIR is a fresh directory, removed after.
 ///
 /// Errors: `BadRequest` for malformed params (unknown fields, both or neither
 /// of argv/command, empty argv, `timeout_ms` 0, NUL bytes, oversized stdin, a
@@ -453,6 +506,7 @@ pub async fn shell_run(policy: &Policy, params: Value) -> Result<Value, SandboxE
     let p: ShellRunParams = parse_params(SHELL_RUN, params)?;
     let timeout = policy.effective_timeout(p.timeout_ms)?;
     check_stdin(p.stdin.as_ref())?;
+    check_network(policy, p.network)?;
     let (program, args) = match (p.argv, p.command) {
         (Some(argv), None) => {
             let mut argv = argv.into_iter();
@@ -505,16 +559,20 @@ pub async fn shell_run(policy: &Policy, params: Value) -> Result<Value, SandboxE
         Some(raw) => fs::resolve_dir(policy, &raw).await?,
         None => policy.work_dir.clone(),
     };
+    let tmp = call_dir(&isolation::call_dir_prefix(true))?;
     let spec = exec::Spec {
         program,
         args,
         cwd,
         stdin: p.stdin,
         timeout,
-        tmpdir: std::env::temp_dir(),
+        tmpdir: tmp.path().to_path_buf(),
         tool: SHELL_RUN,
+        network: p.network,
     };
-    exec::run(policy, spec).await
+    let result = exec::run(policy, spec).await;
+    remove_call_dir(tmp).await;
+    result
 }
 
 /// Runs a snippet of Python (`python3`) or shell (`sh`) code from a fresh
@@ -524,12 +582,14 @@ pub async fn shell_run(policy: &Policy, params: Value) -> Result<Value, SandboxE
 ///
 /// Errors: `BadRequest` for malformed params or code over
 /// [`MAX_CODE_BYTES`]; `PermissionDenied` if the interpreter is not an
-/// allowed program; `Io` if the temporary directory cannot be set up or the
+/// allowed program or network is asked for without `--allow-network`; `Io`
+/// if the temporary directory cannot be set up or the
 /// interpreter cannot be started.
 pub async fn code_execute(policy: &Policy, params: Value) -> Result<Value, SandboxError> {
     let p: CodeExecuteParams = parse_params(CODE_EXECUTE, params)?;
     let timeout = policy.effective_timeout(p.timeout_ms)?;
     check_stdin(p.stdin.as_ref())?;
+    check_network(policy, p.network)?;
     if p.code.len() > MAX_CODE_BYTES {
         return Err(SandboxError::BadRequest(format!(
             "code is larger than {MAX_CODE_BYTES} bytes"
@@ -546,13 +606,7 @@ pub async fn code_execute(policy: &Policy, params: Value) -> Result<Value, Sandb
     };
     let program = interpreter_path.to_path_buf();
 
-    let dir = tempfile::Builder::new()
-        .prefix("fem-coder-")
-        .tempdir()
-        .map_err(|e| SandboxError::Io {
-            context: "creating a temporary directory".to_owned(),
-            source: e,
-        })?;
+    let dir = call_dir(&isolation::call_dir_prefix(false))?;
     let file = dir.path().join(file_name);
     tokio::fs::write(&file, p.code.as_bytes())
         .await
@@ -568,13 +622,10 @@ pub async fn code_execute(policy: &Policy, params: Value) -> Result<Value, Sandb
         timeout,
         tmpdir: dir.path().to_path_buf(),
         tool: CODE_EXECUTE,
+        network: p.network,
     };
     let result = exec::run(policy, spec).await;
-    // Removing what the child left there can take a while: not on the runtime.
-    let removal = tokio::task::spawn_blocking(move || dir.close()).await;
-    if let Ok(Err(e)) | Err(e) = removal.map_err(io::Error::other) {
-        tracing::warn!(error = %e, "removing the code.execute temporary directory failed");
-    }
+    remove_call_dir(dir).await;
     result
 }
 
@@ -586,7 +637,8 @@ pub async fn code_execute(policy: &Policy, params: Value) -> Result<Value, Sandb
 ///
 /// Errors: `BadRequest` for malformed params, a missing file or one that is
 /// not a regular file; `PermissionDenied` if the path resolves (through
-/// symlinks or `..`) outside the allowed roots or is unreadable; `Io` or
+/// symlinks or `..`) outside the allowed roots, is unreadable, or is the
+/// agent's key (by inode, so hard links too); `Io` or
 /// `Internal` for read failures.
 pub async fn file_read(policy: &Policy, params: Value) -> Result<Value, SandboxError> {
     let p: FileReadParams = parse_params(FILE_READ, params)?;
@@ -597,9 +649,12 @@ pub async fn file_read(policy: &Policy, params: Value) -> Result<Value, SandboxE
     let path = fs::resolve_in_roots(policy, &p.path, "path").await?;
     let roots = policy.roots.clone();
     let read_path = path.clone();
-    let content = tokio::task::spawn_blocking(move || fs::read_bounded(&read_path, limit, &roots))
-        .await
-        .map_err(|e| SandboxError::Internal(format!("file read task failed: {e}")))??;
+    let isolation = Arc::clone(&policy.isolation);
+    let content = tokio::task::spawn_blocking(move || {
+        fs::read_bounded(&read_path, limit, &roots, &isolation)
+    })
+    .await
+    .map_err(|e| SandboxError::Internal(format!("file read task failed: {e}")))??;
     let (text, encoding) = encode_content(content.bytes, content.truncated);
     tracing::info!(
         tool = FILE_READ,
@@ -673,6 +728,10 @@ pub fn shell_run_schema() -> Value {
                 "description": "Time limit in milliseconds; larger values are clamped to the agent's limit.",
                 "type": "integer",
                 "minimum": 1
+            },
+            "network": {
+                "description": "Ask for network access (refused unless the agent runs with --allow-network). Default: false.",
+                "type": "boolean"
             }
         },
         "oneOf": [
@@ -709,6 +768,10 @@ pub fn code_execute_schema() -> Value {
                 "description": "Time limit in milliseconds; larger values are clamped to the agent's limit.",
                 "type": "integer",
                 "minimum": 1
+            },
+            "network": {
+                "description": "Ask for network access (refused unless the agent runs with --allow-network). Default: false.",
+                "type": "boolean"
             }
         },
         "required": ["language", "code"],
@@ -1056,15 +1119,30 @@ mod tests {
         assert_eq!(r["timed_out"], false);
     }
 
-    fn process_is_gone(pid: i32) -> bool {
-        // Gone, or a zombie waiting for a reaper (it no longer runs).
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Err(_) => true,
-            Ok(stat) => stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next())
-                .is_some_and(|state| state == "Z" || state == "X"),
-        }
+    /// Pids (in the test's PID namespace) of `sleep` processes whose
+    /// arguments contain `marker`: children may live in a PID namespace of
+    /// their own, so their `$!` means nothing here.
+    fn sleepers(marker: &str) -> Vec<i32> {
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter_map(|e| {
+                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+                // A zombie waiting for its reaper no longer runs.
+                let state = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .to_owned();
+                (cmd.starts_with("sleep ") && cmd.contains(marker) && state != "Z" && state != "X")
+                    .then_some(pid)
+            })
+            .collect()
     }
 
     #[tokio::test]
@@ -1075,29 +1153,31 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let policy = policy_in(dir.path());
-        let pid_file = dir.path().join("pid");
-        let cmd = format!("sleep 30 & echo $! > {}; wait", pid_file.display());
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let marker = format!("{}.{nanos:09}", 300 + std::process::id() % 500);
+        let cmd = format!("sleep {marker} & wait");
         let mut call = Box::pin(shell_run(&policy, json!({"command": cmd})));
         // Let it start the background sleep, then drop the future.
         let started = Instant::now();
-        let pid = loop {
+        loop {
             tokio::select! {
                 r = &mut call => panic!("the call finished early: {r:?}"),
                 () = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
-            let written = std::fs::read_to_string(&pid_file).unwrap_or_default();
-            if let Ok(pid) = written.trim().parse::<i32>() {
-                break pid;
+            if !sleepers(&marker).is_empty() {
+                break;
             }
             assert!(started.elapsed() < STEP_LIMIT, "the command never started");
-        };
-        assert!(!process_is_gone(pid));
+        }
         drop(call);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !process_is_gone(pid) {
+        while !sleepers(&marker).is_empty() {
             assert!(
                 Instant::now() < deadline,
-                "background sleep {pid} survived the drop"
+                "background sleep {marker} survived the drop"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

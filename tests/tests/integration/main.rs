@@ -5,6 +5,7 @@
 mod calls;
 mod federation;
 mod hostile;
+mod isolation;
 mod ops;
 mod processes;
 mod routing;

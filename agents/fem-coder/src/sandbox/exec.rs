@@ -1,5 +1,6 @@
 //! Running one child process under the policy: scrubbed environment, own
-//! process group, resource limits, bounded output capture and a deadline.
+//! process group, the isolation layers (see `isolation`), bounded output
+//! capture and a deadline.
 
 use std::{
     io,
@@ -22,6 +23,7 @@ use tokio::{
     time::Instant,
 };
 
+use super::isolation::Limits;
 use super::{Policy, SANDBOX_PATH, SandboxError, push_bounded};
 
 /// How long to keep draining the pipes once the child has exited or been
@@ -48,18 +50,19 @@ pub(super) struct Spec {
     pub(super) tmpdir: PathBuf,
     /// Tool name, for the log line.
     pub(super) tool: &'static str,
-}
-
-/// Resource limits for the child, already clamped to what the agent may set.
-#[derive(Debug, Clone, Copy)]
-struct Limits {
-    cpu_seconds: u64,
-    address_space: u64,
-    processes: u64,
+    /// Whether the call asked for the network (the policy allowed it).
+    pub(super) network: bool,
 }
 
 impl Limits {
-    fn for_policy(policy: &Policy) -> Result<Self, SandboxError> {
+    /// The policy's limits, clamped to what the agent may set.
+    ///
+    /// Errors: [`SandboxError::Internal`] on a platform without one of them.
+    pub(crate) fn for_options(
+        cpu_seconds: u64,
+        memory_bytes: u64,
+        max_processes: u64,
+    ) -> Result<Self, SandboxError> {
         for resource in [Resource::CPU, Resource::AS, Resource::NPROC, Resource::CORE] {
             // Checked here, in the parent, so that `rlimit::setrlimit` cannot
             // take its allocating "unsupported" error path in the child.
@@ -70,9 +73,9 @@ impl Limits {
             }
         }
         Ok(Self {
-            cpu_seconds: clamp_to_hard(Resource::CPU, policy.cpu_seconds),
-            address_space: clamp_to_hard(Resource::AS, policy.memory_bytes),
-            processes: clamp_to_hard(Resource::NPROC, policy.max_processes),
+            cpu_seconds: clamp_to_hard(Resource::CPU, cpu_seconds),
+            address_space: clamp_to_hard(Resource::AS, memory_bytes),
+            processes: clamp_to_hard(Resource::NPROC, max_processes),
         })
     }
 }
@@ -83,28 +86,6 @@ fn clamp_to_hard(resource: Resource, wanted: u64) -> u64 {
     match rlimit::getrlimit(resource) {
         Ok((_, hard)) => wanted.min(hard),
         Err(_) => wanted,
-    }
-}
-
-/// Applies the resource limits in the forked child, right before exec.
-#[allow(unsafe_code)]
-fn install_limits(cmd: &mut Command, limits: Limits) {
-    // SAFETY: the closure runs in the child between fork and exec, where only
-    // async-signal-safe operations are allowed. It only calls setrlimit(2),
-    // which is async-signal-safe; `rlimit::setrlimit` is a thin wrapper that
-    // builds a plain struct on the stack and, on failure, returns
-    // `io::Error::last_os_error()` (no allocation). Its only allocating path,
-    // the "unsupported resource" error, is ruled out by `Limits::for_policy`,
-    // which checked every resource in the parent. `limits` is `Copy`, so the
-    // closure touches no shared or locked state.
-    unsafe {
-        cmd.pre_exec(move || {
-            rlimit::setrlimit(Resource::CORE, 0, 0)?;
-            rlimit::setrlimit(Resource::CPU, limits.cpu_seconds, limits.cpu_seconds)?;
-            rlimit::setrlimit(Resource::AS, limits.address_space, limits.address_space)?;
-            rlimit::setrlimit(Resource::NPROC, limits.processes, limits.processes)?;
-            Ok(())
-        });
     }
 }
 
@@ -191,7 +172,17 @@ fn spawn_error(program: &Path, e: io::Error) -> SandboxError {
 /// Runs `spec` to completion, timeout or cancellation and returns the result
 /// JSON of shell.run / code.execute.
 pub(super) async fn run(policy: &Policy, spec: Spec) -> Result<Value, SandboxError> {
-    let limits = Limits::for_policy(policy)?;
+    // The call's own directory is writable besides the roots (it is the cwd
+    // of code.execute and the TMPDIR of both tools).
+    let group = policy.isolation.call_group(policy.limits)?;
+    let prepared = policy.isolation.prepare(
+        policy.limits,
+        &group,
+        &[spec.tmpdir.as_path()],
+        &spec.cwd,
+        spec.network,
+        false,
+    )?;
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
         .current_dir(&spec.cwd)
@@ -209,10 +200,13 @@ pub(super) async fn run(policy: &Policy, spec: Spec) -> Result<Value, SandboxErr
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    install_limits(&mut cmd, limits);
+    prepared.install(cmd.as_std_mut());
 
     let started = Instant::now();
-    let mut child = cmd.spawn().map_err(|e| spawn_error(&spec.program, e))?;
+    let spawned = cmd.spawn();
+    // The child has its copy of the ruleset descriptor (or failed).
+    drop(prepared);
+    let mut child = spawned.map_err(|e| spawn_error(&spec.program, e))?;
     // The child is the leader of a new group whose id is its pid.
     let Some(pgid) = child
         .id()
@@ -223,6 +217,7 @@ pub(super) async fn run(policy: &Policy, spec: Spec) -> Result<Value, SandboxErr
             "spawned child has no usable process id".to_owned(),
         ));
     };
+    let cgroup = group;
     let mut group = GroupKiller {
         pgid: Pid::from_raw(pgid),
         armed: true,
@@ -303,6 +298,9 @@ pub(super) async fn run(policy: &Policy, spec: Spec) -> Result<Value, SandboxErr
         // signal the (possibly recycled) id again.
         group.armed = false;
     }
+    // Whatever left the process group (setsid, double fork) is still in the
+    // call's cgroup, where there is one.
+    cgroup.finish().await;
 
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let exit_code = status.and_then(|s| s.code());
@@ -326,5 +324,6 @@ pub(super) async fn run(policy: &Policy, spec: Spec) -> Result<Value, SandboxErr
         "timed_out": timed_out,
         "truncated": truncated,
         "duration_ms": duration_ms,
+        "sandbox": policy.isolation.report(spec.network),
     }))
 }

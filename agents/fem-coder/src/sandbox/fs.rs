@@ -9,6 +9,7 @@ use std::{
 
 use nix::libc;
 
+use super::isolation::Isolation;
 use super::{Policy, SandboxError, push_bounded};
 
 /// Longest path string accepted from a caller.
@@ -153,12 +154,15 @@ fn not_regular(path: &Path) -> SandboxError {
 /// from `spawn_blocking`.
 ///
 /// Errors: `BadRequest` if the file vanished or is not a regular file,
-/// `PermissionDenied` if it is unreadable or was swapped for something
-/// outside `roots` while being opened, `Io` for read failures.
+/// `PermissionDenied` if it is unreadable, was swapped for something
+/// outside `roots` while being opened, or is a file `isolation` protects
+/// (the agent's key, under any name: hard links share its inode), `Io` for
+/// read failures.
 pub(super) fn read_bounded(
     path: &Path,
     limit: u64,
     roots: &[PathBuf],
+    isolation: &Isolation,
 ) -> Result<FileContent, SandboxError> {
     // Refuse FIFOs, devices and sockets before opening them: opening one can
     // block or have side effects.
@@ -178,6 +182,14 @@ pub(super) fn read_bounded(
     })?;
     if !meta.is_file() {
         return Err(not_regular(path));
+    }
+    // Checked on the opened file: a name swapped in after resolution still
+    // leads to this inode.
+    if isolation.protects(&meta) {
+        return Err(SandboxError::PermissionDenied(format!(
+            "`{}` is the agent's key (a hard link to it); file.read never returns it",
+            path.display()
+        )));
     }
     check_opened_inside(&file, roots)?;
 
