@@ -10,7 +10,7 @@ use fem_agent_sdk::cli::{ConnectArgs, LogArgs};
 use fem_agent_sdk::{AgentBuilder, AgentMetrics, Client, Tool, ToolError, keys};
 use fem_coder::sandbox::isolation::{IsolationOptions, Layer, Level};
 use fem_coder::sandbox::{self, Policy, PolicyOptions, SandboxError};
-use fem_proto::{AgentId, SigningKey};
+use fem_proto::AgentId;
 
 /// FEM agent with sandboxed code.execute, shell.run and file.read tools.
 #[derive(Debug, clap::Parser)]
@@ -33,7 +33,7 @@ struct Args {
         default_value = "code.execute,shell.run,file.read"
     )]
     capabilities: Vec<String>,
-    /// Private key file (created 0600 if missing). Without it a fresh key is used per run.
+    /// Private key file (created 0600 if missing) [default: ~/.local/share/fem/agents/ID.key].
     #[arg(long, env = "FEM_AGENT_KEY")]
     key: Option<PathBuf>,
     /// Directory file.read and cwd may use (repeatable; default: the work directory).
@@ -167,10 +167,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(d) => d.clone(),
         None => std::env::current_dir()?,
     };
-    let key = match &args.key {
-        Some(p) => keys::load_or_generate_key(p)?,
-        None => SigningKey::generate(),
-    };
+    let id = AgentId::new(
+        args.agent
+            .clone()
+            .unwrap_or_else(|| fem_agent_sdk::cli::host_name("fem-coder")),
+    )?;
+    // A key that survives restarts: brokers bind an id to the first key that
+    // registered it (development trust) or to the key its grant names.
+    let key_path = args.key.clone().unwrap_or_else(|| default_key_path(&id));
+    if let Some(dir) = key_path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    }
+    let key = keys::load_or_generate_key(&key_path)?;
     let policy = Arc::new(Policy::new(PolicyOptions {
         // Empty means "the work directory" (see PolicyOptions).
         allow_paths: args.allow_paths.clone(),
@@ -191,7 +199,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             allow_network: args.allow_network,
             read_paths: args.sandbox_read_paths.clone(),
             // The key is created before the policy, so its inode is known.
-            protected_files: args.key.iter().cloned().collect(),
+            protected_files: vec![key_path.clone()],
         },
     })?);
     tracing::info!(policy = %policy.describe(), "sandbox policy");
@@ -217,11 +225,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             missing.join("; ")
         );
     }
-    let id = AgentId::new(
-        args.agent
-            .clone()
-            .unwrap_or_else(|| fem_agent_sdk::cli::host_name("fem-coder")),
-    )?;
     let opts = args.conn.options()?.call_timeout(args.timeout);
     let tools = tools(&policy, &args.capabilities)?;
     let registry = prometheus::Registry::new();
@@ -495,4 +498,13 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Where an agent keeps its key when `--key` is not given.
+fn default_key_path(id: &AgentId) -> PathBuf {
+    let base = match std::env::var_os("HOME") {
+        Some(h) if !h.is_empty() => PathBuf::from(h).join(".local/share/fem/agents"),
+        _ => PathBuf::from("fem-agent-keys"),
+    };
+    base.join(format!("{id}.key"))
 }
