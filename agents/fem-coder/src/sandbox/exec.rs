@@ -298,11 +298,10 @@ pub(super) async fn run(policy: &Policy, spec: Spec) -> Result<Value, SandboxErr
         // signal the (possibly recycled) id again.
         group.armed = false;
     }
+    let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     // Whatever left the process group (setsid, double fork) is still in the
     // call's cgroup, where there is one.
-    cgroup.finish().await;
-
-    let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    cgroup.finish();
     let exit_code = status.and_then(|s| s.code());
     let signal = status.and_then(|s| s.signal());
     let truncated = out.truncated || err.truncated;

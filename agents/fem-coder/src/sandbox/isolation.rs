@@ -304,11 +304,13 @@ pub(super) struct Prepared {
 pub(super) struct CallGroup(Option<cgroup::CallGroup>);
 
 impl CallGroup {
-    /// Kills whatever is left of the call and removes its cgroup (off the
-    /// async runtime: it may wait up to a second).
-    pub(super) async fn finish(mut self) {
+    /// Kills whatever is left of the call now, and removes its cgroup in
+    /// the background (that may wait for the processes to go). Call from
+    /// the async runtime.
+    pub(super) fn finish(mut self) {
         if let Some(g) = self.0.take() {
-            let _ = tokio::task::spawn_blocking(move || g.finish()).await;
+            g.kill();
+            drop(tokio::task::spawn_blocking(move || g.finish()));
         }
     }
 }

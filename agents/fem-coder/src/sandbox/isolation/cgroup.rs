@@ -280,20 +280,24 @@ impl CallGroup {
         out
     }
 
-    /// Kills every process of the call and removes its cgroups (blocking:
-    /// waits up to a second for the processes to go).
+    /// Sends SIGKILL to every process of the call (one pass, quick).
+    pub(super) fn kill(&self) {
+        if self.version == Version::V2 {
+            if let Some(d) = self.dirs.first() {
+                let _ = write(&d.join("cgroup.kill"), "1");
+            }
+        }
+        for pid in self.members() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+
+    /// Kills every process of the call until none is left and removes its
+    /// cgroups (blocking: waits up to a second for the processes to go).
     pub(super) fn finish(self) {
         let end = std::time::Instant::now() + Duration::from_secs(1);
         loop {
-            if self.version == Version::V2 {
-                if let Some(d) = self.dirs.first() {
-                    let _ = write(&d.join("cgroup.kill"), "1");
-                }
-            }
-            let members = self.members();
-            for pid in &members {
-                let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
-            }
+            self.kill();
             let removed = self
                 .dirs
                 .iter()
