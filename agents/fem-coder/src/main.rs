@@ -173,12 +173,41 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or_else(|| fem_agent_sdk::cli::host_name("fem-coder")),
     )?;
     // A key that survives restarts: brokers bind an id to the first key that
-    // registered it (development trust) or to the key its grant names.
-    let key_path = args.key.clone().unwrap_or_else(|| default_key_path(&id));
-    if let Some(dir) = key_path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-    }
-    let key = keys::load_or_generate_key(&key_path)?;
+    // registered it (development trust) or to the key its grant names. The
+    // default place is used only where tool children cannot read it.
+    let readable: Vec<PathBuf> = args
+        .allow_paths
+        .iter()
+        .chain(&args.sandbox_read_paths)
+        .chain(args.allow_paths.is_empty().then_some(&work_dir))
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .collect();
+    let key_path = match &args.key {
+        Some(p) => Some(p.clone()),
+        None => {
+            let p = default_key_path(&id);
+            let inside = readable.iter().any(|r| p.starts_with(r));
+            if inside {
+                tracing::warn!(
+                    path = %p.display(),
+                    "no --key, and the default key file would lie where tool children may read it: using a fresh key for this run (a development-trust broker will refuse this id after a restart; pass --key outside the allowed paths)"
+                );
+                None
+            } else {
+                Some(p)
+            }
+        }
+    };
+    let key = match &key_path {
+        Some(p) => {
+            if let Some(dir) = p.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+            }
+            keys::load_or_generate_key(p)?
+        }
+        None => fem_proto::SigningKey::generate(),
+    };
     let policy = Arc::new(Policy::new(PolicyOptions {
         // Empty means "the work directory" (see PolicyOptions).
         allow_paths: args.allow_paths.clone(),
@@ -199,7 +228,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             allow_network: args.allow_network,
             read_paths: args.sandbox_read_paths.clone(),
             // The key is created before the policy, so its inode is known.
-            protected_files: vec![key_path.clone()],
+            protected_files: key_path.iter().cloned().collect(),
         },
     })?);
     tracing::info!(policy = %policy.describe(), "sandbox policy");
