@@ -555,3 +555,45 @@ impl BrokerProcess {
         .await
     }
 }
+
+/// Starts a `fem-broker` process on `addr` in mesh mode with `peers`, in
+/// `dir` (whose tls/ holds the shared CA, see [`seed_ca`]), with the given
+/// `--link-timeout`; returns once it listens.
+pub async fn mesh_broker_proc(
+    addr: SocketAddr,
+    dir: &Path,
+    ca: &Path,
+    peers: &[SocketAddr],
+    link_timeout: &str,
+) -> Proc {
+    let listen = addr.to_string();
+    let peers = peers
+        .iter()
+        .map(|p| format!("https://{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let id = format!("mesh-{}", addr.ip());
+    let mut p = Proc::spawn(
+        "fem-broker",
+        &[
+            "--listen",
+            &listen,
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--broker-id",
+            &id,
+            "--federation-mode",
+            "mesh",
+            "--peer",
+            &peers,
+            "--ca",
+            ca.to_str().unwrap(),
+            "--link-timeout",
+            link_timeout,
+        ],
+        &[],
+    );
+    p.wait_for("fem-broker listening", Duration::from_secs(30))
+        .await;
+    p
+}

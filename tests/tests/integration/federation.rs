@@ -353,36 +353,6 @@ async fn ten_brokers_in_a_mesh_converge() {
     .await;
 }
 
-/// Starts a broker process in `dir` (whose tls/ holds the shared CA).
-async fn broker_proc(addr: SocketAddr, dir: &Path, ca: &Path, peer: SocketAddr) -> fem_tests::Proc {
-    let listen = addr.to_string();
-    let peer = url(peer);
-    let id = format!("proc-{}", addr.ip());
-    let mut p = fem_tests::Proc::spawn(
-        "fem-broker",
-        &[
-            "--listen",
-            &listen,
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--broker-id",
-            &id,
-            "--federation-mode",
-            "mesh",
-            "--peer",
-            &peer,
-            "--ca",
-            ca.to_str().unwrap(),
-            "--link-timeout",
-            "1s",
-        ],
-        &[],
-    );
-    p.wait_for("fem-broker listening", Duration::from_secs(30))
-        .await;
-    p
-}
-
 #[tokio::test]
 async fn killed_broker_is_withdrawn_and_rejoins_after_restart() {
     bounded(120, async {
@@ -393,8 +363,8 @@ async fn killed_broker_is_withdrawn_and_rejoins_after_restart() {
         for d in [&da, &db] {
             fem_tests::seed_ca(ca_dir.path(), d.path());
         }
-        let _pa = broker_proc(a, da.path(), &ca, b).await;
-        let pb = broker_proc(b, db.path(), &ca, a).await;
+        let _pa = fem_tests::mesh_broker_proc(a, da.path(), &ca, &[b], "1s").await;
+        let pb = fem_tests::mesh_broker_proc(b, db.path(), &ca, &[a], "1s").await;
         let (agent, _) = echo_agent("on-b", fem_tests::options_for(b, &ca), 10).await;
         let c = caller("on-a", fem_tests::options_for(a, &ca)).await;
         let took = routable(&c, "on-b", Duration::from_secs(20)).await;
@@ -422,7 +392,7 @@ async fn killed_broker_is_withdrawn_and_rejoins_after_restart() {
 
         drop(pb);
         let t = Instant::now();
-        let _pb = broker_proc(b, db.path(), &ca, a).await;
+        let _pb = fem_tests::mesh_broker_proc(b, db.path(), &ca, &[a], "1s").await;
         assert!(agent.wait_connected(Duration::from_secs(30)).await, "agent did not re-register at B");
         let took = routable(&c, "on-b", Duration::from_secs(30)).await;
         eprintln!("processes: after restart, routable again from A {:?} after B started ({took:?} of polling)", t.elapsed());

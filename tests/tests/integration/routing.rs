@@ -20,41 +20,6 @@ use serde_json::json;
 
 use crate::bounded;
 
-/// Starts a broker process in mesh mode with `peers`, in `dir` (whose tls/
-/// holds the shared CA).
-async fn mesh_broker(addr: SocketAddr, dir: &Path, ca: &Path, peers: &[SocketAddr]) -> Proc {
-    let listen = addr.to_string();
-    let peers = peers
-        .iter()
-        .map(|p| format!("https://{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let id = format!("mesh-{}", addr.ip());
-    let mut p = Proc::spawn(
-        "fem-broker",
-        &[
-            "--listen",
-            &listen,
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--broker-id",
-            &id,
-            "--federation-mode",
-            "mesh",
-            "--peer",
-            &peers,
-            "--ca",
-            ca.to_str().unwrap(),
-            "--link-timeout",
-            "2s",
-        ],
-        &[],
-    );
-    p.wait_for("fem-broker listening", Duration::from_secs(30))
-        .await;
-    p
-}
-
 /// Three meshed broker processes on hosts `n`, `n+1`, `n+2`.
 async fn three_brokers(
     n: u16,
@@ -78,7 +43,7 @@ async fn three_brokers(
             .filter(|(j, _)| *j != i)
             .map(|(_, p)| *p)
             .collect();
-        procs.push(mesh_broker(*a, d.path(), &ca, &peers).await);
+        procs.push(fem_tests::mesh_broker_proc(*a, d.path(), &ca, &peers, "2s").await);
         dirs.push(d);
     }
     for a in &addrs {
@@ -216,8 +181,8 @@ async fn ready_once_links_are_up_although_both_ends_dial() {
             }
             let (to_b, to_a) = ([b], [a]);
             let (pa, pb) = tokio::join!(
-                mesh_broker(a, da.path(), &ca, &to_b),
-                mesh_broker(b, db.path(), &ca, &to_a)
+                fem_tests::mesh_broker_proc(a, da.path(), &ca, &to_b, "2s"),
+                fem_tests::mesh_broker_proc(b, db.path(), &ca, &to_a, "2s")
             );
             for x in [a, b] {
                 assert!(
