@@ -334,26 +334,7 @@ fn handle_frame(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>,
         FedFrame::Advertise { .. } | FedFrame::Withdraw { .. } => {
             shared.route(|r, _| r.link_frame(link, f));
         }
-        FedFrame::RelayCall {
-            id,
-            agent,
-            hops_left,
-            signer,
-            envelope,
-            grant,
-        } => relay_in(
-            shared,
-            link,
-            tx,
-            Relayed {
-                id,
-                agent,
-                hops_left,
-                signer,
-                envelope,
-                grant,
-            },
-        ),
+        call @ FedFrame::RelayCall { .. } => relay_in(shared, link, tx, call),
         FedFrame::RelayResult {
             id,
             signer,
@@ -380,29 +361,22 @@ fn handle_frame(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>,
     }
 }
 
-/// A `relayCall` as it arrived.
-struct Relayed {
-    id: u64,
-    agent: AgentId,
-    hops_left: u8,
-    signer: PublicKey,
-    envelope: SignedEnvelope,
-    grant: Option<fem_proto::SignedGrant>,
-}
-
 /// A call relayed to us for `agent`: the caller's signature is checked on
 /// entry and, with a trust anchor, its grant (never the peer's word alone);
 /// then the core runs it on that agent; the answer goes back over the link
 /// under the peer's `id`.
-fn relay_in(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>, relayed: Relayed) {
-    let Relayed {
+fn relay_in(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>, call: FedFrame) {
+    let FedFrame::RelayCall {
         id,
         agent,
         hops_left,
         signer,
         envelope,
         grant,
-    } = relayed;
+    } = call
+    else {
+        return;
+    };
     let admitted = match admission::admit(
         &envelope,
         Signer::Key(&signer),
