@@ -203,40 +203,34 @@ pub(crate) fn serve_call(
     sem: &Arc<Semaphore>,
 ) {
     let caller = header.sender;
+    // Every refusal before the handler runs answers the same call.
+    let refuse = |code: ErrorCode, message: String| {
+        reply_error(
+            inner,
+            epoch,
+            format,
+            call.request_id,
+            caller.clone(),
+            code,
+            message,
+        );
+    };
     let addressed = match &call.target {
         Target::Agent(id) => id == &inner.id,
         Target::Capability(p) => lock(&inner.capabilities).iter().any(|c| p.matches(c)),
     };
     if !addressed {
-        return reply_error(
-            inner,
-            epoch,
-            format,
-            call.request_id,
-            caller,
+        return refuse(
             ErrorCode::BadRequest,
             "call not addressed to this agent".into(),
         );
     }
     let Some(tool) = lock(&inner.tools).get(&call.tool).cloned() else {
-        return reply_error(
-            inner,
-            epoch,
-            format,
-            call.request_id,
-            caller,
-            ErrorCode::ToolNotFound,
-            format!("no tool {}", call.tool),
-        );
+        return refuse(ErrorCode::ToolNotFound, format!("no tool {}", call.tool));
     };
     let now = fem_proto::now_ms();
     if call.deadline_ms <= now {
-        return reply_error(
-            inner,
-            epoch,
-            format,
-            call.request_id,
-            caller,
+        return refuse(
             ErrorCode::Timeout,
             "deadline passed before execution".into(),
         );
@@ -245,27 +239,11 @@ pub(crate) fn serve_call(
     let params = match call.parameters.parse() {
         Ok(p) => p,
         Err(e) => {
-            return reply_error(
-                inner,
-                epoch,
-                format,
-                call.request_id,
-                caller,
-                ErrorCode::BadRequest,
-                e.to_string(),
-            );
+            return refuse(ErrorCode::BadRequest, e.to_string());
         }
     };
     if let Err(e) = tool.validate(&params) {
-        return reply_error(
-            inner,
-            epoch,
-            format,
-            call.request_id,
-            caller,
-            e.code,
-            e.message,
-        );
+        return refuse(e.code, e.message);
     }
     let inner = Arc::clone(inner);
     let sem = Arc::clone(sem);

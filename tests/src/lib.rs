@@ -501,7 +501,17 @@ impl BrokerProcess {
     /// Starts `fem-broker --listen ADDR` with `extra` flags and `envs`, and
     /// waits for its listening line.
     pub async fn start(addr: SocketAddr, extra: &[&str], envs: &[(&str, &str)]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(addr, tempfile::tempdir().unwrap(), extra, envs).await
+    }
+
+    /// [`Self::start`] in an existing data directory (a restart keeps its
+    /// identity and certificate).
+    pub async fn start_in(
+        addr: SocketAddr,
+        dir: tempfile::TempDir,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Self {
         let listen = addr.to_string();
         let data = dir.path().to_str().unwrap().to_owned();
         let id = format!("broker-{}", addr.ip());

@@ -356,10 +356,13 @@ impl Router {
     /// flight fail with AGENT_UNAVAILABLE, its subscriptions end. Answers
     /// to calls it made are dropped when they come.
     pub fn session_closed(&mut self, now: Micros, client: ClientId) {
-        self.drop_subscriptions(client);
+        // Only registered sessions subscribe (a replaced one lost its
+        // subscriptions when it was replaced), so a gateway request or a
+        // refused connection costs no scan of the subscription table.
         let Some(agent) = self.registry.remove_session(client) else {
             return;
         };
+        self.drop_subscriptions(client);
         self.metrics.agents_changed(-1);
         let _ = self
             .metrics

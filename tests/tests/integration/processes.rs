@@ -1,60 +1,15 @@
 //! Behaviour that is about processes: agents and brokers killed and
 //! restarted, and the shipped binaries driven as a user would.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use fem_proto::{AgentId, ErrorCode, Target};
-use fem_tests::{Proc, caller, echo_agent, host, log_field, options_for, run_fem};
+use fem_tests::{BrokerProcess, Proc, caller, echo_agent, host, log_field, options_for, run_fem};
 use serde_json::json;
 
 use crate::bounded;
 
-struct BrokerProc {
-    proc: Proc,
-    addr: SocketAddr,
-    dir: tempfile::TempDir,
-}
-
-impl BrokerProc {
-    async fn start(addr: SocketAddr, extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        Self::start_in(addr, dir, extra).await
-    }
-
-    async fn start_in(addr: SocketAddr, dir: tempfile::TempDir, extra: &[&str]) -> Self {
-        let listen = addr.to_string();
-        let data = dir.path().to_str().unwrap().to_owned();
-        let mut args = vec![
-            "--listen",
-            &listen,
-            "--data-dir",
-            &data,
-            "--broker-id",
-            "proc-broker",
-        ];
-        args.extend_from_slice(extra);
-        let mut proc = Proc::spawn("fem-broker", &args, &[]);
-        proc.wait_for("fem-broker listening", Duration::from_secs(30))
-            .await;
-        Self { proc, addr, dir }
-    }
-
-    fn ca(&self) -> String {
-        self.dir
-            .path()
-            .join("tls/ca.pem")
-            .to_str()
-            .unwrap()
-            .to_owned()
-    }
-
-    fn url(&self) -> String {
-        format!("https://{}", self.addr)
-    }
-}
-
-async fn start_coder(b: &BrokerProc, id: &str, work: &std::path::Path, extra: &[&str]) -> Proc {
+async fn start_coder(b: &BrokerProcess, id: &str, work: &std::path::Path, extra: &[&str]) -> Proc {
     let url = b.url();
     let ca = b.ca();
     let work = work.to_str().unwrap();
@@ -76,7 +31,7 @@ async fn start_coder(b: &BrokerProc, id: &str, work: &std::path::Path, extra: &[
 }
 
 async fn agent_killed_mid_call(n: u16, transport: &str, broker_extra: &[&str]) {
-    let b = BrokerProc::start(host(n), broker_extra).await;
+    let b = BrokerProcess::start(host(n), broker_extra, &[]).await;
     let work = tempfile::tempdir().unwrap();
     let id = format!("victim-{n}");
     let coder = start_coder(&b, &id, work.path(), &["--transport", transport]).await;
@@ -137,7 +92,7 @@ async fn agent_killed_mid_call_over_quic_gives_agent_unavailable() {
 async fn broker_restart_is_survived_by_agent_reconnection() {
     bounded(120, async {
         let addr = host(32);
-        let b = BrokerProc::start(addr, &[]).await;
+        let b = BrokerProcess::start(addr, &[], &[]).await;
         let line = b.proc.output();
         let fp = log_field(&line, "fingerprint").unwrap();
         let pin = fem_agent_sdk::Trust::from_options(None, Some(&fp), false).unwrap();
@@ -156,13 +111,13 @@ async fn broker_restart_is_survived_by_agent_reconnection() {
         .await
         .unwrap();
 
-        let BrokerProc { mut proc, dir, .. } = b;
+        let BrokerProcess { mut proc, dir, .. } = b;
         proc.signal("KILL");
         proc.wait_exit(Duration::from_secs(5)).await.unwrap();
         drop(proc);
         assert!(fem_tests::eventually(Duration::from_secs(10), || !agent.is_connected()).await);
         // Same data directory: same certificate, so the pin still holds.
-        let b2 = BrokerProc::start_in(addr, dir, &[]).await;
+        let b2 = BrokerProcess::start_in(addr, dir, &[], &[]).await;
         assert_eq!(log_field(&b2.proc.output(), "fingerprint").unwrap(), fp);
         assert!(
             agent.wait_connected(Duration::from_secs(20)).await,
@@ -189,7 +144,7 @@ async fn broker_restart_is_survived_by_agent_reconnection() {
 #[tokio::test]
 async fn fem_coder_policy_through_the_cli() {
     bounded(120, async {
-        let b = BrokerProc::start(host(33), &[]).await;
+        let b = BrokerProcess::start(host(33), &[], &[]).await;
         let work = tempfile::tempdir().unwrap();
         std::fs::write(work.path().join("notes.txt"), "inside the root\n").unwrap();
         let _coder = start_coder(&b, "coder-33", work.path(), &[]).await;
@@ -313,7 +268,7 @@ async fn fem_coder_policy_through_the_cli() {
 #[tokio::test]
 async fn fem_coder_without_shell_refuses_commands() {
     bounded(90, async {
-        let b = BrokerProc::start(host(34), &[]).await;
+        let b = BrokerProcess::start(host(34), &[], &[]).await;
         let work = tempfile::tempdir().unwrap();
         let _coder = start_coder(&b, "strict-34", work.path(), &["--allow-program", "echo"]).await;
         let (code, _, err) = run_fem(&[
@@ -399,7 +354,7 @@ async fn keygen_sign_and_verify_signature() {
 #[tokio::test]
 async fn sigterm_stops_the_broker_cleanly() {
     bounded(60, async {
-        let mut b = BrokerProc::start(host(35), &["--shutdown-grace", "1s"]).await;
+        let mut b = BrokerProcess::start(host(35), &["--shutdown-grace", "1s"], &[]).await;
         b.proc.signal("TERM");
         let st = b
             .proc
@@ -414,7 +369,7 @@ async fn sigterm_stops_the_broker_cleanly() {
 #[tokio::test]
 async fn fem_coder_reads_its_yaml_config_and_flags_win() {
     bounded(90, async {
-        let b = BrokerProc::start(host(36), &[]).await;
+        let b = BrokerProcess::start(host(36), &[], &[]).await;
         let work = tempfile::tempdir().unwrap();
         let cfg = work.path().join("coder.yaml");
         std::fs::write(
