@@ -8,7 +8,8 @@ cd "$(dirname "$0")"
 listen="${FEM_DEMO_LISTEN:-127.0.0.1:8443}"
 url="https://${listen}"
 demo="$PWD/.fem-demo"
-bin="$PWD/target/debug"
+# Where cargo puts the binaries (CARGO_TARGET_DIR, when set, moves them).
+bin="${CARGO_TARGET_DIR:-$PWD/target}/debug"
 
 echo "==> building fem-broker, fem-coder and fem (cargo build --workspace --bins)"
 cargo build --quiet --workspace --bins
