@@ -103,6 +103,7 @@ impl AgentBuilder {
 }
 
 async fn start(b: AgentBuilder, opts: Options) -> Result<Client, SdkError> {
+    let max_envelope = fem_proto::max_forwarded_envelope(opts.max_frame);
     let tools = b
         .tools
         .into_iter()
@@ -126,6 +127,7 @@ async fn start(b: AgentBuilder, opts: Options) -> Result<Client, SdkError> {
         handler_timeout: b.call_timeout,
         metrics: b.metrics,
         broker_key: Mutex::new(None),
+        max_envelope: std::sync::atomic::AtomicUsize::new(max_envelope),
         shutdown: shutdown.clone(),
         finished,
     });
@@ -171,12 +173,42 @@ pub(crate) fn reply_error(
 }
 
 fn send_result(inner: &Arc<Inner>, epoch: u64, format: Format, result: ToolResult) {
+    let (request_id, caller) = (result.request_id, result.caller.clone());
     let env = Envelope::new(Header::now(inner.id.clone()), Body::ToolResult(result));
     // Answer in the caller's format: a JSON caller (the HTTP gateway) can
     // then verify and read the result without a postcard decoder.
-    let signed = match format {
-        Format::Json => SignedEnvelope::sign_json(&env, &inner.key),
-        _ => SignedEnvelope::sign(&env, &inner.key),
+    let sign = |env: &Envelope| match format {
+        Format::Json => SignedEnvelope::sign_json(env, &inner.key),
+        _ => SignedEnvelope::sign(env, &inner.key),
+    };
+    let max = inner
+        .max_envelope
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let signed = match sign(&env) {
+        // Too large for the broker to forward: the caller hears so at once
+        // instead of waiting for its deadline.
+        Ok(s) if s.bytes.len() > max => {
+            warn!(
+                bytes = s.bytes.len(),
+                max, "result too large for the broker; answering TOO_LARGE"
+            );
+            let failed = ToolResult {
+                request_id,
+                caller,
+                outcome: ToolOutcome::Error {
+                    code: ErrorCode::TooLarge,
+                    message: format!(
+                        "the result is {} bytes encoded; the broker forwards at most {max}",
+                        s.bytes.len()
+                    ),
+                },
+            };
+            sign(&Envelope::new(
+                Header::now(inner.id.clone()),
+                Body::ToolResult(failed),
+            ))
+        }
+        other => other,
     };
     match signed {
         Ok(s) => {

@@ -141,10 +141,17 @@ impl Client {
         signed: SignedEnvelope,
         timeout: Duration,
     ) -> Result<serde_json::Value, CallError> {
-        if signed.bytes.len() + 128 > self.inner.opts.max_frame {
+        let max = self
+            .inner
+            .max_envelope
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if signed.bytes.len() > max {
             return Err(CallError::local(
                 ErrorCode::TooLarge,
-                "request exceeds the maximum frame size",
+                format!(
+                    "the request is {} bytes encoded; the broker forwards at most {max}",
+                    signed.bytes.len()
+                ),
             ));
         }
         let (epoch, writer) = self.connection()?;
@@ -175,7 +182,8 @@ impl Client {
         }
     }
 
-    /// Lists tools whose agents have a capability matching `capability`.
+    /// Lists tools whose agents have a capability matching `capability`,
+    /// at most `limit` (0: all), following the broker's pages.
     ///
     /// # Errors
     /// A [`CallError`].
@@ -184,17 +192,60 @@ impl Client {
         capability: Option<CapabilityPattern>,
         limit: u32,
     ) -> Result<Vec<DiscoveredTool>, CallError> {
+        let want = if limit == 0 {
+            usize::MAX
+        } else {
+            limit as usize
+        };
+        let mut all = Vec::new();
+        let mut cursor = None;
+        // Pages are bounded by the broker; so is the number we ask for.
+        for _ in 0..10_000 {
+            let left = u32::try_from(want - all.len()).unwrap_or(0);
+            let (page, next) = self
+                .discover_page(capability.clone(), left, cursor.take())
+                .await?;
+            all.extend(page);
+            match next {
+                Some(c) if all.len() < want => cursor = Some(c),
+                _ => break,
+            }
+        }
+        all.truncate(want);
+        Ok(all)
+    }
+
+    /// One page of [`Self::discover`]: up to `limit` tools (0: the broker's
+    /// page size) after `cursor`, and the cursor of the next page if any.
+    ///
+    /// # Errors
+    /// A [`CallError`].
+    pub async fn discover_page(
+        &self,
+        capability: Option<CapabilityPattern>,
+        limit: u32,
+        cursor: Option<String>,
+    ) -> Result<(Vec<DiscoveredTool>, Option<String>), CallError> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Page {
+            tools: Vec<DiscoveredTool>,
+            next_cursor: Option<String>,
+        }
         let request_id = RequestId::random();
         let signed = self.sign(Body::DiscoverTools(DiscoverTools {
             request_id,
             capability,
             environment: None,
             limit,
+            cursor,
         }))?;
         let v = self
             .request(request_id, signed, self.inner.opts.call_timeout)
             .await?;
-        serde_json::from_value(v).map_err(|e| CallError::local(ErrorCode::Internal, e.to_string()))
+        let page: Page = serde_json::from_value(v)
+            .map_err(|e| CallError::local(ErrorCode::Internal, e.to_string()))?;
+        Ok((page.tools, page.next_cursor))
     }
 
     async fn acked(&self, nonce: Nonce, frame: Frame) -> Result<(), CallError> {

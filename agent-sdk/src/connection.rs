@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,9 @@ pub(crate) struct Inner {
     pub(crate) handler_timeout: Duration,
     pub(crate) metrics: Option<AgentMetrics>,
     pub(crate) broker_key: Mutex<Option<PublicKey>>,
+    /// The largest envelope the broker can forward (from its `Accepted`):
+    /// results and requests above it are answered TOO_LARGE at once.
+    pub(crate) max_envelope: AtomicUsize,
     pub(crate) shutdown: tokio::sync::watch::Sender<bool>,
     /// Becomes true when the connection task has ended.
     pub(crate) finished: tokio::sync::watch::Receiver<bool>,
@@ -328,6 +331,11 @@ async fn run_once(
     *epoch_seq += 1;
     let epoch = *epoch_seq;
     *lock(&inner.broker_key) = Some(accepted.broker_key);
+    let broker_max = usize::try_from(accepted.max_frame).unwrap_or(usize::MAX);
+    inner.max_envelope.store(
+        fem_proto::max_forwarded_envelope(max.min(broker_max)),
+        Ordering::Relaxed,
+    );
     // Calls made for an earlier connection are failed, so nothing is sent
     // twice or silently lost.
     fail_pending(inner, |e| e < epoch, "connection to the broker was lost");
@@ -374,10 +382,14 @@ async fn run_once(
         )
     };
 
-    // The broker answers every heartbeat, so three silent intervals mean
-    // the broker (or the path to it) is gone.
-    let grace = inner.opts.heartbeat * 3;
-    let mut hb = tokio::time::interval(inner.opts.heartbeat);
+    // Heartbeats at least as often as the broker asks, so it never evicts
+    // a live agent; the broker answers every one, so three silent intervals
+    // mean the broker (or the path to it) is gone.
+    let every = inner.opts.heartbeat.min(Duration::from_millis(
+        accepted.heartbeat_interval_ms.max(100),
+    ));
+    let grace = every * 3;
+    let mut hb = tokio::time::interval(every);
     hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
     let mut stop = inner.shutdown.subscribe();

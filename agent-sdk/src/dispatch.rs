@@ -168,6 +168,7 @@ pub(crate) fn handle_inbound(
                     let trusted = *lock(&inner.broker_key) == Some(signer);
                     let reply = if trusted {
                         serde_json::to_value(&d.tools)
+                            .map(|tools| serde_json::json!({"tools": tools, "nextCursor": d.next_cursor}))
                             .map_err(|e| CallError::local(ErrorCode::Internal, e.to_string()))
                     } else {
                         Err(CallError::local(

@@ -52,6 +52,76 @@ pub struct BrokerConfig {
     /// Operator keys whose grants admit agents and callers; empty is
     /// development trust (ids bound to their first key, with a warning).
     pub trust_anchors: Vec<PublicKey>,
+    /// Bounds on what any one peer may make the broker hold.
+    pub limits: Limits,
+}
+
+/// Bounds on connections, memory and fair use (README "Limits" lists each
+/// with its flag).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Native connections that have not registered yet, held apart from
+    /// `max_connections` so idle handshakes cannot lock agents out.
+    pub max_pending_connections: usize,
+    /// TLS (and QUIC) handshake, ALPN included.
+    pub handshake_timeout: Duration,
+    /// Largest frame before registration, and largest registerAgent or
+    /// embodimentUpdate envelope.
+    pub max_registration_bytes: usize,
+    /// Tools one agent may offer.
+    pub max_tools: usize,
+    /// Capabilities one agent may offer.
+    pub max_capabilities: usize,
+    /// Bytes of one tool description.
+    pub max_description_bytes: usize,
+    /// Bytes of one tool's input schema.
+    pub max_schema_bytes: usize,
+    /// Metadata entries of one agent (keys up to 64 bytes, values up to 1 KiB).
+    pub max_metadata_entries: usize,
+    /// Bytes queued towards one session before it is cut as a slow consumer.
+    pub session_queue_bytes: usize,
+    /// Broker-wide bytes of queued frames and waiting calls; beyond it new
+    /// calls and events are refused with RATE_LIMITED.
+    pub max_memory: usize,
+    /// HTTPS connections at once (they do not count against `max_connections`).
+    pub max_http_connections: usize,
+    /// Time to receive a request's headers.
+    pub http_header_timeout: Duration,
+    /// An HTTP connection with no request in progress is closed after this.
+    pub http_idle_timeout: Duration,
+    /// Share of one agent's call slots (percent) one caller may hold; its
+    /// further calls wait in the agent's queue.
+    pub caller_share_percent: u8,
+    /// Largest event payload, bytes.
+    pub max_event_bytes: usize,
+    /// Events one sender may publish per second (burst: one second's worth).
+    pub event_rate: u32,
+    /// Largest discovery answer page, bytes (further pages by cursor).
+    pub discovery_page_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_pending_connections: 256,
+            handshake_timeout: Duration::from_secs(10),
+            max_registration_bytes: 256 * 1024,
+            max_tools: 256,
+            max_capabilities: 64,
+            max_description_bytes: 4096,
+            max_schema_bytes: 32 * 1024,
+            max_metadata_entries: 64,
+            session_queue_bytes: 16 * 1024 * 1024,
+            max_memory: 1024 * 1024 * 1024,
+            max_http_connections: 1024,
+            http_header_timeout: Duration::from_secs(10),
+            http_idle_timeout: Duration::from_secs(60),
+            caller_share_percent: 50,
+            max_event_bytes: 64 * 1024,
+            event_rate: 100,
+            discovery_page_bytes: 1024 * 1024,
+        }
+    }
 }
 
 impl Default for BrokerConfig {
@@ -67,7 +137,7 @@ impl Default for BrokerConfig {
             heartbeat_interval: Duration::from_secs(10),
             heartbeat_grace: Duration::from_secs(30),
             replay_window_ms: DEFAULT_REPLAY_WINDOW_MS,
-            max_call_timeout: Duration::from_secs(600),
+            max_call_timeout: Duration::from_secs(300),
             agent_queue_limit: 1024,
             session_queue: 1024,
             registration_timeout: Duration::from_secs(10),
@@ -76,6 +146,7 @@ impl Default for BrokerConfig {
             federation: FederationConfig::default(),
             shutdown_grace: Duration::from_secs(10),
             trust_anchors: Vec::new(),
+            limits: Limits::default(),
         }
     }
 }

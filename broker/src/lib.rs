@@ -15,6 +15,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod budget;
 mod config;
 pub mod federation;
 mod listen;
@@ -29,7 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-pub use config::{BrokerConfig, FederationConfig, FederationMode};
+pub use config::{BrokerConfig, FederationConfig, FederationMode, Limits};
 /// TLS configuration and the development CA (from fem-net).
 pub use fem_net::tls;
 pub use fem_net::tls::TlsSource;

@@ -51,6 +51,15 @@ struct Args {
     /// Maximum frame size in bytes [default: 4194304].
     #[arg(long, env = "FEM_MAX_FRAME_SIZE")]
     max_frame_size: Option<usize>,
+    /// Upper bound on any call's deadline; longer deadlines are shortened to it [default: 300s].
+    #[arg(long, env = "FEM_MAX_CALL_TIMEOUT", value_parser = humantime::parse_duration)]
+    max_call_timeout: Option<Duration>,
+    /// Time allowed between connecting and registering [default: 10s].
+    #[arg(long, env = "FEM_REGISTRATION_TIMEOUT", value_parser = humantime::parse_duration)]
+    registration_timeout: Option<Duration>,
+    /// Frames queued towards one session before it is cut as SLOW_CONSUMER [default: 1024].
+    #[arg(long, env = "FEM_SESSION_QUEUE")]
+    session_queue: Option<usize>,
     /// Heartbeat interval announced to agents [default: 10s].
     #[arg(long, env = "FEM_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
     heartbeat_interval: Option<Duration>,
@@ -122,7 +131,118 @@ struct Args {
     #[arg(long, env = "FEM_LINK_TIMEOUT", value_parser = humantime::parse_duration)]
     link_timeout: Option<Duration>,
     #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
     log: LogArgs,
+}
+
+/// Declares the limit flags, their `limits:` section in the YAML file, and
+/// the merge of both over the defaults, from one list.
+macro_rules! limits {
+    ($($(#[doc = $doc:literal])* $field:ident: $ty:ty, $env:literal, $parse:expr;)*) => {
+        /// Bounds on connections, memory and fair use (README "Limits").
+        #[derive(Debug, clap::Args)]
+        #[command(next_help_heading = "Limits")]
+        struct LimitArgs {
+            $($(#[doc = $doc])* #[arg(long, env = $env, value_parser = $parse)] $field: Option<$ty>,)*
+        }
+
+        /// The `limits:` section of the YAML file (sizes and durations as text).
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct FileLimits {
+            $($field: Option<String>,)*
+        }
+
+        fn merge_limits(args: &LimitArgs, file: &FileLimits) -> anyhow::Result<fem_broker::Limits> {
+            let d = fem_broker::Limits::default();
+            Ok(fem_broker::Limits {
+                $($field: match (&args.$field, &file.$field) {
+                    (Some(v), _) => v.clone(),
+                    (None, Some(text)) => ($parse)(text.as_str())
+                        .map_err(|e| anyhow::anyhow!("limits.{}: {e}", stringify!($field)))?,
+                    (None, None) => d.$field,
+                },)*
+            })
+        }
+    };
+}
+
+limits! {
+    /// Connections that have not registered yet (apart from --max-connections) [default: 256].
+    max_pending_connections: usize, "FEM_MAX_PENDING_CONNECTIONS", parse_count;
+    /// TLS/QUIC handshake time, ALPN included [default: 10s].
+    handshake_timeout: Duration, "FEM_HANDSHAKE_TIMEOUT", humantime::parse_duration;
+    /// Largest frame before registration, and largest registerAgent/embodimentUpdate [default: 256KiB].
+    max_registration_bytes: usize, "FEM_MAX_REGISTRATION_BYTES", parse_bytes;
+    /// Tools one agent may offer [default: 256].
+    max_tools: usize, "FEM_MAX_TOOLS", parse_count;
+    /// Capabilities one agent may offer [default: 64].
+    max_capabilities: usize, "FEM_MAX_CAPABILITIES", parse_count;
+    /// Bytes of one tool description [default: 4KiB].
+    max_description_bytes: usize, "FEM_MAX_DESCRIPTION_BYTES", parse_bytes;
+    /// Bytes of one tool input schema [default: 32KiB].
+    max_schema_bytes: usize, "FEM_MAX_SCHEMA_BYTES", parse_bytes;
+    /// Metadata entries per agent (keys to 64 B, values to 1 KiB) [default: 64].
+    max_metadata_entries: usize, "FEM_MAX_METADATA_ENTRIES", parse_count;
+    /// Bytes queued towards one session before it is cut as SLOW_CONSUMER [default: 16MiB].
+    session_queue_bytes: usize, "FEM_SESSION_QUEUE_BYTES", parse_bytes;
+    /// Broker-wide bytes of queued frames and waiting calls; beyond it new work is refused [default: 1GiB].
+    max_memory: usize, "FEM_MAX_MEMORY", parse_bytes;
+    /// HTTPS connections at once [default: 1024].
+    max_http_connections: usize, "FEM_MAX_HTTP_CONNECTIONS", parse_count;
+    /// Time to receive an HTTP request's headers [default: 10s].
+    http_header_timeout: Duration, "FEM_HTTP_HEADER_TIMEOUT", humantime::parse_duration;
+    /// Idle HTTP connections are closed after this [default: 60s].
+    http_idle_timeout: Duration, "FEM_HTTP_IDLE_TIMEOUT", humantime::parse_duration;
+    /// Percent of one agent's call slots one caller may hold [default: 50].
+    caller_share_percent: u8, "FEM_CALLER_SHARE_PERCENT", parse_percent;
+    /// Largest event payload [default: 64KiB].
+    max_event_bytes: usize, "FEM_MAX_EVENT_BYTES", parse_bytes;
+    /// Events one sender may publish per second [default: 100].
+    event_rate: u32, "FEM_EVENT_RATE", parse_rate;
+    /// Largest discovery answer page [default: 1MiB].
+    discovery_page_bytes: usize, "FEM_DISCOVERY_PAGE_BYTES", parse_bytes;
+}
+
+fn parse_count(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be positive".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
+}
+
+fn parse_rate(s: &str) -> Result<u32, String> {
+    let n = parse_count(s)?;
+    u32::try_from(n).map_err(|_| format!("{s:?}: too large"))
+}
+
+fn parse_percent(s: &str) -> Result<u8, String> {
+    match s.trim().trim_end_matches('%').parse::<u8>() {
+        Ok(n @ 1..=100) => Ok(n),
+        _ => Err(format!("{s:?}: a percentage from 1 to 100")),
+    }
+}
+
+/// Bytes: a number with an optional KiB, MiB or GiB suffix (K, M, G too).
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num.parse().map_err(|_| format!("{s:?}: not a size"))?;
+    let mult: usize = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        other => return Err(format!("{s:?}: unknown unit {other:?} (B, KiB, MiB, GiB)")),
+    };
+    match n.checked_mul(mult) {
+        Some(0) => Err("must be positive".into()),
+        Some(b) => Ok(b),
+        None => Err(format!("{s:?}: too large")),
+    }
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum, Deserialize)]
@@ -181,6 +301,13 @@ struct FileConfig {
     max_connections: Option<usize>,
     agent_queue_limit: Option<usize>,
     max_frame_size: Option<usize>,
+    #[serde(default, with = "opt_duration")]
+    max_call_timeout: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    registration_timeout: Option<Duration>,
+    session_queue: Option<usize>,
+    #[serde(default)]
+    limits: FileLimits,
     #[serde(default, with = "opt_duration")]
     heartbeat_interval: Option<Duration>,
     #[serde(default, with = "opt_duration")]
@@ -295,6 +422,27 @@ fn config(args: &mut Args) -> anyhow::Result<BrokerConfig> {
     if max_connections == 0 || max_frame < 1024 {
         anyhow::bail!("--max-connections must be positive and --max-frame-size at least 1024");
     }
+    let limits = merge_limits(&args.limits, &file.limits)?;
+    if limits.max_registration_bytes > max_frame {
+        anyhow::bail!("--max-registration-bytes may not exceed --max-frame-size");
+    }
+    let max_call_timeout = args
+        .max_call_timeout
+        .or(file.max_call_timeout)
+        .unwrap_or(d.max_call_timeout);
+    let registration_timeout = args
+        .registration_timeout
+        .or(file.registration_timeout)
+        .unwrap_or(d.registration_timeout);
+    let session_queue = args
+        .session_queue
+        .or(file.session_queue)
+        .unwrap_or(d.session_queue);
+    if max_call_timeout.is_zero() || registration_timeout.is_zero() || session_queue == 0 {
+        anyhow::bail!(
+            "--max-call-timeout, --registration-timeout and --session-queue must be positive"
+        );
+    }
     let metrics_listen = args
         .metrics_listen
         .clone()
@@ -346,6 +494,10 @@ fn config(args: &mut Args) -> anyhow::Result<BrokerConfig> {
         broker_id,
         max_connections,
         max_frame,
+        max_call_timeout,
+        registration_timeout,
+        session_queue,
+        limits,
         agent_queue_limit: args
             .agent_queue_limit
             .or(file.agent_queue_limit)
@@ -364,7 +516,6 @@ fn config(args: &mut Args) -> anyhow::Result<BrokerConfig> {
         admin_token,
         federation,
         trust_anchors,
-        ..d
     })
 }
 

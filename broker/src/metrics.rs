@@ -47,6 +47,10 @@ pub struct Metrics {
     pub discovery_errors: IntCounterVec,
     /// 1 while the broker runs in development trust (no trust anchor).
     pub development_trust: IntGauge,
+    /// Times a configured limit refused or cut something, by limit.
+    pub limit_hits: IntCounterVec,
+    /// Bytes held in session queues and waiting calls (the --max-memory budget).
+    pub budget_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -56,6 +60,17 @@ impl Metrics {
     /// Only on duplicate registration (a programming error).
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
+        let limit_hits = IntCounterVec::new(
+            Opts::new(
+                "fem_broker_limit_hits_total",
+                "Times a configured limit refused or cut something, by limit (README \"Limits\").",
+            ),
+            &["limit"],
+        )?;
+        let budget_bytes = IntGauge::new(
+            "fem_broker_memory_budget_bytes",
+            "Bytes held in session queues and waiting calls, counted against --max-memory.",
+        )?;
         let registered_agents_total = IntGauge::new(
             "fem_broker_registered_agents_total",
             "Agents currently registered (gauge; name kept from the FEM deployment guide).",
@@ -168,6 +183,8 @@ impl Metrics {
             "1 when no trust anchor is configured: any key may register (ids bound on first use)",
         )?;
         registry.register(Box::new(development_trust.clone()))?;
+        registry.register(Box::new(limit_hits.clone()))?;
+        registry.register(Box::new(budget_bytes.clone()))?;
         registry.register(Box::new(federation_peers.clone()))?;
         registry.register(Box::new(routes.clone()))?;
         registry.register(Box::new(bytes_received.clone()))?;
@@ -206,7 +223,14 @@ impl Metrics {
             routes,
             discovery_errors,
             development_trust,
+            limit_hits,
+            budget_bytes,
         })
+    }
+
+    /// Counts one hit of `limit` (a name from README "Limits").
+    pub fn limit_hit(&self, limit: &str) {
+        self.limit_hits.with_label_values(&[limit]).inc();
     }
 
     /// Adds `delta` to both registered-agent gauges.

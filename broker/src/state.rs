@@ -19,13 +19,12 @@ use crate::metrics::Metrics;
 use crate::route::admission::ReplayGuard;
 use crate::route::{ClientId, LinkId, Micros, Output, Router, RouterConfig, now_micros};
 
-/// Frames towards one client.
-pub(crate) type ClientTx = mpsc::Sender<Frame>;
+use crate::budget::{Budget, Outbox, PushError};
 
 /// A client's channel and the signal that closes its session.
 #[derive(Debug)]
 pub(crate) struct ClientHandle {
-    pub(crate) tx: ClientTx,
+    pub(crate) tx: Outbox,
     /// Set with the reason before `close` is notified.
     pub(crate) close_reason: Mutex<Option<(ErrorCode, String)>>,
     pub(crate) close: Notify,
@@ -36,7 +35,7 @@ pub(crate) struct ClientHandle {
 }
 
 impl ClientHandle {
-    pub(crate) fn new(tx: ClientTx) -> Arc<Self> {
+    pub(crate) fn new(tx: Outbox) -> Arc<Self> {
         Arc::new(Self {
             tx,
             close_reason: Mutex::new(None),
@@ -78,6 +77,14 @@ pub(crate) struct Fed {
     pub(crate) linked: DashMap<AgentId, PublicKey>,
 }
 
+/// A discovery page to sign once the router lock is released.
+type Discovered = (
+    ClientId,
+    fem_proto::RequestId,
+    Vec<fem_proto::DiscoveredTool>,
+    Option<String>,
+);
+
 /// State shared by every task of one broker.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -89,6 +96,12 @@ pub(crate) struct Shared {
     /// Trust anchors and verified grants, or development bindings.
     pub(crate) trust: crate::trust::Trust,
     pub(crate) conn_limit: Arc<Semaphore>,
+    /// Native connections not yet registered (and TLS handshakes).
+    pub(crate) pending_limit: Arc<Semaphore>,
+    /// HTTPS connections.
+    pub(crate) http_limit: Arc<Semaphore>,
+    /// Bytes of queued frames, against `--max-memory`.
+    pub(crate) budget: Arc<Budget>,
     pub(crate) ready: AtomicBool,
     /// Set at shutdown: new native sessions are refused.
     pub(crate) draining: AtomicBool,
@@ -115,6 +128,12 @@ impl Shared {
                 max_call_timeout: config.max_call_timeout,
                 agent_queue_limit: config.agent_queue_limit,
                 advert_delay: Duration::from_millis(50),
+                caller_share_percent: config.limits.caller_share_percent,
+                max_waiting_bytes: config.limits.max_memory / 2,
+                discovery_page_bytes: config
+                    .limits
+                    .discovery_page_bytes
+                    .min(fem_proto::max_forwarded_envelope(config.max_frame) / 2),
             },
             metrics.clone(),
             now_micros(),
@@ -137,6 +156,9 @@ impl Shared {
             replay: ReplayGuard::new(config.replay_window_ms),
             trust: crate::trust::Trust::new(config.trust_anchors.clone(), &config.data_dir),
             conn_limit: Arc::new(Semaphore::new(config.max_connections)),
+            pending_limit: Arc::new(Semaphore::new(config.limits.max_pending_connections)),
+            http_limit: Arc::new(Semaphore::new(config.limits.max_http_connections)),
+            budget: Budget::new(config.limits.max_memory, metrics.budget_bytes.clone()),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             fed: Fed::default(),
@@ -213,21 +235,13 @@ impl Shared {
             }
             (r, router.next_timeout())
         };
-        for (to, request_id, tools) in to_sign {
-            self.send_discovered(to, request_id, tools);
+        for (to, request_id, tools, next_cursor) in to_sign {
+            self.send_discovered(to, request_id, tools, next_cursor);
         }
         (r, next)
     }
 
-    fn dispatch(
-        &self,
-        out: Output,
-        to_sign: &mut Vec<(
-            ClientId,
-            fem_proto::RequestId,
-            Vec<fem_proto::DiscoveredTool>,
-        )>,
-    ) {
+    fn dispatch(&self, out: Output, to_sign: &mut Vec<Discovered>) {
         match out {
             Output::Send { to, frame } => self.send_client(to, frame),
             Output::Link { to, frame } => {
@@ -259,7 +273,8 @@ impl Shared {
                 to,
                 request_id,
                 tools,
-            } => to_sign.push((to, request_id, tools)),
+                next_cursor,
+            } => to_sign.push((to, request_id, tools, next_cursor)),
         }
     }
 
@@ -271,23 +286,26 @@ impl Shared {
             debug!(client = to.0, "client gone; frame dropped");
             return;
         };
-        match c.tx.try_send(frame) {
+        match c.tx.push(frame) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(PushError::Closed) => {
                 debug!(client = to.0, "client gone; frame dropped");
             }
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(PushError::Full(limit)) => {
                 warn!(
                     client = to.0,
-                    "slow consumer: queue full; closing its session"
+                    limit,
+                    queued_bytes = c.tx.queued_bytes(),
+                    "slow consumer: session queue full; closing its session"
                 );
                 self.metrics
                     .refusals
                     .with_label_values(&[ErrorCode::SlowConsumer.as_str()])
                     .inc();
+                self.metrics.limit_hit(limit);
                 c.evict(
                     ErrorCode::SlowConsumer,
-                    "session queue full: the client does not read".into(),
+                    format!("session queue full ({limit}): the client does not read"),
                 );
             }
         }
@@ -298,10 +316,15 @@ impl Shared {
         to: ClientId,
         request_id: fem_proto::RequestId,
         tools: Vec<fem_proto::DiscoveredTool>,
+        next_cursor: Option<String>,
     ) {
         let env = Envelope::new(
             broker_header(&self.config.broker_id),
-            Body::ToolsDiscovered(ToolsDiscovered { request_id, tools }),
+            Body::ToolsDiscovered(ToolsDiscovered {
+                request_id,
+                tools,
+                next_cursor,
+            }),
         );
         let frame = match SignedEnvelope::sign(&env, &self.identity) {
             Ok(signed) => Frame::Deliver {
@@ -317,8 +340,35 @@ impl Shared {
         self.send_client(to, frame);
     }
 
+    /// A session queue bounded by the configured frames and bytes.
+    pub(crate) fn outbox(&self) -> (Outbox, mpsc::Receiver<crate::budget::Queued>) {
+        Outbox::new(
+            self.config.session_queue,
+            self.config.limits.session_queue_bytes,
+            &self.budget,
+        )
+    }
+
+    /// Refuses new work while the memory budget is spent (counted).
+    ///
+    /// # Errors
+    /// `RATE_LIMITED` naming the budget.
+    pub(crate) fn check_budget(&self) -> Result<(), crate::route::admission::Refusal> {
+        if self.budget.exhausted() {
+            self.metrics.limit_hit("max_memory");
+            return Err((
+                ErrorCode::RateLimited,
+                format!(
+                    "the broker's memory budget (--max-memory {} bytes) is spent; retry later",
+                    self.budget.limit()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Adds a client whose frames go to `tx`; returns its id and handle.
-    pub(crate) fn add_client(&self, tx: ClientTx) -> (ClientId, Arc<ClientHandle>) {
+    pub(crate) fn add_client(&self, tx: Outbox) -> (ClientId, Arc<ClientHandle>) {
         let id = ClientId(self.next_id());
         let h = ClientHandle::new(tx);
         self.clients.insert(id, Arc::clone(&h));

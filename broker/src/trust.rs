@@ -13,15 +13,14 @@ use sha2::Digest as _;
 
 use crate::route::admission::{Credential, Refusal};
 
+/// Largest grant chain accepted, encoded (well within
+/// [`fem_proto::FORWARD_OVERHEAD`], which relays carry it in).
+pub(crate) const MAX_GRANT_BYTES: usize = 8 * 1024;
+
 /// Verified grants kept at most (the cache is dropped whole when full).
 const CACHE_MAX: usize = 10_000;
 
-/// A token bucket (the rate limit of one grant at this broker).
-#[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    last_ms: u64,
-}
+use crate::budget::TokenBucket as Bucket;
 
 /// Anchors and verified grants, or development bindings.
 #[derive(Debug)]
@@ -85,6 +84,16 @@ impl Trust {
     pub(crate) fn verify(&self, signed: &SignedGrant) -> Result<Arc<Credential>, Refusal> {
         let bytes = postcard::to_allocvec(signed)
             .map_err(|e| (ErrorCode::BadRequest, format!("grant: {e}")))?;
+        // Grants travel with relayed calls inside the forwarding overhead.
+        if bytes.len() > MAX_GRANT_BYTES {
+            return Err((
+                ErrorCode::TooLarge,
+                format!(
+                    "grant of {} bytes; grants are limited to {MAX_GRANT_BYTES}",
+                    bytes.len()
+                ),
+            ));
+        }
         let digest: [u8; 32] = sha2::Sha256::digest(&bytes).into();
         let now = fem_proto::now_ms();
         if let Some(c) = self.cache.get(&digest) {
@@ -178,22 +187,14 @@ impl Trust {
             return Ok(());
         };
         let now = fem_proto::now_ms();
-        let burst = f64::from(rate.burst);
-        let bucket = self.buckets.entry(c.grant.id).or_insert_with(|| {
-            Mutex::new(Bucket {
-                tokens: burst,
-                last_ms: now,
-            })
-        });
+        let bucket = self
+            .buckets
+            .entry(c.grant.id)
+            .or_insert_with(|| Mutex::new(Bucket::new(rate.burst, now)));
         let mut b = bucket
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        #[allow(clippy::cast_precision_loss)]
-        let refill = now.saturating_sub(b.last_ms) as f64 * f64::from(rate.per_sec) / 1000.0;
-        b.tokens = (b.tokens + refill).min(burst);
-        b.last_ms = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+        if b.take(now, rate.per_sec, rate.burst) {
             Ok(())
         } else {
             Err((

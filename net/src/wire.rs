@@ -47,6 +47,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Changes the largest frame accepted from now on.
+    pub fn set_max(&mut self, max: usize) {
+        self.decoder.set_max(max);
+    }
+
     /// The next frame, or `Ok(None)` on a clean end of stream between frames.
     ///
     /// Cancel-safe as far as the stream's `read` is: bytes already read stay

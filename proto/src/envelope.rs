@@ -250,6 +250,8 @@ pub struct DiscoverTools {
     pub environment: Option<String>,
     /// At most this many tools (0: the broker's maximum).
     pub limit: u32,
+    /// Continue after this point: the `nextCursor` of the previous page.
+    pub cursor: Option<String>,
 }
 
 /// One tool in a discovery answer.
@@ -274,6 +276,8 @@ pub struct ToolsDiscovered {
     pub request_id: RequestId,
     /// Matching tools.
     pub tools: Vec<DiscoveredTool>,
+    /// Set when more tools match: ask again with it as `cursor`.
+    pub next_cursor: Option<String>,
 }
 
 /// embodimentUpdate: the agent's tools (and optionally capabilities) changed.

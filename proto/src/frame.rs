@@ -16,6 +16,16 @@ pub const DEFAULT_MAX_FRAME: usize = 4 * 1024 * 1024;
 /// Length prefix size.
 pub const FRAME_HEADER_LEN: usize = 4;
 
+/// Room kept in a frame for what brokers wrap around a forwarded envelope
+/// (a delivery's signer key, a relay's ids and the caller's grant chain).
+pub const FORWARD_OVERHEAD: usize = 16 * 1024;
+
+/// The largest envelope (its `bytes`) that can cross brokers whose maximum
+/// frame is `max_frame`: larger ones are refused TOO_LARGE where they enter.
+pub fn max_forwarded_envelope(max_frame: usize) -> usize {
+    max_frame.saturating_sub(FORWARD_OVERHEAD)
+}
+
 /// What the broker tells an agent whose registration it accepted.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -229,6 +239,12 @@ impl FrameDecoder {
             start: 0,
             max,
         }
+    }
+
+    /// Changes the maximum for frames not yet taken (a broker raises it
+    /// once a session has registered).
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
     }
 
     /// Appends received bytes.

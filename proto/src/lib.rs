@@ -42,8 +42,9 @@ pub use envelope::{
 pub use error::{ErrorCode, ProtoError};
 pub use federation::{AdvertisedAgent, DEFAULT_MAX_HOPS, FedFrame, RELAY_FEATURE};
 pub use frame::{
-    Accepted, DEFAULT_MAX_FRAME, FRAME_HEADER_LEN, Frame, FrameDecoder, decode_frame_payload,
-    decode_message, encode_frame, encode_message, frame_len,
+    Accepted, DEFAULT_MAX_FRAME, FORWARD_OVERHEAD, FRAME_HEADER_LEN, Frame, FrameDecoder,
+    decode_frame_payload, decode_message, encode_frame, encode_message, frame_len,
+    max_forwarded_envelope,
 };
 pub use grant::{
     CallRule, Grant, GrantError, GrantLink, IdPattern, Revocation, Role, SignedGrant,

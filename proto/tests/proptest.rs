@@ -204,13 +204,15 @@ fn body(c: bool) -> impl Strategy<Value = Body> {
         option::of(pattern()),
         option::of(text()),
         any::<u32>(),
+        option::of(text()),
     )
-        .prop_map(|(request_id, capability, environment, limit)| {
+        .prop_map(|(request_id, capability, environment, limit, cursor)| {
             Body::DiscoverTools(DiscoverTools {
                 request_id,
                 capability,
                 environment,
                 limit,
+                cursor,
             })
         });
     let discovered_tool = (
@@ -225,9 +227,15 @@ fn body(c: bool) -> impl Strategy<Value = Body> {
             capabilities,
             tool,
         });
-    let discovered = (request_id(), vec(discovered_tool, 0..3)).prop_map(|(request_id, tools)| {
-        Body::ToolsDiscovered(ToolsDiscovered { request_id, tools })
-    });
+    let discovered = (request_id(), vec(discovered_tool, 0..3), option::of(text())).prop_map(
+        |(request_id, tools, next_cursor)| {
+            Body::ToolsDiscovered(ToolsDiscovered {
+                request_id,
+                tools,
+                next_cursor,
+            })
+        },
+    );
     let embodiment = (
         vec(tool_spec(c), 0..3),
         option::of(vec(capability(), 0..3)),

@@ -174,6 +174,7 @@ fn envelope_cases() -> Vec<(&'static str, SigningKey, Format, Envelope)> {
             capability: Some(CapabilityPattern::new("shell.*").unwrap()),
             environment: None,
             limit: 10,
+            cursor: None,
         }),
     );
     let call_json = tool_call(

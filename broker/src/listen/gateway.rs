@@ -18,7 +18,6 @@ use fem_proto::{Body, EnvelopeType, ErrorCode, Frame, PublicKey, SignedEnvelope}
 
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::mpsc;
 
 use crate::route::admission::{self, Credential, Entry, Refused, Signer};
 use crate::route::{Incoming, ReplyTo};
@@ -133,6 +132,15 @@ async fn serve(s: Arc<Shared>, body: Bytes, want: EnvelopeType, endpoint: &str) 
             return error(&s, endpoint, code, message);
         }
     };
+    let max = fem_proto::max_forwarded_envelope(s.config.max_frame);
+    if req.envelope.bytes.len() > max {
+        s.metrics.limit_hit("max_frame_size");
+        let message = format!(
+            "envelope of {} bytes; brokers forward envelopes of at most {max} bytes",
+            req.envelope.bytes.len()
+        );
+        return error(&s, endpoint, ErrorCode::TooLarge, message);
+    }
     let sender = admitted.env.header.sender.clone();
     let credential = match caller_credential(&s, &sender, &req) {
         Ok(c) => c,
@@ -148,8 +156,11 @@ async fn serve(s: Arc<Shared>, body: Bytes, want: EnvelopeType, endpoint: &str) 
             return error(&s, endpoint, code, message);
         }
     }
+    if let Err((code, message)) = s.check_budget() {
+        return error(&s, endpoint, code, message);
+    }
     // A one-answer client: the broker answers it like any other caller.
-    let (tx, mut rx) = mpsc::channel(4);
+    let (tx, mut rx) = s.outbox();
     let (client, _handle) = s.add_client(tx);
     let wait = match admitted.env.body {
         Body::ToolCall(c) => {
@@ -181,7 +192,9 @@ async fn serve(s: Arc<Shared>, body: Bytes, want: EnvelopeType, endpoint: &str) 
             return error(&s, endpoint, ErrorCode::BadRequest, "unsupported envelope");
         }
     };
-    let answer = tokio::time::timeout(wait + Duration::from_secs(5), rx.recv()).await;
+    let answer = tokio::time::timeout(wait + Duration::from_secs(5), rx.recv())
+        .await
+        .map(|q| q.map(crate::budget::Queued::into_frame));
     s.remove_client(client);
     match answer {
         Ok(Some(Frame::Deliver { envelope, signer })) => {

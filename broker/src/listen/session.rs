@@ -11,7 +11,7 @@ use fem_proto::{
     Accepted, AgentId, Body, ErrorCode, Frame, PublicKey, RegisterAgent, SignedEnvelope,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::route::admission::{self, Credential, Entry, Refusal, Refused, Signer};
@@ -26,6 +26,10 @@ struct Identity {
     key: PublicKey,
     /// Its verified grant (with a trust anchor).
     credential: Option<Arc<Credential>>,
+    /// Its place among `--max-connections`.
+    _slot: OwnedSemaphorePermit,
+    /// Its event publication rate (`--event-rate`).
+    events: std::sync::Mutex<crate::budget::TokenBucket>,
 }
 
 /// Serves one connection until it closes, is evicted or the broker stops.
@@ -35,6 +39,7 @@ pub(crate) async fn run<R, W>(
     writer: W,
     transport: &'static str,
     peer: SocketAddr,
+    pending: OwnedSemaphorePermit,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -42,7 +47,7 @@ pub(crate) async fn run<R, W>(
     let span = info_span!("session", %peer, transport, agent = tracing::field::Empty);
     async move {
         let max = shared.config.max_frame;
-        let (tx, rx) = mpsc::channel::<Frame>(shared.config.session_queue);
+        let (tx, rx) = shared.outbox();
         let writer_task = tokio::spawn(
             async move {
                 if let Err(e) = write_loop(rx, writer, max).await {
@@ -51,17 +56,19 @@ pub(crate) async fn run<R, W>(
             }
             .in_current_span(),
         );
-        let mut reader = FrameReader::new(reader, max);
+        // Until it registers, a connection may send only small frames.
+        let mut reader = FrameReader::new(reader, shared.config.limits.max_registration_bytes);
         shared
             .metrics
             .connections
             .with_label_values(&[transport])
             .inc();
         let (client, handle) = shared.add_client(tx.clone());
-        match register(&shared, client, &handle, &mut reader, transport).await {
+        match register(&shared, client, &handle, &mut reader, transport, pending).await {
             Ok(me) => {
                 tracing::Span::current().record("agent", me.id.as_str());
-                serve(&shared, &me, &mut reader, &tx).await;
+                reader.set_max(max);
+                serve(&shared, &me, &mut reader).await;
             }
             Err((code, reason)) => {
                 shared
@@ -70,7 +77,7 @@ pub(crate) async fn run<R, W>(
                     .with_label_values(&[code.as_str()])
                     .inc();
                 info!(%code, %reason, "registration refused");
-                let _ = tx.try_send(Frame::Denied { code, reason });
+                let _ = tx.push(Frame::Denied { code, reason });
             }
         }
         shared.remove_client(client);
@@ -93,6 +100,7 @@ async fn register<R: AsyncRead + Unpin>(
     handle: &Arc<ClientHandle>,
     reader: &mut FrameReader<R>,
     transport: &'static str,
+    pending: OwnedSemaphorePermit,
 ) -> Result<Identity, Refusal> {
     let refused = |r: Refusal| {
         shared
@@ -152,7 +160,16 @@ async fn register<R: AsyncRead + Unpin>(
             ),
         )));
     };
-    admission::validate_tools(&reg.tools).map_err(refused)?;
+    admission::validate_profile(
+        &shared.config.limits,
+        &reg.capabilities,
+        &reg.tools,
+        Some(&reg.metadata),
+    )
+    .map_err(|r| {
+        shared.metrics.limit_hit("registration");
+        refused(r)
+    })?;
     let credential = if shared.trust.enforced() {
         let Some(g) = presented else {
             return Err(refused((
@@ -175,6 +192,21 @@ async fn register<R: AsyncRead + Unpin>(
         shared.trust.bind(&id, &reg.public_key).map_err(refused)?;
         None
     };
+    // Registered sessions hold one of --max-connections; the unregistered
+    // budget is handed back.
+    let slot = Arc::clone(&shared.conn_limit)
+        .try_acquire_owned()
+        .map_err(|_| {
+            shared.metrics.limit_hit("max_connections");
+            refused((
+                ErrorCode::TooManyConnections,
+                format!(
+                    "connection limit of {} reached",
+                    shared.config.max_connections
+                ),
+            ))
+        })?;
+    drop(pending);
     let RegisterAgent {
         public_key,
         capabilities,
@@ -221,12 +253,48 @@ async fn register<R: AsyncRead + Unpin>(
         id,
         key: public_key,
         credential,
+        _slot: slot,
+        events: std::sync::Mutex::new(crate::budget::TokenBucket::new(
+            shared.config.limits.event_rate,
+            fem_proto::now_ms(),
+        )),
     })
 }
 
 impl Identity {
     fn grant(&self) -> Option<&fem_proto::Grant> {
         self.credential.as_deref().map(|c| &c.grant)
+    }
+
+    /// Event size, rate and the memory budget (each hit counted).
+    fn may_emit(&self, shared: &Shared, bytes: usize) -> Result<(), Refusal> {
+        let limits = &shared.config.limits;
+        if bytes > limits.max_event_bytes {
+            shared.metrics.limit_hit("max_event_bytes");
+            return Err((
+                ErrorCode::TooLarge,
+                format!(
+                    "event of {bytes} bytes; the limit is {} (--max-event-bytes)",
+                    limits.max_event_bytes
+                ),
+            ));
+        }
+        let taken = self
+            .events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take(fem_proto::now_ms(), limits.event_rate, limits.event_rate);
+        if !taken {
+            shared.metrics.limit_hit("event_rate");
+            return Err((
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {} events a second (--event-rate)",
+                    limits.event_rate
+                ),
+            ));
+        }
+        shared.check_budget()
     }
 }
 
@@ -250,19 +318,19 @@ async fn serve<R: AsyncRead + Unpin>(
     shared: &Arc<Shared>,
     me: &Identity,
     reader: &mut FrameReader<R>,
-    tx: &mpsc::Sender<Frame>,
 ) {
+    let send = |f: Frame| shared.send_client(me.client, f);
     let grace = shared.config.heartbeat_grace;
     let mut shutdown = shared.shutdown_signal();
     loop {
         let frame = tokio::select! {
             () = me.handle.close.notified() => {
                 let (code, message) = me.handle.take_reason().unwrap_or_else(|| (ErrorCode::AgentUnavailable, "session closed by the broker".into()));
-                let _ = tx.try_send(Frame::Error { code, message });
+                send(Frame::Error { code, message });
                 return;
             }
             _ = shutdown.wait_for(|s| *s) => {
-                let _ = tx.try_send(Frame::Error { code: ErrorCode::ShuttingDown, message: "broker shutting down".into() });
+                send(Frame::Error { code: ErrorCode::ShuttingDown, message: "broker shutting down".into() });
                 return;
             }
             r = tokio::time::timeout(grace, reader.next()) => r,
@@ -291,7 +359,7 @@ async fn serve<R: AsyncRead + Unpin>(
                         .refusals
                         .with_label_values(&[code.as_str()])
                         .inc();
-                    let _ = tx.try_send(Frame::Error { code, message });
+                    send(Frame::Error { code, message });
                 } else {
                     debug!(%message, "connection lost");
                 }
@@ -303,18 +371,18 @@ async fn serve<R: AsyncRead + Unpin>(
             .store(fem_proto::now_ms(), Ordering::Relaxed);
         match frame {
             Frame::Heartbeat { seq } => {
-                let _ = tx.try_send(Frame::HeartbeatAck { seq });
+                send(Frame::HeartbeatAck { seq });
             }
             Frame::HeartbeatAck { .. } => {}
             Frame::Envelope(signed) => {
-                if !handle_envelope(shared, me, signed, tx) {
+                if !handle_envelope(shared, me, signed) {
                     return;
                 }
             }
             Frame::Subscribe { nonce, topic } => {
                 // Reading a topic is calling it: a call rule must cover it.
                 if me.grant().is_some_and(|g| !g.may_call_somewhere(&topic)) {
-                    let _ = tx.try_send(Frame::Nack {
+                    send(Frame::Nack {
                         nonce,
                         code: ErrorCode::PermissionDenied,
                         message: format!("your grant does not allow subscribing to {topic}"),
@@ -322,11 +390,11 @@ async fn serve<R: AsyncRead + Unpin>(
                     continue;
                 }
                 shared.route(|r, _| r.subscribe(me.client, &me.id, topic));
-                let _ = tx.try_send(Frame::Ack { nonce });
+                send(Frame::Ack { nonce });
             }
             Frame::Unsubscribe { nonce, topic } => {
                 shared.route(|r, _| r.unsubscribe(&me.id, &topic));
-                let _ = tx.try_send(Frame::Ack { nonce });
+                send(Frame::Ack { nonce });
             }
             other => {
                 let message = format!("unexpected frame from a client: {}", frame_name(&other));
@@ -335,7 +403,7 @@ async fn serve<R: AsyncRead + Unpin>(
                     .refusals
                     .with_label_values(&["BAD_REQUEST"])
                     .inc();
-                let _ = tx.try_send(Frame::Error {
+                send(Frame::Error {
                     code: ErrorCode::BadRequest,
                     message,
                 });
@@ -364,12 +432,8 @@ fn frame_name(f: &Frame) -> &'static str {
 }
 
 /// Admits and dispatches one envelope; false closes the session.
-fn handle_envelope(
-    shared: &Arc<Shared>,
-    me: &Identity,
-    signed: SignedEnvelope,
-    tx: &mpsc::Sender<Frame>,
-) -> bool {
+fn handle_envelope(shared: &Arc<Shared>, me: &Identity, signed: SignedEnvelope) -> bool {
+    let send = |f: Frame| shared.send_client(me.client, f);
     let signer = Signer::Session {
         id: &me.id,
         key: &me.key,
@@ -388,7 +452,7 @@ fn handle_envelope(
             env: None,
         }) => {
             // Not even an envelope: the connection is unusable.
-            let _ = tx.try_send(Frame::Error { code, message });
+            send(Frame::Error { code, message });
             return false;
         }
         Err(Refused {
@@ -413,11 +477,41 @@ fn handle_envelope(
                     message,
                 },
             };
-            let _ = tx.try_send(frame);
+            send(frame);
             return true;
         }
     };
     let (header, body) = (admitted.env.header, admitted.env.body);
+    // What cannot cross the next hop is refused here, typed, rather than
+    // dropped on the way.
+    let max = fem_proto::max_forwarded_envelope(shared.config.max_frame);
+    if signed.bytes.len() > max {
+        shared.metrics.limit_hit("max_frame_size");
+        let message = format!(
+            "{} of {} bytes; brokers forward envelopes of at most {max} bytes (--max-frame-size less {} for forwarding)",
+            body.kind(),
+            signed.bytes.len(),
+            fem_proto::FORWARD_OVERHEAD
+        );
+        match &body {
+            Body::ToolCall(c) => send(Frame::CallFailed {
+                request_id: c.request_id,
+                code: ErrorCode::TooLarge,
+                message,
+            }),
+            Body::ToolResult(r) => {
+                shared.route(|rt, now| {
+                    rt.result_failed(now, me.client, r, ErrorCode::TooLarge, message);
+                });
+            }
+            _ => send(Frame::Nack {
+                nonce: header.nonce,
+                code: ErrorCode::TooLarge,
+                message,
+            }),
+        }
+        return true;
+    }
     let ack = |r: Result<(), Refusal>| {
         let frame = match r {
             Ok(()) => Frame::Ack {
@@ -429,19 +523,22 @@ fn handle_envelope(
                 message,
             },
         };
-        let _ = tx.try_send(frame);
+        send(frame);
     };
     match body {
         Body::ToolCall(call) => {
-            if let Some(Err((code, message))) =
-                me.credential.as_deref().map(|c| shared.trust.take_call(c))
-            {
+            let allowed = shared.check_budget().and_then(|()| {
+                me.credential
+                    .as_deref()
+                    .map_or(Ok(()), |c| shared.trust.take_call(c))
+            });
+            if let Err((code, message)) = allowed {
                 shared
                     .metrics
                     .refusals
                     .with_label_values(&[code.as_str()])
                     .inc();
-                let _ = tx.try_send(Frame::CallFailed {
+                send(Frame::CallFailed {
                     request_id: call.request_id,
                     code,
                     message,
@@ -484,6 +581,10 @@ fn handle_envelope(
                 )));
                 return true;
             }
+            if let Err(refusal) = me.may_emit(shared, signed.bytes.len()) {
+                ack(Err(refusal));
+                return true;
+            }
             shared.route(|r, _| r.emit(&me.id, &ev.topic, &signed, me.key));
             ack(Ok(()));
         }
@@ -520,8 +621,26 @@ fn handle_envelope(
                 ),
                 None => Ok(()),
             };
+            let limits = &shared.config.limits;
             let r = granted
-                .and_then(|()| admission::validate_tools(&u.tools))
+                .and_then(|()| {
+                    if signed.bytes.len() > limits.max_registration_bytes {
+                        return Err((
+                            ErrorCode::TooLarge,
+                            format!(
+                                "embodimentUpdate of {} bytes; the limit is {} (--max-registration-bytes)",
+                                signed.bytes.len(),
+                                limits.max_registration_bytes
+                            ),
+                        ));
+                    }
+                    admission::validate_profile(
+                        limits,
+                        u.capabilities.as_deref().unwrap_or_default(),
+                        &u.tools,
+                        u.metadata.as_ref(),
+                    )
+                })
                 .and_then(|()| shared.route(|r, now| r.update_profile(now, me.client, u)));
             if r.is_ok() {
                 info!(agent = %me.id, "embodiment updated");

@@ -237,11 +237,71 @@ fn check(
     Ok(key)
 }
 
-/// Tool names are unique and schemas are valid JSON Schemas.
+/// Checks what a registration or embodimentUpdate offers against the
+/// broker's limits (each refusal names its flag), then that tool names are
+/// unique and every schema is a valid JSON Schema.
 ///
 /// # Errors
-/// `BAD_REQUEST` naming the tool.
-pub fn validate_tools(tools: &[ToolSpec]) -> Result<(), Refusal> {
+/// `TOO_LARGE` over a limit, `BAD_REQUEST` for a duplicate or invalid tool.
+pub fn validate_profile(
+    limits: &crate::config::Limits,
+    capabilities: &[Capability],
+    tools: &[ToolSpec],
+    metadata: Option<&std::collections::BTreeMap<String, String>>,
+) -> Result<(), Refusal> {
+    let too_large = |what: String| Err((ErrorCode::TooLarge, what));
+    if capabilities.len() > limits.max_capabilities {
+        return too_large(format!(
+            "{} capabilities offered; the limit is {} (--max-capabilities)",
+            capabilities.len(),
+            limits.max_capabilities
+        ));
+    }
+    if tools.len() > limits.max_tools {
+        return too_large(format!(
+            "{} tools offered; the limit is {} (--max-tools)",
+            tools.len(),
+            limits.max_tools
+        ));
+    }
+    if let Some(m) = metadata {
+        if m.len() > limits.max_metadata_entries {
+            return too_large(format!(
+                "{} metadata entries; the limit is {} (--max-metadata-entries)",
+                m.len(),
+                limits.max_metadata_entries
+            ));
+        }
+        if let Some((k, v)) = m
+            .iter()
+            .find(|(k, v)| k.len() > MAX_METADATA_KEY || v.len() > MAX_METADATA_VALUE)
+        {
+            return too_large(format!(
+                "metadata {:?} ({} + {} bytes): keys are limited to {MAX_METADATA_KEY} bytes and values to {MAX_METADATA_VALUE}",
+                k.chars().take(64).collect::<String>(),
+                k.len(),
+                v.len()
+            ));
+        }
+    }
+    for t in tools {
+        if t.description.len() > limits.max_description_bytes {
+            return too_large(format!(
+                "tool {}: description of {} bytes; the limit is {} (--max-description-bytes)",
+                t.name,
+                t.description.len(),
+                limits.max_description_bytes
+            ));
+        }
+        if t.input_schema.as_str().len() > limits.max_schema_bytes {
+            return too_large(format!(
+                "tool {}: input schema of {} bytes; the limit is {} (--max-schema-bytes)",
+                t.name,
+                t.input_schema.as_str().len(),
+                limits.max_schema_bytes
+            ));
+        }
+    }
     let mut names = std::collections::HashSet::new();
     for t in tools {
         if !names.insert(&t.name) {
@@ -265,6 +325,11 @@ pub fn validate_tools(tools: &[ToolSpec]) -> Result<(), Refusal> {
     }
     Ok(())
 }
+
+/// Longest metadata key, bytes.
+pub const MAX_METADATA_KEY: usize = 64;
+/// Longest metadata value, bytes.
+pub const MAX_METADATA_VALUE: usize = 1024;
 
 /// A verified grant and its signed form (passed on to peers and agents).
 #[derive(Debug)]

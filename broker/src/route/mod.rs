@@ -25,7 +25,7 @@ use std::time::Duration;
 use fem_proto::{
     AdvertisedAgent, AgentId, Capability, DiscoverTools, DiscoveredTool, EmbodimentUpdate,
     ErrorCode, FedFrame, Frame, PublicKey, RequestId, SignedEnvelope, Target, ToolCall,
-    ToolOutcome, ToolResult,
+    ToolOutcome, ToolResult, ToolSpec,
 };
 use tracing::debug;
 
@@ -112,6 +112,8 @@ pub enum Output {
         request_id: RequestId,
         /// The tools found.
         tools: Vec<DiscoveredTool>,
+        /// Where the next page starts, when there is one.
+        next_cursor: Option<String>,
     },
 }
 
@@ -185,6 +187,29 @@ pub struct RouterConfig {
     pub agent_queue_limit: usize,
     /// Delay that batches local agent changes into one advertisement.
     pub advert_delay: Duration,
+    /// Percent of one agent's slots (and of its queue) one caller may hold.
+    pub caller_share_percent: u8,
+    /// Bytes of calls waiting for slots, all agents together.
+    pub max_waiting_bytes: usize,
+    /// Largest discovery answer page, bytes of tools.
+    pub discovery_page_bytes: usize,
+}
+
+impl RouterConfig {
+    /// `n` scaled by the caller share, at least 1.
+    fn share(&self, n: usize) -> usize {
+        (n * usize::from(self.caller_share_percent))
+            .div_ceil(100)
+            .max(1)
+    }
+}
+
+/// What a waiting call holds, as the broker's memory budget counts it.
+fn budget_weight(f: &Frame) -> usize {
+    match f {
+        Frame::Deliver { envelope, .. } => envelope.bytes.len() + 256,
+        _ => 256,
+    }
 }
 
 /// Maximum tools in one discovery answer.
@@ -230,6 +255,8 @@ pub struct Router {
     remote: BTreeMap<AgentId, RemoteAgent>,
     /// Calls in flight per remote agent (survives route changes).
     remote_load: HashMap<AgentId, u32>,
+    /// Bytes of calls waiting for slots (against `max_waiting_bytes`).
+    waiting_bytes: usize,
     rr: usize,
     local_seq: u64,
     advert_due: Option<Micros>,
@@ -251,6 +278,7 @@ impl Router {
             routes: RouteTable::default(),
             remote: BTreeMap::new(),
             remote_load: HashMap::new(),
+            waiting_bytes: 0,
             rr: 0,
             local_seq: now,
             advert_due: None,
@@ -324,6 +352,7 @@ impl Router {
             max_concurrent: reg.max_concurrent,
             in_flight: 0,
             queue: VecDeque::new(),
+            by_caller: HashMap::new(),
             profile: reg.profile,
             grants_sent: HashSet::new(),
         });
@@ -414,6 +443,7 @@ impl Router {
             pinned,
             credential,
         } = incoming;
+        let caller_id = caller;
         let grant = credential.as_deref().map(|c| &c.grant);
         let deadline_at = call.deadline_ms.saturating_mul(1000);
         if deadline_at <= now {
@@ -435,8 +465,10 @@ impl Router {
             );
         }
         let choice = match pinned {
-            Some(agent) => self.select_pinned(&call.target, agent, &call.tool, hops_left, grant),
-            None => match self.select_local(&call.target, &call.tool, grant) {
+            Some(agent) => {
+                self.select_pinned(&call.target, agent, &call.tool, hops_left, grant, caller_id)
+            }
+            None => match self.select_local(&call.target, &call.tool, grant, caller) {
                 Ok(c) => Ok(c),
                 Err(e) => match self.select_remote(&call.target, &call.tool, grant) {
                     Some(_) if hops_left == 0 => Err((
@@ -522,6 +554,7 @@ impl Router {
                     debug!(request = %call.request_id, tool = %call.tool, %agent, "routing call");
                     if let Some(a) = self.registry.get_mut(&agent) {
                         a.in_flight += 1;
+                        a.adjust(caller, |u| u.slots += 1);
                     }
                     self.out.push_back(Output::Send {
                         to: session,
@@ -529,11 +562,13 @@ impl Router {
                     });
                 } else {
                     debug!(request = %call.request_id, tool = %call.tool, %agent, "agent busy; call queued");
+                    self.waiting_bytes += budget_weight(&deliver);
                     if let Some(p) = self.pending.get_mut(id) {
                         p.waiting = Some(deliver);
                     }
                     if let Some(a) = self.registry.get_mut(&agent) {
                         a.queue.push_back(id);
+                        a.adjust(caller, |u| u.waiting += 1);
                         self.metrics
                             .agent_queue_length
                             .with_label_values(&[agent.as_str()])
@@ -585,6 +620,27 @@ impl Router {
                 outcome: outcome_label(result),
             },
         );
+    }
+
+    /// An agent answered a call with an envelope the broker cannot forward
+    /// (too large): the caller gets `code` at once instead of a timeout.
+    pub fn result_failed(
+        &mut self,
+        now: Micros,
+        client: ClientId,
+        result: &ToolResult,
+        code: ErrorCode,
+        message: String,
+    ) {
+        let id = self.pending.local(client, result.request_id).filter(|id| {
+            self.pending
+                .get(*id)
+                .is_some_and(|p| p.caller == result.caller)
+        });
+        let Some(id) = id else {
+            return self.late(result.request_id);
+        };
+        self.finish(id, now, Answer::Failed { code, message });
     }
 
     /// A result relayed back over `link` for the call this broker relayed as `relay`.
@@ -649,6 +705,7 @@ impl Router {
         target: &Target,
         tool: &Capability,
         grant: Option<&fem_proto::Grant>,
+        caller: &AgentId,
     ) -> Result<Choice, Refusal> {
         let mut candidates: Vec<AgentId> = match target {
             Target::Agent(id) => {
@@ -712,11 +769,17 @@ impl Router {
         }
         self.rr = self.rr.wrapping_add(1);
         let start = self.rr;
-        // Fewest calls in flight among agents with a free slot and nobody
-        // waiting (waiting calls keep their order); round robin among ties.
+        let cfg = &self.cfg;
+        // Fewest calls in flight among agents with a free slot that this
+        // caller is still within its share of; round robin among ties. A
+        // free slot with calls waiting means every waiting caller is at its
+        // share (`pump` keeps that true), so this call does not jump them.
         let free = least(&candidates, start, |id| {
             agent(id)
-                .filter(|a| a.queue.is_empty() && a.in_flight < a.max_concurrent)
+                .filter(|a| {
+                    a.in_flight < a.max_concurrent
+                        && (a.use_of(caller).slots as usize) < cfg.share(a.max_concurrent as usize)
+                })
                 .map(|a| a.in_flight)
         });
         if let Some(id) = free {
@@ -728,15 +791,36 @@ impl Router {
         let Some(id) = shortest else {
             return Err((ErrorCode::NoRoute, format!("no agent serves {tool}")));
         };
-        let queued = agent(&id).map_or(0, |a| a.queue.len());
-        if queued < self.cfg.agent_queue_limit {
-            Ok(Choice::Queue(id))
-        } else {
-            Err((
+        let (queued, mine) =
+            agent(&id).map_or((0, 0), |a| (a.queue.len(), a.use_of(caller).waiting));
+        if queued >= cfg.agent_queue_limit {
+            self.metrics.limit_hit("agent_queue_limit");
+            return Err((
                 ErrorCode::RateLimited,
                 format!("agent {id} is at its concurrency limit and {queued} calls are waiting"),
-            ))
+            ));
         }
+        if mine as usize >= cfg.share(cfg.agent_queue_limit) {
+            self.metrics.limit_hit("caller_share_percent");
+            return Err((
+                ErrorCode::RateLimited,
+                format!(
+                    "you have {mine} calls waiting at agent {id}: one caller may hold {}% of its queue (--caller-share-percent)",
+                    cfg.caller_share_percent
+                ),
+            ));
+        }
+        if self.waiting_bytes >= cfg.max_waiting_bytes {
+            self.metrics.limit_hit("max_memory");
+            return Err((
+                ErrorCode::RateLimited,
+                format!(
+                    "calls waiting for agents hold {} bytes, the broker's limit (half of --max-memory)",
+                    self.waiting_bytes
+                ),
+            ));
+        }
+        Ok(Choice::Queue(id))
     }
 
     /// Fewest hops, then fewest calls in flight; round robin among ties.
@@ -786,6 +870,7 @@ impl Router {
         tool: &Capability,
         hops_left: u8,
         grant: Option<&fem_proto::Grant>,
+        caller: &AgentId,
     ) -> Result<Choice, Refusal> {
         let matches_target = match target {
             Target::Agent(id) => id == agent,
@@ -808,7 +893,7 @@ impl Router {
             ));
         }
         if self.registry.get(agent).is_some() {
-            return self.select_local(&Target::Agent(agent.clone()), tool, grant);
+            return self.select_local(&Target::Agent(agent.clone()), tool, grant, caller);
         }
         match self.select_remote(&Target::Agent(agent.clone()), tool, grant) {
             Some(_) if hops_left == 0 => Err((
@@ -845,14 +930,22 @@ impl Router {
         };
         match &p.target {
             CallTarget::Local { session, agent } => {
-                if p.holds_slot {
-                    if let Some(a) = self
-                        .registry
-                        .get_mut(agent)
-                        .filter(|a| a.session == *session)
-                    {
+                if let Some(w) = &p.waiting {
+                    self.waiting_bytes = self.waiting_bytes.saturating_sub(budget_weight(w));
+                }
+                if let Some(a) = self
+                    .registry
+                    .get_mut(agent)
+                    .filter(|a| a.session == *session)
+                {
+                    if p.holds_slot {
                         a.in_flight = a.in_flight.saturating_sub(1);
+                        a.adjust(&p.caller, |u| u.slots = u.slots.saturating_sub(1));
+                    } else {
+                        a.adjust(&p.caller, |u| u.waiting = u.waiting.saturating_sub(1));
                     }
+                }
+                if p.holds_slot {
                     self.pump(agent);
                 }
             }
@@ -923,7 +1016,8 @@ impl Router {
         self.out.push_back(out);
     }
 
-    /// Moves waiting calls onto free slots of `agent`, oldest first.
+    /// Moves waiting calls onto free slots of `agent`: the oldest whose
+    /// caller is within its share first (others keep their place).
     fn pump(&mut self, agent: &AgentId) {
         let Some(a) = self.registry.get_mut(agent) else {
             return;
@@ -931,8 +1025,18 @@ impl Router {
         if a.queue.is_empty() {
             return;
         }
+        // Calls already answered (deadline passed) leave the queue here.
+        a.queue
+            .retain(|id| self.pending.get(*id).is_some_and(|p| p.waiting.is_some()));
+        let cap = self.cfg.share(a.max_concurrent as usize);
         while a.in_flight < a.max_concurrent {
-            let Some(id) = a.queue.pop_front() else {
+            let pending = &self.pending;
+            let next = a.queue.iter().position(|id| {
+                pending
+                    .get(*id)
+                    .is_some_and(|p| (a.use_of(&p.caller).slots as usize) < cap)
+            });
+            let Some(id) = next.and_then(|i| a.queue.remove(i)) else {
                 break;
             };
             let Some(p) = self.pending.get_mut(id) else {
@@ -941,8 +1045,13 @@ impl Router {
             let Some(frame) = p.waiting.take() else {
                 continue;
             };
+            self.waiting_bytes = self.waiting_bytes.saturating_sub(budget_weight(&frame));
             p.holds_slot = true;
             a.in_flight += 1;
+            a.adjust(&p.caller, |u| {
+                u.waiting = u.waiting.saturating_sub(1);
+                u.slots += 1;
+            });
             self.out.push_back(Output::Send {
                 to: a.session,
                 frame,
@@ -981,8 +1090,10 @@ impl Router {
 
     // ----- discovery, events, instructions -----
 
-    /// Answers discoverTools: local agents first, then agents behind peers;
-    /// with a grant, only the tools it may call.
+    /// Answers discoverTools with one page: the matching tools ordered by
+    /// agent id then tool name, from just after `cursor`, at most `limit`
+    /// tools and `discovery_page_bytes` bytes (always at least one); with a
+    /// grant, only the tools it may call. `nextCursor` is set when more match.
     pub fn discover(
         &mut self,
         client: ClientId,
@@ -993,14 +1104,15 @@ impl Router {
             0 => MAX_DISCOVERY,
             n => (n as usize).min(MAX_DISCOVERY),
         };
-        let mut ids: Vec<AgentId> = match &q.capability {
+        let allowed = |t: &ToolSpec, id: &AgentId| grant.is_none_or(|g| g.may_call(&t.name, id));
+        // (agent, reaching broker, capabilities, tool)
+        let mut found: Vec<(&AgentId, &AgentId, &Vec<Capability>, &ToolSpec)> = Vec::new();
+        let ids: Vec<AgentId> = match &q.capability {
             Some(p) => self.registry.matching(p),
             None => self.registry.iter().map(|a| a.id.clone()).collect(),
         };
-        ids.sort_unstable();
-        let mut tools = Vec::new();
-        'outer: for id in ids {
-            let Some(a) = self.registry.get(&id) else {
+        for id in &ids {
+            let Some(a) = self.registry.get(id) else {
                 continue;
             };
             let p = &a.profile;
@@ -1011,32 +1123,22 @@ impl Router {
             }
             // Prefer the tools whose own name matches the pattern; an agent
             // whose tools are named otherwise lists all of them.
-            let named: Vec<_> = match &q.capability {
-                Some(pat) => p.tools.iter().filter(|t| pat.matches(&t.name)).collect(),
-                None => Vec::new(),
-            };
-            let listed: Vec<_> = if named.is_empty() {
-                p.tools.iter().collect()
-            } else {
-                named
-            };
-            for t in listed {
-                if grant.is_some_and(|g| !g.may_call(&t.name, &a.id)) {
-                    continue;
+            let named = q
+                .capability
+                .as_ref()
+                .is_some_and(|pat| p.tools.iter().any(|t| pat.matches(&t.name)));
+            for t in &p.tools {
+                let listed = !named
+                    || q.capability
+                        .as_ref()
+                        .is_some_and(|pat| pat.matches(&t.name));
+                if listed && allowed(t, &a.id) {
+                    found.push((&a.id, &self.cfg.broker_id, &p.capabilities, t));
                 }
-                if tools.len() >= limit {
-                    break 'outer;
-                }
-                tools.push(DiscoveredTool {
-                    agent_id: a.id.clone(),
-                    broker_id: self.cfg.broker_id.clone(),
-                    capabilities: p.capabilities.clone(),
-                    tool: t.clone(),
-                });
             }
         }
         if q.environment.is_none() {
-            'remote: for (id, r) in &self.remote {
+            for (id, r) in &self.remote {
                 let a = &r.route.agent;
                 if q.capability
                     .as_ref()
@@ -1045,25 +1147,48 @@ impl Router {
                     continue;
                 }
                 for t in &a.tools {
-                    if grant.is_some_and(|g| !g.may_call(&t.name, id)) {
-                        continue;
+                    if allowed(t, id) {
+                        found.push((id, &r.route.origin, &a.capabilities, t));
                     }
-                    if tools.len() >= limit {
-                        break 'remote;
-                    }
-                    tools.push(DiscoveredTool {
-                        agent_id: id.clone(),
-                        broker_id: r.route.origin.clone(),
-                        capabilities: a.capabilities.clone(),
-                        tool: t.clone(),
-                    });
                 }
             }
+        }
+        let key = |agent: &AgentId, tool: &ToolSpec| format!("{agent} {}", tool.name);
+        found.sort_unstable_by(|a, b| (a.0, &a.3.name).cmp(&(b.0, &b.3.name)));
+        let from = q.cursor.as_deref().map_or(0, |c| {
+            found.partition_point(|(agent, _, _, tool)| key(agent, tool).as_str() <= c)
+        });
+        let mut tools = Vec::new();
+        let mut bytes = 0;
+        let mut next_cursor = None;
+        for (i, (agent, broker, caps, tool)) in found.iter().enumerate().skip(from) {
+            let size = 64
+                + agent.as_str().len()
+                + broker.as_str().len()
+                + caps.iter().map(|c| c.as_str().len() + 2).sum::<usize>()
+                + tool.name.as_str().len()
+                + tool.description.len()
+                + tool.input_schema.as_str().len();
+            let full = tools.len() >= limit || bytes + size > self.cfg.discovery_page_bytes;
+            if !tools.is_empty() && full {
+                if let Some(last) = i.checked_sub(1).and_then(|j| found.get(j)) {
+                    next_cursor = Some(key(last.0, last.3));
+                }
+                break;
+            }
+            bytes += size;
+            tools.push(DiscoveredTool {
+                agent_id: (*agent).clone(),
+                broker_id: (*broker).clone(),
+                capabilities: (*caps).clone(),
+                tool: (*tool).clone(),
+            });
         }
         self.out.push_back(Output::Discovered {
             to: client,
             request_id: q.request_id,
             tools,
+            next_cursor,
         });
     }
 

@@ -30,6 +30,15 @@ impl Profile {
     }
 }
 
+/// One caller's use of one agent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallerUse {
+    /// Calls holding a slot.
+    pub slots: u32,
+    /// Calls waiting in the agent's queue.
+    pub waiting: u32,
+}
+
 /// One agent registered on a session of this broker.
 #[derive(Debug)]
 pub struct LocalAgent {
@@ -49,6 +58,8 @@ pub struct LocalAgent {
     pub in_flight: u32,
     /// Calls waiting for a slot, oldest first.
     pub queue: VecDeque<CallId>,
+    /// Slots held and calls waiting, per caller (the fair-use share).
+    pub by_caller: HashMap<AgentId, CallerUse>,
     /// What it offers.
     pub profile: Profile,
     /// Callers whose grant this session already received.
@@ -61,6 +72,22 @@ pub(crate) struct Registry {
     agents: HashMap<AgentId, LocalAgent>,
     sessions: HashMap<ClientId, AgentId>,
     caps: HashMap<Capability, Vec<AgentId>>,
+}
+
+impl LocalAgent {
+    /// The caller's use of this agent.
+    pub fn use_of(&self, caller: &AgentId) -> CallerUse {
+        self.by_caller.get(caller).copied().unwrap_or_default()
+    }
+
+    /// Changes the caller's use; entries at zero are removed.
+    pub(crate) fn adjust(&mut self, caller: &AgentId, f: impl FnOnce(&mut CallerUse)) {
+        let e = self.by_caller.entry(caller.clone()).or_default();
+        f(e);
+        if *e == CallerUse::default() {
+            self.by_caller.remove(caller);
+        }
+    }
 }
 
 impl Registry {
