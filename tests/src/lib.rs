@@ -197,7 +197,46 @@ fn tls_client(ca: &Path, alpn: &[u8]) -> tokio_rustls::TlsConnector {
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 
-type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+/// A TLS client stream.
+pub type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A TLS connection to `addr` offering one ALPN protocol (trusting `ca`).
+///
+/// # Errors
+/// Connecting or the handshake failed (the broker may close at once).
+pub async fn tls_connect(addr: SocketAddr, ca: &Path, alpn: &[u8]) -> std::io::Result<TlsStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    tls_client(ca, alpn).connect(name, tcp).await
+}
+
+/// Resident memory of process `pid`, KiB (VmRSS).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// Open file descriptors of process `pid`.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// The sum of a metric's samples whose line starts with `prefix` (a name,
+/// optionally with its opening labels), from the broker's /metrics.
+pub async fn metric(addr: SocketAddr, ca: &Path, prefix: &str) -> f64 {
+    let (_, text) = https_get(addr, ca, "/metrics").await;
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
 
 /// A raw native-protocol connection over TLS/TCP, for hostile-input tests.
 pub struct RawConn {

@@ -164,7 +164,12 @@ async fn two_agents_share_load() {
 async fn concurrency_limit_queue_and_overflow() {
     bounded(60, async {
         use std::sync::atomic::{AtomicUsize, Ordering};
-        let b = TestBroker::start(host(6), |c| c.agent_queue_limit = 4).await;
+        // One caller uses every slot here; the caller share is tested in bounds.rs.
+        let b = TestBroker::start(host(6), |c| {
+            c.agent_queue_limit = 4;
+            c.limits.caller_share_percent = 100;
+        })
+        .await;
         let now = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
         let tool = {
