@@ -482,7 +482,7 @@ async fn timer_task(weak: std::sync::Weak<Shared>, wake: Arc<Notify>) {
     }
 }
 
-/// Forgets replay caches of senders that are gone and whose window passed.
+/// Forgets replay caches of keys that are gone and whose window passed.
 async fn janitor_task(weak: std::sync::Weak<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(30));
     loop {
@@ -490,10 +490,10 @@ async fn janitor_task(weak: std::sync::Weak<Shared>) {
         let Some(shared) = weak.upgrade() else {
             return;
         };
-        let live: std::collections::HashSet<AgentId> =
-            shared.view(|r| r.agents().map(|a| a.id.clone()).collect());
+        let live: std::collections::HashSet<PublicKey> =
+            shared.view(|r| r.agents().map(|a| a.key).collect());
         shared
             .replay
-            .forget_idle(fem_proto::now_ms(), |id| live.contains(id));
+            .forget_idle(fem_proto::now_ms(), |key| live.contains(key));
     }
 }

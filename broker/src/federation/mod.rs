@@ -37,6 +37,28 @@ pub(crate) fn links_ready(shared: &Shared) -> bool {
     })
 }
 
+/// Sets `fem_broker_federation_peers{state="down"}`: configured links
+/// (peers, the hub) whose peer is not linked now. Evaluated at each scrape.
+pub(crate) fn export_down(shared: &Shared) {
+    let peers: Vec<Option<AgentId>> = shared
+        .fed
+        .required
+        .iter()
+        .map(|e| e.value().clone())
+        .collect();
+    let down = shared.view(|r| {
+        peers
+            .iter()
+            .filter(|p| !p.as_ref().is_some_and(|p| r.has_link(p)))
+            .count()
+    });
+    shared
+        .metrics
+        .federation_peers
+        .with_label_values(&["down"])
+        .set(i64::try_from(down).unwrap_or(i64::MAX));
+}
+
 /// Starts federation: dialers for configured peers and hubs, and the task
 /// that advertises local agent changes.
 pub(crate) fn start(shared: &Arc<Shared>, endpoint: quinn::Endpoint) {

@@ -97,6 +97,7 @@ async fn ready(State(s): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    crate::federation::export_down(&s);
     (
         [(
             header::CONTENT_TYPE,

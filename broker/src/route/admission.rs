@@ -20,18 +20,27 @@ pub type Refusal = (ErrorCode, String);
 /// Maximum nonces remembered per sender within one replay window.
 const MAX_NONCES_PER_SENDER: usize = 200_000;
 
-/// Per-sender timestamp window and nonce cache.
+/// Timestamp window and nonce cache per signing key. Keyed by the key that
+/// signed, not the id an envelope claims: a stranger signing envelopes in a
+/// victim's name can fill only its own key's cache.
 #[derive(Debug)]
 pub struct ReplayGuard {
     window_ms: u64,
-    nonces: DashMap<AgentId, Mutex<NonceCache>>,
+    per_key: usize,
+    nonces: DashMap<PublicKey, Mutex<NonceCache>>,
 }
 
 impl ReplayGuard {
     /// A guard accepting timestamps within `window_ms` of now.
     pub fn new(window_ms: u64) -> Self {
+        Self::with_capacity(window_ms, MAX_NONCES_PER_SENDER)
+    }
+
+    /// A guard remembering at most `per_key` nonces per key and window.
+    pub fn with_capacity(window_ms: u64, per_key: usize) -> Self {
         Self {
             window_ms,
+            per_key,
             nonces: DashMap::new(),
         }
     }
@@ -40,24 +49,24 @@ impl ReplayGuard {
     ///
     /// # Errors
     /// `STALE_TIMESTAMP`, `REPLAYED` or `RATE_LIMITED` as [`ProtoError`].
-    pub fn check(&self, sender: &AgentId, h: &Header, now_ms: u64) -> Result<(), ProtoError> {
+    pub fn check(&self, signer: &PublicKey, h: &Header, now_ms: u64) -> Result<(), ProtoError> {
         let check = |cache: &Mutex<NonceCache>| {
             let mut c = cache.lock().map_err(|_| ProtoError::RateLimited)?;
             c.check(h.timestamp_ms, &h.nonce, now_ms)
         };
-        // Known senders take a shared lock on the shard and no id copy.
-        if let Some(cache) = self.nonces.get(sender) {
+        // Known keys take a shared lock on the shard.
+        if let Some(cache) = self.nonces.get(signer) {
             return check(&cache);
         }
         let cache = self
             .nonces
-            .entry(sender.clone())
-            .or_insert_with(|| Mutex::new(NonceCache::new(self.window_ms, MAX_NONCES_PER_SENDER)));
+            .entry(*signer)
+            .or_insert_with(|| Mutex::new(NonceCache::new(self.window_ms, self.per_key)));
         check(&cache)
     }
 
-    /// Forgets the caches of senders that are not `live` and whose window passed.
-    pub fn forget_idle(&self, now_ms: u64, live: impl Fn(&AgentId) -> bool) {
+    /// Forgets the caches of keys that are not `live` and whose window passed.
+    pub fn forget_idle(&self, now_ms: u64, live: impl Fn(&PublicKey) -> bool) {
         self.nonces.retain(|id, cache| {
             live(id)
                 || cache
@@ -232,7 +241,7 @@ fn check(
     let refuse = |e: ProtoError| (e.code(), e.to_string());
     signed.verify_opened(kind, &key).map_err(refuse)?;
     replay
-        .check(&env.header.sender, &env.header, fem_proto::now_ms())
+        .check(&key, &env.header, fem_proto::now_ms())
         .map_err(refuse)?;
     Ok(key)
 }
@@ -388,4 +397,32 @@ pub fn check_offer(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use fem_proto::{Header, Nonce, SigningKey};
+
+    use super::*;
+
+    /// A stranger signing in a victim's name fills only its own key's
+    /// cache: the victim's envelopes are still accepted.
+    #[test]
+    fn a_strangers_envelopes_do_not_fill_the_victims_nonce_cache() {
+        let guard = ReplayGuard::with_capacity(60_000, 100);
+        let (victim, stranger) = (SigningKey::generate(), SigningKey::generate());
+        let id = AgentId::new("victim").unwrap();
+        let now = 1_000_000;
+        let header = || Header {
+            sender: id.clone(),
+            timestamp_ms: now,
+            nonce: Nonce::random(),
+        };
+        for _ in 0..100 {
+            guard.check(&stranger.public_key(), &header(), now).unwrap();
+        }
+        assert!(guard.check(&stranger.public_key(), &header(), now).is_err());
+        guard.check(&victim.public_key(), &header(), now).unwrap();
+    }
 }

@@ -582,3 +582,35 @@ async fn an_event_flood_is_bounded_per_sender() {
     })
     .await;
 }
+
+/// A configured peer that is not linked shows as `state="down"` (what the
+/// FemFederationPeerDown alert watches) until its link comes up.
+#[tokio::test]
+async fn a_missing_peer_is_exported_as_down() {
+    bounded(60, async {
+        let ca_dir = fem_tests::shared_ca();
+        let ca = ca_dir.path().join("tls/ca.pem");
+        let (a, b) = (host(310), host(311));
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        fem_tests::seed_ca(ca_dir.path(), da.path());
+        fem_tests::seed_ca(ca_dir.path(), db.path());
+        let _pa = fem_tests::mesh_broker_proc(a, da.path(), &ca, &[b], "2s").await;
+        let down = || metric(a, &ca, "fem_broker_federation_peers{state=\"down\"}");
+        assert_eq!(down().await, 1.0);
+        let _pb = fem_tests::mesh_broker_proc(b, db.path(), &ca, &[a], "2s").await;
+        let mut linked = false;
+        for _ in 0..100 {
+            if down().await == 0.0 {
+                linked = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(linked, "the peer stayed down");
+        assert_eq!(
+            metric(a, &ca, "fem_broker_federation_peers{state=\"up\"}").await,
+            1.0
+        );
+    })
+    .await;
+}
