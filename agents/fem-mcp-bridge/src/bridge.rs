@@ -149,6 +149,8 @@ impl Bridge {
                     () = tokio::time::sleep(delay) => {}
                     _ = shutdown.wait_for(|s| *s) => break,
                 }
+                // A server that dies again soon waits longer next time.
+                delay = (delay * 2).min(self.cfg.backoff_max);
                 match start_and_list(&self.cfg.server, self.changed_tx.clone()).await {
                     Ok((s, listed)) => {
                         info!(pid = s.pid(), "MCP server restarted");
@@ -158,7 +160,6 @@ impl Bridge {
                         self.update(&client, listed).await;
                     }
                     Err(e) => {
-                        delay = (delay * 2).min(self.cfg.backoff_max);
                         warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "MCP server restart failed");
                     }
                 }

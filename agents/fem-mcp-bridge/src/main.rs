@@ -66,7 +66,11 @@ struct Args {
     /// Longest run time of one call (the call's own deadline may be shorter).
     #[arg(long, env = "FEM_CALL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     call_timeout: Duration,
-    /// Longest delay between restarts of the MCP server (from 200 ms, doubling).
+    /// First delay before restarting a dead MCP server; doubled after each
+    /// failed start, and used again once the server stayed up 10 s.
+    #[arg(long, env = "FEM_RESTART_BACKOFF_INITIAL", default_value = "200ms", value_parser = humantime::parse_duration)]
+    restart_backoff_initial: Duration,
+    /// Longest delay between restarts of the MCP server.
     #[arg(long, env = "FEM_RESTART_BACKOFF_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
     restart_backoff_max: Duration,
     /// Calls relayed at once.
@@ -98,6 +102,7 @@ struct FileConfig {
     capability: Option<String>,
     tool_names: Option<BTreeMap<String, String>>,
     call_timeout: Option<String>,
+    restart_backoff_initial: Option<String>,
     restart_backoff_max: Option<String>,
     max_concurrent: Option<usize>,
     command: Option<Vec<String>>,
@@ -166,6 +171,13 @@ fn parse_args() -> anyhow::Result<Args> {
             .transpose()?
     );
     take!(
+        "restart_backoff_initial",
+        args.restart_backoff_initial,
+        f.restart_backoff_initial
+            .map(|v| dur("restart_backoff_initial", &v))
+            .transpose()?
+    );
+    take!(
         "restart_backoff_max",
         args.restart_backoff_max,
         f.restart_backoff_max
@@ -219,8 +231,8 @@ fn bridge_config(args: &Args) -> anyhow::Result<Config> {
         server,
         capability,
         overrides,
-        backoff_initial: Duration::from_millis(200),
-        backoff_max: args.restart_backoff_max.max(Duration::from_millis(200)),
+        backoff_initial: args.restart_backoff_initial,
+        backoff_max: args.restart_backoff_max.max(args.restart_backoff_initial),
         stable_after: Duration::from_secs(10),
     })
 }
