@@ -142,11 +142,11 @@ async fn serve(s: Arc<Shared>, body: Bytes, want: EnvelopeType, endpoint: &str) 
         }
     };
     let grant = credential.as_deref().map(|c| &c.grant);
-    if want == EnvelopeType::ToolCall {
-        if let Some(Err((code, message))) = credential.as_deref().map(|c| s.trust.take_call(c)) {
-            s.metrics.refusals.with_label_values(&[code.as_str()]).inc();
-            return error(&s, endpoint, code, message);
-        }
+    if want == EnvelopeType::ToolCall
+        && let Some(Err((code, message))) = credential.as_deref().map(|c| s.trust.take_call(c))
+    {
+        s.metrics.refusals.with_label_values(&[code.as_str()]).inc();
+        return error(&s, endpoint, code, message);
     }
     // A one-answer client: the broker answers it like any other caller.
     let (tx, mut rx) = mpsc::channel(4);
