@@ -58,7 +58,7 @@ pub(crate) enum BridgeError {
     #[error(transparent)]
     Names(#[from] NameError),
     /// A tool could not be built.
-    #[error("tool {name}: {source}")]
+    #[error("tool {name}")]
     Tool {
         /// FEM name.
         name: String,
@@ -107,7 +107,7 @@ impl Bridge {
                 Ok(x) => break x,
                 Err(e) if e.is_fatal() => return Err(e.into()),
                 Err(e) => {
-                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "MCP server not started");
+                    warn!(error = %chain(&e), retry_in_ms = delay.as_millis() as u64, "MCP server not started");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(cfg.backoff_max);
                 }
@@ -160,7 +160,7 @@ impl Bridge {
                         self.update(&client, listed).await;
                     }
                     Err(e) => {
-                        warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "MCP server restart failed");
+                        warn!(error = %chain(&e), retry_in_ms = delay.as_millis() as u64, "MCP server restart failed");
                     }
                 }
                 continue;
@@ -194,7 +194,7 @@ impl Bridge {
                             info!("MCP server announced a changed tool list");
                             self.update(&client, listed).await;
                         }
-                        Err(e) => warn!(error = %e, "cannot re-list the MCP tools"),
+                        Err(e) => warn!(error = %chain(&e), "cannot re-list the MCP tools"),
                     }
                 }
                 Event::Shutdown => break,
@@ -212,7 +212,7 @@ impl Bridge {
         let mapping = match map_tools(&self.cfg, listed) {
             Ok(m) => m,
             Err(e) => {
-                error!(error = %e, "new MCP tool list refused; the registered tools stay");
+                error!(error = %chain(&e), "new MCP tool list refused; the registered tools stay");
                 return;
             }
         };
@@ -222,7 +222,7 @@ impl Bridge {
         let tools = match fem_tools(&self.up, &mapping) {
             Ok(t) => t,
             Err(e) => {
-                error!(error = %e, "new MCP tool list refused; the registered tools stay");
+                error!(error = %chain(&e), "new MCP tool list refused; the registered tools stay");
                 return;
             }
         };
@@ -232,7 +232,7 @@ impl Bridge {
         match client.update_tools(tools).await {
             Ok(()) => info!(tools = mapping.len(), "agent tools updated"),
             Err(e) => {
-                warn!(error = %e, "tool update not acknowledged (sent again on reconnection)")
+                warn!(error = %chain(&e), "tool update not acknowledged (sent again on reconnection)")
             }
         }
         self.registered = mapping;
@@ -300,7 +300,7 @@ fn fem_tools(up: &Up, mapping: &Mapping) -> Result<Vec<Tool>, BridgeError> {
                 warn!(
                     tool = %fem,
                     mcp_tool = %t.name,
-                    error = %e,
+                    error = %chain(&e),
                     "MCP inputSchema not accepted; registering the permissive {{\"type\":\"object\"}}"
                 );
                 Tool::new(
@@ -349,16 +349,12 @@ async fn relay(up: &Up, name: &str, req: ToolRequest) -> Result<Value, ToolError
         )),
         Ok(Err(e)) if e.is_unavailable() => Err(ToolError::new(
             ErrorCode::AgentUnavailable,
-            format!("MCP server gone during the call: {e}"),
+            format!("MCP server gone during the call: {}", chain(&e)),
         )),
-        Ok(Err(e)) if e.is_invalid_params() => Err(ToolError::new(
-            ErrorCode::BadRequest,
-            truncate(e.to_string()),
-        )),
-        Ok(Err(e)) => Err(ToolError::new(
-            ErrorCode::ToolFailed,
-            truncate(e.to_string()),
-        )),
+        Ok(Err(e)) if e.is_invalid_params() => {
+            Err(ToolError::new(ErrorCode::BadRequest, truncate(chain(&e))))
+        }
+        Ok(Err(e)) => Err(ToolError::new(ErrorCode::ToolFailed, truncate(chain(&e)))),
         Ok(Ok(out)) => map_outcome(out),
     }
 }
@@ -399,6 +395,18 @@ fn texts(content: &[Value], all: bool) -> Option<String> {
         }
     }
     (!parts.is_empty()).then(|| parts.join("\n"))
+}
+
+/// An error and its causes: `error: cause: cause`.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 fn truncate(mut s: String) -> String {

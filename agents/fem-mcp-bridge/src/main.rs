@@ -326,3 +326,76 @@ fn default_key_path(id: &AgentId) -> PathBuf {
     };
     base.join(format!("{id}.key"))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clap::Parser as _;
+
+    use super::*;
+
+    fn parse(a: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("fem-mcp-bridge").chain(a.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn the_command_follows_the_double_dash_unchanged() {
+        let cfg = bridge_config(&parse(&[
+            "--capability",
+            "time",
+            "--",
+            "python3",
+            "-m",
+            "mcp_server_time",
+            "--local-timezone",
+            "UTC; rm -rf /",
+        ]))
+        .unwrap();
+        let ServerSpec::Command { program, args } = cfg.server else {
+            panic!("not a command");
+        };
+        assert_eq!(program, "python3");
+        assert_eq!(
+            args,
+            ["-m", "mcp_server_time", "--local-timezone", "UTC; rm -rf /"]
+        );
+        assert_eq!(cfg.capability.as_str(), "time");
+        assert_eq!(cfg.backoff_initial, Duration::from_millis(200));
+    }
+
+    #[test]
+    fn a_url_or_a_command_but_not_both_nor_neither() {
+        let cfg = bridge_config(&parse(&["--url", "http://127.0.0.1:8000/mcp"])).unwrap();
+        assert!(matches!(cfg.server, ServerSpec::Url(_)));
+        for bad in [
+            &["--url", "http://h/mcp", "--", "srv"][..],
+            &[][..],
+            &["--url", "ftp://h/mcp"][..],
+            &["--capability", "no spaces", "--", "srv"][..],
+        ] {
+            assert!(bridge_config(&parse(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn tool_name_overrides() {
+        let cfg = bridge_config(&parse(&[
+            "--tool-name",
+            "Get Time=time.now",
+            "--tool-name",
+            "a=b=c.d",
+            "--",
+            "srv",
+        ]))
+        .unwrap();
+        assert_eq!(cfg.overrides["Get Time"].as_str(), "time.now");
+        assert_eq!(cfg.overrides["a=b"].as_str(), "c.d");
+        for bad in [
+            &["--tool-name", "x", "--", "srv"][..],
+            &["--tool-name", "x=not valid", "--", "srv"][..],
+            &["--tool-name", "x=a", "--tool-name", "x=b", "--", "srv"][..],
+        ] {
+            assert!(bridge_config(&parse(bad)).is_err(), "{bad:?}");
+        }
+    }
+}

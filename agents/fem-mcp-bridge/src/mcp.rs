@@ -61,7 +61,7 @@ impl ServerSpec {
 #[non_exhaustive]
 pub(crate) enum McpError {
     /// The child could not be started.
-    #[error("cannot start {program}: {source}")]
+    #[error("cannot start {program}")]
     Spawn {
         /// The program.
         program: String,
@@ -69,7 +69,7 @@ pub(crate) enum McpError {
         source: std::io::Error,
     },
     /// The MCP initialization handshake failed.
-    #[error("MCP initialization failed: {0}")]
+    #[error("MCP initialization failed")]
     Initialize(#[source] Box<rmcp::service::ClientInitializeError>),
     /// The server did not finish starting in time.
     #[error("the MCP server did not initialize within {0:?}")]
@@ -86,10 +86,10 @@ pub(crate) enum McpError {
         message: String,
     },
     /// Another failure of the MCP service (transport, unexpected answer).
-    #[error("MCP request failed: {0}")]
+    #[error("MCP request failed")]
     Service(#[source] ServiceError),
     /// A value of the MCP SDK that does not convert to JSON.
-    #[error("cannot convert an MCP value to JSON: {0}")]
+    #[error("cannot convert an MCP value to JSON")]
     Json(#[from] serde_json::Error),
 }
 

@@ -57,7 +57,7 @@ pub(crate) enum NameError {
 ///
 /// # Errors
 /// [`NameError::Invalid`] when the capability leaves no room for a tool part.
-pub(crate) fn derive(capability: &Capability, mcp: &str) -> Result<Capability, NameError> {
+pub(crate) fn derive_name(capability: &Capability, mcp: &str) -> Result<Capability, NameError> {
     let mut part: String = mcp
         .chars()
         .map(|c| {
@@ -88,11 +88,11 @@ pub(crate) fn derive(capability: &Capability, mcp: &str) -> Result<Capability, N
 }
 
 /// FEM names for every MCP tool in `tools` (in their order): the override
-/// when `overrides` has one, else [`derive`].
+/// when `overrides` has one, else [`derive_name`].
 ///
 /// # Errors
 /// [`NameError::Collision`] when two tools end with the same FEM name;
-/// [`NameError::Invalid`] as [`derive`].
+/// [`NameError::Invalid`] as [`derive_name`].
 pub(crate) fn map_all<'a>(
     capability: &Capability,
     tools: impl IntoIterator<Item = &'a str>,
@@ -103,7 +103,7 @@ pub(crate) fn map_all<'a>(
     for mcp in tools {
         let fem = match overrides.get(mcp) {
             Some(f) => f.clone(),
-            None => derive(capability, mcp)?,
+            None => derive_name(capability, mcp)?,
         };
         if let Some(first) = seen.get(&fem) {
             return Err(NameError::Collision {
@@ -141,15 +141,15 @@ mod tests {
     fn plain_names_are_prefixed_with_the_capability() {
         let c = cap("time");
         assert_eq!(
-            derive(&c, "get_current_time").unwrap().as_str(),
+            derive_name(&c, "get_current_time").unwrap().as_str(),
             "time.get_current_time"
         );
         assert_eq!(
-            derive(&c, "convert-time").unwrap().as_str(),
+            derive_name(&c, "convert-time").unwrap().as_str(),
             "time.convert-time"
         );
         assert_eq!(
-            derive(&cap("mcp.files"), "read").unwrap().as_str(),
+            derive_name(&cap("mcp.files"), "read").unwrap().as_str(),
             "mcp.files.read"
         );
     }
@@ -157,12 +157,15 @@ mod tests {
     #[test]
     fn invalid_characters_become_underscores_and_letters_lowercase() {
         let c = cap("x");
-        assert_eq!(derive(&c, "GetTime").unwrap().as_str(), "x.gettime");
-        assert_eq!(derive(&c, "files.read").unwrap().as_str(), "x.files_read");
-        assert_eq!(derive(&c, "a/b c:d").unwrap().as_str(), "x.a_b_c_d");
-        assert_eq!(derive(&c, "héllo").unwrap().as_str(), "x.h_llo");
-        assert_eq!(derive(&c, "").unwrap().as_str(), "x._");
-        assert_eq!(derive(&c, "..").unwrap().as_str(), "x.__");
+        assert_eq!(derive_name(&c, "GetTime").unwrap().as_str(), "x.gettime");
+        assert_eq!(
+            derive_name(&c, "files.read").unwrap().as_str(),
+            "x.files_read"
+        );
+        assert_eq!(derive_name(&c, "a/b c:d").unwrap().as_str(), "x.a_b_c_d");
+        assert_eq!(derive_name(&c, "héllo").unwrap().as_str(), "x.h_llo");
+        assert_eq!(derive_name(&c, "").unwrap().as_str(), "x._");
+        assert_eq!(derive_name(&c, "..").unwrap().as_str(), "x.__");
     }
 
     #[test]
@@ -170,18 +173,21 @@ mod tests {
         let c = cap("cap");
         let a = "a".repeat(200);
         let b = format!("{}b", "a".repeat(199));
-        let (fa, fb) = (derive(&c, &a).unwrap(), derive(&c, &b).unwrap());
+        let (fa, fb) = (derive_name(&c, &a).unwrap(), derive_name(&c, &b).unwrap());
         assert_eq!(fa.as_str().len(), MAX_NAME_LEN);
         assert_eq!(fb.as_str().len(), MAX_NAME_LEN);
         assert_ne!(fa, fb);
         // Deterministic.
-        assert_eq!(derive(&c, &a).unwrap(), fa);
+        assert_eq!(derive_name(&c, &a).unwrap(), fa);
     }
 
     #[test]
     fn a_capability_without_room_is_refused() {
         let c = cap(&"c".repeat(MAX_NAME_LEN));
-        assert!(matches!(derive(&c, "t"), Err(NameError::Invalid { .. })));
+        assert!(matches!(
+            derive_name(&c, "t"),
+            Err(NameError::Invalid { .. })
+        ));
     }
 
     #[test]
