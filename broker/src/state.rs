@@ -215,11 +215,11 @@ impl Shared {
     /// answers are signed after it is released.
     pub(crate) fn route<R>(&self, f: impl FnOnce(&mut Router, Micros) -> R) -> R {
         let (r, next) = self.run(f);
-        if let Some(next) = next {
-            if next < self.armed.load(Ordering::Acquire) {
-                self.armed.fetch_min(next, Ordering::AcqRel);
-                self.timer_wake.notify_one();
-            }
+        if let Some(next) = next
+            && next < self.armed.load(Ordering::Acquire)
+        {
+            self.armed.fetch_min(next, Ordering::AcqRel);
+            self.timer_wake.notify_one();
         }
         r
     }
@@ -245,14 +245,14 @@ impl Shared {
         match out {
             Output::Send { to, frame } => self.send_client(to, frame),
             Output::Link { to, frame } => {
-                if let Some(l) = self.links.get(&to) {
-                    if l.tx.try_send(frame).is_err() {
-                        warn!(
-                            link = to.0,
-                            "federation link queue full or closed; closing it"
-                        );
-                        l.close.notify_one();
-                    }
+                if let Some(l) = self.links.get(&to)
+                    && l.tx.try_send(frame).is_err()
+                {
+                    warn!(
+                        link = to.0,
+                        "federation link queue full or closed; closing it"
+                    );
+                    l.close.notify_one();
                 }
             }
             Output::Evict {

@@ -49,15 +49,15 @@ impl Trust {
             }
         }
         let mut bindings = HashMap::new();
-        if anchors.is_empty() {
-            if let Ok(text) = std::fs::read_to_string(&bindings_file) {
-                for line in text.lines() {
-                    let mut it = line.split_whitespace();
-                    if let (Some(id), Some(key)) = (it.next(), it.next()) {
-                        if let (Ok(id), Ok(key)) = (AgentId::new(id), key.parse::<PublicKey>()) {
-                            bindings.insert(id, key);
-                        }
-                    }
+        if anchors.is_empty()
+            && let Ok(text) = std::fs::read_to_string(&bindings_file)
+        {
+            for line in text.lines() {
+                let mut it = line.split_whitespace();
+                if let (Some(id), Some(key)) = (it.next(), it.next())
+                    && let (Ok(id), Ok(key)) = (AgentId::new(id), key.parse::<PublicKey>())
+                {
+                    bindings.insert(id, key);
                 }
             }
         }
@@ -96,10 +96,10 @@ impl Trust {
         }
         let digest: [u8; 32] = sha2::Sha256::digest(&bytes).into();
         let now = fem_proto::now_ms();
-        if let Some(c) = self.cache.get(&digest) {
-            if now < c.grant.expires_ms {
-                return Ok(Arc::clone(&c));
-            }
+        if let Some(c) = self.cache.get(&digest)
+            && now < c.grant.expires_ms
+        {
+            return Ok(Arc::clone(&c));
         }
         let v = signed
             .verify(&self.anchors, now)

@@ -388,16 +388,16 @@ fn drain(dec: &mut FrameDecoder, out: &mut Vec<Frame>) -> Result<(), ProtoError>
 fn check_decoded(frame: &Frame) {
     let again = decode_frame_payload(&encode(frame)[FRAME_HEADER_LEN..]).unwrap();
     assert_eq!(&again, frame);
-    if let Frame::Envelope(s) | Frame::Deliver { envelope: s, .. } = frame {
-        if let Ok(env) = s.open() {
-            let bytes = postcard::to_stdvec(&env).unwrap();
-            let re = SignedEnvelope {
-                format: Format::Postcard,
-                bytes,
-                signature: s.signature,
-            };
-            assert_eq!(re.open().unwrap(), env);
-        }
+    if let Frame::Envelope(s) | Frame::Deliver { envelope: s, .. } = frame
+        && let Ok(env) = s.open()
+    {
+        let bytes = postcard::to_stdvec(&env).unwrap();
+        let re = SignedEnvelope {
+            format: Format::Postcard,
+            bytes,
+            signature: s.signature,
+        };
+        assert_eq!(re.open().unwrap(), env);
     }
 }
 
@@ -523,13 +523,12 @@ proptest! {
         let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
         dec.push(&buf[..FRAME_HEADER_LEN + cut]);
         prop_assert_eq!(dec.next_frame().unwrap(), None);
-        if let Frame::Envelope(s) | Frame::Deliver { envelope: s, .. } = &frame {
-            if s.format == Format::Postcard && s.open().is_ok() && !s.bytes.is_empty() {
+        if let Frame::Envelope(s) | Frame::Deliver { envelope: s, .. } = &frame
+            && s.format == Format::Postcard && s.open().is_ok() && !s.bytes.is_empty() {
                 let mut t = s.clone();
                 t.bytes.truncate(at.index(s.bytes.len()));
                 prop_assert!(t.open().is_err());
             }
-        }
     }
 
     /// Flipped bits: an error or a stable frame, never a panic; flips in the

@@ -482,19 +482,22 @@ impl Sim {
             .iter()
             .any(|c| c.conn.is_some_and(|c| c.client == to));
         let (events, now) = (self.events, self.now);
-        if let Some(rec) = self.calls.get_mut(&request) {
-            if rec.entry == b && is_caller {
-                rec.emitted.push((events, now, is_result));
-            }
+        if let Some(rec) = self.calls.get_mut(&request)
+            && rec.entry == b
+            && is_caller
+        {
+            rec.emitted.push((events, now, is_result));
         }
     }
 
     fn note_result_at(&mut self, b: usize, request: RequestId) {
         let (events, inc) = (self.events, self.brokers[b].incarnation);
-        if let Some(rec) = self.calls.get_mut(&request) {
-            if rec.entry == b && rec.incarnation == inc && rec.result_at_entry.is_none() {
-                rec.result_at_entry = Some(events);
-            }
+        if let Some(rec) = self.calls.get_mut(&request)
+            && rec.entry == b
+            && rec.incarnation == inc
+            && rec.result_at_entry.is_none()
+        {
+            rec.result_at_entry = Some(events);
         }
     }
 
@@ -1183,11 +1186,11 @@ impl Sim {
             }
             self.now = self.now.max(t);
             self.events += 1;
-            if let Some((k, b)) = next_tick {
-                if k <= next_ev.unwrap_or(Micros::MAX) {
-                    self.with_router(b, |r, now| r.tick(now));
-                    continue;
-                }
+            if let Some((k, b)) = next_tick
+                && k <= next_ev.unwrap_or(Micros::MAX)
+            {
+                self.with_router(b, |r, now| r.tick(now));
+                continue;
             }
             let Some(Reverse((_, seq))) = self.queue.pop() else {
                 break;

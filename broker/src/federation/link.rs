@@ -104,16 +104,16 @@ fn check_hello(
             ),
         ));
     }
-    if let Some(keys) = &shared.config.federation.peer_keys {
-        if !keys.contains(&rb.public_key) {
-            return Err((
-                ErrorCode::PermissionDenied,
-                format!(
-                    "broker {} key {} is not in --peer-keys",
-                    rb.broker_id, rb.public_key
-                ),
-            ));
-        }
+    if let Some(keys) = &shared.config.federation.peer_keys
+        && !keys.contains(&rb.public_key)
+    {
+        return Err((
+            ErrorCode::PermissionDenied,
+            format!(
+                "broker {} key {} is not in --peer-keys",
+                rb.broker_id, rb.public_key
+            ),
+        ));
     }
     if rb.broker_id == shared.config.broker_id {
         if rb.public_key == shared.broker_key {
@@ -127,17 +127,18 @@ fn check_hello(
             ),
         ));
     }
-    if let Some(k) = shared.fed.linked.get(&rb.broker_id) {
-        if *k != rb.public_key && shared.view(|r| r.has_link(&rb.broker_id)) {
-            return Err((
-                ErrorCode::IdConflict,
-                format!(
-                    "broker id {} is already linked under another key ({}); a second broker with the same --broker-id?",
-                    rb.broker_id,
-                    k.fingerprint()
-                ),
-            ));
-        }
+    if let Some(k) = shared.fed.linked.get(&rb.broker_id)
+        && *k != rb.public_key
+        && shared.view(|r| r.has_link(&rb.broker_id))
+    {
+        return Err((
+            ErrorCode::IdConflict,
+            format!(
+                "broker id {} is already linked under another key ({}); a second broker with the same --broker-id?",
+                rb.broker_id,
+                k.fingerprint()
+            ),
+        ));
     }
     Ok((rb.broker_id, rb.public_key))
 }

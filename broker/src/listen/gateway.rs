@@ -150,11 +150,11 @@ async fn serve(s: Arc<Shared>, body: Bytes, want: EnvelopeType, endpoint: &str) 
         }
     };
     let grant = credential.as_deref().map(|c| &c.grant);
-    if want == EnvelopeType::ToolCall {
-        if let Some(Err((code, message))) = credential.as_deref().map(|c| s.trust.take_call(c)) {
-            s.metrics.refusals.with_label_values(&[code.as_str()]).inc();
-            return error(&s, endpoint, code, message);
-        }
+    if want == EnvelopeType::ToolCall
+        && let Some(Err((code, message))) = credential.as_deref().map(|c| s.trust.take_call(c))
+    {
+        s.metrics.refusals.with_label_values(&[code.as_str()]).inc();
+        return error(&s, endpoint, code, message);
     }
     if let Err((code, message)) = s.check_budget() {
         return error(&s, endpoint, code, message);

@@ -197,13 +197,13 @@ fn check(
     replay: &ReplayGuard,
 ) -> Result<PublicKey, Refusal> {
     let kind = env.kind();
-    if let Some(want) = want {
-        if kind != want {
-            return Err((
-                ErrorCode::BadRequest,
-                format!("expected a {want} envelope, not {kind}"),
-            ));
-        }
+    if let Some(want) = want
+        && kind != want
+    {
+        return Err((
+            ErrorCode::BadRequest,
+            format!("expected a {want} envelope, not {kind}"),
+        ));
     }
     let key = match signer {
         Signer::Session { id, key } => {

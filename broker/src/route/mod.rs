@@ -542,13 +542,13 @@ impl Router {
                 };
                 // The agent checks the call against the caller's grant: it
                 // gets the grant once per session, before the first call.
-                if let (Some(c), Some(a)) = (&credential, self.registry.get_mut(&agent)) {
-                    if a.grants_sent.insert(caller_key) {
-                        self.out.push_back(Output::Send {
-                            to: session,
-                            frame: Frame::Grant(c.signed.clone()),
-                        });
-                    }
+                if let (Some(c), Some(a)) = (&credential, self.registry.get_mut(&agent))
+                    && a.grants_sent.insert(caller_key)
+                {
+                    self.out.push_back(Output::Send {
+                        to: session,
+                        frame: Frame::Grant(c.signed.clone()),
+                    });
                 }
                 if slot {
                     debug!(request = %call.request_id, tool = %call.tool, %agent, "routing call");
@@ -1116,10 +1116,10 @@ impl Router {
                 continue;
             };
             let p = &a.profile;
-            if let Some(env) = &q.environment {
-                if p.metadata.get("environment") != Some(env) {
-                    continue;
-                }
+            if let Some(env) = &q.environment
+                && p.metadata.get("environment") != Some(env)
+            {
+                continue;
             }
             // Prefer the tools whose own name matches the pattern; an agent
             // whose tools are named otherwise lists all of them.
@@ -1517,10 +1517,10 @@ fn least<K: Ord + Copy>(
     let mut best: Option<(K, usize)> = None;
     for i in 0..len {
         let j = (start + i) % len;
-        if let Some(l) = load(&candidates[j]) {
-            if best.is_none_or(|(b, _)| l < b) {
-                best = Some((l, j));
-            }
+        if let Some(l) = load(&candidates[j])
+            && best.is_none_or(|(b, _)| l < b)
+        {
+            best = Some((l, j));
         }
     }
     best.map(|(_, j)| candidates[j].clone())

@@ -282,10 +282,10 @@ impl CallGroup {
 
     /// Sends SIGKILL to every process of the call (one pass, quick).
     pub(super) fn kill(&self) {
-        if self.version == Version::V2 {
-            if let Some(d) = self.dirs.first() {
-                let _ = write(&d.join("cgroup.kill"), "1");
-            }
+        if self.version == Version::V2
+            && let Some(d) = self.dirs.first()
+        {
+            let _ = write(&d.join("cgroup.kill"), "1");
         }
         for pid in self.members() {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);

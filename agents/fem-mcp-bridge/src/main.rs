@@ -1,0 +1,401 @@
+//! `fem-mcp-bridge`: makes an MCP server a FEM agent. Starts the server as a
+//! child over stdio (or connects to a Streamable HTTP one with `--url`),
+//! registers its tools, relays calls, follows its tool list, and restarts it
+//! with backoff when it dies.
+#![forbid(unsafe_code)]
+
+mod bridge;
+mod mcp;
+mod names;
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use fem_agent_sdk::cli::{ConnectArgs, LogArgs};
+use fem_agent_sdk::{AgentBuilder, keys};
+use fem_proto::{AgentId, Capability};
+
+use crate::bridge::{Bridge, Config};
+use crate::mcp::ServerSpec;
+
+const NAME_RULE: &str = "\
+Tool names: each MCP tool is offered as CAPABILITY.NAME, where NAME is the MCP
+name with ASCII letters lowercased and every character other than a-z, 0-9, _
+and - replaced by _ (so `Get Time` under --capability time is `time.get_time`).
+A name longer than 128 bytes is cut and ends with - and 8 hex digits of a hash
+of the MCP name. --tool-name MCP=FEM gives one tool a full FEM name instead.
+Two MCP tools with one FEM name are refused at start (add a --tool-name).
+
+Results: structuredContent when present; else the text items joined by
+newlines (a JSON string) when all items are text; else the content array as
+MCP JSON. isError: true is TOOL_FAILED with the text; no answer by the
+deadline is TIMEOUT; while the server is down (restarting) AGENT_UNAVAILABLE.
+
+Example:
+  fem-mcp-bridge --broker https://localhost:8443 --ca ca.pem --agent time-1 \\
+      --capability time -- python3 -m mcp_server_time --local-timezone UTC";
+
+/// FEM agent offering the tools of an MCP server.
+#[derive(Debug, clap::Parser)]
+#[command(name = "fem-mcp-bridge", version, after_help = NAME_RULE)]
+struct Args {
+    /// YAML file with the same settings as the flags (snake_case keys, and
+    /// `command: [PROGRAM, ARG...]`); flags and FEM_* variables win over it.
+    #[arg(long, env = "FEM_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    conn: ConnectArgs,
+    /// Agent id (required).
+    #[arg(long, env = "FEM_AGENT_ID")]
+    agent: Option<String>,
+    /// Private key file (created 0600 if missing) [default: ~/.local/share/fem/agents/ID.key].
+    #[arg(long, env = "FEM_AGENT_KEY")]
+    key: Option<PathBuf>,
+    /// Streamable HTTP MCP endpoint (instead of a command).
+    #[arg(long, env = "FEM_MCP_URL")]
+    url: Option<String>,
+    /// Capability the tools are offered under, and the prefix of their names.
+    #[arg(long, env = "FEM_MCP_CAPABILITY", default_value = "mcp")]
+    capability: String,
+    /// FEM name for one MCP tool, replacing the name rule (repeatable).
+    #[arg(long = "tool-name", value_name = "MCP=FEM")]
+    tool_names: Vec<String>,
+    /// Longest run time of one call (the call's own deadline may be shorter).
+    #[arg(long, env = "FEM_CALL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    call_timeout: Duration,
+    /// First delay before restarting a dead MCP server; doubled after each
+    /// failed start, and used again once the server stayed up 10 s.
+    #[arg(long, env = "FEM_RESTART_BACKOFF_INITIAL", default_value = "200ms", value_parser = humantime::parse_duration)]
+    restart_backoff_initial: Duration,
+    /// Longest delay between restarts of the MCP server.
+    #[arg(long, env = "FEM_RESTART_BACKOFF_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
+    restart_backoff_max: Duration,
+    /// Calls relayed at once.
+    #[arg(long, env = "FEM_MAX_CONCURRENT", default_value_t = 10)]
+    max_concurrent: usize,
+    #[command(flatten)]
+    log: LogArgs,
+    /// The MCP server: PROGRAM and its arguments, after `--` (run directly,
+    /// never through a shell).
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
+}
+
+/// The `--config` file: every flag, by its snake_case name.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    broker: Option<String>,
+    ca: Option<PathBuf>,
+    pin: Option<String>,
+    insecure: Option<bool>,
+    transport: Option<fem_agent_sdk::cli::TransportArg>,
+    heartbeat: Option<String>,
+    grant: Option<PathBuf>,
+    trust_anchor: Option<Vec<PathBuf>>,
+    agent: Option<String>,
+    key: Option<PathBuf>,
+    url: Option<String>,
+    capability: Option<String>,
+    tool_names: Option<BTreeMap<String, String>>,
+    call_timeout: Option<String>,
+    restart_backoff_initial: Option<String>,
+    restart_backoff_max: Option<String>,
+    max_concurrent: Option<usize>,
+    command: Option<Vec<String>>,
+    log_level: Option<String>,
+    log_format: Option<fem_agent_sdk::cli::LogFormat>,
+}
+
+/// Flags and variables, then the file for whatever they left unset.
+fn parse_args() -> anyhow::Result<Args> {
+    use clap::{CommandFactory as _, FromArgMatches as _, parser::ValueSource};
+    let matches = Args::command().get_matches();
+    let mut args = Args::from_arg_matches(&matches)?;
+    let Some(path) = args.config.clone() else {
+        return Ok(args);
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
+    let f: FileConfig = serde_yaml_ng::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
+    let unset = |id: &str| {
+        !matches!(
+            matches.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+    };
+    let dur = |name: &str, v: &str| {
+        humantime::parse_duration(v)
+            .map_err(|e| anyhow::anyhow!("--config {}: {name}: {e}", path.display()))
+    };
+    macro_rules! take {
+        ($id:literal, $field:expr, $value:expr) => {
+            if unset($id) {
+                if let Some(v) = $value {
+                    $field = v;
+                }
+            }
+        };
+    }
+    take!("broker", args.conn.broker, f.broker);
+    take!("ca", args.conn.ca, f.ca.map(Some));
+    take!("pin", args.conn.pin, f.pin.map(Some));
+    take!("insecure", args.conn.insecure, f.insecure);
+    take!("transport", args.conn.transport, f.transport);
+    take!(
+        "heartbeat",
+        args.conn.heartbeat,
+        f.heartbeat.map(|v| dur("heartbeat", &v)).transpose()?
+    );
+    take!("grant", args.conn.grant, f.grant.map(Some));
+    take!("trust_anchor", args.conn.trust_anchor, f.trust_anchor);
+    take!("agent", args.agent, f.agent.map(Some));
+    take!("key", args.key, f.key.map(Some));
+    take!("url", args.url, f.url.map(Some));
+    take!("capability", args.capability, f.capability);
+    take!(
+        "tool_names",
+        args.tool_names,
+        f.tool_names
+            .map(|m| m.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
+    );
+    take!(
+        "call_timeout",
+        args.call_timeout,
+        f.call_timeout
+            .map(|v| dur("call_timeout", &v))
+            .transpose()?
+    );
+    take!(
+        "restart_backoff_initial",
+        args.restart_backoff_initial,
+        f.restart_backoff_initial
+            .map(|v| dur("restart_backoff_initial", &v))
+            .transpose()?
+    );
+    take!(
+        "restart_backoff_max",
+        args.restart_backoff_max,
+        f.restart_backoff_max
+            .map(|v| dur("restart_backoff_max", &v))
+            .transpose()?
+    );
+    take!("max_concurrent", args.max_concurrent, f.max_concurrent);
+    take!(
+        "command",
+        args.command,
+        f.command
+            .map(|c| c.into_iter().map(OsString::from).collect())
+    );
+    take!("log_level", args.log.log_level, f.log_level.map(Some));
+    take!("log_format", args.log.log_format, f.log_format.map(Some));
+    Ok(args)
+}
+
+/// The bridge configuration from the arguments (pure: no I/O).
+fn bridge_config(args: &Args) -> anyhow::Result<Config> {
+    let server = match (&args.url, args.command.split_first()) {
+        (Some(_), Some(_)) => anyhow::bail!("give either --url or a command after --, not both"),
+        (None, None) => {
+            anyhow::bail!("no MCP server: give a command after -- (or --url for an HTTP server)")
+        }
+        (Some(u), None) => {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                anyhow::bail!("--url {u}: expected an http:// or https:// URL");
+            }
+            ServerSpec::Url(u.clone())
+        }
+        (None, Some((program, rest))) => ServerSpec::Command {
+            program: program.clone(),
+            args: rest.to_vec(),
+        },
+    };
+    let capability = Capability::new(args.capability.as_str())
+        .map_err(|e| anyhow::anyhow!("--capability: {e}"))?;
+    let mut overrides = BTreeMap::new();
+    for spec in &args.tool_names {
+        // The FEM name has no '=', so the last one separates.
+        let Some((mcp, fem)) = spec.rsplit_once('=') else {
+            anyhow::bail!("--tool-name {spec}: expected MCP=FEM");
+        };
+        let fem = Capability::new(fem).map_err(|e| anyhow::anyhow!("--tool-name {spec}: {e}"))?;
+        if overrides.insert(mcp.to_owned(), fem).is_some() {
+            anyhow::bail!("--tool-name {mcp}: given twice");
+        }
+    }
+    Ok(Config {
+        server,
+        capability,
+        overrides,
+        backoff_initial: args.restart_backoff_initial,
+        backoff_max: args.restart_backoff_max.max(args.restart_backoff_initial),
+        stable_after: Duration::from_secs(10),
+    })
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let Some(agent) = args.agent.clone() else {
+        anyhow::bail!("--agent ID is required (or FEM_AGENT_ID)");
+    };
+    let id = AgentId::new(agent)?;
+    let cfg = bridge_config(&args)?;
+    let opts = args.conn.options()?;
+    let key_path = args.key.clone().unwrap_or_else(|| default_key_path(&id));
+    if let Some(dir) = key_path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    }
+    let key = keys::load_or_generate_key(&key_path)?;
+
+    let (bridge, tools) = Bridge::start(cfg.clone()).await?;
+    // Keep trying until the broker accepts us (it may start after us).
+    let mut backoff = Duration::from_millis(250);
+    let client = loop {
+        let mut b = AgentBuilder::new(id.clone(), key.clone())
+            .max_concurrent(args.max_concurrent)
+            .call_timeout(args.call_timeout)
+            .metadata("mcp.transport", cfg.server.transport())
+            .capability(cfg.capability.as_str())?;
+        for t in &tools {
+            b = b.tool(t.clone());
+        }
+        tokio::select! {
+            r = b.connect(opts.clone()) => match r {
+                Ok(c) => break c,
+                Err(e) if e.is_config() => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot register yet");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            },
+            () = fem_agent_sdk::cli::shutdown_signal() => {
+                tracing::info!("signal received before registration; closing");
+                return Ok(());
+            }
+        }
+    };
+    tracing::info!(
+        agent = %id,
+        key = %key.public_key(),
+        capability = %cfg.capability,
+        tools = tools.len(),
+        pid = bridge.pid(),
+        "fem-mcp-bridge registered"
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let supervisor = tokio::spawn(bridge.run(client.clone(), stop_rx));
+    fem_agent_sdk::cli::shutdown_signal().await;
+    tracing::info!("signal received; closing");
+    client.shutdown().await;
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), supervisor).await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("fem-mcp-bridge: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    args.log.init("info");
+    // One crypto provider for every rustls user (the broker connection and
+    // the HTTP MCP client).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fem-mcp-bridge: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Where an agent keeps its key when `--key` is not given.
+fn default_key_path(id: &AgentId) -> PathBuf {
+    let base = match std::env::var_os("HOME") {
+        Some(h) if !h.is_empty() => PathBuf::from(h).join(".local/share/fem/agents"),
+        _ => PathBuf::from("fem-agent-keys"),
+    };
+    base.join(format!("{id}.key"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clap::Parser as _;
+
+    use super::*;
+
+    fn parse(a: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("fem-mcp-bridge").chain(a.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn the_command_follows_the_double_dash_unchanged() {
+        let cfg = bridge_config(&parse(&[
+            "--capability",
+            "time",
+            "--",
+            "python3",
+            "-m",
+            "mcp_server_time",
+            "--local-timezone",
+            "UTC; rm -rf /",
+        ]))
+        .unwrap();
+        let ServerSpec::Command { program, args } = cfg.server else {
+            panic!("not a command");
+        };
+        assert_eq!(program, "python3");
+        assert_eq!(
+            args,
+            ["-m", "mcp_server_time", "--local-timezone", "UTC; rm -rf /"]
+        );
+        assert_eq!(cfg.capability.as_str(), "time");
+        assert_eq!(cfg.backoff_initial, Duration::from_millis(200));
+    }
+
+    #[test]
+    fn a_url_or_a_command_but_not_both_nor_neither() {
+        let cfg = bridge_config(&parse(&["--url", "http://127.0.0.1:8000/mcp"])).unwrap();
+        assert!(matches!(cfg.server, ServerSpec::Url(_)));
+        for bad in [
+            &["--url", "http://h/mcp", "--", "srv"][..],
+            &[][..],
+            &["--url", "ftp://h/mcp"][..],
+            &["--capability", "no spaces", "--", "srv"][..],
+        ] {
+            assert!(bridge_config(&parse(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn tool_name_overrides() {
+        let cfg = bridge_config(&parse(&[
+            "--tool-name",
+            "Get Time=time.now",
+            "--tool-name",
+            "a=b=c.d",
+            "--",
+            "srv",
+        ]))
+        .unwrap();
+        assert_eq!(cfg.overrides["Get Time"].as_str(), "time.now");
+        assert_eq!(cfg.overrides["a=b"].as_str(), "c.d");
+        for bad in [
+            &["--tool-name", "x", "--", "srv"][..],
+            &["--tool-name", "x=not valid", "--", "srv"][..],
+            &["--tool-name", "x=a", "--tool-name", "x=b", "--", "srv"][..],
+        ] {
+            assert!(bridge_config(&parse(bad)).is_err(), "{bad:?}");
+        }
+    }
+}
