@@ -322,8 +322,33 @@ async fn serve<R: AsyncRead + Unpin>(
     let send = |f: Frame| shared.send_client(me.client, f);
     let grace = shared.config.heartbeat_grace;
     let mut shutdown = shared.shutdown_signal();
+    // A session lives no longer than its grant: at expiry it is closed (its
+    // calls answered), and the client reconnects with a fresh grant.
+    let expires_ms = me.grant().map(|g| g.expires_ms);
+    let expiry = async {
+        match expires_ms {
+            Some(ms) => {
+                let left = ms.saturating_sub(fem_proto::now_ms());
+                tokio::time::sleep(Duration::from_millis(left)).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expiry);
     loop {
         let frame = tokio::select! {
+            () = &mut expiry => {
+                info!(agent = %me.id, "grant expired; closing the session");
+                shared.metrics.refusals.with_label_values(&[ErrorCode::PermissionDenied.as_str()]).inc();
+                send(Frame::Error {
+                    code: ErrorCode::PermissionDenied,
+                    message: format!(
+                        "your grant expired at {} ms since the epoch; reconnect with a fresh grant",
+                        expires_ms.unwrap_or_default()
+                    ),
+                });
+                return;
+            }
             () = me.handle.close.notified() => {
                 let (code, message) = me.handle.take_reason().unwrap_or_else(|| (ErrorCode::AgentUnavailable, "session closed by the broker".into()));
                 send(Frame::Error { code, message });
