@@ -52,6 +52,8 @@ pub struct BrokerConfig {
     /// Operator keys whose grants admit agents and callers; empty is
     /// development trust (ids bound to their first key, with a warning).
     pub trust_anchors: Vec<PublicKey>,
+    /// The MCP endpoint (`/mcp`): principals, views, plain listener.
+    pub mcp: crate::mcp::config::McpConfig,
 }
 
 impl Default for BrokerConfig {
@@ -76,6 +78,7 @@ impl Default for BrokerConfig {
             federation: FederationConfig::default(),
             shutdown_grace: Duration::from_secs(10),
             trust_anchors: Vec::new(),
+            mcp: crate::mcp::config::McpConfig::default(),
         }
     }
 }
