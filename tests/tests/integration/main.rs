@@ -6,6 +6,7 @@ mod calls;
 mod federation;
 mod hostile;
 mod isolation;
+mod mcp;
 mod ops;
 mod processes;
 mod routing;
