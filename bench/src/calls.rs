@@ -445,7 +445,7 @@ pub(crate) async fn run(
 
 /// `256B`, `16KiB`.
 pub(crate) fn size_name(n: usize) -> String {
-    if n >= 1024 && n % 1024 == 0 {
+    if n >= 1024 && n.is_multiple_of(1024) {
         format!("{}KiB", n / 1024)
     } else {
         format!("{n}B")

@@ -504,7 +504,8 @@ fn tracing_free_warning(msg: &str) {
 async fn main() -> ExitCode {
     let mut args = Args::parse();
     let cfg = config(&mut args);
-    args.log.init("info");
+    // rmcp logs every stateless MCP request at info.
+    args.log.init("info,rmcp=warn");
     let run = async {
         let broker = Broker::bind(cfg?).await?;
         fem_net::cli::shutdown_signal().await;

@@ -80,6 +80,16 @@ pub(crate) enum McpFailure {
     Refused(Refusal),
 }
 
+impl McpFailure {
+    /// `UNKNOWN_TOOL`, or the FEM error code of a refusal.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Self::UnknownTool(_) => "UNKNOWN_TOOL",
+            Self::Refused((code, _)) => code.as_str(),
+        }
+    }
+}
+
 /// The routes `/mcp` and `/mcp/{view}`.
 pub(crate) fn routes(shared: Arc<Shared>) -> axum::Router {
     let svc = server::service(Arc::clone(&shared));
@@ -225,7 +235,21 @@ fn in_view<'a>(caller: &Caller, offers: &'a [Offer], n: &Named) -> Vec<&'a Offer
 }
 
 /// `tools/list`: the listed names the caller may call and its view shows.
+///
+/// # Errors
+/// [`McpFailure::Refused`] when the principal's grant is refused or
+/// discovery fails.
+#[tracing::instrument(skip_all, fields(principal = %caller.principal.id))]
 pub(crate) async fn list(s: &Shared, caller: &Caller) -> Result<Vec<Listed>, McpFailure> {
+    let r = list_inner(s, caller).await;
+    match &r {
+        Ok(_) => count(s, "tools/list", "ok"),
+        Err(e) => count(s, "tools/list", e.kind()),
+    }
+    r
+}
+
+async fn list_inner(s: &Shared, caller: &Caller) -> Result<Vec<Listed>, McpFailure> {
     let cred = credential(s, &caller.principal).map_err(McpFailure::Refused)?;
     let (offers, named) = catalog(s, cred.as_deref()).await?;
     let mut out = Vec::new();
@@ -251,7 +275,6 @@ pub(crate) async fn list(s: &Shared, caller: &Caller) -> Result<Vec<Listed>, Mcp
             input_schema,
         });
     }
-    count(s, "tools/list", "ok");
     Ok(out)
 }
 
@@ -293,6 +316,7 @@ fn target_of(caller: &Caller, tool: &fem_proto::Capability, offers: &[&Offer]) -
 /// # Errors
 /// [`McpFailure::UnknownTool`] for a name the caller cannot see; FEM errors
 /// are an [`Outcome::Failed`].
+#[tracing::instrument(skip_all, fields(principal = %caller.principal.id, tool = name))]
 pub(crate) async fn call(
     s: &Shared,
     caller: &Caller,
@@ -304,7 +328,13 @@ pub(crate) async fn call(
         Ok(c) => c,
         Err((code, message)) => return Ok(failed(s, code, message)),
     };
-    let (offers, named) = catalog(s, cred.as_deref()).await?;
+    let (offers, named) = match catalog(s, cred.as_deref()).await {
+        Ok(c) => c,
+        Err(e) => {
+            count(s, "tools/call", e.kind());
+            return Err(e);
+        }
+    };
     let Some(n) = named.iter().find(|n| n.name == name) else {
         count(s, "tools/call", "UNKNOWN_TOOL");
         return Err(McpFailure::UnknownTool(name.to_owned()));
