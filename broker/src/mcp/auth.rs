@@ -22,7 +22,7 @@ pub(crate) struct Principal {
     pub(crate) public: PublicKey,
     pub(crate) grant: Option<SignedGrant>,
     /// `None`: the development principal (requests without a token).
-    token_sha256: Option<[u8; 32]>,
+    pub(super) token_sha256: Option<[u8; 32]>,
 }
 
 /// Why a request has no principal.

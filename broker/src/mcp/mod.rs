@@ -414,3 +414,94 @@ fn failed(s: &Shared, code: ErrorCode, message: String) -> Outcome {
     count(s, "tools/call", code.as_str());
     Outcome::Failed { code, message }
 }
+
+#[cfg(test)]
+mod tests {
+    use fem_proto::{AgentId, Capability, SigningKey, ToolSpec};
+
+    use super::*;
+
+    fn offer(agent: &str, caps: &[&str], tool: &str) -> Offer {
+        Offer {
+            agent: AgentId::new(agent).unwrap(),
+            capabilities: caps.iter().map(|c| Capability::new(*c).unwrap()).collect(),
+            tool: ToolSpec {
+                name: Capability::new(tool).unwrap(),
+                description: String::new(),
+                input_schema: JsonText::new("{}").unwrap(),
+            },
+        }
+    }
+
+    fn caller(view: Option<McpView>) -> Caller {
+        let key = SigningKey::generate();
+        Caller {
+            principal: Arc::new(Principal {
+                id: AgentId::new("p").unwrap(),
+                public: key.public_key(),
+                key,
+                grant: None,
+                token_sha256: None,
+            }),
+            view: view.map(Arc::new),
+        }
+    }
+
+    fn cap(t: &Target) -> String {
+        match t {
+            Target::Capability(p) => format!("cap:{p}"),
+            Target::Agent(a) => format!("agent:{a}"),
+        }
+    }
+
+    #[test]
+    fn calls_by_capability_use_a_capability_every_offering_agent_has() {
+        let tool = Capability::new("shell.run").unwrap();
+        let (a, b) = (
+            offer("a", &["code.execute", "shell.run"], "shell.run"),
+            offer("b", &["shell.run", "x.y"], "shell.run"),
+        );
+        let c = caller(None);
+        assert_eq!(cap(&target_of(&c, &tool, &[&a, &b])), "cap:shell.run");
+        let (a, b) = (
+            offer("a", &["z.z", "node.tools"], "shell.run"),
+            offer("b", &["node.tools", "a.a", "z.z"], "shell.run"),
+        );
+        assert_eq!(cap(&target_of(&c, &tool, &[&a, &b])), "cap:node.tools");
+        // Nothing in common: the first agent by id.
+        let (a, b) = (
+            offer("b", &["one.x"], "shell.run"),
+            offer("a", &["two.x"], "shell.run"),
+        );
+        assert_eq!(cap(&target_of(&c, &tool, &[&a, &b])), "agent:a");
+        // A view limits the capability to its patterns.
+        let view = McpView {
+            name: "v".into(),
+            capabilities: vec![CapabilityPattern::new("z.*").unwrap()],
+            tools: Vec::new(),
+        };
+        let (a, b) = (
+            offer("a", &["z.z", "node.tools"], "shell.run"),
+            offer("b", &["node.tools", "z.z"], "shell.run"),
+        );
+        assert_eq!(
+            cap(&target_of(&caller(Some(view)), &tool, &[&a, &b])),
+            "cap:z.z"
+        );
+    }
+
+    #[test]
+    fn views_filter_by_tool_and_capability() {
+        let v = McpView {
+            name: "v".into(),
+            capabilities: vec![CapabilityPattern::new("shell.*").unwrap()],
+            tools: vec![CapabilityPattern::new("shell.run").unwrap()],
+        };
+        let shell = Capability::new("shell.run").unwrap();
+        let read = Capability::new("file.read").unwrap();
+        let caps = [Capability::new("shell.run").unwrap()];
+        assert!(v.shows(&shell, &caps));
+        assert!(!v.shows(&read, &caps));
+        assert!(!v.shows(&shell, &[Capability::new("code.execute").unwrap()]));
+    }
+}
