@@ -54,6 +54,8 @@ pub struct BrokerConfig {
     pub trust_anchors: Vec<PublicKey>,
     /// Bounds on what any one peer may make the broker hold.
     pub limits: Limits,
+    /// The MCP endpoint (`/mcp`): principals, views, plain listener.
+    pub mcp: crate::mcp::config::McpConfig,
 }
 
 /// Bounds on connections, memory and fair use (README "Limits" lists each
@@ -147,6 +149,7 @@ impl Default for BrokerConfig {
             shutdown_grace: Duration::from_secs(10),
             trust_anchors: Vec::new(),
             limits: Limits::default(),
+            mcp: crate::mcp::config::McpConfig::default(),
         }
     }
 }

@@ -19,6 +19,7 @@ mod budget;
 mod config;
 pub mod federation;
 mod listen;
+mod mcp;
 mod metrics;
 pub mod route;
 mod state;
@@ -35,6 +36,7 @@ pub use config::{BrokerConfig, FederationConfig, FederationMode, Limits};
 pub use fem_net::tls;
 pub use fem_net::tls::TlsSource;
 use fem_proto::{AgentId, PublicKey};
+pub use mcp::config::{McpConfig, McpFile, McpFilePrincipal, McpFileView, McpPrincipal, McpView};
 pub use metrics::Metrics;
 pub use route::Profile;
 
@@ -90,6 +92,7 @@ pub struct Broker {
     endpoint: quinn::Endpoint,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     metrics_addr: Option<SocketAddr>,
+    mcp_addr: Option<SocketAddr>,
     fed_endpoint: Option<quinn::Endpoint>,
 }
 
@@ -175,8 +178,26 @@ impl Broker {
             ),
             None => None,
         };
+        let mcp_listener = match config.mcp.listen {
+            Some(addr) if !addr.ip().is_loopback() => {
+                return Err(BrokerError::Config(format!(
+                    "--mcp-listen {addr}: plain HTTP is for loopback addresses only; use /mcp on the TLS port"
+                )));
+            }
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| BrokerError::Bind { addr, source: e })?,
+            ),
+            None => None,
+        };
+        let principals = mcp::Principals::new(
+            &config.mcp,
+            !config.trust_anchors.is_empty(),
+            &config.data_dir,
+        )?;
         let metrics = Metrics::new()?;
-        let shared = Shared::new(config, identity, metrics);
+        let shared = Shared::new(config, identity, metrics, principals);
         let mut tasks = vec![
             tokio::spawn(listen::tcp_accept_loop(
                 Arc::clone(&shared),
@@ -206,6 +227,17 @@ impl Broker {
             }));
             tracing::info!(addr = ?metrics_addr, "plain-HTTP metrics listener (/metrics, /health, /ready)");
         }
+        let mut mcp_addr = None;
+        if let Some(l) = mcp_listener {
+            mcp_addr = l.local_addr().ok();
+            let app = mcp::routes(Arc::clone(&shared));
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = axum::serve(l, app).await {
+                    tracing::warn!(error = %e, "MCP listener ended");
+                }
+            }));
+            tracing::info!(addr = ?mcp_addr, "plain-HTTP MCP listener (/mcp)");
+        }
         federation::start(&shared, endpoint.clone());
         shared.ready.store(true, Ordering::Relaxed);
         tracing::info!(
@@ -224,6 +256,7 @@ impl Broker {
             endpoint,
             tasks,
             metrics_addr,
+            mcp_addr,
             fed_endpoint,
         })
     }
@@ -236,6 +269,11 @@ impl Broker {
     /// The bound plain-HTTP metrics address, when configured.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// The bound plain-HTTP MCP address, when configured.
+    pub fn mcp_addr(&self) -> Option<SocketAddr> {
+        self.mcp_addr
     }
 
     /// SHA-256 of the served certificate, as clients pin it.

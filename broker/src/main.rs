@@ -127,6 +127,10 @@ struct Args {
     /// DNS server (HOST:PORT) for SRV discovery instead of the system resolver.
     #[arg(long, env = "FEM_DNS_SERVER")]
     dns_server: Option<String>,
+    /// Plain-HTTP listener for /mcp on a loopback address (e.g. 127.0.0.1:8080); /mcp is
+    /// always served on the TLS port. Principals and views: the `mcp:` section of the file [default: none].
+    #[arg(long, env = "FEM_MCP_LISTEN")]
+    mcp_listen: Option<String>,
     /// Silence after which a federation link is dropped and its routes withdrawn [default: 3s].
     #[arg(long, env = "FEM_LINK_TIMEOUT", value_parser = humantime::parse_duration)]
     link_timeout: Option<Duration>,
@@ -325,6 +329,8 @@ struct FileConfig {
     broker_grant: Option<PathBuf>,
     #[serde(default)]
     federation: FileFederation,
+    #[serde(default)]
+    mcp: fem_broker::McpFile,
 }
 
 mod opt_duration {
@@ -459,6 +465,13 @@ fn config(args: &mut Args) -> anyhow::Result<BrokerConfig> {
         None => std::env::var("FEM_ADMIN_TOKEN").ok(),
     }
     .filter(|t| !t.is_empty());
+    let (mut mcp, file_mcp_listen) = file.mcp.load()?;
+    mcp.listen = args
+        .mcp_listen
+        .clone()
+        .or(file_mcp_listen)
+        .map(|s| parse_addr("--mcp-listen", &s))
+        .transpose()?;
     let mut federation = federation(args, file.federation)?;
     if let Some(p) = args.broker_grant.clone().or(file.broker_grant) {
         let text = std::fs::read_to_string(&p)
@@ -516,6 +529,7 @@ fn config(args: &mut Args) -> anyhow::Result<BrokerConfig> {
         admin_token,
         federation,
         trust_anchors,
+        mcp,
     })
 }
 
@@ -641,7 +655,8 @@ fn tracing_free_warning(msg: &str) {
 async fn main() -> ExitCode {
     let mut args = Args::parse();
     let cfg = config(&mut args);
-    args.log.init("info");
+    // rmcp logs every stateless MCP request at info.
+    args.log.init("info,rmcp=warn");
     let run = async {
         let broker = Broker::bind(cfg?).await?;
         fem_net::cli::shutdown_signal().await;

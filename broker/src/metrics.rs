@@ -39,6 +39,8 @@ pub struct Metrics {
     pub bytes_sent: IntCounter,
     /// Requests served by the JSON gateway, by endpoint and status.
     pub gateway_requests: IntCounterVec,
+    /// MCP requests, by method and outcome (ok or error code).
+    pub mcp_requests: IntCounterVec,
     /// Federation peers by link state.
     pub federation_peers: IntGaugeVec,
     /// Agents reachable through peer brokers.
@@ -159,6 +161,13 @@ impl Metrics {
             ),
             &["endpoint", "status"],
         )?;
+        let mcp_requests = IntCounterVec::new(
+            Opts::new(
+                "fem_broker_mcp_requests_total",
+                "MCP requests, by method and outcome (ok or error code).",
+            ),
+            &["method", "outcome"],
+        )?;
         let federation_peers = IntGaugeVec::new(
             Opts::new(
                 "fem_broker_federation_peers",
@@ -190,6 +199,7 @@ impl Metrics {
         registry.register(Box::new(bytes_received.clone()))?;
         registry.register(Box::new(bytes_sent.clone()))?;
         registry.register(Box::new(gateway_requests.clone()))?;
+        registry.register(Box::new(mcp_requests.clone()))?;
         registry.register(Box::new(registered_agents_total.clone()))?;
         registry.register(Box::new(registered_agents.clone()))?;
         registry.register(Box::new(messages_processed_total.clone()))?;
@@ -219,6 +229,7 @@ impl Metrics {
             bytes_received,
             bytes_sent,
             gateway_requests,
+            mcp_requests,
             federation_peers,
             routes,
             discovery_errors,

@@ -107,6 +107,8 @@ pub(crate) struct Shared {
     pub(crate) draining: AtomicBool,
     /// Federation state the async layer keeps (endpoint, readiness).
     pub(crate) fed: Fed,
+    /// Who may call `/mcp`.
+    pub(crate) mcp_principals: crate::mcp::Principals,
     router: Mutex<Router>,
     clients: DashMap<ClientId, Arc<ClientHandle>>,
     links: DashMap<LinkId, Arc<LinkHandle>>,
@@ -120,7 +122,12 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Creates the state and spawns its timer and janitor tasks.
-    pub(crate) fn new(config: BrokerConfig, identity: SigningKey, metrics: Metrics) -> Arc<Self> {
+    pub(crate) fn new(
+        config: BrokerConfig,
+        identity: SigningKey,
+        metrics: Metrics,
+        mcp_principals: crate::mcp::Principals,
+    ) -> Arc<Self> {
         let (shutdown, _) = watch::channel(false);
         let router = Router::new(
             RouterConfig {
@@ -162,6 +169,7 @@ impl Shared {
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             fed: Fed::default(),
+            mcp_principals,
             router: Mutex::new(router),
             clients: DashMap::new(),
             links: DashMap::new(),

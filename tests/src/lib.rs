@@ -615,6 +615,18 @@ pub async fn mesh_broker_proc(
     peers: &[SocketAddr],
     link_timeout: &str,
 ) -> Proc {
+    mesh_broker_proc_with(addr, dir, ca, peers, link_timeout, &[]).await
+}
+
+/// [`mesh_broker_proc`] with extra environment variables (FEM_CONFIG, ...).
+pub async fn mesh_broker_proc_with(
+    addr: SocketAddr,
+    dir: &Path,
+    ca: &Path,
+    peers: &[SocketAddr],
+    link_timeout: &str,
+    envs: &[(&str, &str)],
+) -> Proc {
     let listen = addr.to_string();
     let peers = peers
         .iter()
@@ -640,7 +652,7 @@ pub async fn mesh_broker_proc(
             "--link-timeout",
             link_timeout,
         ],
-        &[],
+        envs,
     );
     p.wait_for("fem-broker listening", Duration::from_secs(30))
         .await;

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::route::admission::{self, Credential, Entry, Refused, Signer};
-use crate::route::{Incoming, ReplyTo};
+use crate::route::{ClientId, Incoming, ReplyTo};
 use crate::state::Shared;
 
 #[derive(Debug, Deserialize)]
@@ -159,45 +159,25 @@ async fn serve(s: Arc<Shared>, body: Bytes, want: EnvelopeType, endpoint: &str) 
     if let Err((code, message)) = s.check_budget() {
         return error(&s, endpoint, code, message);
     }
-    // A one-answer client: the broker answers it like any other caller.
-    let (tx, mut rx) = s.outbox();
-    let (client, _handle) = s.add_client(tx);
-    let wait = match admitted.env.body {
+    let answer = match admitted.env.body {
         Body::ToolCall(c) => {
-            let wait = Duration::from_millis(c.deadline_ms.saturating_sub(fem_proto::now_ms()))
-                .min(s.config.max_call_timeout);
-            s.route(|r, now| {
-                r.call(
-                    now,
-                    Incoming {
-                        reply: ReplyTo::Client(client),
-                        caller: &sender,
-                        caller_key: req.public_key,
-                        call: &c,
-                        envelope: req.envelope,
-                        hops_left: fem_proto::DEFAULT_MAX_HOPS,
-                        pinned: None,
-                        credential: credential.clone(),
-                    },
-                );
-            });
-            wait
+            call_once(&s, &c, |reply| Incoming {
+                reply,
+                caller: &sender,
+                caller_key: req.public_key,
+                call: &c,
+                envelope: req.envelope,
+                hops_left: fem_proto::DEFAULT_MAX_HOPS,
+                pinned: None,
+                credential: credential.clone(),
+            })
+            .await
         }
-        Body::DiscoverTools(q) => {
-            s.route(|r, _| r.discover(client, &q, grant));
-            Duration::from_secs(5)
-        }
-        _ => {
-            s.remove_client(client);
-            return error(&s, endpoint, ErrorCode::BadRequest, "unsupported envelope");
-        }
+        Body::DiscoverTools(q) => discover_once(&s, &q, grant).await,
+        _ => return error(&s, endpoint, ErrorCode::BadRequest, "unsupported envelope"),
     };
-    let answer = tokio::time::timeout(wait + Duration::from_secs(5), rx.recv())
-        .await
-        .map(|q| q.map(crate::budget::Queued::into_frame));
-    s.remove_client(client);
     match answer {
-        Ok(Some(Frame::Deliver { envelope, signer })) => {
+        Some(Frame::Deliver { envelope, signer }) => {
             let decoded = envelope.open().ok();
             s.metrics
                 .gateway_requests
@@ -206,18 +186,65 @@ async fn serve(s: Arc<Shared>, body: Bytes, want: EnvelopeType, endpoint: &str) 
             axum::Json(json!({"result": envelope, "signer": signer, "envelope": decoded}))
                 .into_response()
         }
-        Ok(Some(Frame::CallFailed { code, message, .. })) => error(&s, endpoint, code, message),
-        Ok(Some(other)) => error(
+        Some(Frame::CallFailed { code, message, .. }) => error(&s, endpoint, code, message),
+        Some(other) => error(
             &s,
             endpoint,
             ErrorCode::Internal,
             format!("unexpected answer {other:?}"),
         ),
-        Ok(None) | Err(_) => error(
+        None => error(
             &s,
             endpoint,
             ErrorCode::Timeout,
             "no answer before the deadline",
         ),
     }
+}
+
+/// Routes an admitted toolCall for a caller without a session (the gateway,
+/// MCP) through a one-answer client, and waits for its answer until the
+/// call's deadline (capped by the broker's) plus a margin. `incoming` builds
+/// the call with the client's reply target. `None`: no answer in time.
+pub(crate) async fn call_once<'a>(
+    s: &Shared,
+    call: &fem_proto::ToolCall,
+    incoming: impl FnOnce(ReplyTo) -> Incoming<'a>,
+) -> Option<Frame> {
+    let wait = Duration::from_millis(call.deadline_ms.saturating_sub(fem_proto::now_ms()))
+        .min(s.config.max_call_timeout);
+    once(s, wait, |r, now, client| {
+        r.call(now, incoming(ReplyTo::Client(client)));
+    })
+    .await
+}
+
+/// Answers discoverTools for a caller without a session, filtered by its
+/// grant (if any): the broker-signed toolsDiscovered, or `None`.
+pub(crate) async fn discover_once(
+    s: &Shared,
+    q: &fem_proto::DiscoverTools,
+    grant: Option<&fem_proto::Grant>,
+) -> Option<Frame> {
+    once(s, Duration::from_secs(5), |r, _, client| {
+        r.discover(client, q, grant);
+    })
+    .await
+}
+
+/// A one-answer client: the broker answers it like any other caller.
+async fn once(
+    s: &Shared,
+    wait: Duration,
+    f: impl FnOnce(&mut crate::route::Router, crate::route::Micros, ClientId),
+) -> Option<Frame> {
+    let (tx, mut rx) = s.outbox();
+    let (client, _handle) = s.add_client(tx);
+    s.route(|r, now| f(r, now, client));
+    let answer = tokio::time::timeout(wait + Duration::from_secs(5), rx.recv()).await;
+    s.remove_client(client);
+    answer
+        .ok()
+        .flatten()
+        .map(crate::budget::Queued::into_frame)
 }

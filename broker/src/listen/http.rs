@@ -39,7 +39,8 @@ pub(crate) fn tls_router(shared: Arc<Shared>) -> Router {
         .route("/v1/discover", post(gateway::discover))
         .route("/v1/revocations", post(revocations))
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(shared)
+        .with_state(Arc::clone(&shared))
+        .merge(crate::mcp::routes(shared))
 }
 
 /// `POST /v1/revocations`: a signed revocation in its file form. Anyone may

@@ -7,6 +7,7 @@ mod calls;
 mod federation;
 mod hostile;
 mod isolation;
+mod mcp;
 mod mcp_bridge;
 mod ops;
 mod processes;
