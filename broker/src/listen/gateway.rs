@@ -243,8 +243,5 @@ async fn once(
     s.route(|r, now| f(r, now, client));
     let answer = tokio::time::timeout(wait + Duration::from_secs(5), rx.recv()).await;
     s.remove_client(client);
-    answer
-        .ok()
-        .flatten()
-        .map(crate::budget::Queued::into_frame)
+    answer.ok().flatten().map(crate::budget::Queued::into_frame)
 }
