@@ -41,7 +41,7 @@ use fem_agent_sdk::wire::FrameReader;
 use fem_agent_sdk::{Client, Origin};
 use fem_proto::{
     AgentId, Body, Capability, CapabilityPattern, Envelope, ErrorCode, Frame, Header, JsonText,
-    RegisterAgent, RequestId, SignedEnvelope, SigningKey, Target, ToolCall, ToolOutcome,
+    PublicKey, RegisterAgent, RequestId, SignedEnvelope, SigningKey, Target, ToolCall, ToolOutcome,
 };
 use fem_tests::{Proc, host, https_get, options_for};
 use rand::Rng as _;
@@ -195,18 +195,11 @@ impl RawCaller {
             loop {
                 match reader.next().await {
                     Ok(Some(Frame::Deliver { envelope, signer })) => {
-                        let env = envelope.verify(&signer).unwrap();
-                        let Body::ToolResult(r) = env.body else {
-                            panic!("raw caller got {:?}", env.body.kind());
+                        let Some((rid, a)) = delivered(&envelope, &signer) else {
+                            eprintln!("raw caller: an unreadable delivery from the broker");
+                            break;
                         };
-                        let a = match r.outcome {
-                            ToolOutcome::Success(v) => {
-                                let v = v.parse().unwrap();
-                                Ok(ok_fields(&v))
-                            }
-                            ToolOutcome::Error { code, .. } => Err(code),
-                        };
-                        answer(r.request_id, a);
+                        answer(rid, a);
                     }
                     Ok(Some(Frame::CallFailed {
                         request_id, code, ..
@@ -217,13 +210,13 @@ impl RawCaller {
                     Ok(Some(Frame::HeartbeatAck { .. } | Frame::Accepted(_))) => {}
                     other => {
                         eprintln!("raw caller: connection ended: {other:?}");
-                        closed.store(true, Ordering::SeqCst);
-                        // Dropping the waiters tells the calls their answer is lost.
-                        waiters.lock().unwrap().clear();
                         break;
                     }
                 }
             }
+            closed.store(true, Ordering::SeqCst);
+            // Dropping the waiters tells the calls their answer is lost.
+            waiters.lock().unwrap().clear();
         });
         me
     }
@@ -259,6 +252,19 @@ impl RawCaller {
         };
         (rid, out)
     }
+}
+
+/// The request id and answer of a delivered toolResult, if it verifies.
+fn delivered(envelope: &SignedEnvelope, signer: &PublicKey) -> Option<(RequestId, RawAnswer)> {
+    let env = envelope.verify(signer).ok()?;
+    let Body::ToolResult(r) = env.body else {
+        return None;
+    };
+    let a = match r.outcome {
+        ToolOutcome::Success(v) => Ok(ok_fields(&v.parse().ok()?)),
+        ToolOutcome::Error { code, .. } => Err(code),
+    };
+    Some((r.request_id, a))
 }
 
 fn ok_fields(v: &serde_json::Value) -> (String, String) {
@@ -309,6 +315,7 @@ fn target_of(kind: &'static str) -> Target {
 }
 
 const KINDS: [&str; 3] = ["cap", X, Y];
+const NAMES: [&str; 3] = ["a", "b", "c"];
 
 /// Calls through `caller` from worker `w` until `stop`, recording each.
 async fn worker(
@@ -394,15 +401,29 @@ async fn start_agent(addr: SocketAddr, ca: &Path, id: &str, work: &Path) -> Proc
     p
 }
 
-/// An execution line: (agent, request id, caller, tag).
-fn executions(work: &Path) -> Vec<(String, String, String, String)> {
+/// One line of an agent's execution log.
+#[derive(Debug)]
+struct Exec {
+    agent: &'static str,
+    request: String,
+    caller: String,
+    tag: String,
+}
+
+/// Every execution the agents logged.
+fn executions(work: &Path) -> Vec<Exec> {
     let mut out = Vec::new();
     for agent in [X, Y] {
         let text = std::fs::read_to_string(work.join(format!("{agent}.log"))).unwrap_or_default();
         for line in text.lines() {
             let f: Vec<&str> = line.split(' ').collect();
             assert_eq!(f.len(), 3, "torn execution line in {agent}'s log: {line:?}");
-            out.push((agent.to_owned(), f[0].into(), f[1].into(), f[2].into()));
+            out.push(Exec {
+                agent,
+                request: f[0].into(),
+                caller: f[1].into(),
+                tag: f[2].into(),
+            });
         }
     }
     out
@@ -454,6 +475,110 @@ async fn all_routes_ok(
     left.is_empty()
 }
 
+/// Every call returned once, within its deadline plus slack, with an
+/// answer from the mesh; every request a raw caller sent got exactly one
+/// answer frame, and none came for a request it did not send. Returns the
+/// answer frames the raw callers counted.
+fn check_one_answer(records: &[Record], raw: &[(String, usize, Arc<RawCaller>)]) -> u64 {
+    for r in records {
+        assert!(
+            r.elapsed <= CALL_TIMEOUT + SLACK,
+            "{} ({}) took {:?}",
+            r.tag,
+            r.outcome.label(),
+            r.elapsed
+        );
+        assert!(
+            !matches!(r.outcome, Outcome::Hang | Outcome::Lost),
+            "{} to {} through {}: {}",
+            r.tag,
+            r.target,
+            NAMES[r.entry],
+            r.outcome.label()
+        );
+        // A local TIMEOUT is the SDK's guard: the broker never answered.
+        assert!(
+            !matches!(
+                r.outcome,
+                Outcome::Failed {
+                    code: ErrorCode::Timeout,
+                    origin: Origin::Local
+                }
+            ),
+            "{}: no answer from the broker by the deadline",
+            r.tag
+        );
+    }
+    let mut raw_answers = 0u64;
+    for (name, _, rc) in raw {
+        assert!(
+            !rc.closed.load(Ordering::SeqCst),
+            "{name}'s connection closed"
+        );
+        let sent = rc.sent.lock().unwrap().clone();
+        let answers = rc.answers.lock().unwrap().clone();
+        for rid in &sent {
+            let n = answers.get(rid).copied().unwrap_or(0);
+            assert_eq!(n, 1, "{name}: request {rid} got {n} answers");
+        }
+        for rid in answers.keys() {
+            assert!(
+                sent.contains(rid),
+                "{name}: an answer for unknown request {rid}"
+            );
+        }
+        raw_answers += answers.values().map(|n| u64::from(*n)).sum::<u64>();
+    }
+    raw_answers
+}
+
+/// No request id or call executed twice, every execution was issued by
+/// the caller it names, and every result is the one execution of its call.
+/// Returns the successful calls.
+fn check_executions(records: &[Record], execs: &[Exec]) -> usize {
+    let mut by_request = HashSet::new();
+    let mut by_tag: HashMap<&str, &Exec> = HashMap::new();
+    for e in execs {
+        assert!(
+            by_request.insert(&e.request),
+            "request {} executed twice",
+            e.request
+        );
+        assert!(
+            by_tag.insert(&e.tag, e).is_none(),
+            "call {} executed twice",
+            e.tag
+        );
+    }
+    let tags: HashMap<&str, &Record> = records.iter().map(|r| (r.tag.as_str(), r)).collect();
+    assert_eq!(tags.len(), records.len(), "tags are unique");
+    for e in execs {
+        let r = tags
+            .get(e.tag.as_str())
+            .unwrap_or_else(|| panic!("{e:?} was never issued"));
+        assert_eq!(e.caller, r.caller, "{e:?} ran for another caller");
+    }
+    let mut ok = 0;
+    for r in records {
+        if let Outcome::Ok { agent, request } = &r.outcome {
+            ok += 1;
+            let e = by_tag
+                .get(r.tag.as_str())
+                .unwrap_or_else(|| panic!("{}: a result without an execution", r.tag));
+            assert_eq!(
+                (e.agent, &e.request),
+                (agent.as_str(), request),
+                "{}: result and execution differ",
+                r.tag
+            );
+            if let Some(rid) = &r.request {
+                assert_eq!(rid, request, "{}: answered under another request id", r.tag);
+            }
+        }
+    }
+    ok
+}
+
 fn share(rs: &[&Record]) -> (usize, usize) {
     let ok = rs
         .iter()
@@ -467,7 +592,6 @@ async fn mesh_survives_broker_and_agent_kills_with_one_answer_per_call() {
     bounded(240, async {
         let started = Instant::now();
         let addrs = [host(320), host(321), host(322)];
-        let names = ["a", "b", "c"];
         let ca_dir = fem_tests::shared_ca();
         let ca = ca_dir.path().join("tls/ca.pem");
         let peers = |i: usize| -> Vec<SocketAddr> {
@@ -492,7 +616,10 @@ async fn mesh_survives_broker_and_agent_kills_with_one_answer_per_call() {
             dirs.push(d);
         }
         for a in &addrs {
-            assert!(ready_within(*a, &ca, Duration::from_secs(20)).await, "{a} not ready");
+            assert!(
+                ready_within(*a, &ca, Duration::from_secs(20)).await,
+                "{a} not ready"
+            );
         }
         let work = tempfile::tempdir().unwrap();
         let _x = start_agent(addrs[1], &ca, X, work.path()).await;
@@ -501,14 +628,18 @@ async fn mesh_survives_broker_and_agent_kills_with_one_answer_per_call() {
         let records = Arc::new(Mutex::new(Vec::<Record>::new()));
         let mut sdk = Vec::new();
         for i in 0..3 {
-            let name = format!("fault-sdk-{}", names[i]);
+            let name = format!("fault-sdk-{}", NAMES[i]);
             let c = fem_tests::caller(&name, options_for(addrs[i], &ca)).await;
             sdk.push((name, i, c));
         }
         let mut raw = Vec::new();
         for i in [0, 2] {
-            let name = format!("fault-raw-{}", names[i]);
-            raw.push((name.clone(), i, RawCaller::connect(addrs[i], &ca, &name).await));
+            let name = format!("fault-raw-{}", NAMES[i]);
+            raw.push((
+                name.clone(),
+                i,
+                RawCaller::connect(addrs[i], &ca, &name).await,
+            ));
         }
         // Routes have converged once every caller reaches every target.
         assert!(
@@ -524,7 +655,10 @@ async fn mesh_survives_broker_and_agent_kills_with_one_answer_per_call() {
         let callers = sdk
             .iter()
             .map(|(n, e, c)| (n.clone(), *e, Caller::Sdk(c.clone())))
-            .chain(raw.iter().map(|(n, e, r)| (n.clone(), *e, Caller::Raw(Arc::clone(r)))));
+            .chain(
+                raw.iter()
+                    .map(|(n, e, r)| (n.clone(), *e, Caller::Raw(Arc::clone(r)))),
+            );
         for (name, entry, c) in callers {
             for w in 0..WORKERS {
                 tasks.push(tokio::spawn(worker(
@@ -545,7 +679,9 @@ async fn mesh_survives_broker_and_agent_kills_with_one_answer_per_call() {
         let kill_b = Instant::now();
         let mut b = brokers.remove(1);
         b.signal("KILL");
-        b.wait_exit(Duration::from_secs(5)).await.expect("B did not die");
+        b.wait_exit(Duration::from_secs(5))
+            .await
+            .expect("B did not die");
         drop(b);
         tokio::time::sleep(Duration::from_secs(1)).await;
         let b = fem_tests::mesh_broker_proc_with(
@@ -559,7 +695,10 @@ async fn mesh_survives_broker_and_agent_kills_with_one_answer_per_call() {
         .await;
         brokers.insert(1, b);
         for a in &addrs {
-            assert!(ready_within(*a, &ca, Duration::from_secs(20)).await, "{a} not ready after B's restart");
+            assert!(
+                ready_within(*a, &ca, Duration::from_secs(20)).await,
+                "{a} not ready after B's restart"
+            );
         }
         let b_back = kill_b.elapsed();
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -574,7 +713,9 @@ async fn mesh_survives_broker_and_agent_kills_with_one_answer_per_call() {
         );
         let kill_y = Instant::now();
         y.signal("KILL");
-        y.wait_exit(Duration::from_secs(5)).await.expect("Y did not die");
+        y.wait_exit(Duration::from_secs(5))
+            .await
+            .expect("Y did not die");
         let y_lines_at_kill = lines();
         drop(y);
         // Down longer than the heartbeat grace: C finds the silent QUIC
@@ -598,89 +739,29 @@ async fn mesh_survives_broker_and_agent_kills_with_one_answer_per_call() {
         // Give a second answer time to arrive, if a broker were to send one.
         tokio::time::sleep(Duration::from_millis(1500)).await;
 
-        // ---- exactly one terminal outcome per call ----
         let records = records.lock().unwrap().clone();
         let loaded = records.iter().filter(|r| !r.probe).count();
-        assert_eq!(loaded as u64, issued.load(Ordering::SeqCst), "a call has no outcome");
-        for r in &records {
-            assert!(
-                r.elapsed <= CALL_TIMEOUT + SLACK,
-                "{} ({}) took {:?}",
-                r.tag,
-                r.outcome.label(),
-                r.elapsed
-            );
-            assert!(
-                !matches!(r.outcome, Outcome::Hang | Outcome::Lost),
-                "{} to {} through {}: {}",
-                r.tag,
-                r.target,
-                names[r.entry],
-                r.outcome.label()
-            );
-            // A local TIMEOUT is the SDK's guard: the broker never answered.
-            assert!(
-                !matches!(
-                    r.outcome,
-                    Outcome::Failed { code: ErrorCode::Timeout, origin: Origin::Local }
-                ),
-                "{}: no answer from the broker by the deadline",
-                r.tag
-            );
-        }
-        let mut raw_answers = 0u64;
-        for (name, _, rc) in &raw {
-            assert!(!rc.closed.load(Ordering::SeqCst), "{name}'s connection closed");
-            let sent = rc.sent.lock().unwrap().clone();
-            let answers = rc.answers.lock().unwrap().clone();
-            for rid in &sent {
-                let n = answers.get(rid).copied().unwrap_or(0);
-                assert_eq!(n, 1, "{name}: request {rid} got {n} answers");
-            }
-            for rid in answers.keys() {
-                assert!(sent.contains(rid), "{name}: an answer for unknown request {rid}");
-            }
-            raw_answers += answers.values().map(|n| u64::from(*n)).sum::<u64>();
-        }
-
-        // ---- nothing executed twice ----
+        assert_eq!(
+            loaded as u64,
+            issued.load(Ordering::SeqCst),
+            "a call has no outcome"
+        );
+        // ---- exactly one terminal answer per call; nothing executed twice ----
+        let raw_answers = check_one_answer(&records, &raw);
         let execs = executions(work.path());
-        let mut by_request = HashSet::new();
-        let mut by_tag: HashMap<&str, &(String, String, String, String)> = HashMap::new();
-        for e in &execs {
-            assert!(by_request.insert(&e.1), "request {} executed twice", e.1);
-            assert!(by_tag.insert(&e.3, e).is_none(), "call {} executed twice", e.3);
-        }
+        let ok = check_executions(&records, &execs);
         let tags: HashMap<&str, &Record> = records.iter().map(|r| (r.tag.as_str(), r)).collect();
-        assert_eq!(tags.len(), records.len(), "tags are unique");
-        for e in &execs {
-            let r = tags.get(e.3.as_str()).unwrap_or_else(|| panic!("{e:?} was never issued"));
-            assert_eq!(e.2, r.caller, "{e:?} ran for another caller");
-        }
-        let mut ok = 0;
-        for r in &records {
-            if let Outcome::Ok { agent, request } = &r.outcome {
-                ok += 1;
-                let e = by_tag
-                    .get(r.tag.as_str())
-                    .unwrap_or_else(|| panic!("{}: a result without an execution", r.tag));
-                assert_eq!((&e.0, &e.1), (agent, request), "{}: result and execution differ", r.tag);
-                if let Some(rid) = &r.request {
-                    assert_eq!(rid, request, "{}: answered under another request id", r.tag);
-                }
-            }
-        }
         // Y was killed mid-call: some of its executions have no result.
         let cut_y = execs
             .iter()
-            .filter(|e| e.0 == Y)
-            .filter(|e| !matches!(tags[e.3.as_str()].outcome, Outcome::Ok { .. }))
+            .filter(|e| e.agent == Y)
+            .filter(|e| !matches!(tags[e.tag.as_str()].outcome, Outcome::Ok { .. }))
             .count();
         // Executions whose caller got no result: the agent died or its
         // broker did (the answer was lost with the link or the session).
         let mut cut: BTreeMap<String, usize> = BTreeMap::new();
         for e in &execs {
-            let o = &tags[e.3.as_str()].outcome;
+            let o = &tags[e.tag.as_str()].outcome;
             if !matches!(o, Outcome::Ok { .. }) {
                 *cut.entry(o.label()).or_default() += 1;
             }
@@ -689,8 +770,8 @@ async fn mesh_survives_broker_and_agent_kills_with_one_answer_per_call() {
         // How long after the SIGKILL Y's calls in flight were answered.
         let y_answered = execs
             .iter()
-            .filter(|e| e.0 == Y)
-            .map(|e| tags[e.3.as_str()])
+            .filter(|e| e.agent == Y)
+            .map(|e| tags[e.tag.as_str()])
             .filter(|r| !matches!(r.outcome, Outcome::Ok { .. }))
             .map(|r| (r.issued + r.elapsed).saturating_duration_since(kill_y))
             .max()
@@ -708,7 +789,15 @@ async fn mesh_survives_broker_and_agent_kills_with_one_answer_per_call() {
         let entered_a = records
             .iter()
             .filter(|r| r.entry == 0)
-            .filter(|r| !matches!(r.outcome, Outcome::Failed { origin: Origin::Local, .. }))
+            .filter(|r| {
+                !matches!(
+                    r.outcome,
+                    Outcome::Failed {
+                        origin: Origin::Local,
+                        ..
+                    }
+                )
+            })
             .count();
         let answered_a = fem_tests::metric(addrs[0], &ca, "fem_broker_tool_calls_total").await;
         assert_eq!(
@@ -723,7 +812,11 @@ async fn mesh_survives_broker_and_agent_kills_with_one_answer_per_call() {
             .copied()
             .filter(|r| r.issued + r.elapsed < kill_b)
             .collect();
-        let after: Vec<&Record> = load.iter().copied().filter(|r| r.issued >= recovered).collect();
+        let after: Vec<&Record> = load
+            .iter()
+            .copied()
+            .filter(|r| r.issued >= recovered)
+            .collect();
         let (b_ok, b_n) = share(&before);
         let (a_ok, a_n) = share(&after);
         let mut by_code: BTreeMap<String, usize> = BTreeMap::new();
@@ -731,34 +824,58 @@ async fn mesh_survives_broker_and_agent_kills_with_one_answer_per_call() {
             *by_code.entry(r.outcome.label()).or_default() += 1;
         }
         eprintln!(
-            "faults: {} calls issued ({} under load, {} probes), ok {ok}, outcomes {by_code:?}; \
-             {} executions ({} of X, {} of Y), without a result {cut:?} ({cut_y} cut short on Y, killed at line {y_lines_at_kill}, all answered within {y_answered:?} of the kill); \
-             broker A answered {answered_a} calls; \
-             raw callers: {raw_answers} answers for {} calls, each exactly once; \
-             finished before the faults ok {b_ok}/{b_n}, after recovery ok {a_ok}/{a_n}; \
-             B back in {b_back:?}, recovery {:?} after Y's kill; load {load_time:?}, test {:?}",
+            "faults: {} calls issued ({} under load, {} probes), ok {ok}, \
+             outcomes {by_code:?}; {} executions ({} of X, {} of Y), \
+             without a result {cut:?} ({cut_y} cut short on Y, killed at line \
+             {y_lines_at_kill}, all answered within {y_answered:?} of the kill); \
+             broker A answered {answered_a} calls; raw callers: {raw_answers} \
+             answers for {} calls, each exactly once; finished before the faults \
+             ok {b_ok}/{b_n}, after recovery ok {a_ok}/{a_n}; B back in {b_back:?}, \
+             recovery {:?} after Y's kill; load {load_time:?}, test {:?}",
             records.len(),
             load.len(),
             records.len() - load.len(),
             execs.len(),
-            execs.iter().filter(|e| e.0 == X).count(),
-            execs.iter().filter(|e| e.0 == Y).count(),
-            raw.iter().map(|(_, _, r)| r.sent.lock().unwrap().len()).sum::<usize>(),
+            execs.iter().filter(|e| e.agent == X).count(),
+            execs.iter().filter(|e| e.agent == Y).count(),
+            raw.iter()
+                .map(|(_, _, r)| r.sent.lock().unwrap().len())
+                .sum::<usize>(),
             recovered - kill_y,
             started.elapsed(),
         );
         // Nothing has failed yet: every call that finished before B's kill succeeded.
-        assert!(b_n > 50 && b_ok == b_n, "before the faults: {b_ok}/{b_n} ok");
-        assert!(a_n > 50 && a_ok * 100 >= a_n * 90, "after recovery: {a_ok}/{a_n} ok");
+        assert!(
+            b_n > 50 && b_ok == b_n,
+            "before the faults: {b_ok}/{b_n} ok"
+        );
+        assert!(
+            a_n > 50 && a_ok * 100 >= a_n * 90,
+            "after recovery: {a_ok}/{a_n} ok"
+        );
         for (name, _, _) in &sdk {
-            let mine: Vec<&Record> = after.iter().copied().filter(|r| &r.caller == name).collect();
+            let mine: Vec<&Record> = after
+                .iter()
+                .copied()
+                .filter(|r| &r.caller == name)
+                .collect();
             let (ok, n) = share(&mine);
-            assert!(n > 0 && ok * 100 >= n * 90, "{name} after recovery: {ok}/{n} ok");
+            assert!(
+                n > 0 && ok * 100 >= n * 90,
+                "{name} after recovery: {ok}/{n} ok"
+            );
         }
         for (name, _, _) in &raw {
-            let mine: Vec<&Record> = after.iter().copied().filter(|r| &r.caller == name).collect();
+            let mine: Vec<&Record> = after
+                .iter()
+                .copied()
+                .filter(|r| &r.caller == name)
+                .collect();
             let (ok, n) = share(&mine);
-            assert!(n > 0 && ok * 100 >= n * 90, "{name} after recovery: {ok}/{n} ok");
+            assert!(
+                n > 0 && ok * 100 >= n * 90,
+                "{name} after recovery: {ok}/{n} ok"
+            );
         }
     })
     .await;
