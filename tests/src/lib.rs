@@ -615,16 +615,18 @@ pub async fn mesh_broker_proc(
     peers: &[SocketAddr],
     link_timeout: &str,
 ) -> Proc {
-    mesh_broker_proc_with(addr, dir, ca, peers, link_timeout, &[]).await
+    mesh_broker_proc_with(addr, dir, ca, peers, link_timeout, &[], &[]).await
 }
 
-/// [`mesh_broker_proc`] with extra environment variables (FEM_CONFIG, ...).
+/// [`mesh_broker_proc`] with `extra` flags (e.g. heartbeat settings) and
+/// environment variables (FEM_CONFIG, ...).
 pub async fn mesh_broker_proc_with(
     addr: SocketAddr,
     dir: &Path,
     ca: &Path,
     peers: &[SocketAddr],
     link_timeout: &str,
+    extra: &[&str],
     envs: &[(&str, &str)],
 ) -> Proc {
     let listen = addr.to_string();
@@ -651,7 +653,10 @@ pub async fn mesh_broker_proc_with(
             ca.to_str().unwrap(),
             "--link-timeout",
             link_timeout,
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>(),
         envs,
     );
     p.wait_for("fem-broker listening", Duration::from_secs(30))

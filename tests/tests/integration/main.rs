@@ -4,6 +4,7 @@
 
 mod bounds;
 mod calls;
+mod faults;
 mod federation;
 mod hostile;
 mod isolation;

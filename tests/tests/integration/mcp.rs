@@ -136,7 +136,7 @@ async fn an_mcp_client_on_one_broker_calls_fem_coder_behind_another_in_both_eras
         ];
         let (pa, pb) = tokio::join!(
             fem_tests::mesh_broker_proc(a, da.path(), &ca, &to_b, "2s"),
-            fem_tests::mesh_broker_proc_with(b, db.path(), &ca, &to_a, "2s", &envs)
+            fem_tests::mesh_broker_proc_with(b, db.path(), &ca, &to_a, "2s", &[], &envs)
         );
         for x in [a, b] {
             assert!(
