@@ -42,7 +42,13 @@ impl Trust {
         let mut revocations = Vec::new();
         if let Ok(text) = std::fs::read_to_string(&revocations_file) {
             for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                match SignedRevocation::from_text(line).and_then(|s| Ok((s.verify(&anchors)?, s))) {
+                // Kept once verified: an operator grant that signed it is
+                // checked as of when it signed, not now.
+                let verified = SignedRevocation::from_text(line).and_then(|s| {
+                    let at = s.decode()?.issued_ms;
+                    Ok((s.verify(&anchors, at)?, s))
+                });
+                match verified {
                     Ok(r) => revocations.push(r),
                     Err(e) => tracing::warn!(error = %e, "stored revocation ignored"),
                 }
@@ -141,13 +147,15 @@ impl Trust {
                 "development trust: this broker has no trust anchor, so nothing to revoke".into(),
             ));
         }
-        let r = signed.verify(&self.anchors).map_err(|e| match e {
-            fem_proto::GrantError::Malformed(_) => (ErrorCode::BadRequest, e.to_string()),
-            _ => (
-                ErrorCode::PermissionDenied,
-                format!("revocation refused: {e}"),
-            ),
-        })?;
+        let r = signed
+            .verify(&self.anchors, fem_proto::now_ms())
+            .map_err(|e| match e {
+                fem_proto::GrantError::Malformed(_) => (ErrorCode::BadRequest, e.to_string()),
+                _ => (
+                    ErrorCode::PermissionDenied,
+                    format!("revocation refused: {e}"),
+                ),
+            })?;
         let mut list = lock(&self.revocations);
         if list.iter().any(|(x, _)| x.id == r.id) {
             return Ok(None);

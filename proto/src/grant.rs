@@ -539,17 +539,23 @@ impl Revocation {
         }
     }
 
-    /// Signs the revocation (with an operator key, a trust anchor).
+    /// Signs the revocation with a trust anchor's key, or with the key of an
+    /// operator grant (`grant`, which travels with it).
     ///
     /// # Errors
     /// [`ProtoError::Encode`] on serialisation failure.
-    pub fn sign(&self, key: &SigningKey) -> Result<SignedRevocation, ProtoError> {
+    pub fn sign(
+        &self,
+        key: &SigningKey,
+        grant: Option<SignedGrant>,
+    ) -> Result<SignedRevocation, ProtoError> {
         let body = postcard::to_allocvec(self).map_err(|e| ProtoError::Encode(e.to_string()))?;
         let signature = key.sign(&revocation_input(&body));
         Ok(SignedRevocation {
             body,
             signer: key.public_key(),
             signature,
+            grant,
         })
     }
 }
@@ -558,26 +564,40 @@ fn revocation_input(body: &[u8]) -> Vec<u8> {
     tagged(REVOCATION_DOMAIN, body)
 }
 
-/// A revocation signed by a trust anchor.
+/// A revocation signed by a trust anchor or by the holder of an operator grant.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SignedRevocation {
     /// The postcard bytes of the [`Revocation`].
     pub body: Vec<u8>,
-    /// Who signed it (must be a trust anchor).
+    /// Who signed it: a trust anchor, or the subject of `grant`.
     pub signer: PublicKey,
     /// Ed25519 over [`REVOCATION_DOMAIN`] and `body`.
     pub signature: Signature,
+    /// The signer's operator grant, when the signer is not an anchor.
+    pub grant: Option<SignedGrant>,
 }
 
 impl SignedRevocation {
-    /// Verifies the signature by one of `anchors` and decodes.
+    /// Verifies the signature by one of `anchors`, or by the subject of an
+    /// operator grant that chains to one and is valid at `now_ms`, and decodes.
     ///
     /// # Errors
-    /// [`GrantError::UnknownIssuer`], [`GrantError::BadSignature`] or [`GrantError::Malformed`].
-    pub fn verify(&self, anchors: &[PublicKey]) -> Result<Revocation, GrantError> {
+    /// [`GrantError::UnknownIssuer`], [`GrantError::BadSignature`],
+    /// [`GrantError::Malformed`], the grant's error, or [`GrantError::Exceeds`]
+    /// when the grant is not an operator grant of the signer.
+    pub fn verify(&self, anchors: &[PublicKey], now_ms: u64) -> Result<Revocation, GrantError> {
         if !anchors.contains(&self.signer) {
-            return Err(GrantError::UnknownIssuer(self.signer.fingerprint()));
+            let Some(g) = &self.grant else {
+                return Err(GrantError::UnknownIssuer(self.signer.fingerprint()));
+            };
+            let v = g.verify(anchors, now_ms)?;
+            if v.grant.subject != self.signer || !v.grant.operator {
+                return Err(GrantError::Exceeds {
+                    id: hex::encode(v.grant.id),
+                    why: "only an operator grant of the signing key may revoke".into(),
+                });
+            }
         }
         self.signer
             .verify(&revocation_input(&self.body), &self.signature)

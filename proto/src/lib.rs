@@ -28,6 +28,7 @@ mod error;
 mod federation;
 mod frame;
 pub mod grant;
+pub mod http_sig;
 mod ids;
 mod keys;
 mod replay;

@@ -4,11 +4,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use fem_agent_sdk::cli::{ConnectArgs, LogArgs};
 use fem_agent_sdk::{CallError, Client, keys};
 use fem_proto::{AgentId, CapabilityPattern, SignedEnvelope, SigningKey, Target};
 
+mod https;
 mod trust;
 
 /// Command-line client for a FEM mesh.
@@ -87,6 +89,21 @@ enum Cmd {
         #[arg(long)]
         pubkey: PathBuf,
     },
+    /// Operator views (agents, routes, peers) as JSON: a request signed with an
+    /// operator grant (--key with --grant), or the broker's bearer token.
+    Views {
+        #[command(flatten)]
+        conn: ConnectArgs,
+        /// Which view.
+        #[arg(value_enum)]
+        view: ViewArg,
+        /// The key of the operator grant given with --grant.
+        #[arg(long, env = "FEM_KEY_FILE", conflicts_with = "token_file")]
+        key: Option<PathBuf>,
+        /// File holding the broker's bearer token (--admin-token-file).
+        #[arg(long, env = "FEM_ADMIN_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+    },
     /// Operator keys and grants: init, issuer, grant, show.
     #[command(subcommand)]
     Trust(trust::TrustCmd),
@@ -99,6 +116,17 @@ enum Cmd {
         #[arg(long)]
         key: PathBuf,
     },
+}
+
+/// An operator view.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ViewArg {
+    /// Registered agents (`/v1/agents`).
+    Agents,
+    /// The routing table (`/v1/routes`).
+    Routes,
+    /// Federation peers (`/v1/peers`).
+    Peers,
 }
 
 /// Exit status for a call refused or failed in the mesh.
@@ -215,6 +243,41 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                     Ok(ExitCode::from(1))
                 }
+            }
+        }
+        Cmd::Views {
+            conn,
+            view,
+            key,
+            token_file,
+        } => {
+            let path = match view {
+                ViewArg::Agents => "/v1/agents",
+                ViewArg::Routes => "/v1/routes",
+                ViewArg::Peers => "/v1/peers",
+            };
+            let mut headers = Vec::new();
+            if let Some(t) = token_file {
+                let token = std::fs::read_to_string(&t)
+                    .with_context(|| format!("--token-file {}", t.display()))?;
+                headers.push(("Authorization", format!("Bearer {}", token.trim())));
+            } else {
+                let (Some(key), Some(grant)) = (key, &conn.grant) else {
+                    anyhow::bail!("give --key and --grant (an operator grant), or --token-file");
+                };
+                let key = keys::load_key(&key)?;
+                let grant = trust::read_grant(grant)?;
+                let sig = fem_proto::http_sig::HttpSignature::sign(&key, "GET", path, b"");
+                headers.push((fem_proto::http_sig::SIGNATURE_HEADER, sig.to_header()));
+                headers.push((fem_proto::http_sig::GRANT_HEADER, grant.to_text()?));
+            }
+            let (status, body) = https::request(&conn, "GET", path, &headers, "").await?;
+            if status == 200 {
+                println!("{body}");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("broker answered {status}: {body}");
+                Ok(ExitCode::from(EXIT_CALL_FAILED))
             }
         }
         Cmd::Trust(cmd) => {

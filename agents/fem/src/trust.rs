@@ -88,9 +88,12 @@ pub(crate) enum TrustCmd {
     /// Write a signed revocation: every grant of a key, one grant (with every
     /// grant signed under it), or a key's grants issued before a time.
     Revoke {
-        /// The operator key (a trust anchor).
+        /// The operator key (a trust anchor), or the key of an operator grant (with --grant).
         #[arg(long)]
         key: PathBuf,
+        /// The operator grant of --key, when --key is not a trust anchor.
+        #[arg(long)]
+        grant: Option<PathBuf>,
         /// Public key file whose grants are revoked.
         #[arg(long, required_unless_present = "grant_id")]
         subject: Option<PathBuf>,
@@ -135,6 +138,7 @@ pub(crate) async fn run(cmd: TrustCmd) -> anyhow::Result<()> {
     match cmd {
         TrustCmd::Revoke {
             key,
+            grant,
             subject,
             grant_id,
             before,
@@ -169,7 +173,8 @@ pub(crate) async fn run(cmd: TrustCmd) -> anyhow::Result<()> {
                 grant_id,
                 before_ms,
             };
-            let signed = r.sign(&keys::load_key(&key)?)?;
+            let operator = grant.as_deref().map(read_grant).transpose()?;
+            let signed = r.sign(&keys::load_key(&key)?, operator)?;
             create_new(&out, &signed.to_text()?)?;
             println!("revocation written to {}", out.display());
             Ok(())
@@ -269,8 +274,11 @@ pub(crate) async fn run(cmd: TrustCmd) -> anyhow::Result<()> {
                 if let Some(t) = d.before_ms {
                     println!("  before:    {t} ms");
                 }
+                if r.grant.is_some() {
+                    println!("  signed by the holder of an operator grant");
+                }
                 if !anchors.is_empty() {
-                    r.verify(&anchors)
+                    r.verify(&anchors, fem_proto::now_ms())
                         .map_err(|e| anyhow::anyhow!("does not verify: {e}"))?;
                     println!("verified against the given anchor(s)");
                 }
@@ -359,37 +367,17 @@ fn create_new(path: &Path, text: &str) -> anyhow::Result<()> {
 
 /// POSTs a revocation to the broker's `/v1/revocations` over HTTPS.
 async fn push(conn: &fem_agent_sdk::cli::ConnectArgs, file: &Path) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let text = std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
     SignedRevocation::from_text(&text).with_context(|| format!("{}", file.display()))?;
-    let opts = conn.options()?;
-    let tls = fem_agent_sdk::tls::client_config(&opts.trust, &[b"http/1.1"])?;
-    let name = rustls::pki_types::ServerName::try_from(opts.host.clone())
-        .with_context(|| format!("broker host {:?}", opts.host))?;
-    let body = text.trim();
-    let request = format!(
-        "POST /v1/revocations HTTP/1.1\r\nHost: {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        opts.endpoint(),
-        body.len()
-    );
-    let exchange = async {
-        let tcp = tokio::net::TcpStream::connect((opts.host.as_str(), opts.port)).await?;
-        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
-            .connect(name, tcp)
-            .await?;
-        tls.write_all(request.as_bytes()).await?;
-        let mut answer = Vec::new();
-        tls.read_to_end(&mut answer).await?;
-        Ok::<_, std::io::Error>(answer)
-    };
-    let answer = tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .map_err(|_| anyhow::anyhow!("no answer from {} within 10 s", opts.endpoint()))?
-        .with_context(|| format!("POST https://{}/v1/revocations", opts.endpoint()))?;
-    let answer = String::from_utf8_lossy(&answer);
-    let status = answer.split_whitespace().nth(1).unwrap_or("?");
-    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim();
-    anyhow::ensure!(status == "200", "broker answered {status}: {body}");
+    let (status, body) = crate::https::request(
+        conn,
+        "POST",
+        "/v1/revocations",
+        &[("Content-Type", "text/plain".to_owned())],
+        text.trim(),
+    )
+    .await?;
+    anyhow::ensure!(status == 200, "broker answered {status}: {body}");
     println!("{body}");
     Ok(())
 }

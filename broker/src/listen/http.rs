@@ -7,9 +7,10 @@ use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use fem_proto::ErrorCode;
 use serde_json::json;
 use sha2::Digest as _;
 
@@ -48,13 +49,13 @@ pub(crate) fn tls_router(shared: Arc<Shared>) -> Router {
 async fn revocations(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
     let text = String::from_utf8_lossy(&body);
     let outcome = fem_proto::SignedRevocation::from_text(&text)
-        .map_err(|e| (fem_proto::ErrorCode::BadRequest, e.to_string()))
+        .map_err(|e| (ErrorCode::BadRequest, e.to_string()))
         .and_then(|r| s.apply_revocation(&r, None));
     match outcome {
         Ok(applied) => axum::Json(json!({"applied": applied})).into_response(),
         Err((code, message)) => {
             let status = match code {
-                fem_proto::ErrorCode::PermissionDenied => StatusCode::FORBIDDEN,
+                ErrorCode::PermissionDenied => StatusCode::FORBIDDEN,
                 _ => StatusCode::BAD_REQUEST,
             };
             (
@@ -109,17 +110,45 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         .into_response()
 }
 
-/// Checks `Authorization: Bearer <token>` against the configured token, in
-/// constant time over SHA-256 digests (no length leak).
-fn authorize(s: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    let Some(expected) = &s.config.admin_token else {
-        return Err(Box::new(
+/// Authorizes an operator view: a request signed by the holder of an
+/// operator grant (`Fem-Grant` and `Fem-Signature`, see
+/// `fem_proto::http_sig`), or, where one is configured, the bearer token
+/// (compared in constant time over SHA-256 digests: no length leak).
+fn authorize(s: &Shared, headers: &HeaderMap, uri: &Uri) -> Result<(), Box<Response>> {
+    let deny = |status: StatusCode, message: String| {
+        Box::new(
             (
-            StatusCode::NOT_FOUND,
-            axum::Json(json!({"error": "operator views are disabled; start the broker with --admin-token-file or FEM_ADMIN_TOKEN"})),
+                status,
+                [(header::WWW_AUTHENTICATE, "Bearer, FEM-Grant")],
+                axum::Json(json!({"error": message})),
+            )
+                .into_response(),
         )
-            .into_response(),
-        ));
+    };
+    if let Some(sig) = headers.get(fem_proto::http_sig::SIGNATURE_HEADER) {
+        let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+        return operator_signed(s, headers, sig, path).map_err(|(code, message)| {
+            s.metrics.refusals.with_label_values(&[code.as_str()]).inc();
+            let status = if code == ErrorCode::PermissionDenied {
+                StatusCode::FORBIDDEN
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            deny(status, format!("{code}: {message}"))
+        });
+    }
+    let Some(expected) = &s.config.admin_token else {
+        return Err(if s.trust.enforced() {
+            deny(
+                StatusCode::UNAUTHORIZED,
+                "sign the request with an operator grant (fem views --grant), or start the broker with --admin-token-file".into(),
+            )
+        } else {
+            deny(
+                StatusCode::NOT_FOUND,
+                "operator views are disabled; start the broker with --admin-token-file or FEM_ADMIN_TOKEN".into(),
+            )
+        });
     };
     let given = headers
         .get(header::AUTHORIZATION)
@@ -135,19 +164,64 @@ fn authorize(s: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> {
     if diff == 0 {
         Ok(())
     } else {
-        Err(Box::new(
-            (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                axum::Json(json!({"error": "missing or wrong bearer token"})),
-            )
-                .into_response(),
+        Err(deny(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
         ))
     }
 }
 
-async fn agents(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
+/// A GET signed by the subject of an operator grant, fresh and not replayed.
+fn operator_signed(
+    s: &Shared,
+    headers: &HeaderMap,
+    sig: &axum::http::HeaderValue,
+    path: &str,
+) -> Result<(), crate::route::admission::Refusal> {
+    use fem_proto::http_sig::{GRANT_HEADER, HttpSignature};
+    if !s.trust.enforced() {
+        return Err((
+            ErrorCode::PermissionDenied,
+            "development trust: no trust anchor, so no operator grants; use --admin-token-file"
+                .into(),
+        ));
+    }
+    let bad = |m: &str| (ErrorCode::BadRequest, m.to_owned());
+    let sig = HttpSignature::parse(sig.to_str().map_err(|_| bad("Fem-Signature is not text"))?)
+        .map_err(|e| (e.code(), e.to_string()))?;
+    sig.verify("GET", path, b"")
+        .map_err(|e| (e.code(), e.to_string()))?;
+    let header = fem_proto::Header {
+        sender: s.config.broker_id.clone(),
+        timestamp_ms: sig.ts_ms,
+        nonce: sig.nonce,
+    };
+    s.replay
+        .check(&sig.key, &header, fem_proto::now_ms())
+        .map_err(|e| (e.code(), e.to_string()))?;
+    let text = headers
+        .get(GRANT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| bad("a signed request needs the Fem-Grant header"))?;
+    let grant = fem_proto::SignedGrant::from_text(text).map_err(|e| bad(&e.to_string()))?;
+    let c = s.trust.verify(&grant)?;
+    if c.grant.subject != sig.key {
+        return Err((
+            ErrorCode::PermissionDenied,
+            "the grant is not for the signing key".into(),
+        ));
+    }
+    if !c.grant.operator {
+        return Err((
+            ErrorCode::PermissionDenied,
+            "the grant does not allow operator views (fem trust grant --operator)".into(),
+        ));
+    }
+    Ok(())
+}
+
+async fn agents(State(s): State<Arc<Shared>>, headers: HeaderMap, uri: Uri) -> Response {
+    if let Err(r) = authorize(&s, &headers, &uri) {
         return *r;
     }
     let mut list: Vec<_> = s.view(|r| {
@@ -177,8 +251,8 @@ async fn agents(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     axum::Json(json!({"agents": list})).into_response()
 }
 
-async fn peers(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
+async fn peers(State(s): State<Arc<Shared>>, headers: HeaderMap, uri: Uri) -> Response {
+    if let Err(r) = authorize(&s, &headers, &uri) {
         return *r;
     }
     let peers: Vec<_> = s.view(|r| {
@@ -192,8 +266,8 @@ async fn peers(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     axum::Json(json!({"brokerId": s.config.broker_id, "peers": peers})).into_response()
 }
 
-async fn routes(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
+async fn routes(State(s): State<Arc<Shared>>, headers: HeaderMap, uri: Uri) -> Response {
+    if let Err(r) = authorize(&s, &headers, &uri) {
         return *r;
     }
     let mut list: Vec<_> = s.view(|r| {

@@ -628,7 +628,7 @@ async fn a_revocation_reaches_the_mesh_survives_restarts_and_partitions() {
             grant_id: None,
             before_ms: None,
         }
-        .sign(&op)
+        .sign(&op, None)
         .unwrap();
         let t = std::time::Instant::now();
         let (status, body) = fem_tests::https(
@@ -667,7 +667,7 @@ async fn a_revocation_reaches_the_mesh_survives_restarts_and_partitions() {
             grant_id: None,
             before_ms: None,
         }
-        .sign(&SigningKey::generate())
+        .sign(&SigningKey::generate(), None)
         .unwrap();
         let (status, _) = fem_tests::https(
             addrs[1],
@@ -876,6 +876,186 @@ async fn rogue_brokers_can_neither_link_nor_attract_calls() {
         );
         rogue.shutdown().await;
         good.shutdown().await;
+    })
+    .await;
+}
+
+/// Operator views answer a request signed by the holder of an operator
+/// grant, and refuse a stranger, a replay, a non-operator grant and a grant
+/// lent to another key; an operator grant (not only the anchor) may revoke.
+#[tokio::test]
+async fn operator_grants_open_the_views_and_revoke() {
+    use fem_proto::http_sig::{GRANT_HEADER, HttpSignature, SIGNATURE_HEADER};
+    bounded(60, async {
+        let op = SigningKey::generate();
+        let b = trusted_broker(172, &op).await;
+        let (addr, ca) = (b.broker.local_addr(), b.ca());
+        let ops_key = SigningKey::generate();
+        let operator_grant = Grant {
+            version: 1,
+            id: rand_id(),
+            subject: ops_key.public_key(),
+            role: Role::Agent,
+            issued_ms: now(),
+            expires_ms: now() + 3_600_000,
+            register: vec![IdPattern::new("ops-*").unwrap()],
+            offer: Vec::new(),
+            offer_ids: Vec::new(),
+            call: Vec::new(),
+            deny: Vec::new(),
+            rate: None,
+            operator: true,
+            delegate: false,
+        }
+        .sign(&op, None)
+        .unwrap();
+        let get = |key: &SigningKey, grant: &SignedGrant, sig: Option<HttpSignature>| {
+            let sig = sig.unwrap_or_else(|| HttpSignature::sign(key, "GET", "/v1/agents", b""));
+            let (h1, h2) = (sig.to_header(), grant.to_text().unwrap());
+            let ca = ca.clone();
+            async move {
+                fem_tests::https(
+                    addr,
+                    &ca,
+                    "GET",
+                    "/v1/agents",
+                    &[(SIGNATURE_HEADER, h1.as_str()), (GRANT_HEADER, h2.as_str())],
+                    "",
+                )
+                .await
+            }
+        };
+        let sig = HttpSignature::sign(&ops_key, "GET", "/v1/agents", b"");
+        let (status, body) = get(&ops_key, &operator_grant, Some(sig.clone())).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"agents\""), "{body}");
+        // The same signed request again: a replay.
+        assert_eq!(get(&ops_key, &operator_grant, Some(sig)).await.0, 401);
+        // A stranger presenting the operator's grant with its own signature.
+        let stranger = SigningKey::generate();
+        assert_eq!(get(&stranger, &operator_grant, None).await.0, 403);
+        // A valid grant without the operator right.
+        let plain = grant(&op, &stranger, &["x-*"], &[], &["echo"], &[]);
+        assert_eq!(get(&stranger, &plain, None).await.0, 403);
+        // No signature and no configured token.
+        assert_eq!(fem_tests::https_get(addr, &ca, "/v1/agents").await.0, 401);
+        // The same through the CLI, as an operator types it.
+        let dir = tempfile::tempdir().unwrap();
+        let (kf, gf) = (dir.path().join("ops.key"), dir.path().join("ops.grant"));
+        fem_agent_sdk::keys::save_key(&kf, &ops_key).unwrap();
+        std::fs::write(&gf, operator_grant.to_text().unwrap()).unwrap();
+        let url = format!("https://{addr}");
+        let (code, out, err) = fem_tests::run_fem(&[
+            "views",
+            "routes",
+            "--broker",
+            &url,
+            "--ca",
+            ca.to_str().unwrap(),
+            "--key",
+            kf.to_str().unwrap(),
+            "--grant",
+            gf.to_str().unwrap(),
+        ])
+        .await;
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("\"routes\""), "{out}");
+
+        // The operator grant's holder revokes an agent's key.
+        let ak = SigningKey::generate();
+        let ag = grant(&op, &ak, &["rv-*"], &["echo.*", "echo"], &[], &[]);
+        let (agent_client, _) = agent("rv-172", ak.clone(), b.options().grant(ag))
+            .await
+            .unwrap();
+        let revoke = |signer: &SigningKey, grant: Option<SignedGrant>| {
+            fem_proto::Revocation {
+                version: 1,
+                id: rand_id(),
+                issued_ms: now(),
+                subject: Some(ak.public_key()),
+                grant_id: None,
+                before_ms: None,
+            }
+            .sign(signer, grant)
+            .unwrap()
+            .to_text()
+            .unwrap()
+        };
+        let post = |text: String| {
+            let ca = ca.clone();
+            async move { fem_tests::https(addr, &ca, "POST", "/v1/revocations", &[], &text).await }
+        };
+        // Not an operator grant: refused.
+        let (status, _) = post(revoke(&stranger, Some(plain.clone()))).await;
+        assert_eq!(status, 403);
+        assert!(agent_client.is_connected());
+        let (status, body) = post(revoke(&ops_key, Some(operator_grant.clone()))).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            fem_tests::eventually(Duration::from_secs(5), || b
+                .broker
+                .registry()
+                .get(&AgentId::new("rv-172").unwrap())
+                .is_none())
+            .await
+        );
+    })
+    .await;
+}
+
+/// A session lives no longer than its grant: at expiry the broker closes
+/// it, and the expired grant cannot register again.
+#[tokio::test]
+async fn a_session_ends_when_its_grant_expires() {
+    bounded(60, async {
+        let op = SigningKey::generate();
+        let b = trusted_broker(173, &op).await;
+        let k = SigningKey::generate();
+        let short = Grant {
+            version: 1,
+            id: rand_id(),
+            subject: k.public_key(),
+            role: Role::Agent,
+            issued_ms: now(),
+            expires_ms: now() + 1_500,
+            register: vec![IdPattern::new("short-*").unwrap()],
+            offer: vec![
+                CapabilityPattern::new("echo.*").unwrap(),
+                CapabilityPattern::new("echo").unwrap(),
+            ],
+            offer_ids: Vec::new(),
+            call: Vec::new(),
+            deny: Vec::new(),
+            rate: None,
+            operator: false,
+            delegate: false,
+        }
+        .sign(&op, None)
+        .unwrap();
+        let (client, _) = agent("short-173", k.clone(), b.options().grant(short.clone()))
+            .await
+            .unwrap();
+        let id = AgentId::new("short-173").unwrap();
+        assert!(b.broker.registry().get(&id).is_some());
+        let t = std::time::Instant::now();
+        assert!(
+            fem_tests::eventually(Duration::from_secs(5), || b
+                .broker
+                .registry()
+                .get(&id)
+                .is_none())
+            .await,
+            "the session outlived its grant"
+        );
+        eprintln!(
+            "trust: session closed {:?} after registering with a 1.5 s grant",
+            t.elapsed()
+        );
+        client.close();
+        assert_eq!(
+            denied_code(agent("short-173", k, b.options().grant(short)).await),
+            ErrorCode::PermissionDenied
+        );
     })
     .await;
 }
