@@ -821,9 +821,9 @@ mod tests {
             by_id.revokes(&g, &[g.id, [7; 16]]),
             "an ancestor's id revokes the chain"
         );
-        let signed = by_id.sign(&op).expect("sign");
-        assert!(signed.verify(&[op.public_key()]).is_ok());
-        assert!(signed.verify(&[k.public_key()]).is_err());
+        let signed = by_id.sign(&op, None).expect("sign");
+        assert!(signed.verify(&[op.public_key()], 0).is_ok());
+        assert!(signed.verify(&[k.public_key()], 0).is_err());
         let back = SignedRevocation::from_text(&signed.to_text().expect("text")).expect("parse");
         assert_eq!(back, signed);
     }
