@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use fem_agent_sdk::{AgentBuilder, Client, Options, Tool, Transport, Trust};
-use fem_proto::{AgentId, ErrorCode, SigningKey, Target};
+use fem_proto::{
+    AgentId, CallRule, CapabilityPattern, ErrorCode, Grant, IdPattern, Role, SignedGrant,
+    SigningKey, Target,
+};
 use futures::StreamExt as _;
 
 use crate::crypto::{self, CryptoOps, Floor};
@@ -157,6 +160,82 @@ async fn start_fem(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
     run.add_fem(Workload::Single, "quic", 1, pids.clone(), caller_q, agent_q);
     run.add_fem(Workload::Single, "tls-tcp", 1, pids, caller_t, agent_t);
     run.brokers.push(a);
+    start_trusted(s, run).await
+}
+
+/// A grant from `op` for `key`: register `id`, offer the echo capability and
+/// tool, call `echo` anywhere.
+fn bench_grant(op: &SigningKey, key: &SigningKey, id: &str) -> anyhow::Result<SignedGrant> {
+    let now = fem_proto::now_ms();
+    Ok(Grant {
+        version: 1,
+        id: fem_proto::RequestId::random().0,
+        subject: key.public_key(),
+        role: Role::Agent,
+        issued_ms: now,
+        expires_ms: now + 24 * 3_600_000,
+        register: vec![IdPattern::new(id)?],
+        offer: vec![
+            CapabilityPattern::new("bench.*")?,
+            CapabilityPattern::new("echo")?,
+        ],
+        offer_ids: Vec::new(),
+        call: vec![CallRule::parse("echo")?],
+        deny: Vec::new(),
+        rate: None,
+        operator: false,
+        delegate: false,
+    }
+    .sign(op, None)?)
+}
+
+/// The same QUIC case on a broker with a trust anchor: the agent and the
+/// caller hold grants, the broker checks the caller's grant at entry and the
+/// agent checks it again end to end (its SDK has the anchor too).
+async fn start_trusted(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
+    let dir = s.work.join("single-trust");
+    std::fs::create_dir_all(&dir)?;
+    let op = SigningKey::generate();
+    let anchor = dir.join("operator.pub");
+    std::fs::write(&anchor, format!("{}\n", op.public_key()))?;
+    let extra = ["--trust-anchor".to_owned(), anchor.display().to_string()];
+    let mut b = BrokerProc::start(
+        &s.broker_bin,
+        host_ip(s.net, 9),
+        &dir.join("broker"),
+        &s.ca,
+        &extra,
+    )
+    .await?;
+    b.wait_ready(Duration::from_secs(60)).await?;
+    let (ak, ck) = (SigningKey::generate(), SigningKey::generate());
+    let agent = AgentBuilder::new(AgentId::new("echo-trust")?, ak.clone())
+        .capability("bench.echo")?
+        .tool(echo_tool()?)
+        .max_concurrent(256)
+        .connect(
+            options(s, &b, Transport::Quic)?
+                .grant(bench_grant(&op, &ak, "echo-trust")?)
+                .trust_anchors(vec![op.public_key()]),
+        )
+        .await
+        .context("echo agent with a grant")?;
+    let caller = Client::connect(
+        AgentId::new("caller-trust")?,
+        ck.clone(),
+        options(s, &b, Transport::Quic)?.grant(bench_grant(&op, &ck, "caller-trust")?),
+    )
+    .await
+    .context("caller with a grant")?;
+    run.add_fem(
+        Workload::Single,
+        "quic+trust",
+        1,
+        vec![b.proc.pid()],
+        caller,
+        agent,
+    );
+    run.brokers.push(b);
     Ok(())
 }
 

@@ -126,7 +126,9 @@ fn authorize(s: &Shared, headers: &HeaderMap, uri: &Uri) -> Result<(), Box<Respo
         )
     };
     if let Some(sig) = headers.get(fem_proto::http_sig::SIGNATURE_HEADER) {
-        let path = uri.path_and_query().map_or_else(|| uri.path(), |p| p.as_str());
+        let path = uri
+            .path_and_query()
+            .map_or_else(|| uri.path(), |p| p.as_str());
         return operator_signed(s, headers, sig, path).map_err(|(code, message)| {
             s.metrics.refusals.with_label_values(&[code.as_str()]).inc();
             let status = if code == ErrorCode::PermissionDenied {
