@@ -54,16 +54,17 @@ pub fn verify_one(key: &PublicKey, msg: &[u8], sig: &Signature) -> Result<(), Pr
         .map_err(|_| ProtoError::InvalidSignature)
 }
 
-/// Whether `key` may stand for an identity: it decodes as a curve point and
-/// is not of small order (a small-order key's signatures prove nothing under
-/// ZIP 215). Registration (registerAgent, registerBroker) and grant subjects
-/// are checked with it.
+/// Whether `key` may stand for an identity: the canonical encoding of a
+/// curve point that is not of small order. A small-order key's signatures
+/// prove nothing under ZIP 215, and one point, one encoding keeps a key's
+/// bytes unambiguous. Registration (registerAgent, registerBroker) and
+/// grant subjects are checked with it; verification itself stays ZIP 215.
 ///
 /// # Errors
 /// [`ProtoError::WeakKey`].
 pub fn check_identity_key(key: &PublicKey) -> Result<(), ProtoError> {
     match CompressedEdwardsY(key.0).decompress() {
-        Some(point) if !point.is_small_order() => Ok(()),
+        Some(point) if !point.is_small_order() && point.compress().0 == key.0 => Ok(()),
         _ => Err(ProtoError::WeakKey),
     }
 }
@@ -95,6 +96,7 @@ fn decoded(key: &PublicKey) -> Result<VerificationKey, ProtoError> {
 /// Signatures verified together: one multi-scalar multiplication for the
 /// whole batch, then, only if it fails, one check per signature to find the
 /// bad ones. Each result equals what [`verify_one`] gives for that item.
+/// Keys are decoded by the batch itself (not through the per-thread cache).
 ///
 /// ```
 /// use fem_proto::{SigningKey, verify::Batch};
@@ -134,6 +136,21 @@ impl Batch {
         self.items.is_empty()
     }
 
+    /// The batch equation alone, all or nothing: `Ok` exactly when every
+    /// queued signature passes [`verify_one`] (an empty batch passes).
+    ///
+    /// # Errors
+    /// [`ProtoError::InvalidSignature`] when any one does not verify.
+    pub fn verify_all(self) -> Result<(), ProtoError> {
+        let mut verifier = batch::Verifier::new();
+        for item in self.items {
+            verifier.queue(item);
+        }
+        verifier
+            .verify(BatchRng(rand::thread_rng()))
+            .map_err(|_| ProtoError::InvalidSignature)
+    }
+
     /// Verifies everything queued; one result per item, in order, each
     /// `Err(ProtoError::InvalidSignature)` or `Ok(())`.
     pub fn verify(self) -> Vec<Result<(), ProtoError>> {
@@ -144,11 +161,7 @@ impl Batch {
         if self.items.len() < 2 {
             return self.items.into_iter().map(single).collect();
         }
-        let mut verifier = batch::Verifier::new();
-        for item in &self.items {
-            verifier.queue(item.clone());
-        }
-        if verifier.verify(BatchRng(rand::thread_rng())).is_ok() {
+        if self.clone().verify_all().is_ok() {
             return self.items.iter().map(|_| Ok(())).collect();
         }
         self.items.into_iter().map(single).collect()
