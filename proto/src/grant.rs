@@ -705,12 +705,11 @@ mod tests {
         let mut identity_sign = identity;
         identity_sign[31] = 0x80;
         let order4 = [0u8; 32];
-        let order8: [u8; 32] = hex::decode(
-            "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
-        )
-        .expect("hex")
-        .try_into()
-        .expect("32 bytes");
+        let order8: [u8; 32] =
+            hex::decode("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a")
+                .expect("hex")
+                .try_into()
+                .expect("32 bytes");
         for key in [identity, identity_sign, order4, order8] {
             let mut g = grant(&op);
             g.subject = PublicKey(key);

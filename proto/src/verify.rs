@@ -122,8 +122,11 @@ impl Batch {
     /// is hashed now and not kept.
     pub fn queue(&mut self, key: &PublicKey, msg: &[u8], sig: &Signature) {
         let sig = ed25519_zebra::Signature::from_bytes(&sig.0);
-        self.items
-            .push(batch::Item::from((VerificationKeyBytes::from(key.0), sig, msg)));
+        self.items.push(batch::Item::from((
+            VerificationKeyBytes::from(key.0),
+            sig,
+            msg,
+        )));
     }
 
     /// Signatures queued.

@@ -132,7 +132,12 @@ fn small_order_encodings() -> Vec<(String, [u8; 32])> {
     let mut out: Vec<(String, [u8; 32])> = EIGHT_TORSION
         .iter()
         .enumerate()
-        .map(|(i, p)| (format!("small-order point T{i} (canonical)"), p.compress().0))
+        .map(|(i, p)| {
+            (
+                format!("small-order point T{i} (canonical)"),
+                p.compress().0,
+            )
+        })
         .collect();
     let mut y1_sign = [0u8; 32];
     y1_sign[0] = 1;
@@ -410,8 +415,7 @@ fn zip215_vectors() {
         text.push('\n');
         std::fs::write(path(), text).unwrap();
     }
-    let file: VectorFile =
-        serde_json::from_str(&std::fs::read_to_string(path()).unwrap()).unwrap();
+    let file: VectorFile = serde_json::from_str(&std::fs::read_to_string(path()).unwrap()).unwrap();
     assert_eq!(file, generated, "the file differs from what its seeds give");
 
     for v in &file.vectors {
