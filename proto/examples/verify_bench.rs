@@ -97,7 +97,11 @@ fn main() {
         measure(rounds, 1, &mut |n| {
             let s = &pool[n % pool.len()];
             let sig = ed25519_dalek::Signature::from_bytes(&s.sig.0);
-            black_box(decoded[n % decoded.len()].verify_strict(&s.msg, &sig).is_ok());
+            black_box(
+                decoded[n % decoded.len()]
+                    .verify_strict(&s.msg, &sig)
+                    .is_ok(),
+            );
         }),
     ));
     rows.push((
@@ -139,7 +143,13 @@ fn main() {
     rows.push((
         "batch of 16 with one forged (batch fails, then 16 single checks)",
         measure(rounds, 16, &mut |_| {
-            black_box(batch_of(&forged).verify().iter().filter(|r| r.is_ok()).count());
+            black_box(
+                batch_of(&forged)
+                    .verify()
+                    .iter()
+                    .filter(|r| r.is_ok())
+                    .count(),
+            );
         }),
     ));
 
