@@ -17,7 +17,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::{Instrument as _, debug, info, warn};
 
 use crate::caller::Event;
-use crate::dispatch::handle_inbound;
+use crate::dispatch::{MAX_BATCH, handle_frames};
 use crate::wire::{FrameReader, write_loop};
 use crate::{AgentMetrics, CallError, Options, SdkError, Tool, Transport};
 
@@ -372,7 +372,17 @@ async fn run_once(
                 while let Ok(Some(f)) = reader.next().await {
                     let at = u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX);
                     last_rx.store(at, Ordering::Relaxed);
-                    if !handle_inbound(&inner, f, epoch, &wtx, &sem, &mut seen) {
+                    // Frames that arrived with this one are handled with it, so
+                    // their signatures are verified as one batch. A decoding
+                    // error stops the collection; the next read reports it.
+                    let mut frames = vec![f];
+                    while frames.len() < MAX_BATCH {
+                        match reader.next_buffered() {
+                            Ok(Some(f)) => frames.push(f),
+                            Ok(None) | Err(_) => break,
+                        }
+                    }
+                    if !handle_frames(&inner, frames, epoch, &wtx, &sem, &mut seen) {
                         break;
                     }
                 }

@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use fem_proto::{
-    AgentId, Body, Envelope, ErrorCode, Frame, Grant, NonceCache, PublicKey, RequestId, ToolOutcome,
+    AgentId, Body, Envelope, ErrorCode, Format, Frame, Grant, NonceCache, ProtoError, PublicKey,
+    RequestId, SignedEnvelope, ToolOutcome,
 };
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, warn};
@@ -69,6 +70,158 @@ fn check_caller(
     Ok(())
 }
 
+/// Most frames handled as one batch.
+pub(crate) const MAX_BATCH: usize = 64;
+
+/// Handles frames that arrived together, in order, as [`handle_inbound`]
+/// does one by one, except that the signatures of the delivered envelopes
+/// among them are verified as one batch first (one rule, so each result is
+/// the one a single check gives: a forged envelope is still refused alone).
+/// A single frame takes the single path. False ends the connection.
+pub(crate) fn handle_frames(
+    inner: &Arc<Inner>,
+    frames: Vec<Frame>,
+    epoch: u64,
+    wtx: &mpsc::Sender<Frame>,
+    sem: &Arc<Semaphore>,
+    seen: &mut Seen,
+) -> bool {
+    let delivered = frames.iter().filter_map(|f| match f {
+        Frame::Deliver { envelope, signer } => Some((envelope, signer)),
+        _ => None,
+    });
+    if frames.len() < 2 || delivered.clone().count() < 2 {
+        return frames
+            .into_iter()
+            .all(|f| handle_inbound(inner, f, epoch, wtx, sem, seen));
+    }
+    let mut checked = SignedEnvelope::verify_batch(delivered).into_iter();
+    for f in frames {
+        let go_on = match f {
+            Frame::Deliver { envelope, signer } => {
+                let result = checked.next().unwrap_or(Err(ProtoError::InvalidSignature));
+                deliver(inner, envelope.format, result, signer, epoch, sem, seen)
+            }
+            other => handle_inbound(inner, other, epoch, wtx, sem, seen),
+        };
+        if !go_on {
+            return false;
+        }
+    }
+    true
+}
+
+/// A delivered envelope whose signature was checked (alone or in a batch):
+/// dropped when the check failed, then replay-checked and dispatched.
+fn deliver(
+    inner: &Arc<Inner>,
+    format: Format,
+    checked: Result<Envelope, ProtoError>,
+    signer: PublicKey,
+    epoch: u64,
+    sem: &Arc<Semaphore>,
+    seen: &mut Seen,
+) -> bool {
+    let env = match checked {
+        Ok(env) => env,
+        Err(e) => {
+            warn!(error = %e, "dropping an envelope whose signature does not verify");
+            return true;
+        }
+    };
+    let cache = seen
+        .replay
+        .entry(env.header.sender.clone())
+        .or_insert_with(|| NonceCache::new(fem_proto::DEFAULT_REPLAY_WINDOW_MS, 1_000_000));
+    if let Err(e) = cache.check(
+        env.header.timestamp_ms,
+        &env.header.nonce,
+        fem_proto::now_ms(),
+    ) {
+        warn!(error = %e, sender = %env.header.sender, "dropping a replayed or stale envelope");
+        if let Body::ToolCall(c) = &env.body {
+            reply_error(
+                inner,
+                epoch,
+                format,
+                c.request_id,
+                env.header.sender.clone(),
+                e.code(),
+                e.to_string(),
+            );
+        }
+        return true;
+    }
+    let Envelope { header, body } = env;
+    match body {
+        Body::ToolCall(call) => {
+            if let Err(why) = check_caller(inner, seen, &header.sender, &signer, &call.tool) {
+                warn!(caller = %header.sender, %why, "call refused end to end");
+                reply_error(
+                    inner,
+                    epoch,
+                    format,
+                    call.request_id,
+                    header.sender,
+                    ErrorCode::PermissionDenied,
+                    why,
+                );
+                return true;
+            }
+            serve_call(inner, epoch, format, header, signer, call, sem);
+        }
+        Body::ToolResult(r) => {
+            let reply = match r.outcome {
+                ToolOutcome::Success(v) => v.parse().map_err(|e| {
+                    CallError::local(
+                        ErrorCode::BadRequest,
+                        format!("agent sent invalid JSON: {e}"),
+                    )
+                }),
+                ToolOutcome::Error { code, message } => Err(CallError {
+                    code,
+                    message,
+                    origin: Origin::Agent,
+                }),
+            };
+            if r.caller == inner.id {
+                resolve(inner, &r.request_id, reply);
+            }
+        }
+        Body::ToolsDiscovered(d) => {
+            let trusted = *lock(&inner.broker_key) == Some(signer);
+            let reply = if trusted {
+                serde_json::to_value(&d.tools)
+                    .map(|tools| serde_json::json!({"tools": tools, "nextCursor": d.next_cursor}))
+                    .map_err(|e| CallError::local(ErrorCode::Internal, e.to_string()))
+            } else {
+                Err(CallError::local(
+                    ErrorCode::InvalidSignature,
+                    "discovery answer not signed by the broker",
+                ))
+            };
+            resolve(inner, &d.request_id, reply);
+        }
+        Body::EmitEvent(ev) => {
+            let payload = ev.payload.parse().unwrap_or(serde_json::Value::Null);
+            let mut subs = lock(&inner.subs);
+            if let Some(list) = subs.get_mut(&ev.topic) {
+                list.retain(|tx| {
+                    tx.try_send(Event {
+                        sender: header.sender.clone(),
+                        topic: ev.topic.clone(),
+                        payload: payload.clone(),
+                    })
+                    .is_ok()
+                        || !tx.is_closed()
+                });
+            }
+        }
+        other => debug!(kind = %other.kind(), "ignoring delivered envelope"),
+    }
+    true
+}
+
 /// Handles one frame from the broker; false ends the connection.
 pub(crate) fn handle_inbound(
     inner: &Arc<Inner>,
@@ -96,106 +249,8 @@ pub(crate) fn handle_inbound(
             true
         }
         Frame::Deliver { envelope, signer } => {
-            let format = envelope.format;
-            let env = match envelope.verify(&signer) {
-                Ok(env) => env,
-                Err(e) => {
-                    warn!(error = %e, "dropping an envelope whose signature does not verify");
-                    return true;
-                }
-            };
-            let cache = seen
-                .replay
-                .entry(env.header.sender.clone())
-                .or_insert_with(|| NonceCache::new(fem_proto::DEFAULT_REPLAY_WINDOW_MS, 1_000_000));
-            if let Err(e) = cache.check(
-                env.header.timestamp_ms,
-                &env.header.nonce,
-                fem_proto::now_ms(),
-            ) {
-                warn!(error = %e, sender = %env.header.sender, "dropping a replayed or stale envelope");
-                if let Body::ToolCall(c) = &env.body {
-                    reply_error(
-                        inner,
-                        epoch,
-                        format,
-                        c.request_id,
-                        env.header.sender.clone(),
-                        e.code(),
-                        e.to_string(),
-                    );
-                }
-                return true;
-            }
-            let Envelope { header, body } = env;
-            match body {
-                Body::ToolCall(call) => {
-                    if let Err(why) = check_caller(inner, seen, &header.sender, &signer, &call.tool)
-                    {
-                        warn!(caller = %header.sender, %why, "call refused end to end");
-                        reply_error(
-                            inner,
-                            epoch,
-                            format,
-                            call.request_id,
-                            header.sender,
-                            ErrorCode::PermissionDenied,
-                            why,
-                        );
-                        return true;
-                    }
-                    serve_call(inner, epoch, format, header, signer, call, sem);
-                }
-                Body::ToolResult(r) => {
-                    let reply = match r.outcome {
-                        ToolOutcome::Success(v) => v.parse().map_err(|e| {
-                            CallError::local(
-                                ErrorCode::BadRequest,
-                                format!("agent sent invalid JSON: {e}"),
-                            )
-                        }),
-                        ToolOutcome::Error { code, message } => Err(CallError {
-                            code,
-                            message,
-                            origin: Origin::Agent,
-                        }),
-                    };
-                    if r.caller == inner.id {
-                        resolve(inner, &r.request_id, reply);
-                    }
-                }
-                Body::ToolsDiscovered(d) => {
-                    let trusted = *lock(&inner.broker_key) == Some(signer);
-                    let reply = if trusted {
-                        serde_json::to_value(&d.tools)
-                            .map(|tools| serde_json::json!({"tools": tools, "nextCursor": d.next_cursor}))
-                            .map_err(|e| CallError::local(ErrorCode::Internal, e.to_string()))
-                    } else {
-                        Err(CallError::local(
-                            ErrorCode::InvalidSignature,
-                            "discovery answer not signed by the broker",
-                        ))
-                    };
-                    resolve(inner, &d.request_id, reply);
-                }
-                Body::EmitEvent(ev) => {
-                    let payload = ev.payload.parse().unwrap_or(serde_json::Value::Null);
-                    let mut subs = lock(&inner.subs);
-                    if let Some(list) = subs.get_mut(&ev.topic) {
-                        list.retain(|tx| {
-                            tx.try_send(Event {
-                                sender: header.sender.clone(),
-                                topic: ev.topic.clone(),
-                                payload: payload.clone(),
-                            })
-                            .is_ok()
-                                || !tx.is_closed()
-                        });
-                    }
-                }
-                other => debug!(kind = %other.kind(), "ignoring delivered envelope"),
-            }
-            true
+            let checked = envelope.verify(&signer);
+            deliver(inner, envelope.format, checked, signer, epoch, sem, seen)
         }
         Frame::CallFailed {
             request_id,
@@ -250,5 +305,98 @@ pub(crate) fn handle_inbound(
             debug!("ignoring a client-only frame from the broker");
             true
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use fem_proto::{Header, JsonText, SigningKey, ToolResult};
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::Options;
+    use crate::connection::PendingCall;
+
+    fn caller() -> Arc<Inner> {
+        let (shutdown, _) = tokio::sync::watch::channel(false);
+        let (_, finished) = tokio::sync::watch::channel(false);
+        Arc::new(Inner {
+            id: AgentId::new("caller-1").unwrap(),
+            key: SigningKey::generate(),
+            opts: Options::new("https://127.0.0.1:1").unwrap(),
+            writer: Mutex::new(None),
+            pending: Mutex::new(HashMap::new()),
+            acks: Mutex::new(HashMap::new()),
+            subs: Mutex::new(HashMap::new()),
+            tools: Mutex::new(BTreeMap::new()),
+            capabilities: Mutex::new(Vec::new()),
+            metadata: BTreeMap::new(),
+            max_concurrent: 1,
+            handler_timeout: std::time::Duration::from_secs(1),
+            metrics: None,
+            broker_key: Mutex::new(None),
+            max_envelope: std::sync::atomic::AtomicUsize::new(fem_proto::DEFAULT_MAX_FRAME),
+            shutdown,
+            finished,
+        })
+    }
+
+    /// A toolResult for `id` from `agent`, as the broker delivers it.
+    fn result(agent: &SigningKey, id: RequestId, n: u64) -> Frame {
+        let env = Envelope::new(
+            Header::now(AgentId::new("agent-1").unwrap()),
+            Body::ToolResult(ToolResult {
+                request_id: id,
+                caller: AgentId::new("caller-1").unwrap(),
+                outcome: ToolOutcome::Success(JsonText::from_value(&serde_json::json!({"n": n}))),
+            }),
+        );
+        Frame::Deliver {
+            envelope: SignedEnvelope::sign(&env, agent).unwrap(),
+            signer: agent.public_key(),
+        }
+    }
+
+    #[test]
+    fn a_batch_with_one_forged_envelope_dispatches_the_good_ones() {
+        let inner = caller();
+        let agent = SigningKey::generate();
+        let mut waiting = Vec::new();
+        let mut frames = Vec::new();
+        for n in 0..4u64 {
+            let id = RequestId::random();
+            let (tx, rx) = oneshot::channel();
+            lock(&inner.pending).insert(id, PendingCall { epoch: 1, tx });
+            waiting.push((id, rx));
+            let mut f = result(&agent, id, n);
+            if n == 2
+                && let Frame::Deliver { envelope, .. } = &mut f
+            {
+                envelope.signature.0[40] ^= 1;
+            }
+            frames.push(f);
+        }
+        frames.insert(1, Frame::Heartbeat { seq: 9 });
+        let (wtx, mut wrx) = mpsc::channel(8);
+        let sem = Arc::new(Semaphore::new(1));
+        let mut seen = Seen::default();
+        assert!(handle_frames(&inner, frames, 1, &wtx, &sem, &mut seen));
+
+        for (n, (id, mut rx)) in waiting.into_iter().enumerate() {
+            if n == 2 {
+                // Refused: the call still waits for a genuine answer.
+                assert!(rx.try_recv().is_err());
+                assert!(lock(&inner.pending).contains_key(&id));
+            } else {
+                let v = rx.try_recv().unwrap().unwrap();
+                assert_eq!(v, serde_json::json!({"n": n}));
+            }
+        }
+        // Other frames of the batch are still handled, in order.
+        assert!(matches!(wrx.try_recv(), Ok(Frame::HeartbeatAck { seq: 9 })));
     }
 }

@@ -64,6 +64,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.next_message().await
     }
 
+    /// The next frame already received and buffered, without reading the
+    /// stream: `Ok(None)` when a whole frame is not buffered yet. Lets a
+    /// reader handle frames that arrived together as one batch.
+    ///
+    /// # Errors
+    /// [`ReadError::Proto`]; the stream is unusable afterwards.
+    pub fn next_buffered(&mut self) -> Result<Option<Frame>, ReadError> {
+        Ok(self.decoder.next_frame()?)
+    }
+
     /// The next message of any type (federation links carry `FedFrame`s).
     ///
     /// # Errors

@@ -189,6 +189,10 @@ pub enum ProtoError {
     /// The signature does not verify.
     #[error("invalid signature")]
     InvalidSignature,
+    /// A public key that cannot stand for an identity: not a curve point, or
+    /// of small order (anyone can sign for it under ZIP 215).
+    #[error("public key refused: not a curve point, or of small order")]
+    WeakKey,
     /// The nonce was seen before within the window.
     #[error("replayed envelope (nonce already seen)")]
     Replayed,
@@ -218,7 +222,8 @@ impl ProtoError {
             | Self::InvalidName(_)
             | Self::UnknownErrorCode(_)
             | Self::InvalidHex(_)
-            | Self::Malformed { .. } => ErrorCode::BadRequest,
+            | Self::Malformed { .. }
+            | Self::WeakKey => ErrorCode::BadRequest,
             Self::TooLarge { .. } => ErrorCode::TooLarge,
             Self::InvalidSignature => ErrorCode::InvalidSignature,
             Self::Replayed => ErrorCode::Replayed,

@@ -384,6 +384,13 @@ pub enum GrantError {
     /// Longer than [`MAX_CHAIN`].
     #[error("grant chain longer than {MAX_CHAIN}")]
     TooLong,
+    /// A grant's subject is not a usable identity key (not a curve point, or
+    /// of small order: see [`check_identity_key`](crate::verify::check_identity_key)).
+    #[error("grant {id} is bound to a key of small order or not on the curve")]
+    WeakKey {
+        /// Hex id of the grant.
+        id: String,
+    },
 }
 
 impl SignedGrant {
@@ -434,6 +441,9 @@ impl SignedGrant {
                 .verify(&signing_input(&link.body), &link.signature)
                 .map_err(|_| GrantError::BadSignature)?;
             let id = hex::encode(g.id);
+            if crate::verify::check_identity_key(&g.subject).is_err() {
+                return Err(GrantError::WeakKey { id });
+            }
             if now_ms >= g.expires_ms || g.issued_ms > now_ms.saturating_add(SKEW_MS) {
                 return Err(GrantError::Expired { id });
             }
@@ -703,6 +713,32 @@ mod tests {
         assert!(g.may_call(&cap("shell.ls"), &id("web-1")));
         assert!(!g.may_call(&cap("shell.run"), &id("coder-1")), "deny wins");
         assert!(!g.may_call_somewhere(&cap("shell.run")));
+    }
+
+    #[test]
+    fn small_order_subjects_are_refused() {
+        let op = SigningKey::generate();
+        // The identity point (canonical and with the sign bit set), a point
+        // of order 4, and one of order 8: anyone can sign for them under ZIP 215.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let mut identity_sign = identity;
+        identity_sign[31] = 0x80;
+        let order4 = [0u8; 32];
+        let order8: [u8; 32] =
+            hex::decode("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a")
+                .expect("hex")
+                .try_into()
+                .expect("32 bytes");
+        for key in [identity, identity_sign, order4, order8] {
+            let mut g = grant(&op);
+            g.subject = PublicKey(key);
+            let signed = g.sign(&op, None).expect("sign");
+            assert!(matches!(
+                signed.verify(&[op.public_key()], 2_000),
+                Err(GrantError::WeakKey { .. })
+            ));
+        }
     }
 
     #[test]

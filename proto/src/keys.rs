@@ -22,17 +22,13 @@ pub struct Signature(pub [u8; 64]);
 pub struct SigningKey(ed25519_dalek::SigningKey);
 
 impl PublicKey {
-    /// Verifies `sig` over `msg` (strict verification: rejects weak keys and
-    /// non-canonical signatures).
+    /// Verifies `sig` over `msg` under FEM's one rule, ZIP 215
+    /// ([`verify::verify_one`](crate::verify::verify_one)).
     ///
     /// # Errors
-    /// [`ProtoError::InvalidSignature`] when the key is malformed or the signature does not verify.
+    /// [`ProtoError::InvalidSignature`] when the key or signature is malformed or does not verify.
     pub fn verify(&self, msg: &[u8], sig: &Signature) -> Result<(), ProtoError> {
-        let vk = ed25519_dalek::VerifyingKey::from_bytes(&self.0)
-            .map_err(|_| ProtoError::InvalidSignature)?;
-        let sig = ed25519_dalek::Signature::from_bytes(&sig.0);
-        vk.verify_strict(msg, &sig)
-            .map_err(|_| ProtoError::InvalidSignature)
+        crate::verify::verify_one(self, msg, sig)
     }
 
     /// Short fingerprint for logs: first 8 bytes of SHA-256, hex.

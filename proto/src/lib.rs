@@ -8,6 +8,8 @@
 //!   verifies the original sender's signature.
 //! * [`Frame`]s are the transport messages between a client and a broker:
 //!   postcard-encoded and length-delimited, with a hard maximum size.
+//! * [`verify`] holds the one Ed25519 verification rule (ZIP 215) for single
+//!   and batch checks, and the small-order check for identity keys.
 //! * [`NonceCache`] implements replay protection: a timestamp window plus a
 //!   per-sender nonce set covering that window.
 //!
@@ -34,6 +36,7 @@ mod keys;
 mod replay;
 mod serde_util;
 mod signed;
+pub mod verify;
 
 pub use envelope::{
     Body, DiscoverTools, DiscoveredTool, EmbodimentUpdate, EmitEvent, Envelope, EnvelopeType,

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::envelope::{Envelope, EnvelopeType};
 use crate::error::ProtoError;
 use crate::keys::{PublicKey, Signature, SigningKey};
+use crate::verify::Batch;
 
 /// First bytes of every signing input: protocol name and version.
 pub const SIGNATURE_DOMAIN: &[u8] = b"fem/1 ";
@@ -137,6 +138,34 @@ impl SignedEnvelope {
         self.verify_opened(env.kind(), key)?;
         Ok(env)
     }
+
+    /// [`Self::verify`] for several envelopes at once, each with its key,
+    /// as one batch ([`Batch`]): one result per item, in order, each equal
+    /// to what [`Self::verify`] gives for that item alone.
+    pub fn verify_batch<'a>(
+        items: impl IntoIterator<Item = (&'a Self, &'a PublicKey)>,
+    ) -> Vec<Result<Envelope, ProtoError>> {
+        let mut batch = Batch::new();
+        let mut opened = Vec::new();
+        for (signed, key) in items {
+            let env = signed.open().inspect(|env| {
+                let input = signing_input(signed.format, env.kind(), &signed.bytes);
+                batch.queue(key, &input, &signed.signature);
+            });
+            opened.push(env);
+        }
+        let mut checked = batch.verify().into_iter();
+        opened
+            .into_iter()
+            .map(|env| {
+                let env = env?;
+                checked
+                    .next()
+                    .unwrap_or(Err(ProtoError::InvalidSignature))
+                    .map(|()| env)
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -172,5 +201,38 @@ mod tests {
                     .is_err()
             );
         }
+    }
+
+    #[test]
+    fn batch_matches_single() {
+        let k = SigningKey::generate();
+        let good = SignedEnvelope::sign(&env(), &k).unwrap();
+        let json = SignedEnvelope::sign_json(&env(), &k).unwrap();
+        let mut forged = good.clone();
+        forged.signature.0[0] ^= 1;
+        let mut garbled = good.clone();
+        garbled.bytes.push(0);
+        let other = SigningKey::generate().public_key();
+        let pk = k.public_key();
+        let items = [
+            (&good, &pk),
+            (&forged, &pk),
+            (&json, &pk),
+            (&garbled, &pk),
+            (&good, &other),
+            (&json, &pk),
+        ];
+        let batch = SignedEnvelope::verify_batch(items);
+        assert_eq!(batch.len(), items.len());
+        for ((s, key), got) in items.iter().zip(&batch) {
+            let single = s.verify(key);
+            assert_eq!(got.as_ref().ok(), single.as_ref().ok());
+            assert_eq!(
+                got.as_ref().err().map(ProtoError::code),
+                single.as_ref().err().map(ProtoError::code)
+            );
+        }
+        let ok: Vec<bool> = batch.iter().map(Result::is_ok).collect();
+        assert_eq!(ok, [true, false, true, false, false, true]);
     }
 }

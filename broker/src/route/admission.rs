@@ -205,6 +205,7 @@ fn check(
             format!("expected a {want} envelope, not {kind}"),
         ));
     }
+    let registration = matches!(signer, Signer::Registration);
     let key = match signer {
         Signer::Session { id, key } => {
             if env.header.sender != *id {
@@ -240,6 +241,10 @@ fn check(
     };
     let refuse = |e: ProtoError| (e.code(), e.to_string());
     signed.verify_opened(kind, &key).map_err(refuse)?;
+    if registration {
+        // Under ZIP 215 anyone can sign for a small-order key: never bind one.
+        fem_proto::verify::check_identity_key(&key).map_err(refuse)?;
+    }
     replay
         .check(&key, &env.header, fem_proto::now_ms())
         .map_err(refuse)?;

@@ -74,6 +74,29 @@ async fn refusals_are_typed_and_harmless() {
         expect_denied(&mut conn, ErrorCode::InvalidSignature).await;
         still_serving(&c, "good-20").await;
 
+        // A small-order key with the trivial forgery (R = identity, S = 0),
+        // which ZIP 215 verification accepts for any message: the signature
+        // passes, the key is refused, and nothing is bound.
+        let mut signed = register("weak-key-20", &SigningKey::generate(), now());
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let mut env = signed.open().unwrap();
+        if let Body::RegisterAgent(r) = &mut env.body {
+            r.public_key = fem_proto::PublicKey(identity);
+        }
+        signed.bytes = SignedEnvelope::sign(&env, &SigningKey::generate())
+            .unwrap()
+            .bytes;
+        let mut forged = [0u8; 64];
+        forged[..32].copy_from_slice(&identity);
+        signed.signature = fem_proto::Signature(forged);
+        signed.verify(&fem_proto::PublicKey(identity)).unwrap();
+        let mut conn = RawConn::connect(addr, &ca).await;
+        conn.send(&Frame::Envelope(signed)).await;
+        let reason = expect_denied(&mut conn, ErrorCode::BadRequest).await;
+        assert!(reason.contains("small order"), "{reason}");
+        still_serving(&c, "good-20").await;
+
         // An id held by another key.
         let mut conn = RawConn::connect(addr, &ca).await;
         conn.send(&Frame::Envelope(register(
