@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use fem_proto::{
-    AgentId, Body, Envelope, ErrorCode, Format, Frame, Grant, NonceCache, ProtoError, PublicKey,
-    RequestId, SignedEnvelope, ToolOutcome,
+    AgentId, Body, Envelope, ErrorCode, Frame, Grant, NonceCache, ProtoError, PublicKey, RequestId,
+    SignedEnvelope, ToolOutcome,
 };
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, warn};
@@ -100,7 +100,7 @@ pub(crate) fn handle_frames(
         let go_on = match f {
             Frame::Deliver { envelope, signer } => {
                 let result = checked.next().unwrap_or(Err(ProtoError::InvalidSignature));
-                deliver(inner, envelope.format, result, signer, epoch, sem, seen)
+                deliver(inner, &envelope, result, signer, epoch, sem, seen)
             }
             other => handle_inbound(inner, other, epoch, wtx, sem, seen),
         };
@@ -115,17 +115,36 @@ pub(crate) fn handle_frames(
 /// dropped when the check failed, then replay-checked and dispatched.
 fn deliver(
     inner: &Arc<Inner>,
-    format: Format,
+    signed: &SignedEnvelope,
     checked: Result<Envelope, ProtoError>,
     signer: PublicKey,
     epoch: u64,
     sem: &Arc<Semaphore>,
     seen: &mut Seen,
 ) -> bool {
+    let format = signed.format;
     let env = match checked {
         Ok(env) => env,
         Err(e) => {
-            warn!(error = %e, "dropping an envelope whose signature does not verify");
+            warn!(error = %e, "refusing an envelope whose signature does not verify");
+            // Brokers leave signatures to recipients: a call that does not
+            // verify is answered (to the session that sent it, which the
+            // broker checked) so its slot is freed at once.
+            if let Ok(Envelope {
+                header,
+                body: Body::ToolCall(c),
+            }) = signed.open()
+            {
+                reply_error(
+                    inner,
+                    epoch,
+                    format,
+                    c.request_id,
+                    header.sender,
+                    ErrorCode::InvalidSignature,
+                    "the call's signature does not verify with the caller's key".into(),
+                );
+            }
             return true;
         }
     };
@@ -250,7 +269,7 @@ pub(crate) fn handle_inbound(
         }
         Frame::Deliver { envelope, signer } => {
             let checked = envelope.verify(&signer);
-            deliver(inner, envelope.format, checked, signer, epoch, sem, seen)
+            deliver(inner, &envelope, checked, signer, epoch, sem, seen)
         }
         Frame::CallFailed {
             request_id,

@@ -198,6 +198,9 @@ pub struct FederationConfig {
     pub dns_server: Option<SocketAddr>,
     /// A separate UDP address for federation links (default: the main port).
     pub listen: Option<SocketAddr>,
+    /// Verify the signatures of relayed calls and results here too (their
+    /// recipients always do): defence in depth, at a CPU cost per call.
+    pub verify_relayed: bool,
 }
 
 impl Default for FederationConfig {
@@ -216,6 +219,7 @@ impl Default for FederationConfig {
             discovery_interval: Duration::from_secs(30),
             dns_server: None,
             listen: None,
+            verify_relayed: false,
         }
     }
 }

@@ -131,6 +131,9 @@ struct Args {
     /// always served on the TLS port. Principals and views: the `mcp:` section of the file [default: none].
     #[arg(long, env = "FEM_MCP_LISTEN")]
     mcp_listen: Option<String>,
+    /// Verify relayed calls and results at this broker too (recipients always do) [default: off].
+    #[arg(long, env = "FEM_VERIFY_RELAYED")]
+    verify_relayed: bool,
     /// Silence after which a federation link is dropped and its routes withdrawn [default: 3s].
     #[arg(long, env = "FEM_LINK_TIMEOUT", value_parser = humantime::parse_duration)]
     link_timeout: Option<Duration>,
@@ -272,6 +275,7 @@ struct FileFederation {
     insecure: Option<bool>,
     #[serde(default, with = "opt_duration")]
     link_timeout: Option<Duration>,
+    verify_relayed: Option<bool>,
     discovery: Option<FileDiscovery>,
 }
 
@@ -643,6 +647,7 @@ fn federation(args: &Args, file: FileFederation) -> anyhow::Result<FederationCon
             .link_timeout
             .or(file.link_timeout)
             .unwrap_or(d.link_timeout),
+        verify_relayed: args.verify_relayed || file.verify_relayed.unwrap_or(false),
         ..d
     })
 }

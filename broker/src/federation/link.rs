@@ -380,7 +380,10 @@ fn relay_in(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>, cal
     };
     let admitted = match admission::admit(
         &envelope,
-        Signer::Key(&signer),
+        Signer::Relayed {
+            key: &signer,
+            verify: shared.config.federation.verify_relayed,
+        },
         Some(EnvelopeType::ToolCall),
         Entry::Relay,
         &shared.replay,
@@ -457,7 +460,10 @@ fn relay_back(
 ) {
     let admitted = admission::admit(
         &envelope,
-        Signer::Key(&signer),
+        Signer::Relayed {
+            key: &signer,
+            verify: shared.config.federation.verify_relayed,
+        },
         Some(EnvelopeType::ToolResult),
         Entry::Relay,
         &shared.replay,

@@ -196,10 +196,26 @@ async fn registered_session_refuses_forged_and_replayed_envelopes() {
         // Claiming another sender.
         conn.send(&Frame::Envelope(call("good-21", &key))).await;
         assert_eq!(failed(conn.recv().await), ErrorCode::PermissionDenied);
-        // Signed by the wrong key.
+        // The broker leaves signatures on a session to the recipient: the
+        // agent refuses a call signed by the wrong key, and says so.
+        let refused_by_agent = |f: Option<Frame>| match f {
+            Some(Frame::Deliver { envelope, signer }) => {
+                match envelope.verify(&signer).unwrap().body {
+                    Body::ToolResult(fem_proto::ToolResult {
+                        outcome: fem_proto::ToolOutcome::Error { code, .. },
+                        ..
+                    }) => code,
+                    other => panic!("expected an error result, got {other:?}"),
+                }
+            }
+            other => panic!("expected the agent's answer, got {other:?}"),
+        };
         conn.send(&Frame::Envelope(call("raw-21", &SigningKey::generate())))
             .await;
-        assert_eq!(failed(conn.recv().await), ErrorCode::InvalidSignature);
+        assert_eq!(
+            refused_by_agent(conn.recv().await),
+            ErrorCode::InvalidSignature
+        );
         // A valid call succeeds, and its replay is refused.
         let ok = call("raw-21", &key);
         conn.send(&Frame::Envelope(ok.clone())).await;
@@ -212,7 +228,7 @@ async fn registered_session_refuses_forged_and_replayed_envelopes() {
             other => panic!("expected the result, got {other:?}"),
         }
         conn.send(&Frame::Envelope(ok)).await;
-        assert_eq!(failed(conn.recv().await), ErrorCode::Replayed);
+        assert_eq!(refused_by_agent(conn.recv().await), ErrorCode::Replayed);
     })
     .await;
 }
