@@ -1,4 +1,5 @@
-//! `fem`: call tools, list tools, manage keys and check signatures.
+//! `fem`: call tools, list tools, serve MCP over stdio, manage keys and check
+//! signatures.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,6 +10,7 @@ use fem_agent_sdk::cli::{ConnectArgs, LogArgs};
 use fem_agent_sdk::{CallError, Client, keys};
 use fem_proto::{AgentId, CapabilityPattern, SignedEnvelope, SigningKey, Target};
 
+mod mcp;
 mod trust;
 
 /// Command-line client for a FEM mesh.
@@ -87,6 +89,9 @@ enum Cmd {
         #[arg(long)]
         pubkey: PathBuf,
     },
+    /// Run a stdio MCP server that forwards to a broker's /mcp (for desktop
+    /// clients that launch stdio servers).
+    Mcp(mcp::McpArgs),
     /// Operator keys and grants: init, issuer, grant, show.
     #[command(subcommand)]
     Trust(trust::TrustCmd),
@@ -217,6 +222,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Cmd::Mcp(args) => Ok(mcp::run(args).await?),
         Cmd::Trust(cmd) => {
             trust::run(cmd).await?;
             Ok(ExitCode::SUCCESS)
