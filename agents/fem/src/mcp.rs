@@ -480,6 +480,10 @@ impl SseParser {
 
     /// The data of an event the stream ended without a blank line after.
     fn finish(&mut self) -> Option<String> {
+        if !self.pending.is_empty() {
+            // The last line had no newline.
+            let _ = self.push(b"\n");
+        }
         self.data.take().filter(|d| !d.is_empty())
     }
 }
