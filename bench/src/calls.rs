@@ -1,4 +1,5 @@
-//! Workloads 1 to 3: echo round trips through one broker (QUIC and TLS/TCP),
+//! Workloads 1 to 3: echo round trips through one broker (QUIC, TLS/TCP, and
+//! MCP `tools/call` through `/mcp` over HTTPS),
 //! across two meshed brokers, through a hub between two spokes, and through
 //! nats-server with TLS. All systems are started once and measured in turn
 //! for every repetition of every case, so each ratio compares runs that were
@@ -157,8 +158,25 @@ async fn start_fem(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
     let caller_q = caller("caller-quic", options(s, &a, Transport::Quic)?).await?;
     let caller_t = caller("caller-tcp", options(s, &a, Transport::Tcp)?).await?;
     let pids = vec![a.proc.pid()];
+    // The MCP row calls echo-quic (its per-agent MCP name) through /mcp:
+    // the same agent and parameters as the quic row, entering over HTTPS.
+    let mcp = crate::mcp::McpClient::new(a.addr, &s.ca.pem, "echo-quic__echo")?;
     run.add_fem(Workload::Single, "quic", 1, pids.clone(), caller_q, agent_q);
-    run.add_fem(Workload::Single, "tls-tcp", 1, pids, caller_t, agent_t);
+    run.add_fem(
+        Workload::Single,
+        "tls-tcp",
+        1,
+        pids.clone(),
+        caller_t,
+        agent_t,
+    );
+    run.systems.push(System {
+        workload: Workload::Single,
+        name: "mcp-https",
+        brokers_on_path: 1,
+        pids,
+        to: Endpoint::Mcp(mcp),
+    });
     run.brokers.push(a);
     start_trusted(s, run).await
 }

@@ -14,6 +14,8 @@ use fem_proto::Target;
 pub(crate) enum Endpoint {
     /// A FEM tool call (`echo`) to `target`.
     Fem { client: Client, target: Target },
+    /// An MCP `tools/call` through a broker's `/mcp`.
+    Mcp(crate::mcp::McpClient),
     /// A NATS request on `subject`.
     Nats {
         client: async_nats::Client,
@@ -25,7 +27,7 @@ pub(crate) enum Endpoint {
 #[derive(Clone, Debug)]
 pub(crate) struct Caller {
     to: Endpoint,
-    /// The parameters (FEM) and the same JSON as bytes (NATS).
+    /// The parameters (FEM, MCP) and the same JSON as bytes (NATS).
     params: Arc<serde_json::Value>,
     payload: Bytes,
 }
@@ -52,6 +54,7 @@ impl Caller {
                     .map_err(|e| e.to_string())?;
                 out == *self.params
             }
+            Endpoint::Mcp(client) => client.call(self.params.as_ref()).await? == *self.params,
             Endpoint::Nats { client, subject } => {
                 let msg = client
                     .request(subject.clone(), self.payload.clone())

@@ -2,7 +2,7 @@
 //! nats-server on loopback addresses, runs the workloads, prints a table and
 //! writes the same figures as JSON. See BENCHMARKS.md.
 //!
-//! Workloads: `single` (one broker, QUIC and TLS/TCP), `federated` (two meshed
+//! Workloads: `single` (one broker, QUIC, TLS/TCP and MCP over HTTPS), `federated` (two meshed
 //! brokers, a hub between two spokes), `nats` (nats-server with TLS,
 //! async-nats requesters), `crypto` (the Ed25519 floor of one call), `scale`
 //! (agents connecting and registering to one broker), `federation` (route
@@ -22,6 +22,7 @@ mod calls;
 mod crypto;
 mod federation;
 mod load;
+mod mcp;
 mod procs;
 mod report;
 mod scale;

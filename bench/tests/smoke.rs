@@ -68,6 +68,7 @@ fn every_workload_produces_every_row() {
         for c in [1, 4] {
             want_calls.push(("single", format!("quic {size} c={c}")));
             want_calls.push(("single", format!("tls-tcp {size} c={c}")));
+            want_calls.push(("single", format!("mcp-https {size} c={c}")));
             want_calls.push(("federated", format!("mesh2 {size} c={c}")));
             want_calls.push(("federated", format!("hub {size} c={c}")));
             want_calls.push(("nats", format!("nats-tls {size} c={c}")));

@@ -1,4 +1,5 @@
-//! `fem`: call tools, list tools, manage keys and check signatures.
+//! `fem`: call tools, list tools, serve MCP over stdio, manage keys and check
+//! signatures.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,6 +12,7 @@ use fem_agent_sdk::{CallError, Client, keys};
 use fem_proto::{AgentId, CapabilityPattern, SignedEnvelope, SigningKey, Target};
 
 mod https;
+mod mcp;
 mod trust;
 
 /// Command-line client for a FEM mesh.
@@ -104,6 +106,9 @@ enum Cmd {
         #[arg(long, env = "FEM_ADMIN_TOKEN_FILE")]
         token_file: Option<PathBuf>,
     },
+    /// Run a stdio MCP server that forwards to a broker's /mcp (for desktop
+    /// clients that launch stdio servers).
+    Mcp(mcp::McpArgs),
     /// Operator keys and grants: init, issuer, grant, show.
     #[command(subcommand)]
     Trust(trust::TrustCmd),
@@ -280,6 +285,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(EXIT_CALL_FAILED))
             }
         }
+        Cmd::Mcp(args) => Ok(mcp::run(args).await?),
         Cmd::Trust(cmd) => {
             trust::run(cmd).await?;
             Ok(ExitCode::SUCCESS)

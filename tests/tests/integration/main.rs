@@ -10,6 +10,8 @@ mod hostile;
 mod isolation;
 mod mcp;
 mod mcp_bridge;
+mod mcp_conformance;
+mod mcp_stdio;
 mod ops;
 mod processes;
 mod routing;

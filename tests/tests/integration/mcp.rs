@@ -13,33 +13,40 @@ use serde_json::{Value, json};
 
 use crate::bounded;
 
-const TOKEN: &str = "mcp-test-token-8f1d";
+pub(crate) const TOKEN: &str = "mcp-test-token-8f1d";
 
 /// Runs tests/mcp_client.py with `args`; returns its JSON line.
 async fn client(args: &[&str]) -> Value {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/mcp_client.py");
+    python_client("mcp_client.py", args).await
+}
+
+/// Runs the Python MCP client `script` (in tests/) with `args`; returns its
+/// JSON line.
+pub(crate) async fn python_client(script: &str, args: &[&str]) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
     let out = tokio::time::timeout(
         Duration::from_secs(90),
         tokio::process::Command::new("python3")
-            .arg(script)
+            .arg(&script)
             .args(args)
             .kill_on_drop(true)
             .output(),
     )
     .await
-    .expect("mcp_client.py did not finish within 90 s")
+    .expect("the MCP client script did not finish within 90 s")
     .expect("python3 runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let line = stdout.lines().last().unwrap_or("");
     serde_json::from_str(line).unwrap_or_else(|_| {
         panic!(
-            "mcp_client.py printed no JSON (is the `mcp` package installed? pip install mcp)\nstdout: {stdout}\nstderr: {stderr}"
+            "{} printed no JSON (is the `mcp` package installed? pip install mcp)\nstdout: {stdout}\nstderr: {stderr}",
+            script.display()
         )
     })
 }
 
-fn names(v: &Value) -> Vec<String> {
+pub(crate) fn names(v: &Value) -> Vec<String> {
     v["tools"]
         .as_array()
         .unwrap_or_else(|| panic!("no tools in {v}"))
@@ -66,7 +73,7 @@ async fn until_listed(args: &[&str], name: &str) -> Value {
 
 /// A directory with the principal's token and key and the broker's YAML
 /// file (`mcp:` section with `views`), returned with the file's path.
-fn mcp_config(dir: &Path, extra: &str) -> String {
+pub(crate) fn mcp_config(dir: &Path, extra: &str) -> String {
     std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
     let key = SigningKey::generate();
     let hex: String = key.seed().iter().map(|b| format!("{b:02x}")).collect();
@@ -81,7 +88,7 @@ fn mcp_config(dir: &Path, extra: &str) -> String {
 }
 
 /// A fem-coder agent `id` on the broker at `addr`.
-async fn coder(id: &str, addr: SocketAddr, ca: &Path, work: &Path) -> Proc {
+pub(crate) async fn coder(id: &str, addr: SocketAddr, ca: &Path, work: &Path) -> Proc {
     let url = format!("https://{addr}");
     let mut p = Proc::spawn(
         "fem-coder",
@@ -104,7 +111,7 @@ async fn coder(id: &str, addr: SocketAddr, ca: &Path, work: &Path) -> Proc {
     p
 }
 
-async fn ready_within(addr: SocketAddr, ca: &Path, within: Duration) -> bool {
+pub(crate) async fn ready_within(addr: SocketAddr, ca: &Path, within: Duration) -> bool {
     let end = tokio::time::Instant::now() + within;
     while tokio::time::Instant::now() < end {
         if https_get(addr, ca, "/ready").await.0 == 200 {
