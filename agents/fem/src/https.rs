@@ -1,13 +1,27 @@
-//! One HTTPS request to a broker (revocations, operator views), trusting
-//! its certificate as the other commands do.
+//! HTTPS requests to a broker (revocations, operator views, the MCP
+//! forwarder): one reqwest client built on fem-net's TLS configuration, so
+//! every command trusts the broker the same way.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
 use fem_agent_sdk::cli::ConnectArgs;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use fem_agent_sdk::tls;
 
-/// Sends `METHOD path` with `headers` and `body` (HTTP/1.1, one request);
+/// A client trusting what `trust` says (CA file, pin, or `--insecure`).
+///
+/// # Errors
+/// The TLS configuration or the client cannot be built.
+pub(crate) fn client(trust: &fem_agent_sdk::Trust) -> anyhow::Result<reqwest::Client> {
+    let tls = tls::client_config(trust, &[b"h2", b"http/1.1"])?;
+    Ok(reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .connect_timeout(Duration::from_secs(10))
+        .no_proxy()
+        .build()?)
+}
+
+/// Sends `METHOD path` with `headers` and `body` to the broker of `conn`;
 /// returns the status and the body.
 ///
 /// # Errors
@@ -20,40 +34,23 @@ pub(crate) async fn request(
     body: &str,
 ) -> anyhow::Result<(u16, String)> {
     let opts = conn.options()?;
-    let tls = fem_agent_sdk::tls::client_config(&opts.trust, &[b"http/1.1"])?;
-    let name = rustls::pki_types::ServerName::try_from(opts.host.clone())
-        .with_context(|| format!("broker host {:?}", opts.host))?;
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        opts.endpoint(),
-        body.len()
-    );
+    let url = format!("https://{}{path}", opts.endpoint());
+    let method = reqwest::Method::from_bytes(method.as_bytes()).context("HTTP method")?;
+    let mut req = client(&opts.trust)?
+        .request(method.clone(), &url)
+        .timeout(Duration::from_secs(10))
+        .body(body.to_owned());
     for (k, v) in headers {
-        anyhow::ensure!(!v.contains(['\r', '\n']), "header {k} holds a line break");
-        request.push_str(&format!("{k}: {v}\r\n"));
+        req = req.header(*k, v);
     }
-    request.push_str("\r\n");
-    request.push_str(body);
-    let exchange = async {
-        let tcp = tokio::net::TcpStream::connect((opts.host.as_str(), opts.port)).await?;
-        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
-            .connect(name, tcp)
-            .await?;
-        tls.write_all(request.as_bytes()).await?;
-        let mut answer = Vec::new();
-        tls.read_to_end(&mut answer).await?;
-        Ok::<_, std::io::Error>(answer)
-    };
-    let answer = tokio::time::timeout(Duration::from_secs(10), exchange)
+    let resp = req
+        .send()
         .await
-        .map_err(|_| anyhow::anyhow!("no answer from {} within 10 s", opts.endpoint()))?
-        .with_context(|| format!("{method} https://{}{path}", opts.endpoint()))?;
-    let answer = String::from_utf8_lossy(&answer);
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim();
-    Ok((status, body.to_owned()))
+        .with_context(|| format!("{method} {url}"))?;
+    let status = resp.status().as_u16();
+    let text = resp
+        .text()
+        .await
+        .with_context(|| format!("{method} {url}"))?;
+    Ok((status, text.trim().to_owned()))
 }

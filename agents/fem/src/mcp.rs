@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
-use fem_net::{BrokerUrl, Trust, tls};
+use fem_net::{BrokerUrl, Trust};
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -109,6 +109,9 @@ pub(crate) enum SetupError {
     /// The HTTP client.
     #[error("HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+    /// The HTTPS client (TLS configuration).
+    #[error("HTTPS client: {0:#}")]
+    Https(anyhow::Error),
 }
 
 /// Why one message got no answer from the broker.
@@ -228,12 +231,7 @@ impl Forwarder {
     fn new(a: &McpArgs) -> Result<Self, SetupError> {
         let url = endpoint(&a.broker, a.view.as_deref())?;
         let trust = Trust::from_options(a.ca.clone(), a.pin.as_deref(), a.insecure)?;
-        let tls = tls::client_config(&trust, &[b"h2", b"http/1.1"])?;
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .connect_timeout(Duration::from_secs(10))
-            .no_proxy()
-            .build()?;
+        let http = crate::https::client(&trust).map_err(SetupError::Https)?;
         let token = match (&a.token, &a.token_file) {
             (Some(t), _) => Some(t.clone()),
             (None, Some(p)) => Some(
