@@ -127,6 +127,7 @@ async fn start(b: AgentBuilder, opts: Options) -> Result<Client, SdkError> {
         handler_timeout: b.call_timeout,
         metrics: b.metrics,
         broker_key: Mutex::new(None),
+        broker_id: Mutex::new(None),
         max_envelope: std::sync::atomic::AtomicUsize::new(max_envelope),
         shutdown: shutdown.clone(),
         finished,

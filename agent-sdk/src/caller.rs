@@ -131,6 +131,7 @@ impl Client {
             tool,
             parameters: JsonText::from_value(&params),
             deadline_ms,
+            audience: lock(&self.inner.broker_id).clone(),
         }))?;
         self.request(request_id, signed, timeout).await
     }

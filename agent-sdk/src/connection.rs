@@ -48,6 +48,8 @@ pub(crate) struct Inner {
     pub(crate) handler_timeout: Duration,
     pub(crate) metrics: Option<AgentMetrics>,
     pub(crate) broker_key: Mutex<Option<PublicKey>>,
+    /// The broker's id (from `Accepted`): the audience of our calls.
+    pub(crate) broker_id: Mutex<Option<AgentId>>,
     /// The largest envelope the broker can forward (from its `Accepted`):
     /// results and requests above it are answered TOO_LARGE at once.
     pub(crate) max_envelope: AtomicUsize,
@@ -331,6 +333,7 @@ async fn run_once(
     *epoch_seq += 1;
     let epoch = *epoch_seq;
     *lock(&inner.broker_key) = Some(accepted.broker_key);
+    *lock(&inner.broker_id) = Some(accepted.broker_id.clone());
     let broker_max = usize::try_from(accepted.max_frame).unwrap_or(usize::MAX);
     inner.max_envelope.store(
         fem_proto::max_forwarded_envelope(max.min(broker_max)),

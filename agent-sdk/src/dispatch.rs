@@ -358,6 +358,7 @@ mod tests {
             handler_timeout: std::time::Duration::from_secs(1),
             metrics: None,
             broker_key: Mutex::new(None),
+            broker_id: Mutex::new(None),
             max_envelope: std::sync::atomic::AtomicUsize::new(fem_proto::DEFAULT_MAX_FRAME),
             shutdown,
             finished,

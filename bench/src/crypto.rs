@@ -81,6 +81,7 @@ fn signed_pair(payload: usize) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
             tool: fem_proto::Capability::new("echo")?,
             parameters: JsonText::from_value(&params),
             deadline_ms: fem_proto::now_ms() + 30_000,
+            audience: None,
         }),
     );
     let result = Envelope::new(

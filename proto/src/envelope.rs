@@ -199,6 +199,10 @@ pub struct ToolCall {
     pub parameters: JsonText,
     /// Absolute deadline, ms since the Unix epoch.
     pub deadline_ms: u64,
+    /// The broker the caller sent the call to: any other broker refuses it
+    /// where it enters, so a captured call cannot be replayed elsewhere.
+    /// Required under a grant; relaying brokers do not check it.
+    pub audience: Option<AgentId>,
 }
 
 /// The outcome of a tool call.

@@ -184,6 +184,7 @@ fn body(c: bool) -> impl Strategy<Value = Body> {
                 tool,
                 parameters,
                 deadline_ms,
+                audience: None,
             })
         });
     let outcome = prop_oneof![

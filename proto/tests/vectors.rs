@@ -129,6 +129,7 @@ fn tool_call(nonce_start: u8, target: Target) -> Envelope {
             tool: cap("shell.run"),
             parameters: JsonText::from_value(&json!({"cmd": "echo hi"})),
             deadline_ms: T0 + 31_000,
+            audience: None,
         }),
     )
 }

@@ -755,6 +755,7 @@ impl Sim {
             tool: cap("run"),
             parameters: JsonText::new("{}").expect("json"),
             deadline_ms,
+            audience: None,
         };
         let env = self.sign(
             &self.callers[i].name.clone(),
@@ -1530,6 +1531,7 @@ fn simulation_load_spreads_across_brokers() {
                 tool: cap("run"),
                 parameters: JsonText::new("{}").expect("json"),
                 deadline_ms: sim.now / MS + 10_000,
+                audience: None,
             };
             let env = sim.sign(&id("caller-0"), Body::ToolCall(call.clone()), 0, true);
             sim.calls.insert(

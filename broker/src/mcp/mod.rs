@@ -375,6 +375,7 @@ pub(crate) async fn call(
         tool: n.tool.clone(),
         parameters: JsonText::from_value(&serde_json::Value::Object(arguments.unwrap_or_default())),
         deadline_ms: fem_proto::now_ms().saturating_add(timeout),
+        audience: Some(s.config.broker_id.clone()),
     };
     let env = fem_proto::Envelope::new(Header::now(p.id.clone()), Body::ToolCall(call.clone()));
     let envelope = match SignedEnvelope::sign(&env, &p.key) {

@@ -456,6 +456,32 @@ impl Router {
         }
         let max = u64::try_from(self.cfg.max_call_timeout.as_micros()).unwrap_or(u64::MAX);
         let deadline = now + (deadline_at - now).min(max);
+        // The audience is checked where a call enters (relays carry calls
+        // addressed to another broker), and required under a grant.
+        if pinned.is_none() {
+            match &call.audience {
+                Some(a) if *a != self.cfg.broker_id => {
+                    return self.refuse_call(
+                        reply,
+                        call.request_id,
+                        ErrorCode::PermissionDenied,
+                        format!(
+                            "the call was signed for broker {a}, not {}",
+                            self.cfg.broker_id
+                        ),
+                    );
+                }
+                None if grant.is_some() => {
+                    return self.refuse_call(
+                        reply,
+                        call.request_id,
+                        ErrorCode::PermissionDenied,
+                        "a call under a grant must name its broker (audience)".into(),
+                    );
+                }
+                _ => {}
+            }
+        }
         if grant.is_some_and(|g| !g.may_call_somewhere(&call.tool)) {
             return self.refuse_call(
                 reply,

@@ -71,6 +71,7 @@ fn call_env(
         tool: Capability::new("echo").expect("tool"),
         parameters: JsonText::new("{}").expect("json"),
         deadline_ms,
+        audience: None,
     };
     let env = Envelope::new(Header::now(id(caller)), Body::ToolCall(call.clone()));
     (call, SignedEnvelope::sign(&env, key).expect("sign"))

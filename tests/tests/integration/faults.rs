@@ -231,6 +231,7 @@ impl RawCaller {
                 tool: Capability::new("exec.count").unwrap(),
                 parameters: JsonText::from_value(&params),
                 deadline_ms: fem_proto::now_ms() + CALL_TIMEOUT.as_millis() as u64,
+                audience: None,
             }),
         );
         let signed = SignedEnvelope::sign(&env, &self.key).unwrap();

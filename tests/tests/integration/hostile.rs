@@ -185,6 +185,7 @@ async fn registered_session_refuses_forged_and_replayed_envelopes() {
                     tool: fem_proto::Capability::new("echo").unwrap(),
                     parameters: fem_proto::JsonText::from_value(&json!({"a": 1})),
                     deadline_ms: fem_proto::now_ms() + 5000,
+                    audience: None,
                 }),
             );
             SignedEnvelope::sign(&env, key).unwrap()

@@ -15,6 +15,17 @@ use tokio::io::AsyncWriteExt as _;
 use crate::bounded;
 
 fn json_call(sender: &str, key: &SigningKey, agent: &str, params: Value) -> String {
+    json_call_for(sender, key, agent, params, None)
+}
+
+/// A signed JSON call naming `audience` as the broker it is for.
+fn json_call_for(
+    sender: &str,
+    key: &SigningKey,
+    agent: &str,
+    params: Value,
+    audience: Option<&str>,
+) -> String {
     let env = Envelope::new(
         Header::now(AgentId::new(sender).unwrap()),
         Body::ToolCall(ToolCall {
@@ -23,6 +34,7 @@ fn json_call(sender: &str, key: &SigningKey, agent: &str, params: Value) -> Stri
             tool: fem_proto::Capability::new("echo").unwrap(),
             parameters: JsonText::from_value(&params),
             deadline_ms: fem_proto::now_ms() + 5000,
+            audience: audience.map(|a| AgentId::new(a).unwrap()),
         }),
     );
     let signed = SignedEnvelope::sign_json(&env, key).unwrap();
@@ -59,6 +71,17 @@ async fn json_gateway_calls_and_refusals() {
         let (status, out) = fem_tests::https(addr, &ca, "POST", "/v1/call", &[], &body).await;
         assert_eq!(status, 409, "{out}");
         assert!(out.contains("REPLAYED"), "{out}");
+
+        // A call captured on its way to another broker, replayed here, is
+        // refused: it names its broker (audience).
+        let elsewhere = json_call_for("web-1", &key, "gw-40", json!({}), Some("broker-elsewhere"));
+        let (status, out) = fem_tests::https(addr, &ca, "POST", "/v1/call", &[], &elsewhere).await;
+        assert_eq!(status, 403, "{out}");
+        assert!(out.contains("signed for broker broker-elsewhere"), "{out}");
+        let here = format!("broker-{}", addr.ip());
+        let mine = json_call_for("web-1", &key, "gw-40", json!({"to": "here"}), Some(&here));
+        let (status, out) = fem_tests::https(addr, &ca, "POST", "/v1/call", &[], &mine).await;
+        assert_eq!(status, 200, "{out}");
 
         // A bad signature.
         let mut v: Value =

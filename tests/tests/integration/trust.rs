@@ -442,6 +442,7 @@ async fn a_forging_broker_cannot_make_an_agent_run_a_call() {
                 tool: fem_proto::Capability::new("echo").unwrap(),
                 parameters: fem_proto::JsonText::new("{}").unwrap(),
                 deadline_ms: now() + 10_000,
+                audience: None,
             };
             let env = Envelope::new(
                 Header::now(AgentId::new("evil").unwrap()),
