@@ -74,3 +74,142 @@ impl ConnectArgs {
         Ok(o)
     }
 }
+
+/// A `--config` YAML file laid over parsed arguments: each key (a flag's
+/// name in snake_case) fills in what neither the flag nor its variable gave.
+/// Keys nobody takes are an error, so a typo does not pass silently.
+#[derive(Debug)]
+pub struct ConfigOverlay<'m> {
+    matches: &'m clap::ArgMatches,
+    path: PathBuf,
+    map: serde_yaml_ng::Mapping,
+}
+
+impl<'m> ConfigOverlay<'m> {
+    /// Reads the file.
+    ///
+    /// # Errors
+    /// [`SdkError::Config`] when it cannot be read or is not a YAML mapping.
+    pub fn load(matches: &'m clap::ArgMatches, path: &std::path::Path) -> Result<Self, SdkError> {
+        let bad = |e: &dyn std::fmt::Display| {
+            SdkError::Config(format!("--config {}: {e}", path.display()))
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(&e))?;
+        let map: Option<serde_yaml_ng::Mapping> =
+            serde_yaml_ng::from_str(&text).map_err(|e| bad(&e))?;
+        Ok(Self {
+            matches,
+            path: path.to_owned(),
+            map: map.unwrap_or_default(),
+        })
+    }
+
+    fn error(&self, key: &str, e: impl std::fmt::Display) -> SdkError {
+        SdkError::Config(format!("--config {}: {key}: {e}", self.path.display()))
+    }
+
+    /// The file's value for `key` when the command line and the environment
+    /// left the flag `key` unset.
+    fn value<T: serde::de::DeserializeOwned>(&mut self, key: &str) -> Result<Option<T>, SdkError> {
+        use clap::parser::ValueSource;
+        let Some(v) = self.map.remove(key) else {
+            return Ok(None);
+        };
+        let given = matches!(
+            self.matches.value_source(key),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        );
+        if given {
+            return Ok(None);
+        }
+        serde_yaml_ng::from_value(v)
+            .map(Some)
+            .map_err(|e| self.error(key, e))
+    }
+
+    /// Fills `field` from `key`.
+    ///
+    /// # Errors
+    /// [`SdkError::Config`] when the value has the wrong type.
+    pub fn take<T: serde::de::DeserializeOwned>(
+        &mut self,
+        key: &str,
+        field: &mut T,
+    ) -> Result<(), SdkError> {
+        if let Some(v) = self.value(key)? {
+            *field = v;
+        }
+        Ok(())
+    }
+
+    /// Fills an optional `field` from `key`.
+    ///
+    /// # Errors
+    /// As [`Self::take`].
+    pub fn take_opt<T: serde::de::DeserializeOwned>(
+        &mut self,
+        key: &str,
+        field: &mut Option<T>,
+    ) -> Result<(), SdkError> {
+        if let Some(v) = self.value(key)? {
+            *field = Some(v);
+        }
+        Ok(())
+    }
+
+    /// Fills a duration `field` from `key` (text such as `30s`).
+    ///
+    /// # Errors
+    /// As [`Self::take`], or for text that is not a duration.
+    pub fn take_duration(&mut self, key: &str, field: &mut Duration) -> Result<(), SdkError> {
+        if let Some(v) = self.value::<String>(key)? {
+            *field = humantime::parse_duration(&v).map_err(|e| self.error(key, e))?;
+        }
+        Ok(())
+    }
+
+    /// The connection settings: broker, ca, pin, insecure, transport,
+    /// heartbeat, grant, trust_anchor.
+    ///
+    /// # Errors
+    /// As [`Self::take`].
+    pub fn connection(&mut self, c: &mut ConnectArgs) -> Result<(), SdkError> {
+        self.take("broker", &mut c.broker)?;
+        self.take_opt("ca", &mut c.ca)?;
+        self.take_opt("pin", &mut c.pin)?;
+        self.take("insecure", &mut c.insecure)?;
+        self.take("transport", &mut c.transport)?;
+        self.take_duration("heartbeat", &mut c.heartbeat)?;
+        self.take_opt("grant", &mut c.grant)?;
+        self.take("trust_anchor", &mut c.trust_anchor)
+    }
+
+    /// The logging settings: log_level, log_format.
+    ///
+    /// # Errors
+    /// As [`Self::take`].
+    pub fn log(&mut self, l: &mut LogArgs) -> Result<(), SdkError> {
+        self.take_opt("log_level", &mut l.log_level)?;
+        self.take_opt("log_format", &mut l.log_format)
+    }
+
+    /// Ends the overlay.
+    ///
+    /// # Errors
+    /// [`SdkError::Config`] naming the keys nobody took.
+    pub fn finish(self) -> Result<(), SdkError> {
+        if self.map.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = self
+            .map
+            .keys()
+            .map(|k| k.as_str().map_or_else(|| format!("{k:?}"), str::to_owned))
+            .collect();
+        Err(SdkError::Config(format!(
+            "--config {}: unknown settings: {}",
+            self.path.display(),
+            keys.join(", ")
+        )))
+    }
+}

@@ -212,6 +212,8 @@ struct Sim {
     broker_key: SigningKey,
     /// Share of calls an agent runs slowly (0.5 to 4 s).
     slow: f64,
+    /// The brokers' `caller_share_percent`.
+    caller_share: u8,
     /// Print route messages and link changes (`FEM_SIM_TRACE=1`).
     trace: bool,
 }
@@ -330,6 +332,7 @@ impl Sim {
             served: BTreeMap::new(),
             broker_key,
             slow: 0.1,
+            caller_share: 50,
             trace: std::env::var_os("FEM_SIM_TRACE").is_some(),
         }
     }
@@ -363,7 +366,7 @@ impl Sim {
                 max_call_timeout: Duration::from_secs(600),
                 agent_queue_limit: 4,
                 advert_delay: Duration::from_millis(50),
-                caller_share_percent: 50,
+                caller_share_percent: self.caller_share,
                 max_waiting_bytes: 1 << 30,
                 discovery_page_bytes: 1 << 20,
             },
@@ -1480,6 +1483,8 @@ fn simulation_replays_a_seed_exactly() {
 fn simulation_load_spreads_across_brokers() {
     let mut sim = Sim::new(7, Topology::Mesh, 3, 2, 1);
     sim.slow = 0.0;
+    // One caller on purpose: every slot is its to use here.
+    sim.caller_share = 100;
     for a in &mut sim.agents {
         a.caps = vec![cap("work.a")];
         a.max = 64;

@@ -388,117 +388,36 @@ async fn serve_metrics(
     Ok(())
 }
 
-/// The `--config` file: every flag, by its snake_case name.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    broker: Option<String>,
-    ca: Option<PathBuf>,
-    pin: Option<String>,
-    insecure: Option<bool>,
-    transport: Option<fem_agent_sdk::cli::TransportArg>,
-    heartbeat: Option<String>,
-    agent: Option<String>,
-    capabilities: Option<Vec<String>>,
-    key: Option<PathBuf>,
-    allow_paths: Option<Vec<PathBuf>>,
-    allow_programs: Option<Vec<String>>,
-    work_dir: Option<PathBuf>,
-    timeout: Option<String>,
-    max_output_bytes: Option<usize>,
-    max_file_bytes: Option<u64>,
-    cpu_seconds: Option<u64>,
-    memory_bytes: Option<u64>,
-    max_processes: Option<u64>,
-    metrics_listen: Option<String>,
-    max_concurrent: Option<usize>,
-    sandbox_min_level: Option<Level>,
-    allow_network: Option<bool>,
-    sandbox_read_paths: Option<Vec<PathBuf>>,
-    log_level: Option<String>,
-    log_format: Option<fem_agent_sdk::cli::LogFormat>,
-}
-
-/// Flags and variables, then the file for whatever they left at its default.
+/// Flags and variables, then the `--config` file (every flag by its
+/// snake_case name) for whatever they left unset.
 fn parse_args() -> anyhow::Result<Args> {
-    use clap::{CommandFactory as _, FromArgMatches as _, parser::ValueSource};
+    use clap::{CommandFactory as _, FromArgMatches as _};
     let matches = Args::command().get_matches();
     let mut args = Args::from_arg_matches(&matches)?;
     let Some(path) = args.config.clone() else {
         return Ok(args);
     };
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
-    let f: FileConfig = serde_yaml_ng::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
-    let unset = |id: &str| {
-        !matches!(
-            matches.value_source(id),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        )
-    };
-    let dur = |name: &str, v: &str| {
-        humantime::parse_duration(v)
-            .map_err(|e| anyhow::anyhow!("--config {}: {name}: {e}", path.display()))
-    };
-    macro_rules! take {
-        ($id:literal, $field:expr, $value:expr) => {
-            if unset($id) {
-                if let Some(v) = $value {
-                    $field = v;
-                }
-            }
-        };
-    }
-    take!("broker", args.conn.broker, f.broker);
-    take!("ca", args.conn.ca, f.ca.map(Some));
-    take!("pin", args.conn.pin, f.pin.map(Some));
-    take!("insecure", args.conn.insecure, f.insecure);
-    take!("transport", args.conn.transport, f.transport);
-    take!(
-        "heartbeat",
-        args.conn.heartbeat,
-        f.heartbeat.map(|v| dur("heartbeat", &v)).transpose()?
-    );
-    take!("agent", args.agent, f.agent.map(Some));
-    take!("capabilities", args.capabilities, f.capabilities);
-    take!("key", args.key, f.key.map(Some));
-    take!("allow_paths", args.allow_paths, f.allow_paths);
-    take!("allow_programs", args.allow_programs, f.allow_programs);
-    take!("work_dir", args.work_dir, f.work_dir.map(Some));
-    take!(
-        "timeout",
-        args.timeout,
-        f.timeout.map(|v| dur("timeout", &v)).transpose()?
-    );
-    take!(
-        "max_output_bytes",
-        args.max_output_bytes,
-        f.max_output_bytes
-    );
-    take!("max_file_bytes", args.max_file_bytes, f.max_file_bytes);
-    take!("cpu_seconds", args.cpu_seconds, f.cpu_seconds);
-    take!("memory_bytes", args.memory_bytes, f.memory_bytes);
-    take!("max_processes", args.max_processes, f.max_processes);
-    take!(
-        "metrics_listen",
-        args.metrics_listen,
-        f.metrics_listen.map(Some)
-    );
-    take!("max_concurrent", args.max_concurrent, f.max_concurrent);
-    take!(
-        "sandbox_min_level",
-        args.sandbox_min_level,
-        f.sandbox_min_level
-    );
-    take!("allow_network", args.allow_network, f.allow_network);
-    take!(
-        "sandbox_read_paths",
-        args.sandbox_read_paths,
-        f.sandbox_read_paths
-    );
-    take!("log_level", args.log.log_level, f.log_level.map(Some));
-    take!("log_format", args.log.log_format, f.log_format.map(Some));
+    let mut o = fem_agent_sdk::cli::ConfigOverlay::load(&matches, &path)?;
+    o.connection(&mut args.conn)?;
+    o.log(&mut args.log)?;
+    o.take_opt("agent", &mut args.agent)?;
+    o.take("capabilities", &mut args.capabilities)?;
+    o.take_opt("key", &mut args.key)?;
+    o.take("allow_paths", &mut args.allow_paths)?;
+    o.take("allow_programs", &mut args.allow_programs)?;
+    o.take_opt("work_dir", &mut args.work_dir)?;
+    o.take_duration("timeout", &mut args.timeout)?;
+    o.take("max_output_bytes", &mut args.max_output_bytes)?;
+    o.take("max_file_bytes", &mut args.max_file_bytes)?;
+    o.take("cpu_seconds", &mut args.cpu_seconds)?;
+    o.take("memory_bytes", &mut args.memory_bytes)?;
+    o.take("max_processes", &mut args.max_processes)?;
+    o.take_opt("metrics_listen", &mut args.metrics_listen)?;
+    o.take("max_concurrent", &mut args.max_concurrent)?;
+    o.take("sandbox_min_level", &mut args.sandbox_min_level)?;
+    o.take("allow_network", &mut args.allow_network)?;
+    o.take("sandbox_read_paths", &mut args.sandbox_read_paths)?;
+    o.finish()?;
     Ok(args)
 }
 

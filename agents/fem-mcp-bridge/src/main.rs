@@ -84,115 +84,37 @@ struct Args {
     command: Vec<OsString>,
 }
 
-/// The `--config` file: every flag, by its snake_case name.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    broker: Option<String>,
-    ca: Option<PathBuf>,
-    pin: Option<String>,
-    insecure: Option<bool>,
-    transport: Option<fem_agent_sdk::cli::TransportArg>,
-    heartbeat: Option<String>,
-    grant: Option<PathBuf>,
-    trust_anchor: Option<Vec<PathBuf>>,
-    agent: Option<String>,
-    key: Option<PathBuf>,
-    url: Option<String>,
-    capability: Option<String>,
-    tool_names: Option<BTreeMap<String, String>>,
-    call_timeout: Option<String>,
-    restart_backoff_initial: Option<String>,
-    restart_backoff_max: Option<String>,
-    max_concurrent: Option<usize>,
-    command: Option<Vec<String>>,
-    log_level: Option<String>,
-    log_format: Option<fem_agent_sdk::cli::LogFormat>,
-}
-
-/// Flags and variables, then the file for whatever they left unset.
+/// Flags and variables, then the `--config` file (every flag by its
+/// snake_case name; `tool_names` as a map) for whatever they left unset.
 fn parse_args() -> anyhow::Result<Args> {
-    use clap::{CommandFactory as _, FromArgMatches as _, parser::ValueSource};
+    use clap::{CommandFactory as _, FromArgMatches as _};
     let matches = Args::command().get_matches();
     let mut args = Args::from_arg_matches(&matches)?;
     let Some(path) = args.config.clone() else {
         return Ok(args);
     };
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
-    let f: FileConfig = serde_yaml_ng::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
-    let unset = |id: &str| {
-        !matches!(
-            matches.value_source(id),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        )
-    };
-    let dur = |name: &str, v: &str| {
-        humantime::parse_duration(v)
-            .map_err(|e| anyhow::anyhow!("--config {}: {name}: {e}", path.display()))
-    };
-    macro_rules! take {
-        ($id:literal, $field:expr, $value:expr) => {
-            if unset($id) {
-                if let Some(v) = $value {
-                    $field = v;
-                }
-            }
-        };
+    let mut o = fem_agent_sdk::cli::ConfigOverlay::load(&matches, &path)?;
+    o.connection(&mut args.conn)?;
+    o.log(&mut args.log)?;
+    o.take_opt("agent", &mut args.agent)?;
+    o.take_opt("key", &mut args.key)?;
+    o.take_opt("url", &mut args.url)?;
+    o.take("capability", &mut args.capability)?;
+    let mut names: Option<BTreeMap<String, String>> = None;
+    o.take_opt("tool_names", &mut names)?;
+    if let Some(m) = names {
+        args.tool_names = m.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
     }
-    take!("broker", args.conn.broker, f.broker);
-    take!("ca", args.conn.ca, f.ca.map(Some));
-    take!("pin", args.conn.pin, f.pin.map(Some));
-    take!("insecure", args.conn.insecure, f.insecure);
-    take!("transport", args.conn.transport, f.transport);
-    take!(
-        "heartbeat",
-        args.conn.heartbeat,
-        f.heartbeat.map(|v| dur("heartbeat", &v)).transpose()?
-    );
-    take!("grant", args.conn.grant, f.grant.map(Some));
-    take!("trust_anchor", args.conn.trust_anchor, f.trust_anchor);
-    take!("agent", args.agent, f.agent.map(Some));
-    take!("key", args.key, f.key.map(Some));
-    take!("url", args.url, f.url.map(Some));
-    take!("capability", args.capability, f.capability);
-    take!(
-        "tool_names",
-        args.tool_names,
-        f.tool_names
-            .map(|m| m.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
-    );
-    take!(
-        "call_timeout",
-        args.call_timeout,
-        f.call_timeout
-            .map(|v| dur("call_timeout", &v))
-            .transpose()?
-    );
-    take!(
-        "restart_backoff_initial",
-        args.restart_backoff_initial,
-        f.restart_backoff_initial
-            .map(|v| dur("restart_backoff_initial", &v))
-            .transpose()?
-    );
-    take!(
-        "restart_backoff_max",
-        args.restart_backoff_max,
-        f.restart_backoff_max
-            .map(|v| dur("restart_backoff_max", &v))
-            .transpose()?
-    );
-    take!("max_concurrent", args.max_concurrent, f.max_concurrent);
-    take!(
-        "command",
-        args.command,
-        f.command
-            .map(|c| c.into_iter().map(OsString::from).collect())
-    );
-    take!("log_level", args.log.log_level, f.log_level.map(Some));
-    take!("log_format", args.log.log_format, f.log_format.map(Some));
+    o.take_duration("call_timeout", &mut args.call_timeout)?;
+    o.take_duration("restart_backoff_initial", &mut args.restart_backoff_initial)?;
+    o.take_duration("restart_backoff_max", &mut args.restart_backoff_max)?;
+    o.take("max_concurrent", &mut args.max_concurrent)?;
+    let mut command: Option<Vec<String>> = None;
+    o.take_opt("command", &mut command)?;
+    if let Some(c) = command {
+        args.command = c.into_iter().map(OsString::from).collect();
+    }
+    o.finish()?;
     Ok(args)
 }
 
