@@ -119,6 +119,16 @@ pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     fs::rename(&tmp, path)
 }
 
+/// Where an agent keeps its key when none is given:
+/// `~/.local/share/fem/agents/ID.key` (`fem-agent-keys/ID.key` without a home).
+pub fn default_agent_key_path(id: &str) -> std::path::PathBuf {
+    let base = match std::env::var_os("HOME") {
+        Some(h) if !h.is_empty() => std::path::PathBuf::from(h).join(".local/share/fem/agents"),
+        _ => std::path::PathBuf::from("fem-agent-keys"),
+    };
+    base.join(format!("{id}.key"))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

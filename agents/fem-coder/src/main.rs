@@ -185,7 +185,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let key_path = match &args.key {
         Some(p) => Some(p.clone()),
         None => {
-            let p = default_key_path(&id);
+            let p = keys::default_agent_key_path(id.as_str());
             let inside = readable.iter().any(|r| p.starts_with(r));
             if inside {
                 tracing::warn!(
@@ -446,13 +446,4 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Where an agent keeps its key when `--key` is not given.
-fn default_key_path(id: &AgentId) -> PathBuf {
-    let base = match std::env::var_os("HOME") {
-        Some(h) if !h.is_empty() => PathBuf::from(h).join(".local/share/fem/agents"),
-        _ => PathBuf::from("fem-agent-keys"),
-    };
-    base.join(format!("{id}.key"))
 }

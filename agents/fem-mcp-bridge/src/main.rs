@@ -166,7 +166,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let id = AgentId::new(agent)?;
     let cfg = bridge_config(&args)?;
     let opts = args.conn.options()?;
-    let key_path = args.key.clone().unwrap_or_else(|| default_key_path(&id));
+    let key_path = args
+        .key
+        .clone()
+        .unwrap_or_else(|| fem_agent_sdk::keys::default_agent_key_path(id.as_str()));
     if let Some(dir) = key_path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     }
@@ -238,15 +241,6 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Where an agent keeps its key when `--key` is not given.
-fn default_key_path(id: &AgentId) -> PathBuf {
-    let base = match std::env::var_os("HOME") {
-        Some(h) if !h.is_empty() => PathBuf::from(h).join(".local/share/fem/agents"),
-        _ => PathBuf::from("fem-agent-keys"),
-    };
-    base.join(format!("{id}.key"))
 }
 
 #[cfg(test)]
