@@ -169,7 +169,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let key_path = args
         .key
         .clone()
-        .unwrap_or_else(|| fem_agent_sdk::keys::default_agent_key_path(id.as_str()));
+        .unwrap_or_else(|| keys::default_agent_key_path(id.as_str()));
     if let Some(dir) = key_path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     }
