@@ -70,6 +70,13 @@ fn check_caller(
     Ok(())
 }
 
+/// Nonces kept per sender within the 60 s replay window. Brokers leave
+/// nonces to recipients, so this is the one replay limit on a sender's
+/// envelopes to this client: about 66,000 a second sustained (the broker
+/// routes far fewer); beyond it `RATE_LIMITED`. At most about 80 MB for a
+/// sender that fills it (one set of 16-byte nonces per second).
+const MAX_NONCES_PER_SENDER: usize = 4_000_000;
+
 /// Most frames handled as one batch.
 pub(crate) const MAX_BATCH: usize = 64;
 
@@ -151,7 +158,9 @@ fn deliver(
     let cache = seen
         .replay
         .entry(env.header.sender.clone())
-        .or_insert_with(|| NonceCache::new(fem_proto::DEFAULT_REPLAY_WINDOW_MS, 1_000_000));
+        .or_insert_with(|| {
+            NonceCache::new(fem_proto::DEFAULT_REPLAY_WINDOW_MS, MAX_NONCES_PER_SENDER)
+        });
     if let Err(e) = cache.check(
         env.header.timestamp_ms,
         &env.header.nonce,

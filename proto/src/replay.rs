@@ -1,6 +1,6 @@
 //! Replay protection: a timestamp window plus a per-sender nonce cache.
 
-use std::collections::BTreeSet;
+use std::collections::{HashSet, VecDeque};
 
 use crate::error::ProtoError;
 use crate::ids::Nonce;
@@ -8,15 +8,23 @@ use crate::ids::Nonce;
 /// Default accepted clock skew either side of the receiver's clock: 60 s.
 pub const DEFAULT_REPLAY_WINDOW_MS: u64 = 60_000;
 
+/// Width of one bucket of nonces, ms: buckets are dropped whole once every
+/// timestamp they can hold is outside the window.
+const BUCKET_MS: u64 = 1_000;
+
 /// The nonces one sender used within the window.
 ///
 /// An envelope is accepted when its timestamp lies within `window_ms` of
-/// `now` and its (timestamp, nonce) was not seen before. Entries are expired by
-/// their *own* timestamp: once an entry is older than the window, a replay of
-/// it is refused by the timestamp check, so forgetting it is safe.
+/// `now` and its nonce was not seen before among envelopes signed in the
+/// same second. Nonces are kept in one set per second of their *own*
+/// timestamp, and a set is dropped whole once that second is older than the
+/// window: a replay of anything dropped is refused by the timestamp check,
+/// so forgetting it is safe, and expiry costs nothing per envelope.
 #[derive(Debug, Clone)]
 pub struct NonceCache {
-    seen: BTreeSet<(u64, [u8; 16])>,
+    /// (second of the timestamps, their nonces), oldest first.
+    buckets: VecDeque<(u64, HashSet<[u8; 16]>)>,
+    len: usize,
     window_ms: u64,
     /// The latest `now` seen: forgotten entries lie below `high - window`,
     /// so timestamps below that stay refused even if the clock steps back.
@@ -25,11 +33,13 @@ pub struct NonceCache {
 }
 
 impl NonceCache {
-    /// A cache for a `window_ms` skew holding at most `max_entries` nonces
-    /// (a sender exceeding it within one window is rate limited).
+    /// A cache for a `window_ms` skew holding at most `max_entries` nonces:
+    /// a sender exceeding it within one window is rate limited, which makes
+    /// `max_entries` a rate limit of `max_entries / window` per second.
     pub fn new(window_ms: u64, max_entries: usize) -> Self {
         Self {
-            seen: BTreeSet::new(),
+            buckets: VecDeque::new(),
+            len: 0,
             window_ms,
             high: 0,
             max_entries,
@@ -50,33 +60,46 @@ impl NonceCache {
             });
         }
         self.expire(now);
-        if self.seen.contains(&(ts, nonce.0)) {
+        let second = ts / BUCKET_MS;
+        let at = self.buckets.partition_point(|(s, _)| *s < second);
+        let exists = self.buckets.get(at).is_some_and(|(s, _)| *s == second);
+        if exists && self.buckets[at].1.contains(&nonce.0) {
             return Err(ProtoError::Replayed);
         }
-        if self.seen.len() >= self.max_entries {
+        if self.len >= self.max_entries {
             return Err(ProtoError::RateLimited);
         }
-        self.seen.insert((ts, nonce.0));
+        if !exists {
+            self.buckets.insert(at, (second, HashSet::new()));
+        }
+        self.buckets[at].1.insert(nonce.0);
+        self.len += 1;
         Ok(())
     }
 
-    /// Forgets nonces older than the window (they are refused as stale anyway).
+    /// Forgets nonces older than the window (they are refused as stale
+    /// anyway), a whole second at a time.
     pub fn expire(&mut self, now: u64) {
         self.high = self.high.max(now);
         let cutoff = self.high.saturating_sub(self.window_ms);
-        if self.seen.first().is_some_and(|f| f.0 < cutoff) {
-            self.seen = self.seen.split_off(&(cutoff, [0; 16]));
+        while let Some((second, set)) = self.buckets.front() {
+            // The bucket's latest possible timestamp is still in the window.
+            if (second + 1) * BUCKET_MS > cutoff {
+                break;
+            }
+            self.len -= set.len();
+            self.buckets.pop_front();
         }
     }
 
     /// Number of nonces held.
     pub fn len(&self) -> usize {
-        self.seen.len()
+        self.len
     }
 
     /// True when no nonce is held.
     pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
+        self.len == 0
     }
 }
 
@@ -114,6 +137,33 @@ mod tests {
         assert!(matches!(
             c.check(12_003, &Nonce([6; 16]), 12_000),
             Err(ProtoError::RateLimited)
+        ));
+    }
+
+    /// Timestamps out of order land in their own second; a bucket goes
+    /// only when all of it is outside the window.
+    #[test]
+    fn buckets_out_of_order_and_partial_expiry() {
+        let mut c = NonceCache::new(2_000, 100);
+        c.check(10_500, &Nonce([1; 16]), 10_600).unwrap();
+        c.check(9_100, &Nonce([2; 16]), 10_600).unwrap();
+        c.check(10_900, &Nonce([3; 16]), 10_600).unwrap();
+        assert!(matches!(
+            c.check(9_100, &Nonce([2; 16]), 10_700),
+            Err(ProtoError::Replayed)
+        ));
+        // Same nonce, another second: a different envelope.
+        c.check(10_100, &Nonce([2; 16]), 10_700).unwrap();
+        assert_eq!(c.len(), 4);
+        // cutoff 9_500: the 9 s bucket may still hold 9_500..9_999, so it stays.
+        c.expire(11_500);
+        assert_eq!(c.len(), 4);
+        // cutoff 10_000: it goes.
+        c.expire(12_000);
+        assert_eq!(c.len(), 3);
+        assert!(matches!(
+            c.check(9_100, &Nonce([2; 16]), 12_000),
+            Err(ProtoError::StaleTimestamp { .. })
         ));
     }
 }
