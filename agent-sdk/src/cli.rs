@@ -75,6 +75,27 @@ impl ConnectArgs {
     }
 }
 
+/// Parses the command line of `A`, then, when `config` names a file, lays
+/// it over the result with `fill` (see [`ConfigOverlay`]; its unknown keys
+/// are refused).
+///
+/// # Errors
+/// [`SdkError::Config`] for the file; clap exits on bad flags, as usual.
+pub fn parse_with_config<A: clap::Parser>(
+    config: impl FnOnce(&A) -> Option<PathBuf>,
+    fill: impl FnOnce(&mut A, &mut ConfigOverlay<'_>) -> Result<(), SdkError>,
+) -> Result<A, SdkError> {
+    let matches = A::command().get_matches();
+    let mut args = A::from_arg_matches(&matches).map_err(|e| SdkError::Config(e.to_string()))?;
+    let Some(path) = config(&args) else {
+        return Ok(args);
+    };
+    let mut overlay = ConfigOverlay::load(&matches, &path)?;
+    fill(&mut args, &mut overlay)?;
+    overlay.finish()?;
+    Ok(args)
+}
+
 /// A `--config` YAML file laid over parsed arguments: each key (a flag's
 /// name in snake_case) fills in what neither the flag nor its variable gave.
 /// Keys nobody takes are an error, so a typo does not pass silently.

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use fem_proto::Frame;
-use prometheus::IntGauge;
 use serde::{Serialize, Serializer};
 use tokio::sync::mpsc;
 
@@ -18,26 +17,22 @@ use tokio::sync::mpsc;
 pub(crate) struct Budget {
     used: AtomicUsize,
     limit: usize,
-    gauge: IntGauge,
 }
 
 impl Budget {
-    pub(crate) fn new(limit: usize, gauge: IntGauge) -> Arc<Self> {
+    pub(crate) fn new(limit: usize) -> Arc<Self> {
         Arc::new(Self {
             used: AtomicUsize::new(0),
             limit,
-            gauge,
         })
     }
 
     fn add(&self, n: usize) {
-        let now = self.used.fetch_add(n, Ordering::Relaxed) + n;
-        self.gauge.set(i64::try_from(now).unwrap_or(i64::MAX));
+        self.used.fetch_add(n, Ordering::Relaxed);
     }
 
     fn release(&self, n: usize) {
-        let now = self.used.fetch_sub(n, Ordering::Relaxed).saturating_sub(n);
-        self.gauge.set(i64::try_from(now).unwrap_or(i64::MAX));
+        self.used.fetch_sub(n, Ordering::Relaxed);
     }
 
     /// Bytes held now.
@@ -230,7 +225,7 @@ mod tests {
 
     #[test]
     fn bytes_are_bounded_and_released_on_every_path() {
-        let budget = Budget::new(1 << 30, IntGauge::new("t", "t").unwrap());
+        let budget = Budget::new(1 << 30);
         let (out, mut rx) = Outbox::new(100, 10_000, &budget);
         out.push(big(4000)).unwrap();
         out.push(big(4000)).unwrap();
@@ -253,7 +248,7 @@ mod tests {
 
     #[test]
     fn frame_count_is_bounded_too() {
-        let budget = Budget::new(1 << 30, IntGauge::new("t", "t").unwrap());
+        let budget = Budget::new(1 << 30);
         let (out, _rx) = Outbox::new(2, 1 << 20, &budget);
         out.push(Frame::Heartbeat { seq: 1 }).unwrap();
         out.push(Frame::Heartbeat { seq: 2 }).unwrap();
@@ -279,7 +274,7 @@ mod tests {
 
     #[test]
     fn one_large_frame_passes_an_empty_queue() {
-        let budget = Budget::new(10, IntGauge::new("t", "t").unwrap());
+        let budget = Budget::new(10);
         let (out, _rx) = Outbox::new(4, 100, &budget);
         out.push(big(1000)).unwrap();
         assert!(budget.exhausted());

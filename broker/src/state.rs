@@ -53,6 +53,32 @@ impl ClientHandle {
         self.close.notify_one();
     }
 
+    /// Sends without waiting; a client whose queue is full is a slow
+    /// consumer and its session is closed (its calls then fail), so other
+    /// clients never wait on it.
+    pub(crate) fn send(&self, frame: Frame, metrics: &Metrics) {
+        match self.tx.push(frame) {
+            Ok(()) => {}
+            Err(PushError::Closed) => debug!("client gone; frame dropped"),
+            Err(PushError::Full(limit)) => {
+                warn!(
+                    limit,
+                    queued_bytes = self.tx.queued_bytes(),
+                    "slow consumer: session queue full; closing its session"
+                );
+                metrics
+                    .refusals
+                    .with_label_values(&[ErrorCode::SlowConsumer.as_str()])
+                    .inc();
+                metrics.limit_hit(limit);
+                self.evict(
+                    ErrorCode::SlowConsumer,
+                    format!("session queue full ({limit}): the client does not read"),
+                );
+            }
+        }
+    }
+
     pub(crate) fn take_reason(&self) -> Option<(ErrorCode, String)> {
         self.close_reason.lock().ok().and_then(|mut r| r.take())
     }
@@ -165,7 +191,7 @@ impl Shared {
             conn_limit: Arc::new(Semaphore::new(config.max_connections)),
             pending_limit: Arc::new(Semaphore::new(config.limits.max_pending_connections)),
             http_limit: Arc::new(Semaphore::new(config.limits.max_http_connections)),
-            budget: Budget::new(config.limits.max_memory, metrics.budget_bytes.clone()),
+            budget: Budget::new(config.limits.max_memory),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             fed: Fed::default(),
@@ -286,36 +312,11 @@ impl Shared {
         }
     }
 
-    /// Sends without waiting; a client whose queue is full is a slow
-    /// consumer and its session is closed (its calls then fail), so other
-    /// clients never wait on it.
+    /// Sends without waiting (see [`ClientHandle::send`]).
     pub(crate) fn send_client(&self, to: ClientId, frame: Frame) {
-        let Some(c) = self.clients.get(&to) else {
-            debug!(client = to.0, "client gone; frame dropped");
-            return;
-        };
-        match c.tx.push(frame) {
-            Ok(()) => {}
-            Err(PushError::Closed) => {
-                debug!(client = to.0, "client gone; frame dropped");
-            }
-            Err(PushError::Full(limit)) => {
-                warn!(
-                    client = to.0,
-                    limit,
-                    queued_bytes = c.tx.queued_bytes(),
-                    "slow consumer: session queue full; closing its session"
-                );
-                self.metrics
-                    .refusals
-                    .with_label_values(&[ErrorCode::SlowConsumer.as_str()])
-                    .inc();
-                self.metrics.limit_hit(limit);
-                c.evict(
-                    ErrorCode::SlowConsumer,
-                    format!("session queue full ({limit}): the client does not read"),
-                );
-            }
+        match self.clients.get(&to) {
+            Some(c) => c.send(frame, &self.metrics),
+            None => debug!(client = to.0, "client gone; frame dropped"),
         }
     }
 

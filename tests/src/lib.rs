@@ -663,3 +663,80 @@ pub async fn mesh_broker_proc_with(
         .await;
     p
 }
+
+/// Polls `GET /ready` of the broker at `addr` until 200 or `within` passes.
+pub async fn ready_within(addr: SocketAddr, ca: &Path, within: Duration) -> bool {
+    let end = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < end {
+        if https_get(addr, ca, "/ready").await.0 == 200 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Two meshed broker processes on hosts `n` and `n + 1` sharing one CA,
+/// the second with `envs_b`; returns once both are ready within `within`.
+/// Returns the processes, their addresses, the CA directory (its
+/// `tls/ca.pem` is the CA) and their data directories.
+pub async fn meshed_pair(
+    n: u16,
+    envs_b: &[(&str, &str)],
+    within: Duration,
+) -> (
+    Vec<Proc>,
+    [SocketAddr; 2],
+    tempfile::TempDir,
+    Vec<tempfile::TempDir>,
+) {
+    let (a, b) = (host(n), host(n + 1));
+    let ca_dir = shared_ca();
+    let ca = ca_dir.path().join("tls/ca.pem");
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in [&da, &db] {
+        seed_ca(ca_dir.path(), d.path());
+    }
+    let (to_b, to_a) = ([b], [a]);
+    let (pa, pb) = tokio::join!(
+        mesh_broker_proc(a, da.path(), &ca, &to_b, "2s"),
+        mesh_broker_proc_with(b, db.path(), &ca, &to_a, "2s", &[], envs_b)
+    );
+    for x in [a, b] {
+        assert!(
+            ready_within(x, &ca, within).await,
+            "{x} not ready within {within:?}:\n{}\n{}",
+            pa.output(),
+            pb.output()
+        );
+    }
+    (vec![pa, pb], [a, b], ca_dir, vec![da, db])
+}
+
+/// A `fem-mcp-bridge` process: agent `agent` (its key in `keys`) behind
+/// `broker`, with `args` before `--` and the MCP server `command` after.
+pub fn mcp_bridge_proc(
+    agent: &str,
+    broker: SocketAddr,
+    ca: &Path,
+    keys: &Path,
+    args: &[&str],
+    command: &[&str],
+) -> Proc {
+    let url = format!("https://{broker}");
+    let key = keys.join(format!("{agent}.key"));
+    let mut all = vec![
+        "--broker",
+        &url,
+        "--ca",
+        ca.to_str().unwrap(),
+        "--agent",
+        agent,
+        "--key",
+        key.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    all.push("--");
+    all.extend_from_slice(command);
+    Proc::spawn("fem-mcp-bridge", &all, &[])
+}

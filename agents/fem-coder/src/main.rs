@@ -391,34 +391,31 @@ async fn serve_metrics(
 /// Flags and variables, then the `--config` file (every flag by its
 /// snake_case name) for whatever they left unset.
 fn parse_args() -> anyhow::Result<Args> {
-    use clap::{CommandFactory as _, FromArgMatches as _};
-    let matches = Args::command().get_matches();
-    let mut args = Args::from_arg_matches(&matches)?;
-    let Some(path) = args.config.clone() else {
-        return Ok(args);
-    };
-    let mut o = fem_agent_sdk::cli::ConfigOverlay::load(&matches, &path)?;
-    o.connection(&mut args.conn)?;
-    o.log(&mut args.log)?;
-    o.take_opt("agent", &mut args.agent)?;
-    o.take("capabilities", &mut args.capabilities)?;
-    o.take_opt("key", &mut args.key)?;
-    o.take("allow_paths", &mut args.allow_paths)?;
-    o.take("allow_programs", &mut args.allow_programs)?;
-    o.take_opt("work_dir", &mut args.work_dir)?;
-    o.take_duration("timeout", &mut args.timeout)?;
-    o.take("max_output_bytes", &mut args.max_output_bytes)?;
-    o.take("max_file_bytes", &mut args.max_file_bytes)?;
-    o.take("cpu_seconds", &mut args.cpu_seconds)?;
-    o.take("memory_bytes", &mut args.memory_bytes)?;
-    o.take("max_processes", &mut args.max_processes)?;
-    o.take_opt("metrics_listen", &mut args.metrics_listen)?;
-    o.take("max_concurrent", &mut args.max_concurrent)?;
-    o.take("sandbox_min_level", &mut args.sandbox_min_level)?;
-    o.take("allow_network", &mut args.allow_network)?;
-    o.take("sandbox_read_paths", &mut args.sandbox_read_paths)?;
-    o.finish()?;
-    Ok(args)
+    Ok(fem_agent_sdk::cli::parse_with_config(
+        |a: &Args| a.config.clone(),
+        |args, o| {
+            o.connection(&mut args.conn)?;
+            o.log(&mut args.log)?;
+            o.take_opt("agent", &mut args.agent)?;
+            o.take("capabilities", &mut args.capabilities)?;
+            o.take_opt("key", &mut args.key)?;
+            o.take("allow_paths", &mut args.allow_paths)?;
+            o.take("allow_programs", &mut args.allow_programs)?;
+            o.take_opt("work_dir", &mut args.work_dir)?;
+            o.take_duration("timeout", &mut args.timeout)?;
+            o.take("max_output_bytes", &mut args.max_output_bytes)?;
+            o.take("max_file_bytes", &mut args.max_file_bytes)?;
+            o.take("cpu_seconds", &mut args.cpu_seconds)?;
+            o.take("memory_bytes", &mut args.memory_bytes)?;
+            o.take("max_processes", &mut args.max_processes)?;
+            o.take_opt("metrics_listen", &mut args.metrics_listen)?;
+            o.take("max_concurrent", &mut args.max_concurrent)?;
+            o.take("sandbox_min_level", &mut args.sandbox_min_level)?;
+            o.take("allow_network", &mut args.allow_network)?;
+            o.take("sandbox_read_paths", &mut args.sandbox_read_paths)?;
+            Ok(())
+        },
+    )?)
 }
 
 #[tokio::main]

@@ -87,35 +87,32 @@ struct Args {
 /// Flags and variables, then the `--config` file (every flag by its
 /// snake_case name; `tool_names` as a map) for whatever they left unset.
 fn parse_args() -> anyhow::Result<Args> {
-    use clap::{CommandFactory as _, FromArgMatches as _};
-    let matches = Args::command().get_matches();
-    let mut args = Args::from_arg_matches(&matches)?;
-    let Some(path) = args.config.clone() else {
-        return Ok(args);
-    };
-    let mut o = fem_agent_sdk::cli::ConfigOverlay::load(&matches, &path)?;
-    o.connection(&mut args.conn)?;
-    o.log(&mut args.log)?;
-    o.take_opt("agent", &mut args.agent)?;
-    o.take_opt("key", &mut args.key)?;
-    o.take_opt("url", &mut args.url)?;
-    o.take("capability", &mut args.capability)?;
-    let mut names: Option<BTreeMap<String, String>> = None;
-    o.take_opt("tool_names", &mut names)?;
-    if let Some(m) = names {
-        args.tool_names = m.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
-    }
-    o.take_duration("call_timeout", &mut args.call_timeout)?;
-    o.take_duration("restart_backoff_initial", &mut args.restart_backoff_initial)?;
-    o.take_duration("restart_backoff_max", &mut args.restart_backoff_max)?;
-    o.take("max_concurrent", &mut args.max_concurrent)?;
-    let mut command: Option<Vec<String>> = None;
-    o.take_opt("command", &mut command)?;
-    if let Some(c) = command {
-        args.command = c.into_iter().map(OsString::from).collect();
-    }
-    o.finish()?;
-    Ok(args)
+    Ok(fem_agent_sdk::cli::parse_with_config(
+        |a: &Args| a.config.clone(),
+        |args, o| {
+            o.connection(&mut args.conn)?;
+            o.log(&mut args.log)?;
+            o.take_opt("agent", &mut args.agent)?;
+            o.take_opt("key", &mut args.key)?;
+            o.take_opt("url", &mut args.url)?;
+            o.take("capability", &mut args.capability)?;
+            let mut names: Option<BTreeMap<String, String>> = None;
+            o.take_opt("tool_names", &mut names)?;
+            if let Some(m) = names {
+                args.tool_names = m.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+            }
+            o.take_duration("call_timeout", &mut args.call_timeout)?;
+            o.take_duration("restart_backoff_initial", &mut args.restart_backoff_initial)?;
+            o.take_duration("restart_backoff_max", &mut args.restart_backoff_max)?;
+            o.take("max_concurrent", &mut args.max_concurrent)?;
+            let mut command: Option<Vec<String>> = None;
+            o.take_opt("command", &mut command)?;
+            if let Some(c) = command {
+                args.command = c.into_iter().map(OsString::from).collect();
+            }
+            Ok(())
+        },
+    )?)
 }
 
 /// The bridge configuration from the arguments (pure: no I/O).

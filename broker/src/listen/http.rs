@@ -100,6 +100,10 @@ async fn ready(State(s): State<Arc<Shared>>) -> Response {
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     crate::federation::export_down(&s);
+    // Gauges derived from live state are set when scraped, not per frame.
+    s.metrics
+        .budget_bytes
+        .set(i64::try_from(s.budget.used()).unwrap_or(i64::MAX));
     (
         [(
             header::CONTENT_TYPE,

@@ -9,6 +9,7 @@
 //! request is in progress for `--http-idle-timeout` (`--http-header-timeout`
 //! before its first request).
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -29,6 +30,32 @@ mod counted;
 pub(crate) mod gateway;
 pub(crate) mod http;
 mod session;
+
+/// A TLS or QUIC handshake within `--handshake-timeout`; failures and
+/// timeouts are counted and end the connection (`None`).
+async fn handshake<T, E: std::fmt::Display>(
+    shared: &Shared,
+    what: &'static str,
+    fut: impl IntoFuture<Output = Result<T, E>>,
+) -> Option<T> {
+    match tokio::time::timeout(shared.config.limits.handshake_timeout, fut).await {
+        Ok(Ok(done)) => Some(done),
+        Ok(Err(e)) => {
+            debug!(error = %e, what, "handshake failed");
+            shared
+                .metrics
+                .refusals
+                .with_label_values(&["TLS_HANDSHAKE"])
+                .inc();
+            None
+        }
+        Err(_) => {
+            debug!(what, "handshake timed out");
+            shared.metrics.limit_hit("handshake_timeout");
+            None
+        }
+    }
+}
 
 /// A slot among connections that have not registered yet.
 fn pending_slot(shared: &Shared) -> Option<OwnedSemaphorePermit> {
@@ -68,23 +95,8 @@ pub(crate) async fn tcp_accept_loop(
         let http = http.clone();
         tokio::spawn(
             async move {
-                let limit = shared.config.limits.handshake_timeout;
-                let tls = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        debug!(error = %e, "TLS handshake failed");
-                        shared
-                            .metrics
-                            .refusals
-                            .with_label_values(&["TLS_HANDSHAKE"])
-                            .inc();
-                        return;
-                    }
-                    Err(_) => {
-                        debug!("TLS handshake timed out");
-                        shared.metrics.limit_hit("handshake_timeout");
-                        return;
-                    }
+                let Some(tls) = handshake(&shared, "TLS", acceptor.accept(stream)).await else {
+                    return;
                 };
                 let native = tls.get_ref().1.alpn_protocol() == Some(ALPN_NATIVE);
                 if native {
@@ -207,22 +219,8 @@ pub(crate) async fn quic_accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpo
         let peer = incoming.remote_address();
         tokio::spawn(
             async move {
-                let limit = shared.config.limits.handshake_timeout;
-                let conn = match tokio::time::timeout(limit, incoming).await {
-                    Ok(Ok(c)) => c,
-                    Ok(Err(e)) => {
-                        debug!(error = %e, "QUIC handshake failed");
-                        shared
-                            .metrics
-                            .refusals
-                            .with_label_values(&["TLS_HANDSHAKE"])
-                            .inc();
-                        return;
-                    }
-                    Err(_) => {
-                        shared.metrics.limit_hit("handshake_timeout");
-                        return;
-                    }
+                let Some(conn) = handshake(&shared, "QUIC", incoming).await else {
+                    return;
                 };
                 let alpn = conn
                     .handshake_data()
@@ -233,6 +231,7 @@ pub(crate) async fn quic_accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpo
                     crate::federation::accept(shared, conn).await;
                     return;
                 }
+                let limit = shared.config.limits.handshake_timeout;
                 let Ok(Ok((send, recv))) = tokio::time::timeout(limit, conn.accept_bi()).await
                 else {
                     shared.metrics.limit_hit("handshake_timeout");

@@ -319,7 +319,7 @@ async fn serve<R: AsyncRead + Unpin>(
     me: &Identity,
     reader: &mut FrameReader<R>,
 ) {
-    let send = |f: Frame| shared.send_client(me.client, f);
+    let send = |f: Frame| me.handle.send(f, &shared.metrics);
     let grace = shared.config.heartbeat_grace;
     let mut shutdown = shared.shutdown_signal();
     // A session lives no longer than its grant: at expiry it is closed (its
@@ -458,7 +458,7 @@ fn frame_name(f: &Frame) -> &'static str {
 
 /// Admits and dispatches one envelope; false closes the session.
 fn handle_envelope(shared: &Arc<Shared>, me: &Identity, signed: SignedEnvelope) -> bool {
-    let send = |f: Frame| shared.send_client(me.client, f);
+    let send = |f: Frame| me.handle.send(f, &shared.metrics);
     let signer = Signer::Session {
         id: &me.id,
         key: &me.key,

@@ -237,8 +237,8 @@ fn check(
             format!("expected a {want} envelope, not {kind}"),
         ));
     }
-    let registration = matches!(signer, Signer::Registration);
-    let (key, verify) = match signer {
+    // (key, verify the signature here, keep its nonce here)
+    let (key, verify, keep_nonce) = match signer {
         Signer::Session { id, key } => {
             if env.header.sender != *id {
                 return Err((
@@ -249,12 +249,12 @@ fn check(
                     ),
                 ));
             }
-            (*key, false)
+            (*key, false, false)
         }
-        Signer::Key(key) => (*key, true),
-        Signer::Relayed { key, verify } => (*key, verify),
+        Signer::Key(key) => (*key, true, true),
+        Signer::Relayed { key, verify } => (*key, verify, false),
         Signer::Registration => match &env.body {
-            Body::RegisterAgent(r) => (r.public_key, true),
+            Body::RegisterAgent(r) => (r.public_key, true, true),
             Body::RegisterBroker(r) => {
                 if env.header.sender != r.broker_id {
                     return Err((
@@ -262,7 +262,7 @@ fn check(
                         "sender and broker id differ".into(),
                     ));
                 }
-                (r.public_key, true)
+                (r.public_key, true, true)
             }
             _ => {
                 return Err((
@@ -273,29 +273,21 @@ fn check(
         },
     };
     let refuse = |e: ProtoError| (e.code(), e.to_string());
-    if !verify {
-        // The recipient verifies and keeps the nonces; a stale timestamp is
-        // refused here already, which costs nothing.
-        replay
-            .check_time(&env.header, fem_proto::now_ms())
-            .map_err(refuse)?;
-        return Ok(key);
+    if verify {
+        signed.verify_opened(kind, &key).map_err(refuse)?;
     }
-    signed.verify_opened(kind, &key).map_err(refuse)?;
-    if registration {
+    if matches!(signer, Signer::Registration) {
         // Under ZIP 215 anyone can sign for a small-order key: never bind one.
         fem_proto::verify::check_identity_key(&key).map_err(refuse)?;
     }
-    // Only envelopes without a session (and registrations) reach the nonce
-    // cache: on a session, nobody else can replay into it.
-    if matches!(signer, Signer::Key(_) | Signer::Registration) {
-        replay
-            .check(&key, &env.header, fem_proto::now_ms())
-            .map_err(refuse)?;
+    // Nonces are kept only where there is no session (and for
+    // registrations): on a session nobody else can replay into it, and the
+    // recipient keeps its own; a stale timestamp is refused everywhere.
+    let now = fem_proto::now_ms();
+    if keep_nonce {
+        replay.check(&key, &env.header, now).map_err(refuse)?;
     } else {
-        replay
-            .check_time(&env.header, fem_proto::now_ms())
-            .map_err(refuse)?;
+        replay.check_time(&env.header, now).map_err(refuse)?;
     }
     Ok(key)
 }

@@ -204,12 +204,9 @@ impl RouterConfig {
     }
 }
 
-/// What a waiting call holds, as the broker's memory budget counts it.
-fn budget_weight(f: &Frame) -> usize {
-    match f {
-        Frame::Deliver { envelope, .. } => envelope.bytes.len() + 256,
-        _ => 256,
-    }
+/// Where a tool stands in discovery order: its agent, then its name.
+fn discovery_pos<'a>(agent: &'a AgentId, tool: &'a ToolSpec) -> (&'a str, &'a str) {
+    (agent.as_str(), tool.name.as_str())
 }
 
 /// Maximum tools in one discovery answer.
@@ -588,7 +585,7 @@ impl Router {
                     });
                 } else {
                     debug!(request = %call.request_id, tool = %call.tool, %agent, "agent busy; call queued");
-                    self.waiting_bytes += budget_weight(&deliver);
+                    self.waiting_bytes += crate::budget::weight(&deliver);
                     if let Some(p) = self.pending.get_mut(id) {
                         p.waiting = Some(deliver);
                     }
@@ -957,7 +954,8 @@ impl Router {
         match &p.target {
             CallTarget::Local { session, agent } => {
                 if let Some(w) = &p.waiting {
-                    self.waiting_bytes = self.waiting_bytes.saturating_sub(budget_weight(w));
+                    self.waiting_bytes =
+                        self.waiting_bytes.saturating_sub(crate::budget::weight(w));
                 }
                 if let Some(a) = self
                     .registry
@@ -1071,7 +1069,9 @@ impl Router {
             let Some(frame) = p.waiting.take() else {
                 continue;
             };
-            self.waiting_bytes = self.waiting_bytes.saturating_sub(budget_weight(&frame));
+            self.waiting_bytes = self
+                .waiting_bytes
+                .saturating_sub(crate::budget::weight(&frame));
             p.holds_slot = true;
             a.in_flight += 1;
             a.adjust(&p.caller, |u| {
@@ -1179,10 +1179,14 @@ impl Router {
                 }
             }
         }
+        // The cursor is "AGENT TOOL" of the last tool sent; a space sorts
+        // below every character ids and names may hold, so comparing the
+        // pair is comparing the text.
         let key = |agent: &AgentId, tool: &ToolSpec| format!("{agent} {}", tool.name);
-        found.sort_unstable_by(|a, b| (a.0, &a.3.name).cmp(&(b.0, &b.3.name)));
+        found.sort_unstable_by(|a, b| discovery_pos(a.0, a.3).cmp(&discovery_pos(b.0, b.3)));
         let from = q.cursor.as_deref().map_or(0, |c| {
-            found.partition_point(|(agent, _, _, tool)| key(agent, tool).as_str() <= c)
+            let after = c.split_once(' ').unwrap_or((c, ""));
+            found.partition_point(|(agent, _, _, tool)| discovery_pos(agent, tool) <= after)
         });
         let mut tools = Vec::new();
         let mut bytes = 0;

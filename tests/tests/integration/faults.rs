@@ -43,7 +43,7 @@ use fem_proto::{
     AgentId, Body, Capability, CapabilityPattern, Envelope, ErrorCode, Frame, Header, JsonText,
     PublicKey, RegisterAgent, RequestId, SignedEnvelope, SigningKey, Target, ToolCall, ToolOutcome,
 };
-use fem_tests::{Proc, host, https_get, options_for};
+use fem_tests::{Proc, host, options_for, ready_within};
 use rand::Rng as _;
 use serde_json::json;
 use tokio::io::AsyncWriteExt as _;
@@ -362,17 +362,6 @@ async fn worker(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-}
-
-async fn ready_within(addr: SocketAddr, ca: &Path, within: Duration) -> bool {
-    let end = Instant::now() + within;
-    while Instant::now() < end {
-        if https_get(addr, ca, "/ready").await.0 == 200 {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
 }
 
 async fn start_agent(addr: SocketAddr, ca: &Path, id: &str, work: &Path) -> Proc {

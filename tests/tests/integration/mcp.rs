@@ -111,48 +111,20 @@ pub(crate) async fn coder(id: &str, addr: SocketAddr, ca: &Path, work: &Path) ->
     p
 }
 
-pub(crate) async fn ready_within(addr: SocketAddr, ca: &Path, within: Duration) -> bool {
-    let end = tokio::time::Instant::now() + within;
-    while tokio::time::Instant::now() < end {
-        if https_get(addr, ca, "/ready").await.0 == 200 {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
-}
-
 #[tokio::test]
 async fn an_mcp_client_on_one_broker_calls_fem_coder_behind_another_in_both_eras() {
     bounded(240, async {
-        let (a, b) = (host(260), host(261));
-        let ca_dir = fem_tests::shared_ca();
-        let ca = ca_dir.path().join("tls/ca.pem");
-        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        for d in [&da, &db] {
-            fem_tests::seed_ca(ca_dir.path(), d.path());
-        }
         let conf = tempfile::tempdir().unwrap();
         let config = mcp_config(conf.path(), "");
-        let plain = SocketAddr::new(b.ip(), 9260);
+        let plain = SocketAddr::new(host(261).ip(), 9260);
         let plain_s = plain.to_string();
-        let (to_a, to_b) = ([a], [b]);
         let envs = [
             ("FEM_CONFIG", config.as_str()),
             ("FEM_MCP_LISTEN", plain_s.as_str()),
         ];
-        let (pa, pb) = tokio::join!(
-            fem_tests::mesh_broker_proc(a, da.path(), &ca, &to_b, "2s"),
-            fem_tests::mesh_broker_proc_with(b, db.path(), &ca, &to_a, "2s", &[], &envs)
-        );
-        for x in [a, b] {
-            assert!(
-                ready_within(x, &ca, Duration::from_secs(20)).await,
-                "{x} not ready:\n{}\n{}",
-                pa.output(),
-                pb.output()
-            );
-        }
+        let (_brokers, [a, b], ca_dir, _dirs) =
+            fem_tests::meshed_pair(260, &envs, Duration::from_secs(20)).await;
+        let ca = ca_dir.path().join("tls/ca.pem");
         // fem-coder behind A; the MCP client enters at B.
         let work = tempfile::tempdir().unwrap();
         let _coder = coder("coder-260", a, &ca, work.path()).await;

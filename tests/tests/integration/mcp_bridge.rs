@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use fem_tests::{Proc, host, https_get, log_field, run_fem};
+use fem_tests::{Proc, log_field, run_fem};
 use serde_json::Value;
 use serde_json::json;
 
@@ -25,17 +25,6 @@ use crate::bounded;
 
 const AGENT: &str = "mcp-time-240";
 const TOOL: &str = "time.get_current_time";
-
-async fn ready_within(addr: SocketAddr, ca: &Path, within: Duration) -> bool {
-    let end = tokio::time::Instant::now() + within;
-    while tokio::time::Instant::now() < end {
-        if https_get(addr, ca, "/ready").await.0 == 200 {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
-}
 
 /// An MCP server (stdio) offering `add_tool(name)`, which adds a tool
 /// `name` answering its own name and announces the changed list; the
@@ -67,38 +56,6 @@ async def add_tool(name: str, ctx: Context) -> str:
 
 app.run()
 "#;
-
-/// Two meshed broker processes on hosts `n` and `n + 1`, ready.
-async fn two_brokers(
-    n: u16,
-) -> (
-    Vec<Proc>,
-    [SocketAddr; 2],
-    tempfile::TempDir,
-    Vec<tempfile::TempDir>,
-) {
-    let (a, b) = (host(n), host(n + 1));
-    let ca_dir = fem_tests::shared_ca();
-    let ca = ca_dir.path().join("tls/ca.pem");
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    for d in [&da, &db] {
-        fem_tests::seed_ca(ca_dir.path(), d.path());
-    }
-    let (to_b, to_a) = ([b], [a]);
-    let (pa, pb) = tokio::join!(
-        fem_tests::mesh_broker_proc(a, da.path(), &ca, &to_b, "2s"),
-        fem_tests::mesh_broker_proc(b, db.path(), &ca, &to_a, "2s")
-    );
-    for x in [a, b] {
-        assert!(
-            ready_within(x, &ca, Duration::from_secs(20)).await,
-            "{x} not ready:\n{}\n{}",
-            pa.output(),
-            pb.output()
-        );
-    }
-    (vec![pa, pb], [a, b], ca_dir, vec![da, db])
-}
 
 fn python_has(module: &str) -> bool {
     std::process::Command::new("python3")
@@ -198,23 +155,17 @@ async fn mcp_bridge_relays_through_the_mesh_and_survives_its_child_dying() {
             python_has("mcp_server_time"),
             "this test needs the MCP server mcp-server-time: pip install mcp-server-time"
         );
-        let (_brokers, [a, b], ca_dir, _dirs) = two_brokers(240).await;
+        let (_brokers, [a, b], ca_dir, _dirs) =
+            fem_tests::meshed_pair(240, &[], Duration::from_secs(20)).await;
         let ca = ca_dir.path().join("tls/ca.pem");
 
         let keys = tempfile::tempdir().unwrap();
-        let key = keys.path().join("bridge.key");
-        let url_a = format!("https://{a}");
-        let mut bridge = Proc::spawn(
-            "fem-mcp-bridge",
+        let mut bridge = fem_tests::mcp_bridge_proc(
+            AGENT,
+            a,
+            &ca,
+            keys.path(),
             &[
-                "--broker",
-                &url_a,
-                "--ca",
-                ca.to_str().unwrap(),
-                "--agent",
-                AGENT,
-                "--key",
-                key.to_str().unwrap(),
                 "--capability",
                 "time",
                 // A long first restart delay: the test calls while the child is down.
@@ -224,14 +175,14 @@ async fn mcp_bridge_relays_through_the_mesh_and_survives_its_child_dying() {
                 "8s",
                 "--call-timeout",
                 "15s",
-                "--",
+            ],
+            &[
                 "python3",
                 "-m",
                 "mcp_server_time",
                 "--local-timezone",
                 "UTC",
             ],
-            &[],
         );
         let started = bridge
             .wait_for("MCP server started", Duration::from_secs(60))
@@ -297,24 +248,11 @@ fn growing_bridge(
 ) -> Proc {
     let script = dir.join("growing.py");
     std::fs::write(&script, GROWING_SERVER).unwrap();
-    let key = dir.join(format!("{agent}.key"));
-    let url = format!("https://{broker}");
-    let mut args = vec![
-        "--broker",
-        &url,
-        "--ca",
-        ca.to_str().unwrap(),
-        "--agent",
-        agent,
-        "--key",
-        key.to_str().unwrap(),
-        "--capability",
-        "grow",
-    ];
+    let mut args = vec!["--capability", "grow"];
     args.extend_from_slice(extra);
-    args.extend_from_slice(&["--", "python3", script.to_str().unwrap()]);
-    args.extend_from_slice(initial_tools);
-    Proc::spawn("fem-mcp-bridge", &args, &[])
+    let mut command = vec!["python3", script.to_str().unwrap()];
+    command.extend_from_slice(initial_tools);
+    fem_tests::mcp_bridge_proc(agent, broker, ca, dir, &args, &command)
 }
 
 #[tokio::test]
@@ -324,7 +262,8 @@ async fn mcp_bridge_follows_a_changed_tool_list_and_refuses_colliding_names() {
             python_has("mcp.server.mcpserver"),
             "this test needs the mcp Python SDK 2.x: pip install mcp-server-time"
         );
-        let (_brokers, [a, b], ca_dir, _dirs) = two_brokers(242).await;
+        let (_brokers, [a, b], ca_dir, _dirs) =
+            fem_tests::meshed_pair(242, &[], Duration::from_secs(20)).await;
         let ca = ca_dir.path().join("tls/ca.pem");
         let work = tempfile::tempdir().unwrap();
 

@@ -18,11 +18,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fem_tests::{Proc, host};
+use fem_tests::host;
 use serde_json::Value;
 
 use crate::bounded;
-use crate::mcp::{names, python_client, ready_within};
+use crate::mcp::{names, python_client};
 
 /// Scenarios a gateway of tools must pass (see docs/mcp.md).
 const MUST_PASS: &[&str] = &[
@@ -54,33 +54,6 @@ fn install_dir() -> Option<PathBuf> {
         PathBuf::from,
     );
     dir.join("node_modules/.bin/node").exists().then_some(dir)
-}
-
-/// A bridge `agent` behind `broker` with `args` before `--` and `command` after.
-fn bridge(
-    agent: &str,
-    broker: SocketAddr,
-    ca: &Path,
-    keys: &Path,
-    args: &[&str],
-    command: &[&str],
-) -> Proc {
-    let url = format!("https://{broker}");
-    let key = keys.join(format!("{agent}.key"));
-    let mut all = vec![
-        "--broker",
-        &url,
-        "--ca",
-        ca.to_str().unwrap(),
-        "--agent",
-        agent,
-        "--key",
-        key.to_str().unwrap(),
-    ];
-    all.extend_from_slice(args);
-    all.push("--");
-    all.extend_from_slice(command);
-    Proc::spawn("fem-mcp-bridge", &all, &[])
 }
 
 /// Each scenario's outcome from the suite's result directories: passed when
@@ -116,37 +89,20 @@ async fn the_mcp_conformance_suite_against_a_gateway_of_the_federation() {
         return;
     };
     bounded(300, async {
-        let (a, b) = (host(345), host(346));
-        let ca_dir = fem_tests::shared_ca();
-        let ca = ca_dir.path().join("tls/ca.pem");
-        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        for d in [&da, &db] {
-            fem_tests::seed_ca(ca_dir.path(), d.path());
-        }
         // B: development trust (no principal, no token: the suite sends
         // none) and the plain loopback listener.
-        let plain = SocketAddr::new(b.ip(), 9346);
+        let plain = SocketAddr::new(host(346).ip(), 9346);
         let plain_s = plain.to_string();
-        let (to_a, to_b) = ([a], [b]);
         let envs = [("FEM_MCP_LISTEN", plain_s.as_str())];
-        let (pa, pb) = tokio::join!(
-            fem_tests::mesh_broker_proc(a, da.path(), &ca, &to_b, "2s"),
-            fem_tests::mesh_broker_proc_with(b, db.path(), &ca, &to_a, "2s", &[], &envs)
-        );
-        for x in [a, b] {
-            assert!(
-                ready_within(x, &ca, Duration::from_secs(20)).await,
-                "{x} not ready:\n{}\n{}",
-                pa.output(),
-                pb.output()
-            );
-        }
+        let (_brokers, [a, _b], ca_dir, _dirs) =
+            fem_tests::meshed_pair(345, &envs, Duration::from_secs(20)).await;
+        let ca = ca_dir.path().join("tls/ca.pem");
         let keys = tempfile::tempdir().unwrap();
         let node = dir.join("node_modules/.bin/node");
         let node = node.to_str().unwrap();
         let everything =
             dir.join("node_modules/@modelcontextprotocol/server-everything/dist/index.js");
-        let _everything = bridge(
+        let _everything = fem_tests::mcp_bridge_proc(
             "everything-345",
             a,
             &ca,
@@ -161,7 +117,7 @@ async fn the_mcp_conformance_suite_against_a_gateway_of_the_federation() {
         let mut args: Vec<&str> = renames.iter().map(String::as_str).collect();
         args.extend(["--capability", "conformance"]);
         let tools_py = concat!(env!("CARGO_MANIFEST_DIR"), "/conformance_tools.py");
-        let _tools = bridge(
+        let _tools = fem_tests::mcp_bridge_proc(
             "conformance-345",
             a,
             &ca,

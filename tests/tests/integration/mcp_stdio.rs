@@ -1,6 +1,6 @@
 //! `fem mcp`, the stdio MCP server that forwards to a broker's `/mcp`,
 //! driven by the official MCP Python SDK's stdio client
-//! (tests/mcp_stdio_client.py) in both protocol eras, through a view, and
+//! (tests/mcp_client.py with a command) in both protocol eras, through a view, and
 //! with the broker down. Hosts 340 and 341.
 
 use std::path::Path;
@@ -20,7 +20,7 @@ async fn stdio_client(client_args: &[&str], fem_args: &[&str]) -> Value {
     let mut args = client_args.to_vec();
     args.extend(["--", fem.to_str().unwrap(), "mcp"]);
     args.extend_from_slice(fem_args);
-    python_client("mcp_stdio_client.py", &args).await
+    python_client("mcp_client.py", &args).await
 }
 
 /// Runs `fem mcp ARGS` with `input` on stdin (then closed); returns the

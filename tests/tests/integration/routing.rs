@@ -11,11 +11,10 @@
 //!   other and one of the duplicate links is closed.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use fem_proto::{CapabilityPattern, Target};
-use fem_tests::{Proc, caller, echo_agent, host, https_get};
+use fem_tests::{Proc, caller, echo_agent, host, ready_within};
 use serde_json::json;
 
 use crate::bounded;
@@ -53,17 +52,6 @@ async fn three_brokers(
         );
     }
     (procs, addrs.to_vec(), ca_dir, dirs)
-}
-
-async fn ready_within(addr: SocketAddr, ca: &Path, within: Duration) -> bool {
-    let end = tokio::time::Instant::now() + within;
-    while tokio::time::Instant::now() < end {
-        if https_get(addr, ca, "/ready").await.0 == 200 {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
 }
 
 fn by_capability() -> Target {
@@ -170,28 +158,9 @@ async fn calls_in_flight_to_remote_agents_balance_the_load() {
 #[tokio::test]
 async fn ready_once_links_are_up_although_both_ends_dial() {
     bounded(150, async {
-        let ca_dir = fem_tests::shared_ca();
-        let ca = ca_dir.path().join("tls/ca.pem");
         // Both brokers list each other, so two links open and one is closed.
         for round in 0..4u16 {
-            let (a, b) = (host(128 + 2 * round), host(129 + 2 * round));
-            let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-            for d in [&da, &db] {
-                fem_tests::seed_ca(ca_dir.path(), d.path());
-            }
-            let (to_b, to_a) = ([b], [a]);
-            let (pa, pb) = tokio::join!(
-                fem_tests::mesh_broker_proc(a, da.path(), &ca, &to_b, "2s"),
-                fem_tests::mesh_broker_proc(b, db.path(), &ca, &to_a, "2s")
-            );
-            for x in [a, b] {
-                assert!(
-                    ready_within(x, &ca, Duration::from_secs(15)).await,
-                    "round {round}: {x} stayed not ready with its link up:\n{}\n{}",
-                    pa.output(),
-                    pb.output()
-                );
-            }
+            let _pair = fem_tests::meshed_pair(128 + 2 * round, &[], Duration::from_secs(15)).await;
         }
     })
     .await;

@@ -30,6 +30,20 @@ fn grant(
     call: &[&str],
     deny: &[&str],
 ) -> SignedGrant {
+    grant_body(subject, ids, offer, call, deny)
+        .sign(issuer, None)
+        .unwrap()
+}
+
+/// The unsigned grant of [`grant`], valid for an hour, for tests that
+/// change a field before signing.
+fn grant_body(
+    subject: &SigningKey,
+    ids: &[&str],
+    offer: &[&str],
+    call: &[&str],
+    deny: &[&str],
+) -> Grant {
     Grant {
         version: 1,
         id: rand_id(),
@@ -49,8 +63,6 @@ fn grant(
         operator: false,
         delegate: false,
     }
-    .sign(issuer, None)
-    .unwrap()
 }
 
 fn rand_id() -> [u8; 16] {
@@ -893,20 +905,8 @@ async fn operator_grants_open_the_views_and_revoke() {
         let (addr, ca) = (b.broker.local_addr(), b.ca());
         let ops_key = SigningKey::generate();
         let operator_grant = Grant {
-            version: 1,
-            id: rand_id(),
-            subject: ops_key.public_key(),
-            role: Role::Agent,
-            issued_ms: now(),
-            expires_ms: now() + 3_600_000,
-            register: vec![IdPattern::new("ops-*").unwrap()],
-            offer: Vec::new(),
-            offer_ids: Vec::new(),
-            call: Vec::new(),
-            deny: Vec::new(),
-            rate: None,
             operator: true,
-            delegate: false,
+            ..grant_body(&ops_key, &["ops-*"], &[], &[], &[])
         }
         .sign(&op, None)
         .unwrap();
@@ -1013,23 +1013,8 @@ async fn a_session_ends_when_its_grant_expires() {
         let b = trusted_broker(173, &op).await;
         let k = SigningKey::generate();
         let short = Grant {
-            version: 1,
-            id: rand_id(),
-            subject: k.public_key(),
-            role: Role::Agent,
-            issued_ms: now(),
             expires_ms: now() + 1_500,
-            register: vec![IdPattern::new("short-*").unwrap()],
-            offer: vec![
-                CapabilityPattern::new("echo.*").unwrap(),
-                CapabilityPattern::new("echo").unwrap(),
-            ],
-            offer_ids: Vec::new(),
-            call: Vec::new(),
-            deny: Vec::new(),
-            rate: None,
-            operator: false,
-            delegate: false,
+            ..grant_body(&k, &["short-*"], &["echo.*", "echo"], &[], &[])
         }
         .sign(&op, None)
         .unwrap();
