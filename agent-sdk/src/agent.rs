@@ -13,6 +13,7 @@ use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::caller::{Client, CloseOnDrop};
 use crate::connection::{Inner, connection_task, lock};
+use crate::tool::Progress;
 use crate::{AgentMetrics, Options, SdkError, Tool, ToolError, ToolRequest};
 
 /// Builds and connects an agent.
@@ -118,6 +119,7 @@ async fn start(b: AgentBuilder, opts: Options) -> Result<Client, SdkError> {
         opts,
         writer: Mutex::new(None),
         pending: Mutex::new(HashMap::new()),
+        running: Mutex::new(HashMap::new()),
         acks: Mutex::new(HashMap::new()),
         subs: Mutex::new(HashMap::new()),
         tools: Mutex::new(tools),
@@ -280,42 +282,63 @@ pub(crate) fn serve_call(
     }
     let inner = Arc::clone(inner);
     let sem = Arc::clone(sem);
+    // A cancel from the broker aborts the call wherever it is: waiting for
+    // a slot or in its handler.
+    let (abort, registration) = futures::future::AbortHandle::new_pair();
+    lock(&inner.running).insert(call.request_id, abort);
     // Debug level, as at the broker: a span per call is costly at info.
     let span = tracing::debug_span!("call", request = %call.request_id, tool = %call.tool, caller = %caller);
     tokio::spawn(
         async move {
             let m = inner.metrics.clone();
-            if let Some(m) = &m {
-                m.queue_length.inc();
-            }
-            let _permit = sem.acquire_owned().await;
-            if let Some(m) = &m {
-                m.queue_length.dec();
-                m.calls_in_flight.inc();
-            }
-            let started = Instant::now();
-            let req = ToolRequest {
-                caller: caller.clone(),
-                caller_key: signer,
-                request_id: call.request_id,
-                tool: call.tool.clone(),
-                params,
-                deadline: Instant::now() + budget,
+            let request_id = call.request_id;
+            let run = async {
+                let queued = m.as_ref().map(|m| GaugeUp::new(&m.queue_length));
+                let _permit = sem.acquire_owned().await;
+                drop(queued);
+                let _running = m.as_ref().map(|m| GaugeUp::new(&m.calls_in_flight));
+                let started = Instant::now();
+                let req = ToolRequest {
+                    caller: caller.clone(),
+                    caller_key: signer,
+                    request_id,
+                    tool: call.tool.clone(),
+                    params,
+                    deadline: Instant::now() + budget,
+                    progress: Progress {
+                        inner: Arc::downgrade(&inner),
+                        epoch,
+                        request_id,
+                    },
+                };
+                let outcome = match tokio::time::timeout(budget, (tool.handler)(req)).await {
+                    Ok(Ok(v)) => ToolOutcome::Success(JsonText::from_value(&v)),
+                    Ok(Err(ToolError { code, message })) => ToolOutcome::Error { code, message },
+                    Err(_) => ToolOutcome::Error {
+                        code: ErrorCode::Timeout,
+                        message: format!("handler exceeded {} ms", budget.as_millis()),
+                    },
+                };
+                (outcome, started)
             };
-            let outcome = match tokio::time::timeout(budget, (tool.handler)(req)).await {
-                Ok(Ok(v)) => ToolOutcome::Success(JsonText::from_value(&v)),
-                Ok(Err(ToolError { code, message })) => ToolOutcome::Error { code, message },
-                Err(_) => ToolOutcome::Error {
-                    code: ErrorCode::Timeout,
-                    message: format!("handler exceeded {} ms", budget.as_millis()),
-                },
+            let served = futures::future::Abortable::new(run, registration).await;
+            // Before the result leaves: the broker may reuse the request id
+            // for another call once it has the result.
+            lock(&inner.running).remove(&request_id);
+            let Ok((outcome, started)) = served else {
+                if let Some(m) = &m {
+                    m.tool_calls
+                        .with_label_values(&[call.tool.as_str(), "CANCELLED"])
+                        .inc();
+                }
+                debug!("call cancelled; no result sent");
+                return;
             };
             let label = match &outcome {
                 ToolOutcome::Success(_) => "ok",
                 ToolOutcome::Error { code, .. } => code.as_str(),
             };
             if let Some(m) = &m {
-                m.calls_in_flight.dec();
                 let labels = [call.tool.as_str(), label];
                 m.tool_execution_duration
                     .with_label_values(&labels)
@@ -328,7 +351,7 @@ pub(crate) fn serve_call(
                 epoch,
                 format,
                 ToolResult {
-                    request_id: call.request_id,
+                    request_id,
                     caller,
                     outcome,
                 },
@@ -336,4 +359,20 @@ pub(crate) fn serve_call(
         }
         .instrument(span),
     );
+}
+
+/// Raises a gauge for as long as it lives (a cancelled call lowers it too).
+struct GaugeUp<'a>(&'a prometheus::IntGauge);
+
+impl<'a> GaugeUp<'a> {
+    fn new(g: &'a prometheus::IntGauge) -> Self {
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for GaugeUp<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use fem_proto::{
     AgentId, Body, Capability, CapabilityPattern, DiscoverTools, DiscoveredTool, EmbodimentUpdate,
-    EmitEvent, Envelope, ErrorCode, Frame, Header, JsonText, Nonce, PublicKey, RequestId, Revoke,
-    SignedEnvelope, SigningKey, Target, ToolCall,
+    EmitEvent, Envelope, ErrorCode, Frame, Header, JsonText, Nonce, ProgressUpdate, PublicKey,
+    RequestId, Revoke, SignedEnvelope, SigningKey, Target, ToolCall,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -38,6 +38,28 @@ pub(crate) struct CloseOnDrop(pub(crate) tokio::sync::watch::Sender<bool>);
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
         let _ = self.0.send(true);
+    }
+}
+
+/// A call waiting for its answer: if it is dropped (or gives up) first, it
+/// leaves the pending table and the broker is asked to cancel it.
+struct CancelOnDrop<'a> {
+    inner: &'a Inner,
+    request_id: RequestId,
+    epoch: u64,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if !self.armed || lock(&self.inner.pending).remove(&self.request_id).is_none() {
+            return;
+        }
+        if let Some(w) = self.inner.writer(self.epoch) {
+            let _ = w.try_send(Frame::Cancel {
+                request_id: self.request_id,
+            });
+        }
     }
 }
 
@@ -110,6 +132,8 @@ impl Client {
     }
 
     /// Calls `tool` on `target`; the broker answers TIMEOUT at the deadline.
+    /// Dropping the future before the answer cancels the call: the broker
+    /// answers it `CANCELLED` and the agent running it is told to stop.
     ///
     /// # Errors
     /// As [`Client::call`].
@@ -119,6 +143,35 @@ impl Client {
         tool: &str,
         params: serde_json::Value,
         timeout: Duration,
+    ) -> Result<serde_json::Value, CallError> {
+        self.call_inner(target, tool, params, timeout, None).await
+    }
+
+    /// As [`Client::call_with_timeout`], sending the progress the agent
+    /// reports to `progress` as it comes (updates are dropped while the
+    /// channel is full).
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub async fn call_with_progress(
+        &self,
+        target: Target,
+        tool: &str,
+        params: serde_json::Value,
+        timeout: Duration,
+        progress: mpsc::Sender<ProgressUpdate>,
+    ) -> Result<serde_json::Value, CallError> {
+        self.call_inner(target, tool, params, timeout, Some(progress))
+            .await
+    }
+
+    async fn call_inner(
+        &self,
+        target: Target,
+        tool: &str,
+        params: serde_json::Value,
+        timeout: Duration,
+        progress: Option<mpsc::Sender<ProgressUpdate>>,
     ) -> Result<serde_json::Value, CallError> {
         let tool = Capability::new(tool)
             .map_err(|e| CallError::local(ErrorCode::BadRequest, e.to_string()))?;
@@ -133,7 +186,7 @@ impl Client {
             deadline_ms,
             audience: lock(&self.inner.broker_id).clone(),
         }))?;
-        self.request(request_id, signed, timeout).await
+        self.request(request_id, signed, timeout, progress).await
     }
 
     async fn request(
@@ -141,6 +194,7 @@ impl Client {
         request_id: RequestId,
         signed: SignedEnvelope,
         timeout: Duration,
+        progress: Option<mpsc::Sender<ProgressUpdate>>,
     ) -> Result<serde_json::Value, CallError> {
         let max = self
             .inner
@@ -157,9 +211,21 @@ impl Client {
         }
         let (epoch, writer) = self.connection()?;
         let (tx, rx) = oneshot::channel();
-        lock(&self.inner.pending).insert(request_id, PendingCall { epoch, tx });
+        lock(&self.inner.pending).insert(
+            request_id,
+            PendingCall {
+                epoch,
+                tx,
+                progress,
+            },
+        );
+        let mut unanswered = CancelOnDrop {
+            inner: &self.inner,
+            request_id,
+            epoch,
+            armed: true,
+        };
         if writer.send(Frame::Envelope(signed)).await.is_err() {
-            lock(&self.inner.pending).remove(&request_id);
             return Err(CallError::local(
                 ErrorCode::AgentUnavailable,
                 "connection closed",
@@ -168,18 +234,18 @@ impl Client {
         // The broker answers TIMEOUT at the deadline; the local timer only
         // guards against a broker that never answers.
         match tokio::time::timeout(timeout + Duration::from_secs(2), rx).await {
-            Ok(Ok(r)) => r,
+            Ok(Ok(r)) => {
+                unanswered.armed = false;
+                r
+            }
             Ok(Err(_)) => Err(CallError::local(
                 ErrorCode::AgentUnavailable,
                 "connection closed",
             )),
-            Err(_) => {
-                lock(&self.inner.pending).remove(&request_id);
-                Err(CallError::local(
-                    ErrorCode::Timeout,
-                    "no answer from the broker",
-                ))
-            }
+            Err(_) => Err(CallError::local(
+                ErrorCode::Timeout,
+                "no answer from the broker",
+            )),
         }
     }
 
@@ -242,7 +308,7 @@ impl Client {
             cursor,
         }))?;
         let v = self
-            .request(request_id, signed, self.inner.opts.call_timeout)
+            .request(request_id, signed, self.inner.opts.call_timeout, None)
             .await?;
         let page: Page = serde_json::from_value(v)
             .map_err(|e| CallError::local(ErrorCode::Internal, e.to_string()))?;

@@ -27,6 +27,8 @@ pub(crate) type AckTx = oneshot::Sender<Result<(), CallError>>;
 pub(crate) struct PendingCall {
     pub(crate) epoch: u64,
     pub(crate) tx: oneshot::Sender<Reply>,
+    /// Where the call's progress updates go, if the caller asked for them.
+    pub(crate) progress: Option<mpsc::Sender<fem_proto::ProgressUpdate>>,
 }
 
 pub(crate) struct Inner {
@@ -38,6 +40,9 @@ pub(crate) struct Inner {
     /// (no silent re-execution). Senders hand frames straight to it.
     pub(crate) writer: Mutex<Option<(u64, mpsc::Sender<Frame>)>>,
     pub(crate) pending: Mutex<HashMap<RequestId, PendingCall>>,
+    /// Calls this agent is serving, by request id: a `cancel` frame from the
+    /// broker aborts the handler (dropping its future).
+    pub(crate) running: Mutex<HashMap<RequestId, futures::future::AbortHandle>>,
     pub(crate) acks: Mutex<HashMap<Nonce, (u64, AckTx)>>,
     pub(crate) subs: Mutex<HashMap<Capability, Vec<mpsc::Sender<Event>>>>,
     /// Shared with the calls in flight, so serving a call copies no spec.

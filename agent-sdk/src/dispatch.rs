@@ -329,6 +329,24 @@ pub(crate) fn handle_inbound(
             warn!(%code, %reason, "broker denied the session");
             false
         }
+        Frame::Cancel { request_id } => {
+            // The caller cancelled (or left): the handler's future is
+            // dropped, which for fem-coder kills the process group it runs.
+            if let Some(h) = lock(&inner.running).remove(&request_id) {
+                debug!(request = %request_id, "call cancelled by the broker");
+                h.abort();
+            }
+            true
+        }
+        Frame::Progress { request_id, update } => {
+            if let Some(tx) = lock(&inner.pending)
+                .get(&request_id)
+                .and_then(|c| c.progress.clone())
+            {
+                let _ = tx.try_send(update);
+            }
+            true
+        }
         Frame::Envelope(_) | Frame::Subscribe { .. } | Frame::Unsubscribe { .. } => {
             debug!("ignoring a client-only frame from the broker");
             true
@@ -399,7 +417,14 @@ mod tests {
         for n in 0..4u64 {
             let id = RequestId::random();
             let (tx, rx) = oneshot::channel();
-            lock(&inner.pending).insert(id, PendingCall { epoch: 1, tx });
+            lock(&inner.pending).insert(
+                id,
+                PendingCall {
+                    epoch: 1,
+                    tx,
+                    progress: None,
+                },
+            );
             waiting.push((id, rx));
             let mut f = result(&agent, id, n);
             if n == 2

@@ -47,4 +47,4 @@ pub use fem_net::{BrokerUrl, NetError, Transport, Trust, keys, tls, wire};
 pub use fem_proto as proto;
 pub use metrics::AgentMetrics;
 pub use options::Options;
-pub use tool::{Tool, ToolError, ToolRequest};
+pub use tool::{Progress, Tool, ToolError, ToolRequest};

@@ -25,6 +25,47 @@ pub struct ToolRequest {
     pub params: serde_json::Value,
     /// When the caller stops waiting.
     pub deadline: Instant,
+    /// Reports progress to the caller.
+    pub progress: Progress,
+}
+
+/// Reports a call's progress to its caller (through the brokers, which
+/// forward at most 20 updates a second per call and drop the rest).
+#[derive(Clone)]
+pub struct Progress {
+    pub(crate) inner: std::sync::Weak<crate::connection::Inner>,
+    pub(crate) epoch: u64,
+    pub(crate) request_id: RequestId,
+}
+
+impl fmt::Debug for Progress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Progress")
+            .field("request_id", &self.request_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Progress {
+    /// Sends `progress` (and the `total`, when known, and a short message)
+    /// to the caller. Never blocks: dropped when the connection's queue is
+    /// full or the connection is gone.
+    pub fn report(&self, progress: f64, total: Option<f64>, message: Option<String>) {
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let update = fem_proto::ProgressUpdate {
+            progress,
+            total,
+            message,
+        };
+        if let (Some(update), Some(w)) = (update.checked(), inner.writer(self.epoch)) {
+            let _ = w.try_send(fem_proto::Frame::Progress {
+                request_id: self.request_id,
+                update,
+            });
+        }
+    }
 }
 
 /// A typed tool failure.

@@ -64,7 +64,9 @@ pub(crate) fn weight(f: &Frame) -> usize {
             | Frame::Nack { message: m, .. }
             | Frame::Error { message: m, .. } => m.len(),
             Frame::Grant(g) => g.chain.iter().map(|l| l.body.len() + 96).sum(),
+            Frame::Progress { update, .. } => update.message.as_ref().map_or(0, String::len),
             Frame::Accepted(_)
+            | Frame::Cancel { .. }
             | Frame::Heartbeat { .. }
             | Frame::HeartbeatAck { .. }
             | Frame::Ack { .. }

@@ -47,6 +47,8 @@ pub enum ErrorCode {
     SlowConsumer,
     /// An internal error in the broker or agent.
     Internal,
+    /// The caller cancelled the call (or went away) before its answer.
+    Cancelled,
     /// A code this build does not know.
     Unknown(u16),
 }
@@ -70,6 +72,7 @@ const CODES: &[(ErrorCode, u16, &str)] = &[
     (ErrorCode::TooManyConnections, 16, "TOO_MANY_CONNECTIONS"),
     (ErrorCode::SlowConsumer, 17, "SLOW_CONSUMER"),
     (ErrorCode::Internal, 18, "INTERNAL"),
+    (ErrorCode::Cancelled, 19, "CANCELLED"),
 ];
 
 impl ErrorCode {

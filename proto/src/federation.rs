@@ -139,8 +139,27 @@ pub enum FedFrame {
     /// The sender's broker grant, sent before its hello when it has one
     /// (required by brokers with a trust anchor).
     Grant(crate::grant::SignedGrant),
+    /// The call relayed as `id` was cancelled where it entered: stop it and
+    /// send nothing back. Only to peers that announce [`CANCEL_FEATURE`].
+    RelayCancel {
+        /// The relay id of the call.
+        id: u64,
+    },
+    /// Progress of the call relayed as `id`, on its way back to the caller.
+    /// Only to peers that announce [`CANCEL_FEATURE`].
+    RelayProgress {
+        /// The relay id of the call.
+        id: u64,
+        /// The update.
+        update: crate::frame::ProgressUpdate,
+    },
 }
 
 /// The feature a broker announces in registerBroker when it relays calls
 /// with `RelayCall` (a link to a broker without it is refused).
 pub const RELAY_FEATURE: &str = "relay/2";
+
+/// The feature a broker announces when it understands `RelayCancel` and
+/// `RelayProgress` (a peer without it is not sent them: postcard cannot skip
+/// a variant it does not know).
+pub const CANCEL_FEATURE: &str = "cancel/1";

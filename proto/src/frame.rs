@@ -127,6 +127,63 @@ pub enum Frame {
     /// the grant of a caller, sent before that caller's first call reaches
     /// the session, so the agent can check the call end to end.
     Grant(crate::grant::SignedGrant),
+    /// Cancel a call. Caller to broker: the session's own call `request_id`
+    /// (the broker answers it `CANCELLED` and forgets it). Broker to agent:
+    /// stop the call the session is running under `request_id`; no answer
+    /// is expected. Unsigned: only the session that made a call can cancel
+    /// it, and a broker that could forge a cancel could drop the call anyway.
+    Cancel {
+        /// The call.
+        request_id: RequestId,
+    },
+    /// Progress of a call in flight. Agent to broker for the call it runs
+    /// under `request_id`; broker to caller for its call. Advisory and
+    /// unsigned, like a cancel: brokers drop updates that come too fast.
+    Progress {
+        /// The call.
+        request_id: RequestId,
+        /// The update.
+        update: ProgressUpdate,
+    },
+}
+
+/// How far a call has come, as the agent reports it (the fields of MCP's
+/// `notifications/progress`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProgressUpdate {
+    /// Progress so far; should increase with every update.
+    pub progress: f64,
+    /// The total, when known.
+    pub total: Option<f64>,
+    /// A short human message.
+    pub message: Option<String>,
+}
+
+// Frames compare numbers bit for bit once `checked` has refused NaN.
+impl Eq for ProgressUpdate {}
+
+impl ProgressUpdate {
+    /// Longest message forwarded, in bytes.
+    pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+    /// The update if its numbers are finite, with its message cut to
+    /// [`Self::MAX_MESSAGE_BYTES`] at a character boundary.
+    pub fn checked(mut self) -> Option<Self> {
+        if !self.progress.is_finite() || self.total.is_some_and(|t| !t.is_finite()) {
+            return None;
+        }
+        if let Some(m) = &mut self.message
+            && m.len() > Self::MAX_MESSAGE_BYTES
+        {
+            let mut end = Self::MAX_MESSAGE_BYTES;
+            while !m.is_char_boundary(end) {
+                end -= 1;
+            }
+            m.truncate(end);
+        }
+        Some(self)
+    }
 }
 
 /// Appends the length-prefixed encoding of `frame` to `out`.

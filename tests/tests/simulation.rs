@@ -27,7 +27,12 @@
 //! 3. no call reached an agent twice (checked as it happens);
 //! 4. once faults stop, every broker's routes equal the live agents (each
 //!    through the broker that holds it) within [`CONVERGE`];
-//! 5. no pending call, queued call, slot or remote load is left at the end.
+//! 5. no pending call, queued call, slot or remote load is left at the end;
+//! 6. a call its caller cancelled while its entry broker held it is answered
+//!    `CANCELLED` (cancels are forwarded to agents, which mostly stop and
+//!    sometimes answer anyway, racing the cancel);
+//! 7. progress reaches only the caller of the call, and never after its
+//!    terminal answer.
 //!
 //! Load spreading is checked by its own scenario below.
 
@@ -42,8 +47,8 @@ use fem_broker::route::{
 };
 use fem_proto::{
     Accepted, AgentId, Body, Capability, CapabilityPattern, Envelope, FedFrame, Frame, Header,
-    JsonText, Nonce, RequestId, SignedEnvelope, SigningKey, Target, ToolCall, ToolOutcome,
-    ToolResult, ToolSpec,
+    JsonText, Nonce, ProgressUpdate, RequestId, SignedEnvelope, SigningKey, Target, ToolCall,
+    ToolOutcome, ToolResult, ToolSpec,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -125,9 +130,13 @@ struct CallRecord {
     deadline: Micros,
     /// Terminal answers the caller saw (must end as exactly one).
     answers: u32,
-    /// (event index, time, was the agent's result) of each terminal answer
-    /// the entry router emitted.
-    emitted: Vec<(u64, Micros, bool)>,
+    /// (event index, time, was the agent's result, was CANCELLED) of each
+    /// terminal answer the entry router emitted.
+    emitted: Vec<(u64, Micros, bool, bool)>,
+    /// Event index at which the entry router was handed the caller's cancel.
+    cancel_at: Option<u64>,
+    /// The entry router was handed the call.
+    filed: bool,
     /// Event index at which the entry router was first handed the result.
     result_at_entry: Option<u64>,
     deliveries: u32,
@@ -187,6 +196,16 @@ enum Ev {
     CallerStart {
         caller: usize,
     },
+    Cancel {
+        conn: Conn,
+        request_id: RequestId,
+        caller: usize,
+    },
+    AgentProgress {
+        agent: usize,
+        conn: Conn,
+        request_id: RequestId,
+    },
 }
 
 struct Sim {
@@ -216,6 +235,20 @@ struct Sim {
     caller_share: u8,
     /// Print route messages and link changes (`FEM_SIM_TRACE=1`).
     trace: bool,
+    /// Draws for cancels and progress, apart from `rng`.
+    aux: StdRng,
+    /// Calls agents are running: (agent, request) -> told to stop.
+    running: BTreeMap<(usize, RequestId), bool>,
+    /// Cancels and progress updates that reached agents and callers.
+    stats: Stats,
+}
+
+/// What the cancel and progress paths did over a run (so a run that never
+/// exercised them does not pass silently).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Stats {
+    cancels_to_agents: u64,
+    progress_to_callers: u64,
 }
 
 fn id(s: &str) -> AgentId {
@@ -334,6 +367,9 @@ impl Sim {
             slow: 0.1,
             caller_share: 50,
             trace: std::env::var_os("FEM_SIM_TRACE").is_some(),
+            aux: StdRng::seed_from_u64(seed ^ 0xca9ce1),
+            running: BTreeMap::new(),
+            stats: Stats::default(),
         }
     }
 
@@ -472,10 +508,12 @@ impl Sim {
 
     /// Records a terminal answer emitted by a call's entry broker.
     fn note_emitted(&mut self, b: usize, to: ClientId, frame: &Frame) {
-        let (request, is_result) = match frame {
-            Frame::CallFailed { request_id, .. } => (*request_id, false),
+        let (request, is_result, cancelled) = match frame {
+            Frame::CallFailed {
+                request_id, code, ..
+            } => (*request_id, false, *code == fem_proto::ErrorCode::Cancelled),
             Frame::Deliver { envelope, .. } => match envelope.open().map(|e| e.body) {
-                Ok(Body::ToolResult(r)) => (r.request_id, true),
+                Ok(Body::ToolResult(r)) => (r.request_id, true, false),
                 _ => return,
             },
             _ => return,
@@ -489,7 +527,7 @@ impl Sim {
             && rec.entry == b
             && is_caller
         {
-            rec.emitted.push((events, now, is_result));
+            rec.emitted.push((events, now, is_result, cancelled));
         }
     }
 
@@ -537,12 +575,13 @@ impl Sim {
         }
         let (na, nb) = (self.brokers[a].name.clone(), self.brokers[b].name.clone());
         let initiator = na.clone();
+        let features = [fem_proto::CANCEL_FEATURE.to_owned()];
         let mut ups = Vec::new();
         self.with_router(a, |r, now| {
-            ups.push(r.link_up(now, la, nb, initiator.clone(), None))
+            ups.push(r.link_up(now, la, nb, initiator.clone(), None, &features))
         });
         self.with_router(b, |r, now| {
-            ups.push(r.link_up(now, lb, na, initiator, None))
+            ups.push(r.link_up(now, lb, na, initiator, None, &features))
         });
         if ups.iter().any(|u| *u != LinkUp::Accepted) {
             self.violation(format!(
@@ -774,12 +813,25 @@ impl Sim {
                 deadline: deadline_ms * MS,
                 answers: 0,
                 emitted: Vec::new(),
+                cancel_at: None,
+                filed: false,
                 result_at_entry: None,
                 deliveries: 0,
                 lost: false,
             },
         );
         self.callers[i].outstanding.insert(request_id);
+        if self.aux.gen_bool(0.15) {
+            let t = self.now + self.aux.gen_range(MS..=2 * SEC);
+            self.at(
+                t,
+                Ev::Cancel {
+                    conn,
+                    request_id,
+                    caller: i,
+                },
+            );
+        }
         self.fifo(
             (3, conn.broker, usize::try_from(conn.client.0).unwrap_or(0)),
             50,
@@ -905,6 +957,12 @@ impl Sim {
                     FedFrame::RelayFailed { id, code, message } => {
                         self.with_router(to, |r, now| r.relay_failed(now, link, id, code, message));
                     }
+                    FedFrame::RelayCancel { id } => {
+                        self.with_router(to, |r, now| r.relay_cancel(now, link, id));
+                    }
+                    FedFrame::RelayProgress { id, update } => {
+                        self.with_router(to, |r, now| r.relay_progress(now, link, id, update));
+                    }
                     other => self.with_router(to, |r, _| r.link_frame(link, other)),
                 }
             }
@@ -995,6 +1053,9 @@ impl Sim {
                 }
                 let name = self.callers[caller].name.clone();
                 let key = self.callers[caller].key.public_key();
+                if let Some(rec) = self.calls.get_mut(&call.request_id) {
+                    rec.filed = true;
+                }
                 self.with_router(conn.broker, |r, now| {
                     r.call(
                         now,
@@ -1039,6 +1100,14 @@ impl Sim {
             } => {
                 if self.agents[agent].conn != Some(conn) {
                     return; // crashed while running it
+                }
+                let told_to_stop = self
+                    .running
+                    .remove(&(agent, call.request_id))
+                    .unwrap_or(false);
+                // Mostly stopped; sometimes the result was already on its way.
+                if told_to_stop && self.aux.gen_bool(0.8) {
+                    return;
                 }
                 let result = ToolResult {
                     request_id: call.request_id,
@@ -1089,11 +1158,66 @@ impl Sim {
                     self.connect_caller(caller);
                 }
             }
+            Ev::Cancel {
+                conn,
+                request_id,
+                caller,
+            } => {
+                if !self.conn_live(conn) || self.callers[caller].conn != Some(conn) {
+                    return;
+                }
+                // A session's frames are ordered: the cancel follows its call.
+                if self.calls.get(&request_id).is_some_and(|r| !r.filed) {
+                    let t = self.now + MS;
+                    self.at(
+                        t,
+                        Ev::Cancel {
+                            conn,
+                            request_id,
+                            caller,
+                        },
+                    );
+                    return;
+                }
+                let idx = self.events;
+                if let Some(rec) = self.calls.get_mut(&request_id)
+                    && rec.entry == conn.broker
+                {
+                    rec.cancel_at = Some(idx);
+                }
+                self.with_router(conn.broker, |r, now| r.cancel(now, conn.client, request_id));
+            }
+            Ev::AgentProgress {
+                agent,
+                conn,
+                request_id,
+            } => {
+                if self.agents[agent].conn != Some(conn)
+                    || !self.running.contains_key(&(agent, request_id))
+                {
+                    return;
+                }
+                let update = ProgressUpdate {
+                    progress: 1.0,
+                    total: Some(2.0),
+                    message: Some("halfway".into()),
+                };
+                self.with_router(conn.broker, |r, now| {
+                    r.progress(now, conn.client, request_id, update);
+                });
+            }
         }
     }
 
     fn client_receives(&mut self, conn: Conn, frame: Frame) {
         if let Some(i) = self.agents.iter().position(|a| a.conn == Some(conn)) {
+            if let Frame::Cancel { request_id } = frame {
+                if let Some(told) = self.running.get_mut(&(i, request_id)) {
+                    *told = true;
+                    self.stats.cancels_to_agents += 1;
+                }
+                return;
+            }
             let Frame::Deliver { envelope, .. } = frame else {
                 return;
             };
@@ -1117,6 +1241,18 @@ impl Sim {
                 ));
             }
             *self.served.entry(name).or_default() += 1;
+            self.running.insert((i, request), false);
+            if self.aux.gen_bool(0.3) {
+                let t = self.now + self.aux.gen_range(MS..=20 * MS);
+                self.at(
+                    t,
+                    Ev::AgentProgress {
+                        agent: i,
+                        conn,
+                        request_id: request,
+                    },
+                );
+            }
             // Mostly fast; some slow enough to miss their deadline.
             let service = if self.rng.gen_bool(self.slow) {
                 self.rng.gen_range(500 * MS..=4 * SEC)
@@ -1141,6 +1277,16 @@ impl Sim {
         let request = match &frame {
             Frame::Accepted(_) => {
                 self.callers[i].registered = true;
+                return;
+            }
+            Frame::Progress { request_id, .. } => {
+                if self.callers[i].outstanding.contains(request_id) {
+                    self.stats.progress_to_callers += 1;
+                } else {
+                    self.violation(format!(
+                        "progress of call {request_id} reached a caller without it outstanding"
+                    ));
+                }
                 return;
             }
             Frame::CallFailed { request_id, .. } => *request_id,
@@ -1316,7 +1462,15 @@ impl Sim {
                     rec.emitted.len()
                 ));
             }
-            if let Some(&(idx, t, is_result)) = rec.emitted.first() {
+            if let (Some(&(idx, _, _, cancelled)), Some(c)) = (rec.emitted.first(), rec.cancel_at)
+                && idx >= c
+                && !cancelled
+            {
+                found.push(format!(
+                    "call {req}: cancelled while pending at its entry broker but answered otherwise"
+                ));
+            }
+            if let Some(&(idx, t, is_result, _)) = rec.emitted.first() {
                 let pauses = &self.brokers[rec.entry].pauses;
                 let allowed = pauses
                     .iter()
@@ -1346,7 +1500,7 @@ impl Sim {
 
 /// Runs one seeded scenario; returns (calls, simulated seconds, events
 /// handled) or the violations.
-fn run_seed(seed: u64) -> Result<(usize, u64, u64), String> {
+fn run_seed(seed: u64) -> Result<(usize, u64, u64, Stats), String> {
     let mut pick = StdRng::seed_from_u64(seed ^ 0x5eed);
     let n = pick.gen_range(2..=8);
     let topology = match pick.gen_range(0..3) {
@@ -1415,7 +1569,7 @@ fn run_seed(seed: u64) -> Result<(usize, u64, u64), String> {
     }
     let simulated = (sim.now - T0) / SEC;
     if sim.violations.is_empty() {
-        Ok((sim.calls.len(), simulated, sim.events))
+        Ok((sim.calls.len(), simulated, sim.events, sim.stats))
     } else {
         Err(format!(
             "seed {} ({topology:?}, {n} brokers, {n_agents} agents, {n_callers} callers):\n  {}",
@@ -1439,22 +1593,33 @@ fn simulation_of_the_federation_under_faults() {
         }
     };
     let (mut calls, mut simulated, mut failures) = (0usize, 0u64, Vec::new());
+    let mut stats = Stats::default();
     for seed in &seeds {
         match run_seed(*seed) {
-            Ok((c, s, _)) => {
+            Ok((c, s, _, st)) => {
                 calls += c;
                 simulated += s;
+                stats.cancels_to_agents += st.cancels_to_agents;
+                stats.progress_to_callers += st.progress_to_callers;
             }
             Err(e) => failures.push(e),
         }
     }
     println!(
-        "simulation: {} seeds, {calls} calls, {:.1} simulated hours, {:.1} s wall time, {} failed",
+        "simulation: {} seeds, {calls} calls, {:.1} simulated hours, {:.1} s wall time, {} failed; {} cancels reached agents, {} progress updates reached callers",
         seeds.len(),
         simulated as f64 / 3600.0,
         started.elapsed().as_secs_f64(),
-        failures.len()
+        failures.len(),
+        stats.cancels_to_agents,
+        stats.progress_to_callers,
     );
+    if seeds.len() > 50 {
+        assert!(
+            stats.cancels_to_agents > 0 && stats.progress_to_callers > 0,
+            "the runs never exercised cancels or progress: {stats:?}"
+        );
+    }
     assert!(
         failures.is_empty(),
         "{} of {} seeds failed; replay one with FEM_SIM_SEED=N:\n{}",
@@ -1547,6 +1712,8 @@ fn simulation_load_spreads_across_brokers() {
                     deadline: call.deadline_ms * MS,
                     answers: 0,
                     emitted: Vec::new(),
+                    cancel_at: None,
+                    filed: false,
                     result_at_entry: None,
                     deliveries: 0,
                     lost: false,

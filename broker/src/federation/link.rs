@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use fem_net::wire::{FrameReader, write_loop};
 use fem_proto::{
-    AgentId, Body, Envelope, EnvelopeType, ErrorCode, FedFrame, Header, PublicKey, RELAY_FEATURE,
-    RegisterBroker, SignedEnvelope,
+    AgentId, Body, CANCEL_FEATURE, Envelope, EnvelopeType, ErrorCode, FedFrame, Header, PublicKey,
+    RELAY_FEATURE, RegisterBroker, SignedEnvelope,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -58,7 +58,7 @@ fn hello(shared: &Shared) -> Result<FedFrame, fem_proto::ProtoError> {
             broker_id: shared.config.broker_id.clone(),
             endpoint: format!("https://{}", shared.config.listen),
             public_key: shared.broker_key,
-            capabilities: vec!["relay".into(), RELAY_FEATURE.into()],
+            capabilities: vec!["relay".into(), RELAY_FEATURE.into(), CANCEL_FEATURE.into()],
         }),
     );
     Ok(FedFrame::Hello(SignedEnvelope::sign(
@@ -70,10 +70,11 @@ fn hello(shared: &Shared) -> Result<FedFrame, fem_proto::ProtoError> {
 const MYSELF: &str = "a link to myself";
 
 /// Checks a peer's Hello: signature, freshness, allowed key, not ourselves.
+/// Returns the peer's id, key and announced features.
 fn check_hello(
     shared: &Shared,
     f: Option<FedFrame>,
-) -> Result<(AgentId, PublicKey), (ErrorCode, String)> {
+) -> Result<(AgentId, PublicKey, Vec<String>), (ErrorCode, String)> {
     let Some(FedFrame::Hello(signed)) = f else {
         return Err((
             ErrorCode::NotRegistered,
@@ -140,7 +141,7 @@ fn check_hello(
             ),
         ));
     }
-    Ok((rb.broker_id, rb.public_key))
+    Ok((rb.broker_id, rb.public_key, rb.capabilities))
 }
 
 /// With a trust anchor, a peer must hold a broker grant for its id and key;
@@ -216,14 +217,14 @@ where
     let (peer_grant, first) = tokio::time::timeout(Duration::from_secs(5), handshake)
         .await
         .unwrap_or((None, None));
-    let checked = check_hello(&shared, first).and_then(|(peer, key)| {
+    let checked = check_hello(&shared, first).and_then(|(peer, key, features)| {
         let advertise = check_peer_grant(&shared, &peer, &key, peer_grant)?;
-        Ok((peer, key, advertise))
+        Ok((peer, key, features, advertise))
     });
-    let (peer, advertise) = match checked {
-        Ok((peer, key, advertise)) => {
+    let (peer, features, advertise) = match checked {
+        Ok((peer, key, features, advertise)) => {
             shared.fed.linked.insert(peer.clone(), key);
-            (peer, advertise)
+            (peer, features, advertise)
         }
         Err((ErrorCode::BadRequest, reason)) if reason == MYSELF => {
             conn.close(2u32.into(), b"myself");
@@ -251,7 +252,7 @@ where
     let span = info_span!("link", %peer, initiator);
     async move {
         let (link, handle) = shared.add_link(fed_tx.clone());
-        if shared.route(|r, now| r.link_up(now, link, peer.clone(), opener, advertise))
+        if shared.route(|r, now| r.link_up(now, link, peer.clone(), opener, advertise, &features))
             == LinkUp::Duplicate
         {
             debug!("duplicate link; keeping the existing one");
@@ -343,6 +344,10 @@ fn handle_frame(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>,
         } => relay_back(shared, link, id, signer, envelope),
         FedFrame::RelayFailed { id, code, message } => {
             shared.route(|r, now| r.relay_failed(now, link, id, code, message));
+        }
+        FedFrame::RelayCancel { id } => shared.route(|r, now| r.relay_cancel(now, link, id)),
+        FedFrame::RelayProgress { id, update } => {
+            shared.route(|r, now| r.relay_progress(now, link, id, update));
         }
         FedFrame::Ping { seq } => {
             let _ = tx.try_send(FedFrame::Pong { seq });

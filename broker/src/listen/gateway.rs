@@ -161,7 +161,7 @@ async fn serve(s: Arc<Shared>, body: Bytes, want: EnvelopeType, endpoint: &str) 
     }
     let answer = match admitted.env.body {
         Body::ToolCall(c) => {
-            call_once(&s, &c, |reply| Incoming {
+            call_once(&s, &c, None, |reply| Incoming {
                 reply,
                 caller: &sender,
                 caller_key: req.public_key,
@@ -205,18 +205,32 @@ async fn serve(s: Arc<Shared>, body: Bytes, want: EnvelopeType, endpoint: &str) 
 /// Routes an admitted toolCall for a caller without a session (the gateway,
 /// MCP) through a one-answer client, and waits for its answer until the
 /// call's deadline (capped by the broker's) plus a margin. `incoming` builds
-/// the call with the client's reply target. `None`: no answer in time.
+/// the call with the client's reply target; progress updates on the way go
+/// to `progress` (dropped when it is full). Dropping the future before the
+/// answer (the HTTP client went away) cancels the call in the mesh.
+/// `None`: no answer in time.
 pub(crate) async fn call_once<'a>(
     s: &Shared,
     call: &fem_proto::ToolCall,
+    progress: Option<tokio::sync::mpsc::Sender<fem_proto::ProgressUpdate>>,
     incoming: impl FnOnce(ReplyTo) -> Incoming<'a>,
 ) -> Option<Frame> {
     let wait = Duration::from_millis(call.deadline_ms.saturating_sub(fem_proto::now_ms()))
         .min(s.config.max_call_timeout);
-    once(s, wait, |r, now, client| {
-        r.call(now, incoming(ReplyTo::Client(client)));
-    })
-    .await
+    let mut once = OneAnswer::open(s, Some(call.request_id));
+    let client = once.client;
+    s.route(|r, now| r.call(now, incoming(ReplyTo::Client(client))));
+    let end = tokio::time::Instant::now() + wait + Duration::from_secs(5);
+    loop {
+        match once.next(end).await? {
+            Frame::Progress { update, .. } => {
+                if let Some(p) = &progress {
+                    let _ = p.try_send(update);
+                }
+            }
+            answer => return Some(once.done(answer)),
+        }
+    }
 }
 
 /// Answers discoverTools for a caller without a session, filtered by its
@@ -226,22 +240,58 @@ pub(crate) async fn discover_once(
     q: &fem_proto::DiscoverTools,
     grant: Option<&fem_proto::Grant>,
 ) -> Option<Frame> {
-    once(s, Duration::from_secs(5), |r, _, client| {
-        r.discover(client, q, grant);
-    })
-    .await
+    let mut once = OneAnswer::open(s, None);
+    let client = once.client;
+    s.route(|r, _| r.discover(client, q, grant));
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    let answer = once.next(end).await?;
+    Some(once.done(answer))
 }
 
-/// A one-answer client: the broker answers it like any other caller.
-async fn once(
-    s: &Shared,
-    wait: Duration,
-    f: impl FnOnce(&mut crate::route::Router, crate::route::Micros, ClientId),
-) -> Option<Frame> {
-    let (tx, mut rx) = s.outbox();
-    let (client, _handle) = s.add_client(tx);
-    s.route(|r, now| f(r, now, client));
-    let answer = tokio::time::timeout(wait + Duration::from_secs(5), rx.recv()).await;
-    s.remove_client(client);
-    answer.ok().flatten().map(crate::budget::Queued::into_frame)
+/// A one-answer client: the broker answers it like any other caller. It
+/// leaves the router when dropped; before its answer, that also cancels
+/// its call.
+struct OneAnswer<'s> {
+    s: &'s Shared,
+    client: ClientId,
+    rx: tokio::sync::mpsc::Receiver<crate::budget::Queued>,
+    /// The call to cancel if the answer never came.
+    call: Option<fem_proto::RequestId>,
+}
+
+impl<'s> OneAnswer<'s> {
+    fn open(s: &'s Shared, call: Option<fem_proto::RequestId>) -> Self {
+        let (tx, rx) = s.outbox();
+        let (client, _handle) = s.add_client(tx);
+        Self {
+            s,
+            client,
+            rx,
+            call,
+        }
+    }
+
+    async fn next(&mut self, end: tokio::time::Instant) -> Option<Frame> {
+        tokio::time::timeout_at(end, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
+            .map(crate::budget::Queued::into_frame)
+    }
+
+    /// The terminal answer came: nothing left to cancel.
+    fn done(&mut self, answer: Frame) -> Frame {
+        self.call = None;
+        answer
+    }
+}
+
+impl Drop for OneAnswer<'_> {
+    fn drop(&mut self) {
+        if let Some(request_id) = self.call {
+            let client = self.client;
+            self.s.route(|r, now| r.cancel(now, client, request_id));
+        }
+        self.s.remove_client(self.client);
+    }
 }

@@ -421,6 +421,12 @@ async fn serve<R: AsyncRead + Unpin>(
                 shared.route(|r, _| r.unsubscribe(&me.id, &topic));
                 send(Frame::Ack { nonce });
             }
+            Frame::Cancel { request_id } => {
+                shared.route(|r, now| r.cancel(now, me.client, request_id));
+            }
+            Frame::Progress { request_id, update } => {
+                shared.route(|r, now| r.progress(now, me.client, request_id, update));
+            }
             other => {
                 let message = format!("unexpected frame from a client: {}", frame_name(&other));
                 shared
@@ -453,6 +459,8 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Unsubscribe { .. } => "unsubscribe",
         Frame::Error { .. } => "error",
         Frame::Grant(_) => "grant",
+        Frame::Cancel { .. } => "cancel",
+        Frame::Progress { .. } => "progress",
     }
 }
 

@@ -338,6 +338,7 @@ pub(crate) async fn call(
     caller: &Caller,
     name: &str,
     arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    progress: Option<tokio::sync::mpsc::Sender<fem_proto::ProgressUpdate>>,
 ) -> Result<Outcome, McpFailure> {
     let p = &caller.principal;
     let cred = match credential(s, p) {
@@ -382,7 +383,7 @@ pub(crate) async fn call(
         Ok(e) => e,
         Err(e) => return Ok(failed(s, e.code(), format!("signing the call: {e}"))),
     };
-    let answer = crate::listen::gateway::call_once(s, &call, |reply| Incoming {
+    let answer = crate::listen::gateway::call_once(s, &call, progress, |reply| Incoming {
         reply,
         caller: &p.id,
         caller_key: p.public,

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use axum::response::Response;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorData,
-    Implementation, ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig,
-    Tool,
+    Implementation, ListToolsResult, PaginatedRequestParams, ProgressNotificationParam,
+    ServerCapabilities, ServerConfig, Tool,
 };
 use rmcp::service::RequestContext;
 use rmcp::transport::streamable_http_server::session::never::NeverSessionManager;
@@ -122,9 +122,43 @@ impl ServerHandler for Handler {
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let caller = caller(&ctx)?;
-        let outcome = super::call(&self.shared, &caller, &request.name, request.arguments)
-            .await
-            .map_err(protocol_error)?;
+        // Progress reaches the client only when it asked for it; rmcp then
+        // answers on an SSE stream instead of one JSON body.
+        let token = ctx.meta.get_progress_token();
+        let (tx, mut updates) = tokio::sync::mpsc::channel(16);
+        let call = super::call(
+            &self.shared,
+            &caller,
+            &request.name,
+            request.arguments,
+            token.is_some().then_some(tx),
+        );
+        tokio::pin!(call);
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut call => break outcome.map_err(protocol_error)?,
+                Some(u) = updates.recv() => {
+                    if let Some(t) = &token {
+                        let mut p = ProgressNotificationParam::new(t.clone(), u.progress);
+                        if let Some(total) = u.total {
+                            p = p.with_total(total);
+                        }
+                        if let Some(m) = u.message {
+                            p = p.with_message(m);
+                        }
+                        let _ = ctx.peer.notify_progress(p).await;
+                    }
+                }
+                // The client went away or cancelled: dropping the call
+                // cancels it in the mesh.
+                () = ctx.ct.cancelled() => {
+                    return Err(ErrorData::internal_error(
+                        "cancelled",
+                        Some(json!({"code": "CANCELLED"})),
+                    ));
+                }
+            }
+        };
         let result = match outcome {
             Outcome::Ok(v) => CallToolResult::success(vec![ContentBlock::text(v.to_string())]),
             Outcome::Failed { code, message } => {

@@ -218,7 +218,14 @@ struct LinkState {
     initiator: AgentId,
     /// Agent ids the peer's grant lets it advertise (None: unrestricted).
     advertise: Option<Vec<fem_proto::IdPattern>>,
+    /// The peer understands `RelayCancel` and `RelayProgress`.
+    cancels: bool,
 }
+
+/// Progress updates of one call are forwarded at most this often (20 a
+/// second): they are advisory, and an agent flooding them must not fill its
+/// callers' queues.
+const PROGRESS_INTERVAL: Micros = 50_000;
 
 enum Answer {
     Result {
@@ -395,7 +402,136 @@ impl Router {
             .agent_queue_length
             .remove_label_values(&[agent.id.as_str()]);
         self.fail_session_calls(client, now, "agent disconnected with the call in flight");
+        // A caller that leaves cancels what it asked for, so agents stop
+        // work nobody will read and free their slots.
+        let made = self.pending.select(|p| p.reply == ReplyTo::Client(client));
+        for id in made {
+            self.cancel_call(id, now, "the caller disconnected");
+        }
         self.local_changed(now);
+    }
+
+    /// The client cancels its call `request_id` (a session's `cancel`
+    /// frame, or a gateway or MCP request whose HTTP client went away).
+    /// Unknown or finished calls are ignored.
+    pub fn cancel(&mut self, now: Micros, client: ClientId, request_id: RequestId) {
+        if let Some(id) = self.pending.from_client(client, request_id) {
+            self.cancel_call(id, now, "cancelled by the caller");
+        }
+    }
+
+    /// The peer on `link` cancels the call it relayed as `relay`.
+    pub fn relay_cancel(&mut self, now: Micros, link: LinkId, relay: u64) {
+        if let Some(id) = self.pending.from_link(link, relay) {
+            self.cancel_call(id, now, "cancelled where the call entered the mesh");
+        }
+    }
+
+    /// Ends a call as `CANCELLED` and tells whoever runs it to stop: the
+    /// agent's session (if the call reached it) or the next broker.
+    fn cancel_call(&mut self, id: CallId, now: Micros, why: &str) {
+        let Some(p) = self.pending.get(id) else {
+            return;
+        };
+        match &p.target {
+            CallTarget::Local { session, .. } if p.waiting.is_none() => {
+                self.out.push_back(Output::Send {
+                    to: *session,
+                    frame: Frame::Cancel {
+                        request_id: p.request_id,
+                    },
+                });
+            }
+            CallTarget::Local { .. } => {}
+            CallTarget::Remote { link, .. } => {
+                if self.link_cancels(*link) {
+                    self.out.push_back(Output::Link {
+                        to: *link,
+                        frame: FedFrame::RelayCancel { id: id.0 },
+                    });
+                }
+            }
+        }
+        debug!(request = %p.request_id, why, "call cancelled");
+        self.finish(
+            id,
+            now,
+            Answer::Failed {
+                code: ErrorCode::Cancelled,
+                message: why.to_owned(),
+            },
+        );
+    }
+
+    /// Progress from the agent on `client` for the call it runs under
+    /// `request_id`, forwarded towards the caller (at most one update per
+    /// [`PROGRESS_INTERVAL`]; non-finite numbers dropped).
+    pub fn progress(
+        &mut self,
+        now: Micros,
+        client: ClientId,
+        request_id: RequestId,
+        update: fem_proto::ProgressUpdate,
+    ) {
+        if let Some(id) = self.pending.local(client, request_id) {
+            self.forward_progress(id, now, update);
+        }
+    }
+
+    /// Progress relayed back over `link` for the call this broker relayed as `relay`.
+    pub fn relay_progress(
+        &mut self,
+        now: Micros,
+        link: LinkId,
+        relay: u64,
+        update: fem_proto::ProgressUpdate,
+    ) {
+        let id = CallId(relay);
+        let ours = self
+            .pending
+            .get(id)
+            .is_some_and(|p| matches!(&p.target, CallTarget::Remote { link: l, .. } if *l == link));
+        if ours {
+            self.forward_progress(id, now, update);
+        }
+    }
+
+    fn forward_progress(&mut self, id: CallId, now: Micros, update: fem_proto::ProgressUpdate) {
+        let Some(update) = update.checked() else {
+            return;
+        };
+        let Some(p) = self.pending.get_mut(id) else {
+            return;
+        };
+        if p.progressed.is_some_and(|at| now < at + PROGRESS_INTERVAL) {
+            self.metrics
+                .limit_hits
+                .with_label_values(&["progress_rate"])
+                .inc();
+            return;
+        }
+        p.progressed = Some(now);
+        let (reply, request_id) = (p.reply, p.request_id);
+        let out = match reply {
+            ReplyTo::Client(to) => Output::Send {
+                to,
+                frame: Frame::Progress { request_id, update },
+            },
+            ReplyTo::Link { link, relay } if self.link_cancels(link) => Output::Link {
+                to: link,
+                frame: FedFrame::RelayProgress { id: relay, update },
+            },
+            ReplyTo::Link { .. } => return,
+        };
+        self.out.push_back(out);
+    }
+
+    /// True when the peer on `link` understands cancels and progress.
+    fn link_cancels(&self, link: LinkId) -> bool {
+        self.link_peer
+            .get(&link)
+            .and_then(|peer| self.links.get(peer))
+            .is_some_and(|l| l.id == link && l.cancels)
     }
 
     /// Applies an embodimentUpdate of the agent on `client` (tools already validated).
@@ -543,6 +679,7 @@ impl Router {
             deadline,
             holds_slot: slot,
             waiting: None,
+            progressed: None,
         });
         let Some(id) = filed else {
             let agent = target.agent();
@@ -1308,6 +1445,7 @@ impl Router {
         peer: AgentId,
         initiator: AgentId,
         advertise: Option<Vec<fem_proto::IdPattern>>,
+        features: &[String],
     ) -> LinkUp {
         if let Some(old) = self.links.get(&peer) {
             let winner = std::cmp::min(&self.cfg.broker_id, &peer);
@@ -1324,6 +1462,7 @@ impl Router {
                 id: link,
                 initiator,
                 advertise,
+                cancels: features.iter().any(|f| f == fem_proto::CANCEL_FEATURE),
             },
         );
         self.link_peer.insert(link, peer.clone());
@@ -1351,6 +1490,13 @@ impl Router {
             |t| matches!(t, CallTarget::Remote { link: l, .. } if *l == link),
             "link to the agent's broker lost",
         );
+        // Calls the peer relayed here have no one to answer any more.
+        let relayed = self
+            .pending
+            .select(|p| matches!(p.reply, ReplyTo::Link { link: l, .. } if l == link));
+        for id in relayed {
+            self.cancel_call(id, now, "the peer that relayed the call is gone");
+        }
         let changes = self.routes.peer_lost(&peer);
         self.routes_changed(changes);
     }

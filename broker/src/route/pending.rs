@@ -51,14 +51,32 @@ pub(crate) struct Pending {
     pub(crate) holds_slot: bool,
     /// The frame to deliver, kept while the call waits for a slot.
     pub(crate) waiting: Option<Frame>,
+    /// When the last progress update was forwarded (rate limit).
+    pub(crate) progressed: Option<Micros>,
 }
 
-/// The pending table, its index by (agent session, request id), and the
-/// deadline heap.
+/// Who may cancel a call: the client that made it, by its request id, or
+/// the peer that relayed it, by its relay id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Origin {
+    Client(ClientId, RequestId),
+    Link(LinkId, u64),
+}
+
+fn origin(p: &Pending) -> Origin {
+    match p.reply {
+        ReplyTo::Client(c) => Origin::Client(c, p.request_id),
+        ReplyTo::Link { link, relay } => Origin::Link(link, relay),
+    }
+}
+
+/// The pending table, its indexes by (agent session, request id) and by
+/// origin, and the deadline heap.
 #[derive(Debug, Default)]
 pub(crate) struct PendingTable {
     calls: HashMap<CallId, Pending>,
     by_local: HashMap<(ClientId, RequestId), CallId>,
+    by_origin: HashMap<Origin, CallId>,
     deadlines: BinaryHeap<Reverse<(Micros, CallId)>>,
     next: u64,
 }
@@ -81,6 +99,18 @@ impl PendingTable {
         self.by_local.get(&(session, request_id)).copied()
     }
 
+    /// The call `client` made under `request_id`.
+    pub(crate) fn from_client(&self, client: ClientId, request_id: RequestId) -> Option<CallId> {
+        self.by_origin
+            .get(&Origin::Client(client, request_id))
+            .copied()
+    }
+
+    /// The call the peer on `link` relayed as `relay`.
+    pub(crate) fn from_link(&self, link: LinkId, relay: u64) -> Option<CallId> {
+        self.by_origin.get(&Origin::Link(link, relay)).copied()
+    }
+
     /// Files a call; `None` when the same agent session already has a call
     /// with this request id in flight.
     pub(crate) fn insert(&mut self, p: Pending) -> Option<CallId> {
@@ -93,6 +123,8 @@ impl PendingTable {
             }
             self.by_local.insert(key, id);
         }
+        // A caller reusing a request id cancels only its latest call.
+        self.by_origin.insert(origin(&p), id);
         self.deadlines.push(Reverse((p.deadline, id)));
         self.calls.insert(id, p);
         Some(id)
@@ -102,6 +134,10 @@ impl PendingTable {
         let p = self.calls.remove(&id)?;
         if let CallTarget::Local { session, .. } = &p.target {
             self.by_local.remove(&(*session, p.request_id));
+        }
+        let o = origin(&p);
+        if self.by_origin.get(&o) == Some(&id) {
+            self.by_origin.remove(&o);
         }
         // Answered calls leave their heap entry until it is due; when they
         // outnumber the calls in flight, drop them, so the heap follows the
