@@ -10,7 +10,8 @@ revision; or `legacy`: the `initialize` handshake), lists the tools and
 calls one, then prints one JSON object on stdout:
 
     {"protocol": "...", "tools": [{"name", "description", "inputSchema"}],
-     "call": {"isError": bool, "text": [...]} | {"error": {"code", "message"}}}
+     "call": {"isError": bool, "text": [...]} | {"error": {"code", "message"}},
+     "progress": [{"progress", "total", "message"}]}   (with --progress)
 
 A failure to connect prints {"connectError": "..."} and exits 0, so the test
 can assert on it.
@@ -63,8 +64,19 @@ async def run(args: argparse.Namespace, command: list[str]) -> dict:
                 for t in listed.tools
             ]
             if args.call:
+                updates: list = []
+
+                async def on_progress(progress, total, message):
+                    updates.append({"progress": progress, "total": total, "message": message})
+
                 try:
-                    r = await client.call_tool(args.call, json.loads(args.arguments))
+                    r = await client.call_tool(
+                        args.call,
+                        json.loads(args.arguments),
+                        progress_callback=on_progress if args.progress else None,
+                    )
+                    if args.progress:
+                        out["progress"] = updates
                     texts = [c.text for c in r.content if getattr(c, "type", "") == "text"]
                     out["call"] = {"isError": bool(r.is_error), "text": texts}
                 except MCPError as e:
@@ -93,6 +105,9 @@ def main() -> int:
     p.add_argument("--mode", default="auto", choices=["auto", "legacy"])
     p.add_argument("--call", help="tool to call after listing")
     p.add_argument("--arguments", default="{}", help="JSON arguments of the call")
+    p.add_argument(
+        "--progress", action="store_true", help="ask for progress; print the updates as \"progress\""
+    )
     args = p.parse_args(argv)
     if not command and not args.url:
         p.error("give --url, or a server command after --")

@@ -339,7 +339,10 @@ async fn relay(up: &Up, name: &str, req: ToolRequest) -> Result<Value, ToolError
         }
     };
     let budget = req.deadline.saturating_duration_since(Instant::now());
-    match tokio::time::timeout(budget, caller.call(name, arguments)).await {
+    let reporter = req.progress.clone();
+    let progress: crate::mcp::OnProgress =
+        Arc::new(move |done, total, message| reporter.report(done, total, message));
+    match tokio::time::timeout(budget, caller.call(name, arguments, Some(progress))).await {
         Err(_) => Err(ToolError::new(
             ErrorCode::Timeout,
             format!(

@@ -2,11 +2,19 @@
 //! SDK touches this file alone. Everything leaves it as plain data
 //! ([`McpTool`], [`CallOutcome`], JSON values) or as an [`McpError`].
 
+use std::collections::HashMap;
 use std::ffi::OsString;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rmcp::model::{CallToolRequestParams, ClientCapabilities, ClientConfig, Implementation};
-use rmcp::service::{NotificationContext, RunningServiceCancellationToken, ServiceError};
+use rmcp::model::{
+    CallToolRequest, CallToolRequestParams, CancelledNotificationParam, ClientCapabilities,
+    ClientConfig, ClientRequest, Implementation, ProgressNotificationParam, ProgressToken,
+    RequestId, ServerResult,
+};
+use rmcp::service::{
+    NotificationContext, PeerRequestOptions, RunningServiceCancellationToken, ServiceError,
+};
 use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
 use rmcp::{ClientHandler, Peer, RoleClient, ServiceExt as _};
 use tokio::sync::{mpsc, oneshot};
@@ -153,16 +161,38 @@ pub(crate) struct CallOutcome {
     pub(crate) content: Vec<serde_json::Value>,
 }
 
+/// Receives a call's progress: (progress, total, message).
+pub(crate) type OnProgress = Arc<dyn Fn(f64, Option<f64>, Option<String>) + Send + Sync>;
+
+/// Calls in flight that want their progress, by the token of their request.
+type ProgressRoutes = Arc<Mutex<HashMap<ProgressToken, OnProgress>>>;
+
+fn routes(r: &ProgressRoutes) -> std::sync::MutexGuard<'_, HashMap<ProgressToken, OnProgress>> {
+    r.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Sends a unit on `changed` whenever the server announces that its tool
-/// list changed.
+/// list changed, and hands progress notifications to their calls.
 struct Handler {
     changed: mpsc::Sender<()>,
+    progress: ProgressRoutes,
 }
 
 impl ClientHandler for Handler {
     async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
         // A full channel already holds a pending re-list.
         let _ = self.changed.try_send(());
+    }
+
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        let route = routes(&self.progress).get(&params.progress_token).cloned();
+        if let Some(report) = route {
+            report(params.progress, params.total, params.message);
+        }
     }
 
     async fn on_custom_notification(
@@ -182,9 +212,41 @@ impl ClientHandler for Handler {
 }
 
 /// A cheap handle for requests to one running server session.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub(crate) struct McpCaller {
     peer: Peer<RoleClient>,
+    progress: ProgressRoutes,
+}
+
+impl std::fmt::Debug for McpCaller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("McpCaller").finish_non_exhaustive()
+    }
+}
+
+/// A request in flight: dropped before its answer (the FEM call was
+/// cancelled), it sends `notifications/cancelled`; it also unregisters the
+/// request's progress route.
+struct InFlight {
+    peer: Peer<RoleClient>,
+    progress: ProgressRoutes,
+    token: ProgressToken,
+    id: Option<RequestId>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        routes(&self.progress).remove(&self.token);
+        if let Some(id) = self.id.take() {
+            let peer = self.peer.clone();
+            tokio::spawn(async move {
+                let reason = Some("cancelled by the FEM caller".to_owned());
+                let _ = peer
+                    .notify_cancelled(CancelledNotificationParam::new(Some(id), reason))
+                    .await;
+            });
+        }
+    }
 }
 
 impl McpCaller {
@@ -211,7 +273,9 @@ impl McpCaller {
         Ok(out)
     }
 
-    /// Calls tool `name` with `arguments` (a JSON object, or none).
+    /// Calls tool `name` with `arguments` (a JSON object, or none); the
+    /// server's progress notifications for it go to `progress`. Dropping the
+    /// future before the answer cancels the request at the server.
     ///
     /// # Errors
     /// [`McpError`]: [`McpError::Closed`] when the server is gone,
@@ -220,10 +284,30 @@ impl McpCaller {
         &self,
         name: &str,
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
+        progress: Option<OnProgress>,
     ) -> Result<CallOutcome, McpError> {
         let mut params = CallToolRequestParams::new(name.to_owned());
         params.arguments = arguments;
-        let r = self.peer.call_tool(params).await?;
+        let request = ClientRequest::CallToolRequest(CallToolRequest::new(params));
+        let handle = self
+            .peer
+            .send_cancellable_request(request, PeerRequestOptions::no_options())
+            .await?;
+        let mut in_flight = InFlight {
+            peer: self.peer.clone(),
+            progress: self.progress.clone(),
+            token: handle.progress_token.clone(),
+            id: Some(handle.id.clone()),
+        };
+        if let Some(p) = progress {
+            routes(&self.progress).insert(handle.progress_token.clone(), p);
+        }
+        let answer = handle.await_response().await;
+        in_flight.id = None;
+        let r = match answer? {
+            ServerResult::CallToolResult(r) => r,
+            _ => return Err(McpError::from(ServiceError::UnexpectedResponse)),
+        };
         let content = r
             .content
             .iter()
@@ -257,7 +341,11 @@ impl Session {
         spec: &ServerSpec,
         changed: mpsc::Sender<()>,
     ) -> Result<Self, McpError> {
-        let handler = Handler { changed };
+        let progress = ProgressRoutes::default();
+        let handler = Handler {
+            changed,
+            progress: progress.clone(),
+        };
         match spec {
             ServerSpec::Command { program, args } => {
                 let mut cmd = tokio::process::Command::new(program);
@@ -292,7 +380,7 @@ impl Session {
                         return Err(McpError::StartTimeout(START_TIMEOUT));
                     }
                 };
-                Ok(Self::running(running, pid))
+                Ok(Self::running(running, pid, progress))
             }
             ServerSpec::Url(url) => {
                 let transport = StreamableHttpClientTransport::from_uri(url.as_str());
@@ -300,7 +388,7 @@ impl Session {
                     .await
                     .map_err(|_| McpError::StartTimeout(START_TIMEOUT))?
                     .map_err(|e| McpError::Initialize(Box::new(e)))?;
-                Ok(Self::running(running, None))
+                Ok(Self::running(running, None, progress))
             }
         }
     }
@@ -308,9 +396,11 @@ impl Session {
     fn running(
         running: rmcp::service::RunningService<RoleClient, Handler>,
         pid: Option<u32>,
+        progress: ProgressRoutes,
     ) -> Self {
         let caller = McpCaller {
             peer: running.peer().clone(),
+            progress,
         };
         let cancel = Some(running.cancellation_token());
         let (tx, ended) = oneshot::channel();

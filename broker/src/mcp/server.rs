@@ -134,21 +134,26 @@ impl ServerHandler for Handler {
             token.is_some().then_some(tx),
         );
         tokio::pin!(call);
+        let notify = |u: fem_proto::ProgressUpdate| {
+            let peer = ctx.peer.clone();
+            let token = token.clone();
+            async move {
+                if let Some(t) = token {
+                    let mut p = ProgressNotificationParam::new(t, u.progress);
+                    if let Some(total) = u.total {
+                        p = p.with_total(total);
+                    }
+                    if let Some(m) = u.message {
+                        p = p.with_message(m);
+                    }
+                    let _ = peer.notify_progress(p).await;
+                }
+            }
+        };
         let outcome = loop {
             tokio::select! {
                 outcome = &mut call => break outcome.map_err(protocol_error)?,
-                Some(u) = updates.recv() => {
-                    if let Some(t) = &token {
-                        let mut p = ProgressNotificationParam::new(t.clone(), u.progress);
-                        if let Some(total) = u.total {
-                            p = p.with_total(total);
-                        }
-                        if let Some(m) = u.message {
-                            p = p.with_message(m);
-                        }
-                        let _ = ctx.peer.notify_progress(p).await;
-                    }
-                }
+                Some(u) = updates.recv() => notify(u).await,
                 // The client went away or cancelled: dropping the call
                 // cancels it in the mesh.
                 () = ctx.ct.cancelled() => {
@@ -159,6 +164,10 @@ impl ServerHandler for Handler {
                 }
             }
         };
+        // Updates that came just before the answer go out before it.
+        while let Ok(u) = updates.try_recv() {
+            notify(u).await;
+        }
         let result = match outcome {
             Outcome::Ok(v) => CallToolResult::success(vec![ContentBlock::text(v.to_string())]),
             Outcome::Failed { code, message } => {

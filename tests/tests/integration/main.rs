@@ -4,6 +4,7 @@
 
 mod bounds;
 mod calls;
+mod cancel;
 mod faults;
 mod federation;
 mod hostile;
