@@ -376,6 +376,7 @@ mod tests {
             opts: Options::new("https://127.0.0.1:1").unwrap(),
             writer: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
             acks: Mutex::new(HashMap::new()),
             subs: Mutex::new(HashMap::new()),
             tools: Mutex::new(BTreeMap::new()),

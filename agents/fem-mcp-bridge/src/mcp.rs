@@ -304,9 +304,8 @@ impl McpCaller {
         }
         let answer = handle.await_response().await;
         in_flight.id = None;
-        let r = match answer? {
-            ServerResult::CallToolResult(r) => r,
-            _ => return Err(McpError::from(ServiceError::UnexpectedResponse)),
+        let ServerResult::CallToolResult(r) = answer? else {
+            return Err(McpError::from(ServiceError::UnexpectedResponse));
         };
         let content = r
             .content

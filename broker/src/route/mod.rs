@@ -415,14 +415,14 @@ impl Router {
     /// frame, or a gateway or MCP request whose HTTP client went away).
     /// Unknown or finished calls are ignored.
     pub fn cancel(&mut self, now: Micros, client: ClientId, request_id: RequestId) {
-        if let Some(id) = self.pending.from_client(client, request_id) {
+        if let Some(id) = self.pending.made_by(client, request_id) {
             self.cancel_call(id, now, "cancelled by the caller");
         }
     }
 
     /// The peer on `link` cancels the call it relayed as `relay`.
     pub fn relay_cancel(&mut self, now: Micros, link: LinkId, relay: u64) {
-        if let Some(id) = self.pending.from_link(link, relay) {
+        if let Some(id) = self.pending.relayed_by(link, relay) {
             self.cancel_call(id, now, "cancelled where the call entered the mesh");
         }
     }

@@ -100,14 +100,14 @@ impl PendingTable {
     }
 
     /// The call `client` made under `request_id`.
-    pub(crate) fn from_client(&self, client: ClientId, request_id: RequestId) -> Option<CallId> {
+    pub(crate) fn made_by(&self, client: ClientId, request_id: RequestId) -> Option<CallId> {
         self.by_origin
             .get(&Origin::Client(client, request_id))
             .copied()
     }
 
     /// The call the peer on `link` relayed as `relay`.
-    pub(crate) fn from_link(&self, link: LinkId, relay: u64) -> Option<CallId> {
+    pub(crate) fn relayed_by(&self, link: LinkId, relay: u64) -> Option<CallId> {
         self.by_origin.get(&Origin::Link(link, relay)).copied()
     }
 
