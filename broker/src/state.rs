@@ -135,6 +135,8 @@ pub(crate) struct Shared {
     pub(crate) fed: Fed,
     /// Who may call `/mcp`.
     pub(crate) mcp_principals: crate::mcp::Principals,
+    /// The tools each MCP principal may call, while they hold.
+    pub(crate) mcp_catalogs: crate::mcp::Catalogs,
     router: Mutex<Router>,
     clients: DashMap<ClientId, Arc<ClientHandle>>,
     links: DashMap<LinkId, Arc<LinkHandle>>,
@@ -196,6 +198,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             fed: Fed::default(),
             mcp_principals,
+            mcp_catalogs: crate::mcp::Catalogs::default(),
             router: Mutex::new(router),
             clients: DashMap::new(),
             links: DashMap::new(),

@@ -218,7 +218,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
+// One thread: rmcp runs each notification of the server in its own task, and
+// only a single-threaded scheduler keeps them (progress) in order and ahead
+// of the answer that follows them. A bridge is bound by its one server.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(a) => a,

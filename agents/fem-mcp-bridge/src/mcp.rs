@@ -304,6 +304,7 @@ impl McpCaller {
         }
         let answer = handle.await_response().await;
         in_flight.id = None;
+
         let ServerResult::CallToolResult(r) = answer? else {
             return Err(McpError::from(ServiceError::UnexpectedResponse));
         };

@@ -179,12 +179,86 @@ fn credential(s: &Shared, p: &Principal) -> Result<Option<Arc<Credential>>, Refu
 /// tens of thousands of tools).
 const MAX_CATALOG_PAGES: usize = 64;
 
-/// The tools the caller may call, named, with the sorted offers.
+/// Catalogs kept at most (one per principal; dropped whole when full).
+const MAX_CATALOGS: usize = 1024;
+
+/// The tools a principal may call: the offers sorted, and their names.
+#[derive(Debug)]
+pub(crate) struct Catalog {
+    offers: Vec<Offer>,
+    named: Vec<Named>,
+}
+
+/// Catalogs built per principal, each with the router generation and the
+/// grant it was built for: `tools/call` resolves a name without reading the
+/// federation's tools again until they (or the grant) change.
+#[derive(Debug, Default)]
+pub(crate) struct Catalogs(
+    std::sync::Mutex<
+        std::collections::HashMap<
+            fem_proto::AgentId,
+            (u64, Option<fem_proto::Grant>, Arc<Catalog>),
+        >,
+    >,
+);
+
+impl Catalogs {
+    fn get(
+        &self,
+        id: &fem_proto::AgentId,
+        generation: u64,
+        grant: Option<&fem_proto::Grant>,
+    ) -> Option<Arc<Catalog>> {
+        let map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get(id)
+            .filter(|(g, held, _)| *g == generation && held.as_ref() == grant)
+            .map(|(_, _, c)| Arc::clone(c))
+    }
+
+    fn put(
+        &self,
+        id: &fem_proto::AgentId,
+        generation: u64,
+        grant: Option<&fem_proto::Grant>,
+        c: &Arc<Catalog>,
+    ) {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() >= MAX_CATALOGS && !map.contains_key(id) {
+            map.clear();
+        }
+        map.insert(id.clone(), (generation, grant.cloned(), Arc::clone(c)));
+    }
+}
+
+/// The tools `principal` may call, from the cache while the router's
+/// generation and the grant are the ones it was built for.
 async fn catalog(
     s: &Shared,
+    principal: &Principal,
     credential: Option<&Credential>,
-) -> Result<(Vec<Offer>, Vec<Named>), McpFailure> {
+) -> Result<Arc<Catalog>, McpFailure> {
     let grant = credential.map(|c| &c.grant);
+    // Read before building: a change while building makes the next request rebuild.
+    let generation = s.view(crate::route::Router::generation);
+    if let Some(c) = s.mcp_catalogs.get(&principal.id, generation, grant) {
+        return Ok(c);
+    }
+    let c = Arc::new(build_catalog(s, grant).await?);
+    s.mcp_catalogs.put(&principal.id, generation, grant, &c);
+    Ok(c)
+}
+
+/// Reads the federation's tools `grant` allows (all discovery pages) and names them.
+async fn build_catalog(
+    s: &Shared,
+    grant: Option<&fem_proto::Grant>,
+) -> Result<Catalog, McpFailure> {
     // The whole catalog, page after page (the name rule needs every offer).
     let mut tools = Vec::new();
     let mut cursor = None;
@@ -233,7 +307,7 @@ async fn catalog(
         })
         .collect();
     let named = names::assign(&mut offers);
-    Ok((offers, named))
+    Ok(Catalog { offers, named })
 }
 
 /// The offers of `n` the caller's view shows (all without a view).
@@ -267,10 +341,10 @@ pub(crate) async fn list(s: &Shared, caller: &Caller) -> Result<Vec<Listed>, Mcp
 
 async fn list_inner(s: &Shared, caller: &Caller) -> Result<Vec<Listed>, McpFailure> {
     let cred = credential(s, &caller.principal).map_err(McpFailure::Refused)?;
-    let (offers, named) = catalog(s, cred.as_deref()).await?;
+    let c = catalog(s, &caller.principal, cred.as_deref()).await?;
     let mut out = Vec::new();
-    for n in named.iter().filter(|n| n.listed) {
-        let Some(o) = in_view(caller, &offers, n).into_iter().next() else {
+    for n in c.named.iter().filter(|n| n.listed) {
+        let Some(o) = in_view(caller, &c.offers, n).into_iter().next() else {
             continue;
         };
         let input_schema = match o.tool.input_schema.parse() {
@@ -345,18 +419,18 @@ pub(crate) async fn call(
         Ok(c) => c,
         Err((code, message)) => return Ok(failed(s, code, message)),
     };
-    let (offers, named) = match catalog(s, cred.as_deref()).await {
+    let c = match catalog(s, p, cred.as_deref()).await {
         Ok(c) => c,
         Err(e) => {
             count(s, "tools/call", e.kind());
             return Err(e);
         }
     };
-    let Some(n) = named.iter().find(|n| n.name == name) else {
+    let Some(n) = c.named.iter().find(|n| n.name == name) else {
         count(s, "tools/call", "UNKNOWN_TOOL");
         return Err(McpFailure::UnknownTool(name.to_owned()));
     };
-    let visible = in_view(caller, &offers, n);
+    let visible = in_view(caller, &c.offers, n);
     if visible.is_empty() {
         count(s, "tools/call", "UNKNOWN_TOOL");
         return Err(McpFailure::UnknownTool(name.to_owned()));

@@ -222,10 +222,13 @@ struct LinkState {
     cancels: bool,
 }
 
-/// Progress updates of one call are forwarded at most this often (20 a
-/// second): they are advisory, and an agent flooding them must not fill its
-/// callers' queues.
+/// Progress updates of one call are forwarded at most 20 a second on
+/// average, in bursts of up to [`PROGRESS_BURST`] (a token bucket per call):
+/// they are advisory, and an agent flooding them must not fill its callers'
+/// queues. Updates over the rate are dropped.
 const PROGRESS_INTERVAL: Micros = 50_000;
+/// Progress updates one call may send back to back.
+const PROGRESS_BURST: u64 = 10;
 
 enum Answer {
     Result {
@@ -265,6 +268,8 @@ pub struct Router {
     local_seq: u64,
     advert_due: Option<Micros>,
     out: VecDeque<Output>,
+    /// Bumped whenever the tools this broker can route to may have changed.
+    generation: u64,
 }
 
 impl Router {
@@ -287,6 +292,7 @@ impl Router {
             local_seq: now,
             advert_due: None,
             out: VecDeque::new(),
+            generation: 0,
         }
     }
 
@@ -503,14 +509,18 @@ impl Router {
         let Some(p) = self.pending.get_mut(id) else {
             return;
         };
-        if p.progressed.is_some_and(|at| now < at + PROGRESS_INTERVAL) {
+        // GCRA: each update moves the call's virtual time one interval on;
+        // it may run at most a burst ahead of now.
+        let floor = now.saturating_sub((PROGRESS_BURST - 1) * PROGRESS_INTERVAL);
+        let next = p.progressed.map_or(floor, |at| at.max(floor)) + PROGRESS_INTERVAL;
+        if next > now + PROGRESS_INTERVAL {
             self.metrics
                 .limit_hits
                 .with_label_values(&["progress_rate"])
                 .inc();
             return;
         }
-        p.progressed = Some(now);
+        p.progressed = Some(next);
         let (reply, request_id) = (p.reply, p.request_id);
         let out = match reply {
             ReplyTo::Client(to) => Output::Send {
@@ -1544,6 +1554,7 @@ impl Router {
         if changes.is_empty() {
             return;
         }
+        self.generation += 1;
         for (peer, l) in &self.links {
             for c in &changes {
                 let frame =
@@ -1576,6 +1587,7 @@ impl Router {
     /// Schedules an advertisement of the local agents (a new link gets one
     /// at once, so without links there is nothing to schedule).
     fn local_changed(&mut self, now: Micros) {
+        self.generation += 1;
         if self.advert_due.is_none() && !self.links.is_empty() {
             let delay = u64::try_from(self.cfg.advert_delay.as_micros()).unwrap_or(u64::MAX);
             self.advert_due = Some(now.saturating_add(delay));
@@ -1660,6 +1672,13 @@ impl Router {
     /// True when a link to `peer` is up.
     pub fn has_link(&self, peer: &AgentId) -> bool {
         self.links.contains_key(peer)
+    }
+
+    /// Changes whenever the tools this broker can route to may have changed
+    /// (agents registered, updated or gone here, routes from peers): a
+    /// catalog built at one generation holds until the next.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Calls awaiting an answer.

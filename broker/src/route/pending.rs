@@ -51,7 +51,8 @@ pub(crate) struct Pending {
     pub(crate) holds_slot: bool,
     /// The frame to deliver, kept while the call waits for a slot.
     pub(crate) waiting: Option<Frame>,
-    /// When the last progress update was forwarded (rate limit).
+    /// The progress rate limit's virtual time (GCRA): an update is
+    /// forwarded while it is no later than one interval ahead of now.
     pub(crate) progressed: Option<Micros>,
 }
 

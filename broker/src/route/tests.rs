@@ -247,3 +247,109 @@ fn deadlines_of_answered_calls_do_not_pile_up() {
         r.pending.heap_len()
     );
 }
+
+#[test]
+fn a_cancel_frees_the_slot_for_the_waiting_call_and_tells_the_agent() {
+    let mut r = router("b");
+    let agent = SigningKey::generate();
+    let caller = SigningKey::generate();
+    let cid = id("c");
+    register(&mut r, 1, "a", &agent, 1);
+    register(&mut r, 2, "c", &caller, 0);
+    let deadline_ms = T0 / 1000 + 10_000;
+    let (c1, e1) = call_env(&caller, "c", Target::Agent(id("a")), deadline_ms);
+    let (c2, e2) = call_env(&caller, "c", Target::Agent(id("a")), deadline_ms);
+    r.call(T0, incoming(&cid, &caller, &c1, e1));
+    r.call(T0, incoming(&cid, &caller, &c2, e2));
+    drain(&mut r);
+    // Cancelling the waiting call sends the agent nothing.
+    r.cancel(T0 + 1, ClientId(2), c2.request_id);
+    let out = drain(&mut r);
+    assert!(
+        matches!(
+            &out[..],
+            [Output::Send {
+                to: ClientId(2),
+                frame: Frame::CallFailed {
+                    code: ErrorCode::Cancelled,
+                    ..
+                }
+            }]
+        ),
+        "{out:?}"
+    );
+    // Cancelling the running one tells the agent, answers the caller once,
+    // and frees the slot.
+    r.cancel(T0 + 2, ClientId(2), c1.request_id);
+    let out = drain(&mut r);
+    assert!(
+        matches!(&out[0], Output::Send { to: ClientId(1), frame: Frame::Cancel { request_id } } if *request_id == c1.request_id),
+        "{out:?}"
+    );
+    assert!(
+        matches!(
+            &out[1],
+            Output::Send {
+                to: ClientId(2),
+                frame: Frame::CallFailed {
+                    code: ErrorCode::Cancelled,
+                    ..
+                }
+            }
+        ),
+        "{out:?}"
+    );
+    assert_eq!(r.agent(&id("a")).map(|a| a.in_flight), Some(0));
+    assert_eq!(r.pending_len(), 0);
+    // The agent's late result and a second cancel change nothing.
+    let (res, env) = result_env(&agent, "a", &c1, "c");
+    r.result(T0 + 3, ClientId(1), &res, env, agent.public_key());
+    r.cancel(T0 + 4, ClientId(2), c1.request_id);
+    assert!(drain(&mut r).is_empty());
+}
+
+#[test]
+fn progress_is_forwarded_in_bursts_and_then_at_the_rate_limit() {
+    let mut r = router("b");
+    let agent = SigningKey::generate();
+    let caller = SigningKey::generate();
+    let cid = id("c");
+    register(&mut r, 1, "a", &agent, 1);
+    register(&mut r, 2, "c", &caller, 0);
+    let (c1, e1) = call_env(&caller, "c", Target::Agent(id("a")), T0 / 1000 + 60_000);
+    r.call(T0, incoming(&cid, &caller, &c1, e1));
+    drain(&mut r);
+    let update = |p: f64| fem_proto::ProgressUpdate {
+        progress: p,
+        total: None,
+        message: None,
+    };
+    let forwarded = |out: &[Output]| {
+        out.iter()
+            .filter(|o| {
+                matches!(
+                    o,
+                    Output::Send {
+                        to: ClientId(2),
+                        frame: Frame::Progress { .. }
+                    }
+                )
+            })
+            .count()
+    };
+    // A burst of 25 at one instant: the burst passes, the rest is dropped.
+    for i in 0..25 {
+        r.progress(T0 + 10, ClientId(1), c1.request_id, update(f64::from(i)));
+    }
+    assert_eq!(forwarded(&drain(&mut r)), PROGRESS_BURST as usize);
+    // Then one per interval.
+    let t = T0 + 10 + PROGRESS_INTERVAL;
+    r.progress(t, ClientId(1), c1.request_id, update(30.0));
+    r.progress(t, ClientId(1), c1.request_id, update(31.0));
+    assert_eq!(forwarded(&drain(&mut r)), 1);
+    // Not a number, or from a session that does not run the call: dropped.
+    let later = t + 10 * PROGRESS_INTERVAL;
+    r.progress(later, ClientId(1), c1.request_id, update(f64::NAN));
+    r.progress(later, ClientId(2), c1.request_id, update(40.0));
+    assert_eq!(forwarded(&drain(&mut r)), 0);
+}

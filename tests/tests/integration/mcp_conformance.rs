@@ -32,6 +32,7 @@ const MUST_PASS: &[&str] = &[
     "tools-call-simple-text",
     "tools-call-error",
     "server-sse-multiple-streams",
+    "tools-call-with-progress",
 ];
 
 /// The suite's tools, offered under their own names (one FEM segment each,
