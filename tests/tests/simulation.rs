@@ -1512,8 +1512,16 @@ impl Sim {
                         )
                     })
                     .collect();
+                let wrong: BTreeMap<_, _> = seen
+                    .iter()
+                    .filter(|(a, o)| holders.get(*a) != Some(*o))
+                    .collect();
+                let missing: BTreeMap<_, _> = holders
+                    .iter()
+                    .filter(|(a, _)| !seen.contains_key(*a))
+                    .collect();
                 return Err(format!(
-                    "{} routes {seen:?}, live agents {holders:?}; its peers {peers:?}; edges {edges:?}",
+                    "{} routes {wrong:?} wrongly and misses {missing:?} (live agents {holders:?}); its peers {peers:?}; edges {edges:?}",
                     b.name
                 ));
             }

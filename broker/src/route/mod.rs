@@ -1571,13 +1571,12 @@ impl Router {
                     Err(Gap) => {
                         debug!(%peer, %origin, base_seq, "advertisement delta without its base; asking for a resync");
                         self.metrics.federation_resyncs.inc();
-                        // Only a peer that sends deltas takes the question.
-                        if self.links.get(&peer).is_some_and(|l| l.deltas) {
-                            self.out.push_back(Output::Link {
-                                to: link,
-                                frame: FedFrame::Resync { origin },
-                            });
-                        }
+                        // A broker that sends deltas answers resync (whatever
+                        // it announced: the feature says what it takes).
+                        self.out.push_back(Output::Link {
+                            to: link,
+                            frame: FedFrame::Resync { origin },
+                        });
                         None
                     }
                 }
