@@ -200,3 +200,47 @@ pub const CANCEL_FEATURE: &str = "cancel/1";
 /// The feature a broker announces in registerBroker when it takes
 /// `AdvertiseDelta` and `Resync`; a peer without it gets full `Advertise`s.
 pub const DELTA_FEATURE: &str = "advert-delta/1";
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn id(s: &str) -> AgentId {
+        AgentId::new(s).unwrap()
+    }
+
+    /// Variants are appended: the route messages of before deltas keep
+    /// their bytes, and the new ones take the next indices.
+    #[test]
+    fn route_messages_keep_their_indices_and_round_trip() {
+        let withdraw = postcard::to_allocvec(&FedFrame::Withdraw { origin: id("b") }).unwrap();
+        assert_eq!(withdraw, [3, 1, b'b']);
+        let advertise = FedFrame::Advertise {
+            origin: id("b"),
+            seq: 1,
+            path: vec![id("b")],
+            agents: Vec::new(),
+        };
+        assert_eq!(
+            postcard::to_allocvec(&advertise).unwrap(),
+            [2, 1, b'b', 1, 1, 1, b'b', 0]
+        );
+        let delta = FedFrame::AdvertiseDelta {
+            origin: id("b"),
+            seq: 2,
+            base_seq: 1,
+            path: vec![id("b")],
+            added: Vec::new(),
+            removed: vec![id("x")],
+        };
+        let bytes = postcard::to_allocvec(&delta).unwrap();
+        assert_eq!(bytes, [14, 1, b'b', 2, 1, 1, 1, b'b', 0, 1, 1, b'x']);
+        assert_eq!(postcard::from_bytes::<FedFrame>(&bytes).unwrap(), delta);
+        let resync = FedFrame::Resync { origin: id("b") };
+        let bytes = postcard::to_allocvec(&resync).unwrap();
+        assert_eq!(bytes, [15, 1, b'b']);
+        assert_eq!(postcard::from_bytes::<FedFrame>(&bytes).unwrap(), resync);
+    }
+}

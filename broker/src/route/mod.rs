@@ -30,7 +30,7 @@ use fem_proto::{
 use tracing::debug;
 
 use self::admission::{Credential, Refusal};
-use self::paths::{Advert, Change, Gap, RemoteRoute, RouteTable};
+use self::paths::{Advert, Change, Delta, Gap, RemoteRoute, RouteTable};
 use self::pending::{CallTarget, Pending, PendingTable};
 use self::registry::Registry;
 pub use self::registry::{LocalAgent, Profile};
@@ -1557,17 +1557,24 @@ impl Router {
                 removed,
             } => {
                 self.outside_grant(&peer, &mut added);
-                match self.routes.delta(
-                    &me,
-                    &peer,
-                    origin.clone(),
+                let delta = Delta {
                     seq,
                     base_seq,
                     path,
                     added,
                     removed,
-                ) {
-                    Ok(c) => c,
+                };
+                match self.routes.delta(&me, &peer, origin.clone(), delta) {
+                    Ok(applied) => {
+                        if applied.over_limit > 0 {
+                            debug!(%peer, %origin, dropped = applied.over_limit, "advertised agents over the limit per origin dropped");
+                            self.metrics
+                                .limit_hits
+                                .with_label_values(&["advertised_agents"])
+                                .inc_by(applied.over_limit as u64);
+                        }
+                        applied.change
+                    }
                     Err(Gap) => {
                         debug!(%peer, %origin, base_seq, "advertisement delta without its base; asking for a resync");
                         self.metrics.federation_resyncs.inc();

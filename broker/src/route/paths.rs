@@ -28,6 +28,10 @@ use fem_proto::{AdvertisedAgent, AgentId, FedFrame};
 /// Longest path accepted in an advertisement (longer ones are loops or abuse).
 pub const MAX_PATH: usize = 32;
 
+/// Most agents one peer's advertisement of one origin may grow to by
+/// deltas (a full advertisement is bounded by the frame size instead).
+pub const MAX_ADVERTISED: usize = 100_000;
+
 /// An agent set, by id (ordered, so what is sent is deterministic).
 pub type Agents = BTreeMap<AgentId, Arc<AdvertisedAgent>>;
 
@@ -100,6 +104,31 @@ pub struct Change {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Gap;
 
+/// A peer's change of its advertisement of one origin (what
+/// [`FedFrame::AdvertiseDelta`] carries).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delta {
+    /// The origin's sequence number after the change.
+    pub seq: u64,
+    /// The sequence number it applies to.
+    pub base_seq: u64,
+    /// The whole path after the change.
+    pub path: Vec<AgentId>,
+    /// Agents new or changed.
+    pub added: Vec<AdvertisedAgent>,
+    /// Ids gone.
+    pub removed: Vec<AgentId>,
+}
+
+/// What applying a delta did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// The change of choice, if any.
+    pub change: Option<Change>,
+    /// New agents left out: the set would have grown past [`MAX_ADVERTISED`].
+    pub over_limit: usize,
+}
+
 /// The best known route to one agent behind another broker.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RemoteRoute {
@@ -159,27 +188,32 @@ impl RouteTable {
     }
 
     /// Takes `peer`'s delta of `origin` on its advertisement numbered
-    /// `base_seq`; returns the change of choice, if any.
+    /// `d.base_seq`; returns the change of choice, if any.
     ///
     /// # Errors
     /// [`Gap`] when what the peer advertised before is not `base_seq` (or
     /// nothing): the caller asks the peer for a resync. Deltas that follow
     /// are dropped until the full advertisement comes.
-    #[allow(clippy::too_many_arguments)]
     pub fn delta(
         &mut self,
         me: &AgentId,
         peer: &AgentId,
         origin: AgentId,
-        seq: u64,
-        base_seq: u64,
-        path: Vec<AgentId>,
-        added: Vec<AdvertisedAgent>,
-        removed: Vec<AgentId>,
-    ) -> Result<Option<Change>, Gap> {
+        d: Delta,
+    ) -> Result<Applied, Gap> {
+        let Delta {
+            seq,
+            base_seq,
+            path,
+            added,
+            removed,
+        } = d;
         let key = (origin.clone(), peer.clone());
         if self.resync.contains(&key) {
-            return Ok(None);
+            return Ok(Applied {
+                change: None,
+                over_limit: 0,
+            });
         }
         let held = self
             .adj
@@ -194,7 +228,10 @@ impl RouteTable {
             if let Some(per) = self.adj.get_mut(&origin) {
                 per.remove(peer);
             }
-            return Ok(self.recompute(&origin, peer, &Touched::All));
+            return Ok(Applied {
+                change: self.recompute(&origin, peer, &Touched::All),
+                over_limit: 0,
+            });
         }
         held.seq = seq;
         held.path = path;
@@ -203,11 +240,19 @@ impl RouteTable {
             held.agents.remove(&id);
             touched.push(id);
         }
+        let mut over_limit = 0;
         for a in added {
+            if held.agents.len() >= MAX_ADVERTISED && !held.agents.contains_key(&a.id) {
+                over_limit += 1;
+                continue;
+            }
             touched.push(a.id.clone());
             held.agents.insert(a.id.clone(), Arc::new(a));
         }
-        Ok(self.recompute(&origin, peer, &Touched::Ids(&touched)))
+        Ok(Applied {
+            change: self.recompute(&origin, peer, &Touched::Ids(&touched)),
+            over_limit,
+        })
     }
 
     /// `peer` no longer reaches `origin`.
@@ -568,18 +613,22 @@ mod tests {
         assert_eq!((c.before, c.added.len()), (None, 2));
         let v1 = t.chosen(&o).expect("best").version;
         // y leaves, z comes: the change names just those two.
+        let delta = |seq, base_seq, added, removed| Delta {
+            seq,
+            base_seq,
+            path: vec![id("o"), id("b")],
+            added,
+            removed,
+        };
         let c = t
             .delta(
                 &me,
                 &b,
                 o.clone(),
-                2,
-                1,
-                vec![o.clone(), b.clone()],
-                vec![agent("z")],
-                vec![id("y")],
+                delta(2, 1, vec![agent("z")], vec![id("y")]),
             )
             .expect("applies")
+            .change
             .expect("change");
         assert_eq!(
             c.before,
@@ -606,30 +655,16 @@ mod tests {
         // A delta on a number not held is a gap; the next ones are dropped
         // until the full advertisement comes, whatever its number.
         assert_eq!(
-            t.delta(
-                &me,
-                &b,
-                o.clone(),
-                4,
-                3,
-                vec![o.clone(), b.clone()],
-                Vec::new(),
-                Vec::new()
-            ),
+            t.delta(&me, &b, o.clone(), delta(4, 3, Vec::new(), Vec::new())),
             Err(Gap)
         );
+        let dropped = Applied {
+            change: None,
+            over_limit: 0,
+        };
         assert_eq!(
-            t.delta(
-                &me,
-                &b,
-                o.clone(),
-                5,
-                4,
-                vec![o.clone(), b.clone()],
-                Vec::new(),
-                Vec::new()
-            ),
-            Ok(None)
+            t.delta(&me, &b, o.clone(), delta(5, 4, Vec::new(), Vec::new())),
+            Ok(dropped)
         );
         let c = t
             .advertised(
@@ -652,5 +687,43 @@ mod tests {
             .expect("change");
         assert!(c.moved && c.added.is_empty() && c.removed.is_empty());
         assert_eq!(t.route_of(&id("x")).expect("route").via, o);
+    }
+
+    #[test]
+    fn deltas_do_not_grow_a_set_past_the_limit() {
+        let mut t = RouteTable::default();
+        let (me, b) = (id("a"), id("b"));
+        let path = vec![b.clone()];
+        t.advertised(&me, &b, b.clone(), Advert::new(1, path.clone(), Vec::new()))
+            .expect("change");
+        let template = agent("x");
+        let many = |from: usize, n: usize| -> Vec<AdvertisedAgent> {
+            (from..from + n)
+                .map(|i| AdvertisedAgent {
+                    id: id(&format!("a{i}")),
+                    ..template.clone()
+                })
+                .collect()
+        };
+        let delta = |seq, added| Delta {
+            seq,
+            base_seq: seq - 1,
+            path: path.clone(),
+            added,
+            removed: Vec::new(),
+        };
+        let applied = t
+            .delta(&me, &b, b.clone(), delta(2, many(0, MAX_ADVERTISED - 1)))
+            .expect("applies");
+        assert_eq!(applied.over_limit, 0);
+        // Two more: one fits; a known id may still change.
+        let mut added = many(MAX_ADVERTISED - 1, 2);
+        added.push(many(0, 1).remove(0));
+        let applied = t
+            .delta(&me, &b, b.clone(), delta(3, added))
+            .expect("applies");
+        assert_eq!(applied.over_limit, 1);
+        let held = &t.chosen(&b).expect("best").advert.agents;
+        assert_eq!(held.len(), MAX_ADVERTISED);
     }
 }
