@@ -443,31 +443,6 @@ impl RouteTable {
             })
     }
 
-    /// The best route to every remote agent (fewest hops; ties by origin id).
-    pub fn agents(&self) -> HashMap<AgentId, RemoteRoute> {
-        let mut out: HashMap<AgentId, RemoteRoute> = HashMap::new();
-        for (origin, c) in &self.best {
-            let hops = u32::try_from(c.advert.path.len()).unwrap_or(u32::MAX);
-            for (id, a) in &c.advert.agents {
-                let better = out
-                    .get(id)
-                    .is_none_or(|r| (hops, origin) < (r.hops, &r.origin));
-                if better {
-                    out.insert(
-                        id.clone(),
-                        RemoteRoute {
-                            via: c.via.clone(),
-                            origin: origin.clone(),
-                            hops,
-                            agent: Arc::clone(a),
-                        },
-                    );
-                }
-            }
-        }
-        out
-    }
-
     /// Origins with a chosen route, and the peer each goes through.
     pub fn origins(&self) -> impl Iterator<Item = (&AgentId, &AgentId)> {
         self.best.iter().map(|(o, c)| (o, &c.via))
@@ -586,7 +561,6 @@ mod tests {
                 .is_none()
         );
         assert_eq!(t.peer_lost(&id("c")).len(), 1);
-        assert!(t.agents().is_empty());
         assert_eq!(t.origins().count(), 0);
     }
 
