@@ -236,11 +236,11 @@ mod tests {
             removed: vec![id("x")],
         };
         let bytes = postcard::to_allocvec(&delta).unwrap();
-        assert_eq!(bytes, [14, 1, b'b', 2, 1, 1, 1, b'b', 0, 1, 1, b'x']);
+        assert_eq!(bytes, [16, 1, b'b', 2, 1, 1, 1, b'b', 0, 1, 1, b'x']);
         assert_eq!(postcard::from_bytes::<FedFrame>(&bytes).unwrap(), delta);
         let resync = FedFrame::Resync { origin: id("b") };
         let bytes = postcard::to_allocvec(&resync).unwrap();
-        assert_eq!(bytes, [15, 1, b'b']);
+        assert_eq!(bytes, [17, 1, b'b']);
         assert_eq!(postcard::from_bytes::<FedFrame>(&bytes).unwrap(), resync);
     }
 }
