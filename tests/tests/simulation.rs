@@ -1680,18 +1680,18 @@ impl Scenario {
     }
 }
 
-/// Runs one seeded scenario; returns (calls, simulated seconds, events
-/// handled) or the violations.
-fn run_seed(seed: u64) -> Result<(usize, u64, u64, Stats), String> {
+/// What a run did: calls, simulated seconds, events handled, and what the
+/// cancel and progress paths did.
+type Outcome = (usize, u64, u64, Stats);
+
+/// Runs one seeded scenario; returns what it did or the violations.
+fn run_seed(seed: u64) -> Result<Outcome, String> {
     run_scenario(seed, &Scenario::random(seed)).map(|(r, _)| r)
 }
 
-/// Runs `sc` under `seed`; returns (calls, simulated seconds, events
-/// handled) and the route messages sent, or the violations.
-fn run_scenario(
-    seed: u64,
-    sc: &Scenario,
-) -> Result<((usize, u64, u64, Stats), RouteStats), String> {
+/// Runs `sc` under `seed`; returns what it did and the route messages
+/// sent, or the violations.
+fn run_scenario(seed: u64, sc: &Scenario) -> Result<(Outcome, RouteStats), String> {
     let (n, n_agents, n_callers) = (sc.brokers, sc.agents, sc.callers);
     // With lost deltas, one more agent per broker registers there once
     // faults stop: a change of every origin, so every gap left shows up.
