@@ -45,6 +45,10 @@ pub struct Metrics {
     pub federation_peers: IntGaugeVec,
     /// Agents reachable through peer brokers.
     pub routes: IntGauge,
+    /// Encoded frame bytes on federation links, by direction.
+    pub federation_bytes: IntCounterVec,
+    /// Advertisement deltas that did not apply (a resync was asked for).
+    pub federation_resyncs: IntCounter,
     /// Failed DNS SRV resolutions, by kind.
     pub discovery_errors: IntCounterVec,
     /// 1 while the broker runs in development trust (no trust anchor).
@@ -179,6 +183,19 @@ impl Metrics {
             "fem_broker_routes",
             "Agents reachable through peer brokers.",
         )?;
+        let federation_bytes = IntCounterVec::new(
+            Opts::new(
+                "fem_broker_federation_bytes_total",
+                "Encoded frame bytes on federation links, by direction (sent or received).",
+            ),
+            &["direction"],
+        )?;
+        let federation_resyncs = IntCounter::new(
+            "fem_broker_federation_resyncs_total",
+            "Advertisement deltas from peers that did not apply to what was held (a full advertisement was asked for).",
+        )?;
+        registry.register(Box::new(federation_bytes.clone()))?;
+        registry.register(Box::new(federation_resyncs.clone()))?;
         let discovery_errors = IntCounterVec::new(
             Opts::new(
                 "fem_broker_discovery_errors_total",
@@ -232,6 +249,8 @@ impl Metrics {
             mcp_requests,
             federation_peers,
             routes,
+            federation_bytes,
+            federation_resyncs,
             discovery_errors,
             development_trust,
             limit_hits,

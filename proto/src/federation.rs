@@ -6,6 +6,12 @@
 //! keeps from each peer only the newest sequence number of each origin (an
 //! old advertisement never replaces a newer one), and prefers per origin the
 //! shortest path.
+//!
+//! Between brokers that both announce [`DELTA_FEATURE`], an origin's agent set
+//! crosses a link in full once (when the link comes up, and when the receiver
+//! asks with [`FedFrame::Resync`]); every later change is an
+//! [`FedFrame::AdvertiseDelta`] naming the sequence number it applies to, so
+//! one registration costs the same bytes however many agents are registered.
 
 use serde::{Deserialize, Serialize};
 
@@ -153,6 +159,33 @@ pub enum FedFrame {
         /// The update.
         update: crate::frame::ProgressUpdate,
     },
+    /// A change of what the sender reaches for one origin, relative to the
+    /// last advertisement of that origin the sender sent on this link (only
+    /// to a peer that announced [`DELTA_FEATURE`]). The receiver applies it
+    /// only when what it holds from the sender for `origin` has sequence
+    /// number `base_seq`; otherwise (a gap) it answers `Resync`.
+    AdvertiseDelta {
+        /// The broker the agents are connected to.
+        origin: AgentId,
+        /// The origin's sequence number of the agent set after the change.
+        seq: u64,
+        /// The sequence number of the advertisement the change applies to.
+        base_seq: u64,
+        /// The whole path after the change, origin first, sender last.
+        path: Vec<AgentId>,
+        /// Agents new or changed since `base_seq` (whole entries, replacing
+        /// any held under the same id).
+        added: Vec<AdvertisedAgent>,
+        /// Ids no longer reachable since `base_seq`.
+        removed: Vec<AgentId>,
+    },
+    /// The receiver of a delta holds no base for it: the sender answers with
+    /// its full `Advertise` of `origin` (or `Withdraw` if it no longer
+    /// reaches it), and sends deltas from that one on.
+    Resync {
+        /// The origin broker.
+        origin: AgentId,
+    },
 }
 
 /// The feature a broker announces in registerBroker when it relays calls
@@ -163,3 +196,51 @@ pub const RELAY_FEATURE: &str = "relay/2";
 /// `RelayProgress` (a peer without it is not sent them: postcard cannot skip
 /// a variant it does not know).
 pub const CANCEL_FEATURE: &str = "cancel/1";
+
+/// The feature a broker announces in registerBroker when it takes
+/// `AdvertiseDelta` and `Resync`; a peer without it gets full `Advertise`s.
+pub const DELTA_FEATURE: &str = "advert-delta/1";
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn id(s: &str) -> AgentId {
+        AgentId::new(s).unwrap()
+    }
+
+    /// Variants are appended: the route messages of before deltas keep
+    /// their bytes, and the new ones take the next indices.
+    #[test]
+    fn route_messages_keep_their_indices_and_round_trip() {
+        let withdraw = postcard::to_allocvec(&FedFrame::Withdraw { origin: id("b") }).unwrap();
+        assert_eq!(withdraw, [3, 1, b'b']);
+        let advertise = FedFrame::Advertise {
+            origin: id("b"),
+            seq: 1,
+            path: vec![id("b")],
+            agents: Vec::new(),
+        };
+        assert_eq!(
+            postcard::to_allocvec(&advertise).unwrap(),
+            [2, 1, b'b', 1, 1, 1, b'b', 0]
+        );
+        let delta = FedFrame::AdvertiseDelta {
+            origin: id("b"),
+            seq: 2,
+            base_seq: 1,
+            path: vec![id("b")],
+            added: Vec::new(),
+            removed: vec![id("x")],
+        };
+        let bytes = postcard::to_allocvec(&delta).unwrap();
+        assert_eq!(bytes, [16, 1, b'b', 2, 1, 1, 1, b'b', 0, 1, 1, b'x']);
+        assert_eq!(postcard::from_bytes::<FedFrame>(&bytes).unwrap(), delta);
+        let resync = FedFrame::Resync { origin: id("b") };
+        let bytes = postcard::to_allocvec(&resync).unwrap();
+        assert_eq!(bytes, [17, 1, b'b']);
+        assert_eq!(postcard::from_bytes::<FedFrame>(&bytes).unwrap(), resync);
+    }
+}

@@ -44,7 +44,9 @@ pub use envelope::{
     ToolOutcome, ToolResult, ToolSpec, ToolsDiscovered, now_ms,
 };
 pub use error::{ErrorCode, ProtoError};
-pub use federation::{AdvertisedAgent, CANCEL_FEATURE, DEFAULT_MAX_HOPS, FedFrame, RELAY_FEATURE};
+pub use federation::{
+    AdvertisedAgent, CANCEL_FEATURE, DEFAULT_MAX_HOPS, DELTA_FEATURE, FedFrame, RELAY_FEATURE,
+};
 pub use frame::{
     Accepted, DEFAULT_MAX_FRAME, FORWARD_OVERHEAD, FRAME_HEADER_LEN, Frame, FrameDecoder,
     ProgressUpdate, decode_frame_payload, decode_message, encode_frame, encode_message, frame_len,

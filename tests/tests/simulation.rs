@@ -74,6 +74,8 @@ enum Topology {
 #[derive(Debug)]
 struct Broker {
     name: AgentId,
+    /// It announces advertisement deltas (else its peers send it full sets).
+    deltas: bool,
     router: Option<Router>,
     incarnation: u64,
     paused_until: Micros,
@@ -184,6 +186,7 @@ enum Ev {
     },
     IssueCall,
     Fault,
+    Churn,
     Restore {
         edge: usize,
     },
@@ -241,6 +244,27 @@ struct Sim {
     running: BTreeMap<(usize, RequestId), bool>,
     /// Cancels and progress updates that reached agents and callers.
     stats: Stats,
+    /// Share of advertisement deltas lost while faults last: a loss a real
+    /// link (ordered and reliable until it drops) never has, injected so
+    /// receivers must find the gap and ask for a resync.
+    drop_deltas: f64,
+    /// The next delta from the first broker to the second is lost.
+    drop_next: Option<(usize, usize)>,
+    /// Time between extra agent crashes while faults last (0: none).
+    churn_every: Micros,
+    /// Route messages sent.
+    routes: RouteStats,
+}
+
+/// Route messages the brokers sent, by kind, with their encoded bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct RouteStats {
+    full: u64,
+    delta: u64,
+    withdraw: u64,
+    resync: u64,
+    dropped: u64,
+    bytes: u64,
 }
 
 /// What the cancel and progress paths did over a run (so a run that never
@@ -265,6 +289,7 @@ impl Sim {
         let brokers: Vec<Broker> = (0..n)
             .map(|i| Broker {
                 name: id(&format!("b{i}")),
+                deltas: true,
                 router: None,
                 incarnation: 0,
                 paused_until: 0,
@@ -370,6 +395,10 @@ impl Sim {
             aux: StdRng::seed_from_u64(seed ^ 0xca9ce1),
             running: BTreeMap::new(),
             stats: Stats::default(),
+            drop_deltas: 0.0,
+            drop_next: None,
+            churn_every: 0,
+            routes: RouteStats::default(),
         }
     }
 
@@ -463,6 +492,9 @@ impl Sim {
                 let Some((e, peer)) = self.edge_of(b, to) else {
                     return;
                 };
+                if self.count_route(b, peer, &frame) {
+                    return;
+                }
                 let epoch = self.edges[e].epoch;
                 self.fifo(
                     (2, b, peer),
@@ -493,6 +525,39 @@ impl Sim {
             }
             Output::Discovered { .. } => {}
         }
+    }
+
+    /// Counts a route message from `b` to `peer`; true when it is lost.
+    fn count_route(&mut self, b: usize, peer: usize, frame: &FedFrame) -> bool {
+        let kind = match frame {
+            FedFrame::Advertise { .. } => &mut self.routes.full,
+            FedFrame::AdvertiseDelta { .. } => &mut self.routes.delta,
+            FedFrame::Withdraw { .. } => &mut self.routes.withdraw,
+            FedFrame::Resync { .. } => &mut self.routes.resync,
+            _ => return false,
+        };
+        *kind += 1;
+        let mut buf = Vec::new();
+        fem_proto::encode_message(frame, &mut buf, usize::MAX).expect("encodes");
+        self.routes.bytes += buf.len() as u64;
+        if !matches!(frame, FedFrame::AdvertiseDelta { .. }) {
+            return false;
+        }
+        let lost = if self.drop_next == Some((b, peer)) {
+            self.drop_next = None;
+            true
+        } else {
+            self.drop_deltas > 0.0
+                && self.now < self.faults_until
+                && self.rng.gen_bool(self.drop_deltas)
+        };
+        if lost {
+            self.routes.dropped += 1;
+            if self.trace {
+                println!("+{}ms b{b}->b{peer} delta lost", (self.now - T0) / MS);
+            }
+        }
+        lost
     }
 
     fn edge_of(&self, b: usize, link: LinkId) -> Option<(usize, usize)> {
@@ -575,13 +640,20 @@ impl Sim {
         }
         let (na, nb) = (self.brokers[a].name.clone(), self.brokers[b].name.clone());
         let initiator = na.clone();
-        let features = [fem_proto::CANCEL_FEATURE.to_owned()];
+        let features = |x: usize| {
+            let mut f = vec![fem_proto::CANCEL_FEATURE.to_owned()];
+            if self.brokers[x].deltas {
+                f.push(fem_proto::DELTA_FEATURE.to_owned());
+            }
+            f
+        };
+        let (fa, fb) = (features(a), features(b));
         let mut ups = Vec::new();
         self.with_router(a, |r, now| {
-            ups.push(r.link_up(now, la, nb, initiator.clone(), None, &features))
+            ups.push(r.link_up(now, la, nb, initiator.clone(), None, &fb))
         });
         self.with_router(b, |r, now| {
-            ups.push(r.link_up(now, lb, na, initiator, None, &features))
+            ups.push(r.link_up(now, lb, na, initiator, None, &fa))
         });
         if ups.iter().any(|u| *u != LinkUp::Accepted) {
             self.violation(format!(
@@ -620,6 +692,11 @@ impl Sim {
             return;
         }
         let b = live[self.rng.gen_range(0..live.len())];
+        self.connect_agent_to(i, b);
+    }
+
+    /// Agent `i` registers at broker `b` (alive).
+    fn connect_agent_to(&mut self, i: usize, b: usize) {
         let conn = Conn {
             broker: b,
             incarnation: self.brokers[b].incarnation,
@@ -753,17 +830,20 @@ impl Sim {
                     self.crash_broker(b);
                 }
             }
-            _ => {
-                let i = self.rng.gen_range(0..self.agents.len());
-                if let Some(conn) = self.agents[i].conn {
-                    self.agents[i].conn = None;
-                    // Its broker notices within the heartbeat grace.
-                    let notice = self.rng.gen_range(0..=3 * SEC);
-                    self.at(self.now + notice, Ev::SessionClosed { conn });
-                    let t = self.now + self.rng.gen_range(200 * MS..=3 * SEC);
-                    self.at(t, Ev::AgentStart { agent: i });
-                }
-            }
+            _ => self.crash_agent(),
+        }
+    }
+
+    /// A random agent crashes; its broker notices within the heartbeat
+    /// grace, and it comes back on any broker.
+    fn crash_agent(&mut self) {
+        let i = self.rng.gen_range(0..self.agents.len());
+        if let Some(conn) = self.agents[i].conn {
+            self.agents[i].conn = None;
+            let notice = self.rng.gen_range(0..=3 * SEC);
+            self.at(self.now + notice, Ev::SessionClosed { conn });
+            let t = self.now + self.rng.gen_range(200 * MS..=3 * SEC);
+            self.at(t, Ev::AgentStart { agent: i });
         }
     }
 
@@ -891,6 +971,26 @@ impl Sim {
                             (self.now - T0) / MS,
                             (sent - T0) / MS,
                             agents.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+                            if alive { "" } else { " (lost)" }
+                        ),
+                        FedFrame::AdvertiseDelta {
+                            origin,
+                            seq,
+                            base_seq,
+                            path,
+                            added,
+                            removed,
+                        } => println!(
+                            "+{}ms (sent +{}ms) b{from}->b{to} delta {origin} seq {base_seq}->{seq} path {path:?} added {:?} removed {removed:?}{}",
+                            (self.now - T0) / MS,
+                            (sent - T0) / MS,
+                            added.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+                            if alive { "" } else { " (lost)" }
+                        ),
+                        FedFrame::Resync { origin } => println!(
+                            "+{}ms (sent +{}ms) b{from}->b{to} resync {origin}{}",
+                            (self.now - T0) / MS,
+                            (sent - T0) / MS,
                             if alive { "" } else { " (lost)" }
                         ),
                         FedFrame::Withdraw { origin } => println!(
@@ -1140,6 +1240,13 @@ impl Sim {
                     self.fault();
                     let t = self.now + self.rng.gen_range(100 * MS..=2 * SEC);
                     self.at(t, Ev::Fault);
+                }
+            }
+            Ev::Churn => {
+                if self.now < self.faults_until {
+                    self.crash_agent();
+                    let t = self.now + self.rng.gen_range(1..=2 * self.churn_every);
+                    self.at(t, Ev::Churn);
                 }
             }
             Ev::Restore { edge } => self.restore(edge),
@@ -1405,8 +1512,16 @@ impl Sim {
                         )
                     })
                     .collect();
+                let wrong: BTreeMap<_, _> = seen
+                    .iter()
+                    .filter(|(a, o)| holders.get(*a) != Some(*o))
+                    .collect();
+                let missing: BTreeMap<_, _> = holders
+                    .iter()
+                    .filter(|(a, _)| !seen.contains_key(*a))
+                    .collect();
                 return Err(format!(
-                    "{} routes {seen:?}, live agents {holders:?}; its peers {peers:?}; edges {edges:?}",
+                    "{} routes {wrong:?} wrongly and misses {missing:?} (live agents {holders:?}); its peers {peers:?}; edges {edges:?}",
                     b.name
                 ));
             }
@@ -1498,21 +1613,95 @@ impl Sim {
     }
 }
 
-/// Runs one seeded scenario; returns (calls, simulated seconds, events
-/// handled) or the violations.
-fn run_seed(seed: u64) -> Result<(usize, u64, u64, Stats), String> {
-    let mut pick = StdRng::seed_from_u64(seed ^ 0x5eed);
-    let n = pick.gen_range(2..=8);
-    let topology = match pick.gen_range(0..3) {
-        0 => Topology::Mesh,
-        1 => Topology::HubSpoke {
-            hubs: pick.gen_range(1..=2),
-        },
-        _ => Topology::Mixed,
-    };
-    let n_agents = pick.gen_range(2..=6);
-    let n_callers = pick.gen_range(1..=3);
-    let mut sim = Sim::new(seed, topology, n, n_agents, n_callers);
+/// What one seed runs.
+#[derive(Clone, Debug)]
+struct Scenario {
+    topology: Topology,
+    brokers: usize,
+    agents: usize,
+    callers: usize,
+    /// Brokers that do not announce advertisement deltas (their peers send
+    /// them full advertisements, as before deltas existed).
+    legacy: Vec<bool>,
+    /// See [`Sim::drop_deltas`].
+    drop_deltas: f64,
+    /// See [`Sim::churn_every`].
+    churn_every: Micros,
+}
+
+impl Scenario {
+    /// The general mix: 2 to 8 brokers, a few agents and callers, some
+    /// brokers without deltas in a third of the seeds.
+    fn random(seed: u64) -> Self {
+        let mut pick = StdRng::seed_from_u64(seed ^ 0x5eed);
+        let brokers = pick.gen_range(2..=8);
+        let topology = match pick.gen_range(0..3) {
+            0 => Topology::Mesh,
+            1 => Topology::HubSpoke {
+                hubs: pick.gen_range(1..=2),
+            },
+            _ => Topology::Mixed,
+        };
+        let agents = pick.gen_range(2..=6);
+        let callers = pick.gen_range(1..=3);
+        let mixed = pick.gen_bool(0.3);
+        let legacy = (0..brokers).map(|_| mixed && pick.gen_bool(0.5)).collect();
+        Self {
+            topology,
+            brokers,
+            agents,
+            callers,
+            legacy,
+            drop_deltas: 0.0,
+            churn_every: 0,
+        }
+    }
+
+    /// Many agents registering and leaving all the time while links flap,
+    /// brokers pause and crash; in half the seeds 5 % of deltas are lost.
+    fn churn(seed: u64) -> Self {
+        let mut pick = StdRng::seed_from_u64(seed ^ 0xc4a2);
+        let brokers = pick.gen_range(3..=6);
+        let topology = match pick.gen_range(0..3) {
+            0 => Topology::Mesh,
+            1 => Topology::HubSpoke { hubs: 2 },
+            _ => Topology::Mixed,
+        };
+        let mixed = pick.gen_bool(0.3);
+        Self {
+            topology,
+            brokers,
+            agents: pick.gen_range(60..=200),
+            callers: 2,
+            legacy: (0..brokers).map(|_| mixed && pick.gen_bool(0.5)).collect(),
+            drop_deltas: if pick.gen_bool(0.5) { 0.05 } else { 0.0 },
+            churn_every: pick.gen_range(5 * MS..=40 * MS),
+        }
+    }
+}
+
+/// What a run did: calls, simulated seconds, events handled, and what the
+/// cancel and progress paths did.
+type Outcome = (usize, u64, u64, Stats);
+
+/// Runs one seeded scenario; returns what it did or the violations.
+fn run_seed(seed: u64) -> Result<Outcome, String> {
+    run_scenario(seed, &Scenario::random(seed)).map(|(r, _)| r)
+}
+
+/// Runs `sc` under `seed`; returns what it did and the route messages
+/// sent, or the violations.
+fn run_scenario(seed: u64, sc: &Scenario) -> Result<(Outcome, RouteStats), String> {
+    let (n, n_agents, n_callers) = (sc.brokers, sc.agents, sc.callers);
+    // With lost deltas, one more agent per broker registers there once
+    // faults stop: a change of every origin, so every gap left shows up.
+    let tails = if sc.drop_deltas > 0.0 { n } else { 0 };
+    let mut sim = Sim::new(seed, sc.topology, n, n_agents + tails, n_callers);
+    for (b, legacy) in sc.legacy.iter().enumerate() {
+        sim.brokers[b].deltas = !legacy;
+    }
+    sim.drop_deltas = sc.drop_deltas;
+    sim.churn_every = sc.churn_every;
     for b in 0..n {
         sim.start_broker(b);
     }
@@ -1528,6 +1717,9 @@ fn run_seed(seed: u64) -> Result<(usize, u64, u64, Stats), String> {
     sim.faults_until = T0 + fault_phase;
     sim.at(T0 + SEC, Ev::IssueCall);
     sim.at(T0 + 2 * SEC, Ev::Fault);
+    if sc.churn_every > 0 {
+        sim.at(T0 + SEC, Ev::Churn);
+    }
     sim.run_until(T0 + fault_phase);
     // Faults stop: crashed brokers restart, every link may come back.
     let healed = sim.now;
@@ -1540,6 +1732,9 @@ fn run_seed(seed: u64) -> Result<(usize, u64, u64, Stats), String> {
     for e in 0..sim.edges.len() {
         sim.edges[e].blocked_until = sim.edges[e].blocked_until.min(healed);
         sim.schedule_restore(e, 0);
+    }
+    for b in 0..tails {
+        sim.connect_agent_to(n_agents + b, b);
     }
     // Agents that crashed come back within 3 s and their old sessions are
     // noticed within 3 s; links within their backoff. Convergence is then
@@ -1569,10 +1764,13 @@ fn run_seed(seed: u64) -> Result<(usize, u64, u64, Stats), String> {
     }
     let simulated = (sim.now - T0) / SEC;
     if sim.violations.is_empty() {
-        Ok((sim.calls.len(), simulated, sim.events, sim.stats))
+        Ok((
+            (sim.calls.len(), simulated, sim.events, sim.stats),
+            sim.routes,
+        ))
     } else {
         Err(format!(
-            "seed {} ({topology:?}, {n} brokers, {n_agents} agents, {n_callers} callers):\n  {}",
+            "seed {} ({sc:?}):\n  {}",
             sim.seed,
             sim.violations.join("\n  ")
         ))
@@ -1741,4 +1939,98 @@ fn simulation_load_spreads_across_brokers() {
         a.min(b) * 10 >= (a + b) * 4,
         "calls by capability did not spread: {a} against {b}"
     );
+}
+
+/// Many agents (60 to 200) register and leave all the time on 3 to 6
+/// brokers while links flap and brokers pause and crash, some brokers
+/// without deltas; in half the seeds 5 % of deltas are lost as well. Every
+/// check of the general run holds, routes converge, and deltas did the work
+/// (`FEM_SIM_CHURN_SEEDS=N`, default 24; `FEM_SIM_CHURN_SEED=N` replays one).
+#[test]
+fn simulation_converges_under_agent_churn_flaps_and_lost_deltas() {
+    let seeds: Vec<u64> = match std::env::var("FEM_SIM_CHURN_SEED") {
+        Ok(s) => vec![s.parse().expect("FEM_SIM_CHURN_SEED is a number")],
+        Err(_) => {
+            let n: u64 = std::env::var("FEM_SIM_CHURN_SEEDS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(24);
+            (1..=n).collect()
+        }
+    };
+    let mut total = RouteStats::default();
+    let mut failures = Vec::new();
+    for seed in &seeds {
+        match run_scenario(*seed, &Scenario::churn(*seed)) {
+            Ok((_, st)) => {
+                total.full += st.full;
+                total.delta += st.delta;
+                total.withdraw += st.withdraw;
+                total.resync += st.resync;
+                total.dropped += st.dropped;
+                total.bytes += st.bytes;
+            }
+            Err(e) => failures.push(e),
+        }
+    }
+    println!("churn: {} seeds, route messages {total:?}", seeds.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {} seeds failed; replay one with FEM_SIM_CHURN_SEED=N:\n{}",
+        failures.len(),
+        seeds.len(),
+        failures
+            .iter()
+            .take(3)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    if seeds.len() > 4 {
+        assert!(
+            total.delta > total.full,
+            "deltas did not carry the changes: {total:?}"
+        );
+        assert!(
+            total.dropped > 0 && total.resync > 0,
+            "no gap was found: {total:?}"
+        );
+    }
+}
+
+/// A delta lost on a link (which a real link never does without dropping)
+/// leaves the receiver with a stale set; the origin's next change arrives as
+/// a delta on a base the receiver does not hold, it asks for a resync once,
+/// gets the full set, and routes converge.
+#[test]
+fn simulation_a_lost_delta_is_found_and_resynced() {
+    let mut sim = Sim::new(3, Topology::Mesh, 3, 4, 0);
+    for b in 0..3 {
+        sim.start_broker(b);
+    }
+    sim.run_until(T0 + 100 * MS);
+    for (agent, broker) in [(0, 0), (1, 0), (2, 2)] {
+        sim.connect_agent_to(agent, broker);
+    }
+    sim.run_until(T0 + SEC);
+    sim.check_routes().expect("routes at the start");
+    // agent-1 leaves b0; the delta telling b1 is lost.
+    sim.drop_next = Some((0, 1));
+    let conn = sim.agents[1].conn.take().expect("connected");
+    sim.at(sim.now, Ev::SessionClosed { conn });
+    sim.run_until(sim.now + SEC);
+    assert_eq!(sim.routes.dropped, 1);
+    assert!(
+        sim.check_routes().is_err(),
+        "b1 should still route the agent that left"
+    );
+    assert_eq!(sim.routes.resync, 0);
+    // The next change at b0: a gap at b1, one resync, the full set.
+    let before = sim.routes;
+    sim.connect_agent_to(3, 0);
+    sim.run_until(sim.now + SEC);
+    assert_eq!(sim.routes.resync - before.resync, 1, "{:?}", sim.routes);
+    assert!(sim.routes.full > before.full, "{:?}", sim.routes);
+    sim.check_routes().expect("routes after the resync");
+    assert!(sim.violations.is_empty(), "{:?}", sim.violations);
 }

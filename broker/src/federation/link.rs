@@ -2,15 +2,18 @@
 //! messages and relayed calls until it ends. Relayed calls are admitted here
 //! (outside the routing core's lock) and handed to the core.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use fem_net::wire::{FrameReader, write_loop};
 use fem_proto::{
-    AgentId, Body, CANCEL_FEATURE, Envelope, EnvelopeType, ErrorCode, FedFrame, Header, PublicKey,
-    RELAY_FEATURE, RegisterBroker, SignedEnvelope,
+    AgentId, Body, CANCEL_FEATURE, DELTA_FEATURE, Envelope, EnvelopeType, ErrorCode, FedFrame,
+    Header, PublicKey, RELAY_FEATURE, RegisterBroker, SignedEnvelope,
 };
-use tokio::io::{AsyncRead, AsyncWrite};
+use prometheus::IntCounter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
@@ -58,7 +61,12 @@ fn hello(shared: &Shared) -> Result<FedFrame, fem_proto::ProtoError> {
             broker_id: shared.config.broker_id.clone(),
             endpoint: format!("https://{}", shared.config.listen),
             public_key: shared.broker_key,
-            capabilities: vec!["relay".into(), RELAY_FEATURE.into(), CANCEL_FEATURE.into()],
+            capabilities: vec![
+                "relay".into(),
+                RELAY_FEATURE.into(),
+                CANCEL_FEATURE.into(),
+                DELTA_FEATURE.into(),
+            ],
         }),
     );
     Ok(FedFrame::Hello(SignedEnvelope::sign(
@@ -191,6 +199,14 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let max = shared.config.max_frame;
+    let bytes = |direction| {
+        shared
+            .metrics
+            .federation_bytes
+            .with_label_values(&[direction])
+    };
+    let send = Counted::new(send, bytes("sent"));
+    let recv = Counted::new(recv, bytes("received"));
     let (fed_tx, fed_rx) = mpsc::channel::<FedFrame>(LINK_QUEUE);
     let writer = tokio::spawn(async move {
         let _ = write_loop(fed_rx, send, max).await;
@@ -333,7 +349,10 @@ where
 
 fn handle_frame(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>, f: FedFrame) {
     match f {
-        FedFrame::Advertise { .. } | FedFrame::Withdraw { .. } => {
+        FedFrame::Advertise { .. }
+        | FedFrame::AdvertiseDelta { .. }
+        | FedFrame::Withdraw { .. }
+        | FedFrame::Resync { .. } => {
             shared.route(|r, _| r.link_frame(link, f));
         }
         call @ FedFrame::RelayCall { .. } => relay_in(shared, link, tx, call),
@@ -494,5 +513,56 @@ fn relay_back(
                 );
             });
         }
+    }
+}
+
+/// A link's stream with its bytes counted (`fem_broker_federation_bytes_total`):
+/// what passes is the encoded frames, length prefixes included.
+#[derive(Debug)]
+struct Counted<T> {
+    inner: T,
+    bytes: IntCounter,
+}
+
+impl<T> Counted<T> {
+    fn new(inner: T, bytes: IntCounter) -> Self {
+        Self { inner, bytes }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            self.bytes.inc_by((buf.filled().len() - before) as u64);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.bytes.inc_by(n as u64);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

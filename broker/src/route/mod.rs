@@ -18,7 +18,7 @@ pub mod paths;
 mod pending;
 mod registry;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +30,7 @@ use fem_proto::{
 use tracing::debug;
 
 use self::admission::{Credential, Refusal};
-use self::paths::{Advert, Change, RemoteRoute, RouteTable};
+use self::paths::{Advert, Change, Delta, Gap, RemoteRoute, RouteTable};
 use self::pending::{CallTarget, Pending, PendingTable};
 use self::registry::Registry;
 pub use self::registry::{LocalAgent, Profile};
@@ -220,6 +220,14 @@ struct LinkState {
     advertise: Option<Vec<fem_proto::IdPattern>>,
     /// The peer understands `RelayCancel` and `RelayProgress`.
     cancels: bool,
+    /// The peer takes `AdvertiseDelta` and `Resync` ([`fem_proto::DELTA_FEATURE`]);
+    /// without it every change is a full `Advertise`.
+    deltas: bool,
+    /// Per origin, the version of the advertisement last sent on this link
+    /// (for this broker's own agents, its sequence number); none when the
+    /// origin was withdrawn or never sent. A change whose previous version
+    /// the link holds goes as a delta.
+    sent: HashMap<AgentId, u64>,
 }
 
 /// Progress updates of one call are forwarded at most 20 a second on
@@ -265,7 +273,12 @@ pub struct Router {
     /// Bytes of calls waiting for slots (against `max_waiting_bytes`).
     waiting_bytes: usize,
     rr: usize,
+    /// The sequence number of the local agent set last advertised.
     local_seq: u64,
+    /// The ids in that set (while any link is up).
+    local_ids: HashSet<AgentId>,
+    /// Local agents changed since (while any link is up): the next delta.
+    local_dirty: BTreeSet<AgentId>,
     advert_due: Option<Micros>,
     out: VecDeque<Output>,
     /// Bumped whenever the tools this broker can route to may have changed.
@@ -290,6 +303,8 @@ impl Router {
             waiting_bytes: 0,
             rr: 0,
             local_seq: now,
+            local_ids: HashSet::new(),
+            local_dirty: BTreeSet::new(),
             advert_due: None,
             out: VecDeque::new(),
             generation: 0,
@@ -387,7 +402,7 @@ impl Router {
             .registrations
             .with_label_values(&["accepted"])
             .inc();
-        self.local_changed(now);
+        self.local_changed(now, reg.id);
         Ok(())
     }
 
@@ -414,7 +429,7 @@ impl Router {
         for id in made {
             self.cancel_call(id, now, "the caller disconnected");
         }
-        self.local_changed(now);
+        self.local_changed(now, agent.id);
     }
 
     /// The client cancels its call `request_id` (a session's `cancel`
@@ -557,6 +572,7 @@ impl Router {
         let Some(agent) = self.registry.by_session(client) else {
             return Err((ErrorCode::NotRegistered, "no agent on this session".into()));
         };
+        let id = agent.id.clone();
         let mut p = agent.profile.clone();
         p.tools = u.tools;
         if let Some(c) = u.capabilities {
@@ -566,7 +582,7 @@ impl Router {
             p.metadata = m;
         }
         self.registry.set_profile(client, p);
-        self.local_changed(now);
+        self.local_changed(now, id);
         Ok(())
     }
 
@@ -1448,6 +1464,8 @@ impl Router {
     /// A link to broker `peer` passed its handshake; `initiator` opened it.
     /// With a trust anchor, `advertise` holds the agent ids the peer's grant
     /// lets it advertise: agents outside them are dropped from its adverts.
+    /// `features` are what the peer announced in registerBroker (cancels,
+    /// advertisement deltas).
     pub fn link_up(
         &mut self,
         now: Micros,
@@ -1466,6 +1484,13 @@ impl Router {
             self.out.push_back(Output::CloseLink { link: old });
             self.link_down(now, old);
         }
+        if self.links.is_empty() {
+            // Local changes are not tracked without links: start again
+            // from the registry, under a new number.
+            self.local_ids = self.advertised_locals().map(|a| a.id.clone()).collect();
+            self.local_dirty.clear();
+            self.local_seq += 1;
+        }
         self.links.insert(
             peer.clone(),
             LinkState {
@@ -1473,15 +1498,18 @@ impl Router {
                 initiator,
                 advertise,
                 cancels: features.iter().any(|f| f == fem_proto::CANCEL_FEATURE),
+                deltas: features.iter().any(|f| f == fem_proto::DELTA_FEATURE),
+                sent: HashMap::new(),
             },
         );
         self.link_peer.insert(link, peer.clone());
         self.peers_changed();
-        // A fresh advertisement of our own agents to everyone (the new peer
-        // included), then every route we chose, to the new peer.
+        // Pending local changes to the other peers (as deltas), and our
+        // own agents in full to the new one; then every route we chose.
         self.flush_local();
-        for frame in self.routes.frames_for(&self.cfg.broker_id, &peer) {
-            self.out.push_back(Output::Link { to: link, frame });
+        let deltas = self.links.get(&peer).is_some_and(|l| l.deltas);
+        for origin in self.routes.chosen_origins() {
+            self.send_route(&peer, &origin, !deltas);
         }
         LinkUp::Accepted
     }
@@ -1511,12 +1539,14 @@ impl Router {
         self.routes_changed(changes);
     }
 
-    /// A route message from a link (advertise or withdraw); other messages
-    /// have their own entry points and are ignored here.
+    /// A route message from a link (advertise, its delta, withdraw, or a
+    /// request for a resync); other messages have their own entry points
+    /// and are ignored here.
     pub fn link_frame(&mut self, link: LinkId, frame: FedFrame) {
         let Some(peer) = self.link_peer.get(&link).cloned() else {
             return;
         };
+        let me = self.cfg.broker_id.clone();
         let change = match frame {
             FedFrame::Advertise {
                 origin,
@@ -1524,25 +1554,62 @@ impl Router {
                 path,
                 mut agents,
             } => {
-                if let Some(allowed) = self.links.get(&peer).and_then(|l| l.advertise.as_ref()) {
-                    let before = agents.len();
-                    agents.retain(|a| allowed.iter().any(|p| p.matches(&a.id)));
-                    if agents.len() < before {
-                        debug!(%peer, dropped = before - agents.len(), "advertised agents outside the peer's grant dropped");
-                        self.metrics
-                            .refusals
-                            .with_label_values(&["ADVERT_OUTSIDE_GRANT"])
-                            .inc_by((before - agents.len()) as u64);
+                self.outside_grant(&peer, &mut agents);
+                self.routes
+                    .advertised(&me, &peer, origin, Advert::new(seq, path, agents))
+            }
+            FedFrame::AdvertiseDelta {
+                origin,
+                seq,
+                base_seq,
+                path,
+                mut added,
+                removed,
+            } => {
+                self.outside_grant(&peer, &mut added);
+                let delta = Delta {
+                    seq,
+                    base_seq,
+                    path,
+                    added,
+                    removed,
+                };
+                match self.routes.delta(&me, &peer, origin.clone(), delta) {
+                    Ok(applied) => {
+                        if applied.over_limit > 0 {
+                            debug!(%peer, %origin, dropped = applied.over_limit, "advertised agents over the limit per origin dropped");
+                            self.metrics
+                                .limit_hits
+                                .with_label_values(&["advertised_agents"])
+                                .inc_by(applied.over_limit as u64);
+                        }
+                        applied.change
+                    }
+                    Err(Gap) => {
+                        debug!(%peer, %origin, base_seq, "advertisement delta without its base; asking for a resync");
+                        self.metrics.federation_resyncs.inc();
+                        // A broker that sends deltas answers resync (whatever
+                        // it announced: the feature says what it takes).
+                        self.out.push_back(Output::Link {
+                            to: link,
+                            frame: FedFrame::Resync { origin },
+                        });
+                        None
                     }
                 }
-                self.routes.advertised(
-                    &self.cfg.broker_id,
-                    &peer,
-                    origin,
-                    Advert { seq, path, agents },
-                )
             }
             FedFrame::Withdraw { origin } => self.routes.withdrawn(&peer, origin),
+            FedFrame::Resync { origin } => {
+                if origin == me {
+                    if let Some(l) = self.links.get_mut(&peer) {
+                        l.sent.remove(&me);
+                    }
+                    self.send_local(&peer, None);
+                } else {
+                    self.send_route(&peer, &origin, true);
+                }
+                None
+            }
             _ => None,
         };
         if let Some(c) = change {
@@ -1550,31 +1617,124 @@ impl Router {
         }
     }
 
+    /// Drops agents outside `peer`'s grant from what it advertised (counted).
+    fn outside_grant(&self, peer: &AgentId, agents: &mut Vec<AdvertisedAgent>) {
+        let Some(allowed) = self.links.get(peer).and_then(|l| l.advertise.as_ref()) else {
+            return;
+        };
+        let before = agents.len();
+        agents.retain(|a| allowed.iter().any(|p| p.matches(&a.id)));
+        if agents.len() < before {
+            debug!(%peer, dropped = before - agents.len(), "advertised agents outside the peer's grant dropped");
+            self.metrics
+                .refusals
+                .with_label_values(&["ADVERT_OUTSIDE_GRANT"])
+                .inc_by((before - agents.len()) as u64);
+        }
+    }
+
+    /// Sends `peer` the current choice for `origin` in full: an advertisement
+    /// or, where it has none (or the peer is on its path), a withdrawal when
+    /// `withdraw` says so.
+    fn send_route(&mut self, peer: &AgentId, origin: &AgentId, withdraw: bool) {
+        let Some(l) = self.links.get_mut(peer) else {
+            return;
+        };
+        let chosen = self
+            .routes
+            .chosen(origin)
+            .filter(|c| RouteTable::passes_to(peer, origin, &c.advert));
+        match chosen {
+            Some(c) => l.sent.insert(origin.clone(), c.version),
+            None => l.sent.remove(origin),
+        };
+        if chosen.is_none() && !withdraw {
+            return;
+        }
+        let frame =
+            RouteTable::frame_for(&self.cfg.broker_id, peer, origin, chosen.map(|c| &c.advert));
+        self.out.push_back(Output::Link { to: l.id, frame });
+    }
+
+    /// Passes changes of choice on to every peer, and updates the routes to
+    /// the agents they touch.
     fn routes_changed(&mut self, changes: Vec<Change>) {
         if changes.is_empty() {
             return;
         }
         self.generation += 1;
-        for (peer, l) in &self.links {
+        let me = &self.cfg.broker_id;
+        for (peer, l) in &mut self.links {
             for c in &changes {
-                let frame =
-                    RouteTable::frame_for(&self.cfg.broker_id, peer, &c.origin, c.best.as_ref());
-                self.out.push_back(Output::Link { to: l.id, frame });
+                if let Some(frame) = Self::route_frame(&self.routes, me, peer, l, c) {
+                    self.out.push_back(Output::Link { to: l.id, frame });
+                }
             }
         }
-        let links = &self.links;
-        self.remote = self
-            .routes
-            .agents()
-            .into_iter()
-            .filter_map(|(id, route)| {
-                let link = links.get(&route.via)?.id;
-                Some((id, RemoteAgent { route, link }))
-            })
-            .collect();
+        for c in &changes {
+            // The agents whose best route may differ now.
+            let mut ids: BTreeSet<AgentId> = c.removed.iter().cloned().collect();
+            if c.moved {
+                if let Some(chosen) = self.routes.chosen(&c.origin) {
+                    ids.extend(chosen.advert.agents.keys().cloned());
+                }
+            } else {
+                ids.extend(c.added.iter().map(|a| a.id.clone()));
+            }
+            for id in ids {
+                let remote = self.routes.route_of(&id).and_then(|route| {
+                    let link = self.links.get(&route.via)?.id;
+                    Some(RemoteAgent { route, link })
+                });
+                match remote {
+                    Some(r) => self.remote.insert(id, r),
+                    None => self.remote.remove(&id),
+                };
+            }
+        }
         self.metrics
             .routes
             .set(i64::try_from(self.remote.len()).unwrap_or(i64::MAX));
+    }
+
+    /// What one peer is sent for one change: a delta when it takes them and
+    /// holds the previous choice, else the new choice in full or a
+    /// withdrawal (to a peer that takes deltas, only when it holds a route).
+    fn route_frame(
+        routes: &RouteTable,
+        me: &AgentId,
+        peer: &AgentId,
+        l: &mut LinkState,
+        c: &Change,
+    ) -> Option<FedFrame> {
+        let chosen = routes
+            .chosen(&c.origin)
+            .filter(|ch| RouteTable::passes_to(peer, &c.origin, &ch.advert));
+        let deltas = l.deltas;
+        let Some(ch) = chosen else {
+            let held = l.sent.remove(&c.origin).is_some();
+            return (held || !deltas).then(|| FedFrame::Withdraw {
+                origin: c.origin.clone(),
+            });
+        };
+        let held = l.sent.insert(c.origin.clone(), ch.version);
+        match c.before {
+            Some(b)
+                if deltas
+                    && held == Some(b.version)
+                    && c.added.len() + c.removed.len() < ch.advert.agents.len().max(1) =>
+            {
+                Some(FedFrame::AdvertiseDelta {
+                    origin: c.origin.clone(),
+                    seq: ch.advert.seq,
+                    base_seq: b.seq,
+                    path: RouteTable::path_via(me, &ch.advert),
+                    added: c.added.iter().map(|a| (**a).clone()).collect(),
+                    removed: c.removed.clone(),
+                })
+            }
+            _ => Some(RouteTable::frame_for(me, peer, &c.origin, Some(&ch.advert))),
+        }
     }
 
     fn peers_changed(&self) {
@@ -1584,47 +1744,114 @@ impl Router {
             .set(i64::try_from(self.links.len()).unwrap_or(i64::MAX));
     }
 
-    /// Schedules an advertisement of the local agents (a new link gets one
-    /// at once, so without links there is nothing to schedule).
-    fn local_changed(&mut self, now: Micros) {
+    /// Notes a change of the local agent `id` and schedules an advertisement
+    /// of local changes (a new link gets one at once, so without links there
+    /// is nothing to note or schedule).
+    fn local_changed(&mut self, now: Micros, id: AgentId) {
         self.generation += 1;
-        if self.advert_due.is_none() && !self.links.is_empty() {
+        if self.links.is_empty() {
+            return;
+        }
+        self.local_dirty.insert(id);
+        if self.advert_due.is_none() {
             let delay = u64::try_from(self.cfg.advert_delay.as_micros()).unwrap_or(u64::MAX);
             self.advert_due = Some(now.saturating_add(delay));
         }
     }
 
-    /// Sends the local agent set, under a new sequence number, to every peer.
+    /// Local agents as peers see them (pure callers are not advertised).
+    fn advertised_locals(&self) -> impl Iterator<Item = &LocalAgent> {
+        self.registry.iter().filter(|a| a.max_concurrent > 0)
+    }
+
+    fn advertised(a: &LocalAgent) -> AdvertisedAgent {
+        AdvertisedAgent {
+            id: a.id.clone(),
+            key: a.key,
+            capabilities: a.profile.capabilities.clone(),
+            tools: a.profile.tools.clone(),
+        }
+    }
+
+    /// Sends the local changes batched since the last advertisement, under
+    /// a new sequence number, as a delta to every peer that takes one and
+    /// holds the last set, and the whole set to the others.
     fn flush_local(&mut self) {
         self.advert_due = None;
         if self.links.is_empty() {
             return;
         }
-        self.local_seq += 1;
-        let mut agents: Vec<AdvertisedAgent> = self
-            .registry
-            .iter()
-            .filter(|a| a.max_concurrent > 0)
-            .map(|a| AdvertisedAgent {
-                id: a.id.clone(),
-                key: a.key,
-                capabilities: a.profile.capabilities.clone(),
-                tools: a.profile.tools.clone(),
-            })
-            .collect();
-        agents.sort_by(|a, b| a.id.cmp(&b.id));
-        let me = self.cfg.broker_id.clone();
-        for l in self.links.values() {
-            self.out.push_back(Output::Link {
-                to: l.id,
-                frame: FedFrame::Advertise {
-                    origin: me.clone(),
-                    seq: self.local_seq,
-                    path: vec![me.clone()],
-                    agents: agents.clone(),
-                },
-            });
+        let mut added = Vec::new();
+        let mut removed = Vec::new();
+        for id in std::mem::take(&mut self.local_dirty) {
+            match self.registry.get(&id).filter(|a| a.max_concurrent > 0) {
+                Some(a) => {
+                    added.push(Self::advertised(a));
+                    self.local_ids.insert(id);
+                }
+                None => {
+                    if self.local_ids.remove(&id) {
+                        removed.push(id);
+                    }
+                }
+            }
         }
+        let base = self.local_seq;
+        if !added.is_empty() || !removed.is_empty() {
+            self.local_seq += 1;
+        }
+        let peers: Vec<AgentId> = self.links.keys().cloned().collect();
+        let delta = (base != self.local_seq).then_some((base, added, removed));
+        for peer in peers {
+            self.send_local(&peer, delta.as_ref());
+        }
+    }
+
+    /// Brings `peer` to the current local set: nothing when it holds it, the
+    /// `delta` from its base when it takes deltas and holds that base, the
+    /// whole set otherwise.
+    fn send_local(
+        &mut self,
+        peer: &AgentId,
+        delta: Option<&(u64, Vec<AdvertisedAgent>, Vec<AgentId>)>,
+    ) {
+        let me = self.cfg.broker_id.clone();
+        let seq = self.local_seq;
+        let Some(l) = self.links.get_mut(peer) else {
+            return;
+        };
+        let held = l.sent.insert(me.clone(), seq);
+        let frame = match delta {
+            _ if held == Some(seq) => return,
+            Some((base, added, removed)) if l.deltas && held == Some(*base) => {
+                FedFrame::AdvertiseDelta {
+                    origin: me.clone(),
+                    seq,
+                    base_seq: *base,
+                    path: vec![me],
+                    added: added.clone(),
+                    removed: removed.clone(),
+                }
+            }
+            _ => {
+                let to = l.id;
+                let mut agents: Vec<AdvertisedAgent> =
+                    self.advertised_locals().map(Self::advertised).collect();
+                agents.sort_by(|a, b| a.id.cmp(&b.id));
+                self.out.push_back(Output::Link {
+                    to,
+                    frame: FedFrame::Advertise {
+                        origin: me.clone(),
+                        seq,
+                        path: vec![me],
+                        agents,
+                    },
+                });
+                return;
+            }
+        };
+        let to = l.id;
+        self.out.push_back(Output::Link { to, frame });
     }
 
     // ----- views -----

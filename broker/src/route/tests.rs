@@ -248,6 +248,193 @@ fn deadlines_of_answered_calls_do_not_pile_up() {
     );
 }
 
+/// Routers joined by in-memory links that deliver in order, counting the
+/// encoded bytes of what each link carries.
+struct Net {
+    routers: Vec<Router>,
+    /// (router, its link) -> (the other router, its link).
+    ends: HashMap<(usize, LinkId), (usize, LinkId)>,
+    /// (from, to) -> encoded bytes and frames sent.
+    sent: BTreeMap<(usize, usize), (usize, usize)>,
+    next_link: u64,
+    next_client: u64,
+}
+
+impl Net {
+    fn new(names: &[&str]) -> Self {
+        Self {
+            routers: names.iter().map(|n| router(n)).collect(),
+            ends: HashMap::new(),
+            sent: BTreeMap::new(),
+            next_link: 100,
+            next_client: 10_000,
+        }
+    }
+
+    fn link(&mut self, a: usize, b: usize, deltas: bool) {
+        let (la, lb) = (LinkId(self.next_link), LinkId(self.next_link + 1));
+        self.next_link += 2;
+        self.ends.insert((a, la), (b, lb));
+        self.ends.insert((b, lb), (a, la));
+        let (na, nb) = (
+            self.routers[a].broker_id().clone(),
+            self.routers[b].broker_id().clone(),
+        );
+        let mut features = vec![fem_proto::CANCEL_FEATURE.to_owned()];
+        if deltas {
+            features.push(fem_proto::DELTA_FEATURE.to_owned());
+        }
+        let up = self.routers[a].link_up(T0, la, nb, na.clone(), None, &features);
+        assert_eq!(up, LinkUp::Accepted);
+        let up = self.routers[b].link_up(T0, lb, na.clone(), na, None, &features);
+        assert_eq!(up, LinkUp::Accepted);
+        self.pump();
+    }
+
+    /// Delivers link messages until none is left.
+    fn pump(&mut self) {
+        loop {
+            let mut frames = Vec::new();
+            for (i, r) in self.routers.iter_mut().enumerate() {
+                while let Some(o) = r.poll_output() {
+                    if let Output::Link { to, frame } = o {
+                        let (j, lj) = self.ends[&(i, to)];
+                        let mut buf = Vec::new();
+                        fem_proto::encode_message(&frame, &mut buf, usize::MAX).expect("encodes");
+                        let e = self.sent.entry((i, j)).or_default();
+                        e.0 += buf.len();
+                        e.1 += 1;
+                        frames.push((j, lj, frame));
+                    }
+                }
+            }
+            if frames.is_empty() {
+                return;
+            }
+            for (j, lj, frame) in frames {
+                self.routers[j].link_frame(lj, frame);
+            }
+        }
+    }
+
+    /// Registers `names` at router `at` and lets the batched advertisement go.
+    fn register(&mut self, at: usize, names: &[String], now: Micros) {
+        for name in names {
+            let key = SigningKey::generate();
+            self.next_client += 1;
+            register(&mut self.routers[at], self.next_client, name, &key, 4);
+        }
+        self.routers[at].tick(now + 60_000);
+        self.pump();
+    }
+}
+
+/// Bytes and frames each of the links a-b and b-c carries for one more
+/// registration at `a`, with `n` agents registered there before.
+fn one_more_registration(n: usize, deltas: bool) -> ((usize, usize), (usize, usize)) {
+    let mut net = Net::new(&["a", "b", "c"]);
+    net.link(0, 1, deltas);
+    net.link(1, 2, deltas);
+    let before: Vec<String> = (0..n).map(|i| format!("agent-{i:05}")).collect();
+    net.register(0, &before, T0);
+    assert_eq!(net.routers[2].remote_agents().count(), n);
+    net.sent.clear();
+    net.register(0, &["agent-new".to_owned()], T0 + 1_000_000);
+    assert_eq!(net.routers[2].remote_agents().count(), n + 1);
+    let on = |from, to| net.sent.get(&(from, to)).copied().unwrap_or_default();
+    if deltas {
+        // Nothing flows back: the registration is news only downstream
+        // (full advertisements come with withdrawals towards the origin).
+        assert_eq!(on(1, 0).1 + on(2, 1).1, 0, "{:?}", net.sent);
+    }
+    (on(0, 1), on(1, 2))
+}
+
+#[test]
+fn a_registration_costs_the_same_link_bytes_however_many_agents_are_registered() {
+    let small = one_more_registration(10, true);
+    let large = one_more_registration(1000, true);
+    let full_small = one_more_registration(10, false);
+    let full_large = one_more_registration(1000, false);
+    println!(
+        "bytes (frames) for one registration, origin link then re-advertisement: \
+         deltas with 10 agents {small:?}, with 1000 {large:?}; \
+         full advertisements with 10 {full_small:?}, with 1000 {full_large:?}"
+    );
+    // One frame per link, of the same size with 10 or 1000 agents.
+    assert_eq!(small, large);
+    assert_eq!((small.0.1, small.1.1), (1, 1));
+    // Without the feature every change is the whole set.
+    assert!(
+        full_large.0.0 > 50 * full_small.0.0,
+        "{full_small:?} {full_large:?}"
+    );
+    assert!(small.0.0 < full_small.0.0);
+}
+
+#[test]
+fn a_resync_gets_the_current_set_and_a_gap_asks_once() {
+    let mut net = Net::new(&["a", "b"]);
+    net.link(0, 1, true);
+    let names: Vec<String> = (0..3).map(|i| format!("agent-{i}")).collect();
+    net.register(0, &names, T0);
+    // A peer asks again (as after a gap): the whole set, or a withdrawal
+    // where there is no route.
+    let (a, b) = (id("a"), id("b"));
+    net.routers[1].link_frame(LinkId(101), FedFrame::Resync { origin: b.clone() });
+    net.routers[1].link_frame(LinkId(101), FedFrame::Resync { origin: id("x") });
+    let out = drain(&mut net.routers[1]);
+    match out.as_slice() {
+        [
+            Output::Link {
+                frame: FedFrame::Advertise { origin, agents, .. },
+                ..
+            },
+            Output::Link {
+                frame: FedFrame::Withdraw { origin: x },
+                ..
+            },
+        ] => assert_eq!((origin, agents.len(), x), (&b, 0, &id("x"))),
+        other => panic!("{other:?}"),
+    }
+    net.routers[0].link_frame(LinkId(100), FedFrame::Resync { origin: a.clone() });
+    let out = drain(&mut net.routers[0]);
+    match out.as_slice() {
+        [
+            Output::Link {
+                frame: FedFrame::Advertise { origin, agents, .. },
+                ..
+            },
+        ] => assert_eq!((origin, agents.len()), (&a, 3)),
+        other => panic!("{other:?}"),
+    }
+    // A delta on a base b does not hold: one resync, then silence until
+    // the full set.
+    let path = vec![a.clone()];
+    let delta = |seq| FedFrame::AdvertiseDelta {
+        origin: a.clone(),
+        seq,
+        base_seq: seq - 1,
+        path: path.clone(),
+        added: Vec::new(),
+        removed: vec![id("agent-0")],
+    };
+    net.routers[1].link_frame(LinkId(101), delta(T0 + 100));
+    net.routers[1].link_frame(LinkId(101), delta(T0 + 101));
+    let out = drain(&mut net.routers[1]);
+    assert!(
+        matches!(
+            out.as_slice(),
+            [Output::Link {
+                frame: FedFrame::Resync { .. },
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+    assert_eq!(net.routers[1].remote_agents().count(), 3);
+}
+
 #[test]
 fn a_cancel_frees_the_slot_for_the_waiting_call_and_tells_the_agent() {
     let mut r = router("b");

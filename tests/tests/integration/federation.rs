@@ -685,3 +685,83 @@ async fn spokes_pick_hubs_by_srv_priority_and_hubs_listen_apart() {
     })
     .await;
 }
+
+/// `fem_broker_federation_bytes_total{direction}` of an in-process broker.
+fn fed_bytes(b: &TestBroker, direction: &str) -> u64 {
+    let prefix = format!("fem_broker_federation_bytes_total{{direction=\"{direction}\"}} ");
+    b.broker
+        .metrics()
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str())?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until `b` routes `n` remote agents.
+async fn routes(b: &TestBroker, n: usize) {
+    let line = format!("fem_broker_routes {n}\n");
+    assert!(
+        eventually(Duration::from_secs(30), || b
+            .broker
+            .metrics()
+            .render()
+            .contains(&line))
+        .await,
+        "{} does not route {n} agents",
+        b.broker.local_addr()
+    );
+}
+
+/// Over real links, one registration costs the same bytes with 10 agents
+/// registered as with 111: one delta, counted in
+/// `fem_broker_federation_bytes_total` on both ends. (Pings are slowed to
+/// one a minute so that only route messages cross the link.)
+#[tokio::test]
+async fn link_bytes_per_registration_do_not_grow_with_the_agents_registered() {
+    bounded(120, async {
+        let (a, b) = (host(350), host(351));
+        let (bs, _ca) = cluster(&[a, b], |i, ca| FederationConfig {
+            ping_interval: Duration::from_secs(60),
+            link_timeout: Duration::from_secs(120),
+            ..fed(
+                FederationMode::Mesh,
+                vec![url(if i == 0 { b } else { a })],
+                vec![],
+                ca,
+            )
+        })
+        .await;
+        let mut agents = Vec::new();
+        let mut add = async |from: usize, n: usize| {
+            for i in from..from + n {
+                agents.push(echo_agent(&format!("agent-{i:04}"), bs[0].options(), 1).await);
+            }
+        };
+        add(0, 10).await;
+        routes(&bs[1], 10).await;
+        // One more registration, measured on both ends of the link.
+        let one_more = async |name: &str, total: usize| {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let (sent, received) = (fed_bytes(&bs[0], "sent"), fed_bytes(&bs[1], "received"));
+            let agent = echo_agent(name, bs[0].options(), 1).await;
+            routes(&bs[1], total).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let d = (
+                fed_bytes(&bs[0], "sent") - sent,
+                fed_bytes(&bs[1], "received") - received,
+            );
+            (agent, d)
+        };
+        let (_x1, small) = one_more("extra-1", 11).await;
+        add(10, 100).await;
+        routes(&bs[1], 111).await;
+        let (_x2, large) = one_more("extra-2", 112).await;
+        eprintln!(
+            "link bytes for one registration: {small:?} (sent, received) with 10 agents registered, {large:?} with 111"
+        );
+        assert_eq!(small.0, small.1, "sent and received disagree");
+        assert_eq!(small, large, "the bytes grew with the agents registered");
+        assert!(small.0 > 0 && small.0 < 200, "{small:?}");
+    })
+    .await;
+}
