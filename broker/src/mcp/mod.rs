@@ -193,14 +193,10 @@ pub(crate) struct Catalog {
 /// grant it was built for: `tools/call` resolves a name without reading the
 /// federation's tools again until they (or the grant) change.
 #[derive(Debug, Default)]
-pub(crate) struct Catalogs(
-    std::sync::Mutex<
-        std::collections::HashMap<
-            fem_proto::AgentId,
-            (u64, Option<fem_proto::Grant>, Arc<Catalog>),
-        >,
-    >,
-);
+pub(crate) struct Catalogs(std::sync::Mutex<std::collections::HashMap<fem_proto::AgentId, Cached>>);
+
+/// A catalog with the router generation and grant it was built for.
+type Cached = (u64, Option<fem_proto::Grant>, Arc<Catalog>);
 
 impl Catalogs {
     fn get(
