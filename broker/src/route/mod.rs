@@ -507,14 +507,18 @@ impl Router {
         relay: u64,
         update: fem_proto::ProgressUpdate,
     ) {
-        let id = CallId(relay);
-        let ours = self
-            .pending
-            .get(id)
-            .is_some_and(|p| matches!(&p.target, CallTarget::Remote { link: l, .. } if *l == link));
-        if ours {
+        if let Some(id) = self.relayed_over(link, relay) {
             self.forward_progress(id, now, update);
         }
+    }
+
+    /// The pending call this broker relayed over `link` as `relay`.
+    fn relayed_over(&self, link: LinkId, relay: u64) -> Option<CallId> {
+        let id = CallId(relay);
+        self.pending
+            .get(id)
+            .is_some_and(|p| matches!(&p.target, CallTarget::Remote { link: l, .. } if *l == link))
+            .then_some(id)
     }
 
     fn forward_progress(&mut self, id: CallId, now: Micros, update: fem_proto::ProgressUpdate) {
@@ -868,12 +872,7 @@ impl Router {
         code: ErrorCode,
         message: String,
     ) {
-        let id = CallId(relay);
-        let ours = self
-            .pending
-            .get(id)
-            .is_some_and(|p| matches!(&p.target, CallTarget::Remote { link: l, .. } if *l == link));
-        if ours {
+        if let Some(id) = self.relayed_over(link, relay) {
             self.finish(id, now, Answer::Failed { code, message });
         }
     }

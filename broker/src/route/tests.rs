@@ -55,6 +55,16 @@ fn register(r: &mut Router, client: u64, name: &str, key: &SigningKey, max: u32)
     drain(r);
 }
 
+/// Broker `b` with agent `a` (client 1, one slot) and caller `c` (client 2).
+fn agent_and_caller() -> (Router, SigningKey, SigningKey) {
+    let mut r = router("b");
+    let agent = SigningKey::generate();
+    let caller = SigningKey::generate();
+    register(&mut r, 1, "a", &agent, 1);
+    register(&mut r, 2, "c", &caller, 0);
+    (r, agent, caller)
+}
+
 fn drain(r: &mut Router) -> Vec<Output> {
     std::iter::from_fn(|| r.poll_output()).collect()
 }
@@ -112,12 +122,8 @@ fn incoming<'a>(
 
 #[test]
 fn a_call_waits_for_a_slot_and_times_out_exactly_once() {
-    let mut r = router("b");
-    let agent = SigningKey::generate();
-    let caller = SigningKey::generate();
+    let (mut r, agent, caller) = agent_and_caller();
     let cid = id("c");
-    register(&mut r, 1, "a", &agent, 1);
-    register(&mut r, 2, "c", &caller, 0);
     let deadline_ms = T0 / 1000 + 1_000;
     let (c1, e1) = call_env(&caller, "c", Target::Agent(id("a")), deadline_ms);
     let (c2, e2) = call_env(&caller, "c", Target::Agent(id("a")), deadline_ms);
@@ -437,12 +443,8 @@ fn a_resync_gets_the_current_set_and_a_gap_asks_once() {
 
 #[test]
 fn a_cancel_frees_the_slot_for_the_waiting_call_and_tells_the_agent() {
-    let mut r = router("b");
-    let agent = SigningKey::generate();
-    let caller = SigningKey::generate();
+    let (mut r, agent, caller) = agent_and_caller();
     let cid = id("c");
-    register(&mut r, 1, "a", &agent, 1);
-    register(&mut r, 2, "c", &caller, 0);
     let deadline_ms = T0 / 1000 + 10_000;
     let (c1, e1) = call_env(&caller, "c", Target::Agent(id("a")), deadline_ms);
     let (c2, e2) = call_env(&caller, "c", Target::Agent(id("a")), deadline_ms);
@@ -497,12 +499,8 @@ fn a_cancel_frees_the_slot_for_the_waiting_call_and_tells_the_agent() {
 
 #[test]
 fn progress_is_forwarded_in_bursts_and_then_at_the_rate_limit() {
-    let mut r = router("b");
-    let agent = SigningKey::generate();
-    let caller = SigningKey::generate();
+    let (mut r, agent, caller) = agent_and_caller();
     let cid = id("c");
-    register(&mut r, 1, "a", &agent, 1);
-    register(&mut r, 2, "c", &caller, 0);
     let (c1, e1) = call_env(&caller, "c", Target::Agent(id("a")), T0 / 1000 + 60_000);
     r.call(T0, incoming(&cid, &caller, &c1, e1));
     drain(&mut r);
