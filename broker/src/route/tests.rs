@@ -499,7 +499,7 @@ fn a_cancel_frees_the_slot_for_the_waiting_call_and_tells_the_agent() {
 
 #[test]
 fn progress_is_forwarded_in_bursts_and_then_at_the_rate_limit() {
-    let (mut r, agent, caller) = agent_and_caller();
+    let (mut r, _agent, caller) = agent_and_caller();
     let cid = id("c");
     let (c1, e1) = call_env(&caller, "c", Target::Agent(id("a")), T0 / 1000 + 60_000);
     r.call(T0, incoming(&cid, &caller, &c1, e1));
