@@ -14,11 +14,11 @@ use fem_proto::{
     AgentId, CallRule, CapabilityPattern, ErrorCode, Grant, IdPattern, Role, SignedGrant,
     SigningKey, Target,
 };
-use futures::StreamExt as _;
 
+use crate::agentproc::{AgentHost, FemAgent, HostSpec, NatsResponder};
 use crate::crypto::{self, CryptoOps, Floor};
 use crate::load::{self, Caller, Endpoint, RunStats, median};
-use crate::procs::{BrokerProc, NatsProc, broker_url, cpu_of, host_ip};
+use crate::procs::{BrokerProc, NatsProc, RoleCpu, RoleCpuUs, broker_url, host_ip};
 use crate::report::Row;
 use crate::{Settings, Workload};
 
@@ -38,14 +38,15 @@ struct System {
 struct Running {
     brokers: Vec<BrokerProc>,
     nats: Option<NatsProc>,
-    agents: Vec<Client>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The agent side (echo agents, NATS responder), in its own process.
+    spec: HostSpec,
+    host: Option<AgentHost>,
     systems: Vec<System>,
 }
 
 impl Running {
-    /// Adds a FEM system: `caller` calling `agent` across `brokers_on_path`
-    /// brokers whose processes are `pids`.
+    /// Adds a FEM system: `caller` calling `agent` (connected later, in the
+    /// agent process) across `brokers_on_path` brokers whose processes are `pids`.
     fn add_fem(
         &mut self,
         workload: Workload,
@@ -53,8 +54,8 @@ impl Running {
         brokers_on_path: u32,
         pids: Vec<u32>,
         caller: Client,
-        agent: Client,
-    ) {
+        agent: FemAgent,
+    ) -> anyhow::Result<()> {
         self.systems.push(System {
             workload,
             name,
@@ -62,18 +63,24 @@ impl Running {
             pids,
             to: Endpoint::Fem {
                 client: caller,
-                target: Target::Agent(agent.id().clone()),
+                target: Target::Agent(AgentId::new(agent.id.as_str())?),
             },
         });
-        self.agents.push(agent);
+        self.spec.fem.push(agent);
+        Ok(())
     }
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+/// An echo agent of the agent process, on the broker at `b`.
+fn agent_spec(id: &str, b: &BrokerProc, transport: Transport) -> FemAgent {
+    FemAgent {
+        id: id.to_owned(),
+        capability: "bench.echo".to_owned(),
+        broker: format!("https://{}", b.addr),
+        quic: transport == Transport::Quic,
+        seed: None,
+        grant: None,
+        trust_anchors: Vec::new(),
     }
 }
 
@@ -153,23 +160,28 @@ async fn start_fem(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
     let dir = s.work.join("single");
     let mut a = BrokerProc::start(&s.broker_bin, host_ip(s.net, 2), &dir, &s.ca, &[]).await?;
     a.wait_ready(Duration::from_secs(60)).await?;
-    let agent_q = echo_agent("echo-quic", "bench.echo", options(s, &a, Transport::Quic)?).await?;
-    let agent_t = echo_agent("echo-tcp", "bench.echo", options(s, &a, Transport::Tcp)?).await?;
     let caller_q = caller("caller-quic", options(s, &a, Transport::Quic)?).await?;
     let caller_t = caller("caller-tcp", options(s, &a, Transport::Tcp)?).await?;
     let pids = vec![a.proc.pid()];
     // The MCP row calls echo-quic (its per-agent MCP name) through /mcp:
     // the same agent and parameters as the quic row, entering over HTTPS.
     let mcp = crate::mcp::McpClient::new(a.addr, &s.ca.pem, "echo-quic__echo")?;
-    run.add_fem(Workload::Single, "quic", 1, pids.clone(), caller_q, agent_q);
+    run.add_fem(
+        Workload::Single,
+        "quic",
+        1,
+        pids.clone(),
+        caller_q,
+        agent_spec("echo-quic", &a, Transport::Quic),
+    )?;
     run.add_fem(
         Workload::Single,
         "tls-tcp",
         1,
         pids.clone(),
         caller_t,
-        agent_t,
-    );
+        agent_spec("echo-tcp", &a, Transport::Tcp),
+    )?;
     run.systems.push(System {
         workload: Workload::Single,
         name: "mcp-https",
@@ -227,17 +239,12 @@ async fn start_trusted(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
     .await?;
     b.wait_ready(Duration::from_secs(60)).await?;
     let (ak, ck) = (SigningKey::generate(), SigningKey::generate());
-    let agent = AgentBuilder::new(AgentId::new("echo-trust")?, ak.clone())
-        .capability("bench.echo")?
-        .tool(echo_tool()?)
-        .max_concurrent(256)
-        .connect(
-            options(s, &b, Transport::Quic)?
-                .grant(bench_grant(&op, &ak, "echo-trust")?)
-                .trust_anchors(vec![op.public_key()]),
-        )
-        .await
-        .context("echo agent with a grant")?;
+    let agent = FemAgent {
+        seed: Some(ak.seed()),
+        grant: Some(bench_grant(&op, &ak, "echo-trust")?),
+        trust_anchors: vec![op.public_key()],
+        ..agent_spec("echo-trust", &b, Transport::Quic)
+    };
     let caller = Client::connect(
         AgentId::new("caller-trust")?,
         ck.clone(),
@@ -252,7 +259,7 @@ async fn start_trusted(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
         vec![b.proc.pid()],
         caller,
         agent,
-    );
+    )?;
     run.brokers.push(b);
     Ok(())
 }
@@ -320,50 +327,27 @@ async fn add_federated(
     brokers: Vec<BrokerProc>,
     brokers_on_path: u32,
 ) -> anyhow::Result<()> {
-    let agent_id = format!("echo-{name}");
-    let agent = echo_agent(
-        &agent_id,
-        "bench.echo",
-        options(s, &brokers[1], Transport::Quic)?,
-    )
-    .await?;
+    let agent = agent_spec(&format!("echo-{name}"), &brokers[1], Transport::Quic);
     let c = caller(
         &format!("caller-{name}"),
         options(s, &brokers[0], Transport::Quic)?,
     )
     .await?;
-    until_routable(&c, &agent_id, Duration::from_secs(30)).await?;
     let pids = brokers.iter().map(|b| b.proc.pid()).collect();
-    run.add_fem(Workload::Federated, name, brokers_on_path, pids, c, agent);
+    run.add_fem(Workload::Federated, name, brokers_on_path, pids, c, agent)?;
     run.brokers.extend(brokers);
     Ok(())
 }
 
 async fn start_nats(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
     let nats = NatsProc::start(&s.nats_bin, host_ip(s.net, 8), &s.work.join("nats"), &s.ca).await?;
-    let connect = || {
-        async_nats::ConnectOptions::new()
-            .add_root_certificates(nats.ca.clone())
-            .require_tls(true)
-            .connect(nats.url.clone())
-    };
-    let responder = connect().await.context("NATS responder")?;
-    let requester = connect().await.context("NATS requester")?;
-    // A queue-group responder echoing every request, as a NATS service would.
-    let mut sub = responder
-        .queue_subscribe("bench.echo", "echo".into())
-        .await
-        .context("NATS subscribe")?;
-    let r = responder.clone();
-    run.tasks.push(tokio::spawn(async move {
-        while let Some(msg) = sub.next().await {
-            if let Some(reply) = msg.reply {
-                let _ = r.publish(reply, msg.payload).await;
-            }
-        }
-    }));
-    // The subscription must reach the server before the first request.
-    responder.flush().await.context("NATS flush")?;
+    let requester = nats.connect().await.context("NATS requester")?;
+    // A queue-group responder echoing every request, as a NATS service
+    // would, in the agent process.
+    run.spec.nats.push(NatsResponder {
+        url: nats.url.clone(),
+        subject: "bench.echo".into(),
+    });
     run.systems.push(System {
         workload: Workload::Nats,
         name: "nats-tls",
@@ -378,9 +362,28 @@ async fn start_nats(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts the agent process with every system's agents and responders, and
+/// waits until each FEM caller reaches its agent.
+async fn start_agents(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
+    run.spec.ca = s.ca.pem.clone();
+    run.host = Some(AgentHost::start(&run.spec, &s.work.join("agents")).await?);
+    for sys in &run.systems {
+        if let Endpoint::Fem {
+            client,
+            target: Target::Agent(id),
+        } = &sys.to
+        {
+            until_routable(client, id.as_str(), Duration::from_secs(30)).await?;
+        }
+    }
+    Ok(())
+}
+
 struct Measured {
     stats: RunStats,
+    /// CPU per call of every process involved, and of each role.
     cpu_us_per_call: f64,
+    per_role: RoleCpuUs,
     /// CPU per call over the signatures' cost measured in the same repetition.
     vs_floor: Option<f64>,
     rss: u64,
@@ -389,38 +392,28 @@ struct Measured {
 async fn measure(
     s: &Settings,
     sys: &System,
+    agent_pid: Option<u32>,
     payload: usize,
     conc: usize,
 ) -> anyhow::Result<Measured> {
     let caller = Caller::new(sys.to.clone(), payload);
-    let me = std::process::id();
-    let cpu = |pids: &[u32]| -> anyhow::Result<Duration> {
-        let mut t = cpu_of(me)?;
-        for p in pids {
-            t += cpu_of(*p)?;
-        }
-        Ok(t)
-    };
     // The CPU window covers warm-up too; calls in it are counted the same way.
-    let before = cpu(&sys.pids)?;
+    let before = RoleCpu::read(&sys.pids, agent_pid)?;
     let t0 = Instant::now();
     let stats = load::run(&caller, conc, s.warmup, s.duration).await;
     let wall = t0.elapsed();
-    let used = cpu(&sys.pids)? - before;
+    let used = RoleCpu::read(&sys.pids, agent_pid)?.since(&before);
     // Scale the CPU of the whole window down to the measured part.
     let share = s.duration.as_secs_f64() / wall.as_secs_f64();
-    let cpu_us_per_call = if stats.calls > 0 {
-        used.as_secs_f64() * share * 1e6 / stats.calls as f64
-    } else {
-        0.0
-    };
+    let per_role = used.us_per(stats.calls, share);
     let mut rss = 0;
     for p in &sys.pids {
         rss += crate::procs::rss_of(*p)?;
     }
     Ok(Measured {
         stats,
-        cpu_us_per_call,
+        cpu_us_per_call: per_role.total(),
+        per_role,
         vs_floor: None,
         rss,
     })
@@ -449,6 +442,10 @@ pub(crate) async fn run(
             .await
             .context("starting nats-server")?;
     }
+    start_agents(s, &mut run)
+        .await
+        .context("starting the agent process")?;
+    let agent_pid = run.host.as_ref().map(AgentHost::pid);
     let mut rows = Vec::new();
     for &payload in &s.payloads {
         for &conc in &s.concurrency {
@@ -464,20 +461,23 @@ pub(crate) async fn run(
                     None
                 };
                 for (i, sys) in run.systems.iter().enumerate() {
-                    let mut m = measure(s, sys, payload, conc).await?;
+                    let mut m = measure(s, sys, agent_pid, payload, conc).await?;
                     if sys.brokers_on_path > 0 {
                         m.vs_floor = floor.map(|f| {
                             m.cpu_us_per_call / f.call_us(CryptoOps::for_path(sys.brokers_on_path))
                         });
                     }
                     eprintln!(
-                        "  {:<9} {:<9} {payload:>5}B c={conc:<3} {:>9.0} calls/s  p50 {:>7.0} us  p99 {:>7.0} us  cpu {:>6.1} us/call{}",
+                        "  {:<9} {:<10} {payload:>5}B c={conc:<3} {:>9.0} calls/s  p50 {:>7.0} us  p99 {:>7.0} us  cpu {:>6.1} us/call (server {:.1}, callers {:.1}, agent {:.1}){}",
                         sys.workload.name(),
                         sys.name,
                         m.stats.calls_per_sec,
                         m.stats.p50_us,
                         m.stats.p99_us,
                         m.cpu_us_per_call,
+                        m.per_role.server,
+                        m.per_role.caller,
+                        m.per_role.agent,
                         m.stats
                             .first_error
                             .as_ref()
@@ -506,6 +506,9 @@ pub(crate) async fn run(
                         p90_us: Some(med(&|m| m.stats.p90_us)),
                         p99_us: Some(med(&|m| m.stats.p99_us)),
                         cpu_us_per_call: Some(cpu),
+                        server_cpu_us_per_call: Some(med(&|m| m.per_role.server)),
+                        caller_cpu_us_per_call: Some(med(&|m| m.per_role.caller)),
+                        agent_cpu_us_per_call: Some(med(&|m| m.per_role.agent)),
                         server_rss_bytes: ms.last().map(|m| m.rss),
                         errors: ms.iter().map(|m| m.stats.errors).sum(),
                         vs_crypto_floor: (!vs_floor.is_empty()).then(|| median(&vs_floor)),
@@ -521,14 +524,18 @@ pub(crate) async fn run(
             let nats = case_rows
                 .iter()
                 .find(|r| r.workload == Workload::Nats.name())
-                .map(|r| (r.calls_per_sec, r.p50_us));
-            if let Some((Some(nt), Some(np))) = nats {
+                .map(|r| (r.calls_per_sec, r.p50_us, r.server_cpu_us_per_call));
+            if let Some((Some(nt), Some(np), nc)) = nats {
                 for r in case_rows
                     .iter_mut()
                     .filter(|r| r.workload != Workload::Nats.name())
                 {
                     r.vs_nats_throughput = r.calls_per_sec.map(|t| t / nt);
                     r.vs_nats_p50 = r.p50_us.map(|p| p / np);
+                    r.vs_nats_server_cpu = r
+                        .server_cpu_us_per_call
+                        .zip(nc.filter(|c| *c > 0.0))
+                        .map(|(c, n)| c / n);
                 }
             }
             rows.extend(case_rows);
@@ -536,6 +543,9 @@ pub(crate) async fn run(
     }
     for b in &mut run.brokers {
         b.proc.check_alive()?;
+    }
+    if let Some(h) = &mut run.host {
+        h.check_alive()?;
     }
     Ok(rows)
 }

@@ -25,7 +25,10 @@ async fn peers_up(b: &BrokerProc) -> anyhow::Result<f64> {
     b.metric("fem_broker_federation_peers{state=\"up\"}").await
 }
 
-async fn wait_full_mesh(brokers: &[BrokerProc], limit: Duration) -> anyhow::Result<Duration> {
+pub(crate) async fn wait_full_mesh(
+    brokers: &[BrokerProc],
+    limit: Duration,
+) -> anyhow::Result<Duration> {
     let t = Instant::now();
     let want = (brokers.len() - 1) as f64;
     for b in brokers {
@@ -44,7 +47,7 @@ async fn wait_full_mesh(brokers: &[BrokerProc], limit: Duration) -> anyhow::Resu
 
 /// Polls discovery at each caller until `present` holds for the agent's
 /// capability; returns the time the slowest caller took.
-async fn until_all(
+pub(crate) async fn until_all(
     callers: &[&Client],
     cap: &CapabilityPattern,
     present: bool,
@@ -75,7 +78,7 @@ async fn until_all(
     Ok(took.into_iter().max().unwrap_or_default())
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 

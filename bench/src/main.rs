@@ -6,7 +6,10 @@
 //! brokers, a hub between two spokes), `nats` (nats-server with TLS,
 //! async-nats requesters), `crypto` (the Ed25519 floor of one call), `scale`
 //! (agents connecting and registering to one broker), `federation` (route
-//! convergence and withdrawal in a mesh of brokers).
+//! convergence and withdrawal in a mesh of brokers), `fanout` (one event
+//! publisher, many subscribers, beside NATS publish/subscribe), `fedscale`
+//! (a mesh of brokers with many agents each: convergence and link bytes of
+//! one registration).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -18,9 +21,12 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, ValueEnum};
 use fem_agent_sdk::cli::TransportArg;
 
+mod agentproc;
 mod calls;
 mod crypto;
+mod fanout;
 mod federation;
+mod fedscale;
 mod load;
 mod mcp;
 mod procs;
@@ -81,9 +87,18 @@ struct Args {
     /// The nats-server binary [default: on PATH or /usr/sbin].
     #[arg(long, env = "FEM_BENCH_NATS_SERVER")]
     nats_server: Option<PathBuf>,
+    /// Subscriber counts of the fanout workload.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+    subscribers: Vec<usize>,
+    /// Agents per broker of the fedscale workload.
+    #[arg(long, default_value_t = 1000)]
+    fed_agents: usize,
     /// Keep the working directory (broker data and logs) and print its path.
     #[arg(long)]
     keep: bool,
+    /// Internal: run as the agent process of a run, on this spec file.
+    #[arg(long, hide = true)]
+    agent_host: Option<PathBuf>,
 }
 
 /// The workload groups.
@@ -101,6 +116,10 @@ pub(crate) enum Workload {
     Scale,
     /// Convergence in a mesh of brokers.
     Federation,
+    /// One event publisher, many subscribers; NATS publish/subscribe beside.
+    Fanout,
+    /// A mesh of brokers with many agents each.
+    Fedscale,
 }
 
 impl Workload {
@@ -112,6 +131,8 @@ impl Workload {
             Self::Crypto => "crypto",
             Self::Scale => "scale",
             Self::Federation => "federation",
+            Self::Fanout => "fanout",
+            Self::Fedscale => "fedscale",
         }
     }
 }
@@ -129,6 +150,8 @@ pub(crate) struct Settings {
     pub(crate) scale_transports: Vec<fem_agent_sdk::Transport>,
     pub(crate) mesh_size: u8,
     pub(crate) rounds: usize,
+    pub(crate) subscribers: Vec<usize>,
+    pub(crate) fed_agents: usize,
     pub(crate) net: Ipv4Addr,
     pub(crate) broker_bin: PathBuf,
     pub(crate) nats_bin: PathBuf,
@@ -161,9 +184,9 @@ fn settings(a: &Args, work: PathBuf) -> anyhow::Result<Settings> {
     } else {
         PathBuf::new()
     };
-    let nats_bin = if workloads.contains(&Workload::Nats) {
+    let nats_bin = if workloads.contains(&Workload::Nats) || workloads.contains(&Workload::Fanout) {
         find_program(a.nats_server.as_deref(), "nats-server").context(
-            "install it (Debian: apt-get install nats-server) or leave out the nats workload",
+            "install it (Debian: apt-get install nats-server) or leave out the nats and fanout workloads",
         )?
     } else {
         PathBuf::new()
@@ -190,6 +213,8 @@ fn settings(a: &Args, work: PathBuf) -> anyhow::Result<Settings> {
         scale_transports: a.scale_transport.iter().map(|&t| t.into()).collect(),
         mesh_size: a.mesh_size,
         rounds: a.rounds.unwrap_or(if a.quick { 2 } else { 5 }).max(1),
+        subscribers: a.subscribers.clone(),
+        fed_agents: a.fed_agents,
         net: a.net,
         broker_bin,
         nats_bin,
@@ -265,6 +290,12 @@ async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
     if s.selected(Workload::Federation) {
         rows.extend(federation::run(s).await.context("federation")?);
     }
+    if s.selected(Workload::Fanout) {
+        rows.extend(fanout::run(s).await.context("fanout")?);
+    }
+    if s.selected(Workload::Fedscale) {
+        rows.extend(fedscale::run(s).await.context("fedscale")?);
+    }
     Ok(rows)
 }
 
@@ -288,6 +319,9 @@ fn main() -> ExitCode {
 fn main_inner(args: &Args) -> anyhow::Result<()> {
     // Thousands of agents hold a socket each, in this process and the broker's.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
+    if let Some(spec) = &args.agent_host {
+        return tokio::runtime::Runtime::new()?.block_on(agentproc::serve(spec));
+    }
     let work = tempfile::Builder::new().prefix("fem-bench-").tempdir()?;
     // Kept (with the broker logs) from the start when asked, so a failed run can be read.
     let (work_path, _guard) = if args.keep {
@@ -313,6 +347,19 @@ fn main_inner(args: &Args) -> anyhow::Result<()> {
     );
     settings_map.insert("repeat".into(), s.repeat.to_string());
     settings_map.insert("net".into(), format!("{}/24", s.net));
+    if s.selected(Workload::Fanout) {
+        settings_map.insert(
+            "subscribers".into(),
+            s.subscribers
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+    }
+    if s.selected(Workload::Fedscale) {
+        settings_map.insert("fed_agents".into(), s.fed_agents.to_string());
+    }
     settings_map.insert(
         "workloads".into(),
         s.workloads

@@ -122,6 +122,69 @@ pub(crate) fn cpu_of(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_millis(ticks * 10))
 }
 
+/// CPU time of the processes of each role, read together.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct RoleCpu {
+    /// The servers: brokers or nats-server.
+    server: Duration,
+    /// This process: callers, publishers, subscribers.
+    caller: Duration,
+    /// The agent process, if any.
+    agent: Duration,
+}
+
+/// [`RoleCpu`] per operation, microseconds.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct RoleCpuUs {
+    pub(crate) server: f64,
+    pub(crate) caller: f64,
+    pub(crate) agent: f64,
+}
+
+impl RoleCpuUs {
+    pub(crate) fn total(&self) -> f64 {
+        self.server + self.caller + self.agent
+    }
+}
+
+impl RoleCpu {
+    /// Now, for the server processes `servers` and the agent process `agent`.
+    pub(crate) fn read(servers: &[u32], agent: Option<u32>) -> anyhow::Result<Self> {
+        let mut server = Duration::ZERO;
+        for p in servers {
+            server += cpu_of(*p)?;
+        }
+        Ok(Self {
+            server,
+            caller: cpu_of(std::process::id())?,
+            agent: agent.map(cpu_of).transpose()?.unwrap_or_default(),
+        })
+    }
+
+    /// The time used since `before`.
+    pub(crate) fn since(&self, before: &Self) -> Self {
+        Self {
+            server: self.server.saturating_sub(before.server),
+            caller: self.caller.saturating_sub(before.caller),
+            agent: self.agent.saturating_sub(before.agent),
+        }
+    }
+
+    /// Microseconds per operation: `share` of the time over `ops` operations
+    /// (zeros without operations).
+    pub(crate) fn us_per(&self, ops: u64, share: f64) -> RoleCpuUs {
+        if ops == 0 {
+            return RoleCpuUs::default();
+        }
+        let per = |d: Duration| d.as_secs_f64() * share * 1e6 / ops as f64;
+        RoleCpuUs {
+            server: per(self.server),
+            caller: per(self.caller),
+            agent: per(self.agent),
+        }
+    }
+}
+
 /// A broker process on its own loopback address.
 #[derive(Debug)]
 pub(crate) struct BrokerProc {
@@ -202,20 +265,57 @@ impl BrokerProc {
         }
     }
 
-    /// The value of a metric sample (`name` with its `{labels}` if any) from /metrics.
+    /// The value of a metric sample (`name` with its `{labels}` if any)
+    /// from /metrics; 0 when the broker does not report it.
     pub(crate) async fn metric(&self, sample: &str) -> anyhow::Result<f64> {
-        let (status, body) = http_get(self.metrics, "/metrics").await?;
-        if status != 200 {
-            bail!("/metrics answered {status}");
-        }
-        Ok(body
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.rsplit_once(' ')?;
-                (k == sample).then(|| v.parse::<f64>().ok()).flatten()
-            })
-            .unwrap_or(0.0))
+        Ok(metric_at(self.metrics, sample).await?.unwrap_or(0.0))
     }
+}
+
+async fn metrics_text(addr: SocketAddr) -> anyhow::Result<String> {
+    let (status, body) = http_get(addr, "/metrics").await?;
+    if status != 200 {
+        bail!("/metrics answered {status}");
+    }
+    Ok(body)
+}
+
+/// The value of a metric sample (`name` with its `{labels}` if any) from
+/// the /metrics at `addr`; `None` when it is not there.
+pub(crate) async fn metric_at(addr: SocketAddr, sample: &str) -> anyhow::Result<Option<f64>> {
+    Ok(metrics_text(addr).await?.lines().find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == sample).then(|| v.parse::<f64>().ok()).flatten()
+    }))
+}
+
+/// The sum of the samples of metric `name` whose labels include `label`
+/// (e.g. `direction="sent"`) from the /metrics at `addr`; `None` when
+/// there is no such sample (the metric is absent).
+pub(crate) async fn metric_sum(
+    addr: SocketAddr,
+    name: &str,
+    label: &str,
+) -> anyhow::Result<Option<f64>> {
+    Ok(sum_samples(&metrics_text(addr).await?, name, label))
+}
+
+fn sum_samples(text: &str, name: &str, label: &str) -> Option<f64> {
+    let mut sum = None;
+    for l in text.lines() {
+        let Some(rest) = l.strip_prefix(name) else {
+            continue;
+        };
+        let Some((labels, v)) = rest.strip_prefix('{').and_then(|r| r.split_once("} ")) else {
+            continue;
+        };
+        if labels.split(',').any(|kv| kv.trim() == label)
+            && let Ok(v) = v.trim().parse::<f64>()
+        {
+            *sum.get_or_insert(0.0) += v;
+        }
+    }
+    sum
 }
 
 /// The CA every server of a run gets its certificate from, so clients and
@@ -341,6 +441,25 @@ impl NatsProc {
     }
 }
 
+impl NatsProc {
+    /// A client connection over TLS trusting the bench CA.
+    pub(crate) async fn connect(&self) -> anyhow::Result<async_nats::Client> {
+        self.connect_with(async_nats::ConnectOptions::new()).await
+    }
+
+    /// The same with more options (capacities, an event callback).
+    pub(crate) async fn connect_with(
+        &self,
+        opts: async_nats::ConnectOptions,
+    ) -> anyhow::Result<async_nats::Client> {
+        Ok(opts
+            .add_root_certificates(self.ca.clone())
+            .require_tls(true)
+            .connect(self.url.clone())
+            .await?)
+    }
+}
+
 /// Finds a program: an explicit path, else `name` beside this executable,
 /// else on PATH, else in the sbin directories where Debian puts servers.
 pub(crate) fn find_program(explicit: Option<&Path>, name: &str) -> anyhow::Result<PathBuf> {
@@ -363,4 +482,23 @@ pub(crate) fn find_program(explicit: Option<&Path>, name: &str) -> anyhow::Resul
         }
     }
     bail!("{name} not found beside fem-bench, on PATH or in /usr/sbin")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_labelled_samples() {
+        let text = "# TYPE fem_x_total counter\n\
+                    fem_x_total{direction=\"sent\",peer=\"a\"} 10\n\
+                    fem_x_total{direction=\"received\",peer=\"a\"} 7\n\
+                    fem_x_total{peer=\"b\",direction=\"sent\"} 5\n\
+                    fem_x_totally{direction=\"sent\"} 100\n";
+        assert_eq!(
+            sum_samples(text, "fem_x_total", "direction=\"sent\""),
+            Some(15.0)
+        );
+        assert_eq!(sum_samples(text, "fem_y_total", "direction=\"sent\""), None);
+    }
 }

@@ -8,7 +8,8 @@ use serde::Serialize;
 /// One line of the results.
 #[derive(Clone, Debug, Default, Serialize)]
 pub(crate) struct Row {
-    /// Workload group (`single`, `federated`, `nats`, `crypto`, `scale`, `federation`).
+    /// Workload group (`single`, `federated`, `nats`, `crypto`, `scale`,
+    /// `federation`, `fanout`, `fedscale`).
     pub(crate) workload: String,
     /// The case within the group, e.g. `quic 256B c=16`.
     pub(crate) case: String,
@@ -24,10 +25,20 @@ pub(crate) struct Row {
     pub(crate) p90_us: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) p99_us: Option<f64>,
-    /// Median CPU time of every process involved (servers and the bench's
-    /// own clients) per completed call, microseconds.
+    /// Median CPU time of every process involved (servers, callers and
+    /// agents) per completed call, microseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) cpu_us_per_call: Option<f64>,
+    /// The same split by role: the server processes (brokers or
+    /// nats-server), the caller side (this process: callers, publisher,
+    /// subscribers) and the agent side (the agent process: echo agents or
+    /// the NATS responder), microseconds per call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) server_cpu_us_per_call: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) caller_cpu_us_per_call: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) agent_cpu_us_per_call: Option<f64>,
     /// Resident memory of the server processes at the end, bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) server_rss_bytes: Option<u64>,
@@ -38,6 +49,9 @@ pub(crate) struct Row {
     pub(crate) vs_nats_throughput: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) vs_nats_p50: Option<f64>,
+    /// Server CPU per call over nats-server's CPU per request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) vs_nats_server_cpu: Option<f64>,
     /// CPU per call divided by the signatures' cost per call.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) vs_crypto_floor: Option<f64>,
@@ -80,9 +94,13 @@ pub(crate) fn table(rows: &[Row]) -> String {
         "p90 us",
         "p99 us",
         "cpu us/call",
+        "srv us",
+        "caller us",
+        "agent us",
         "rss MiB",
         "thr/NATS",
         "p50/NATS",
+        "srv/NATS",
         "cpu/floor",
         "err",
     ];
@@ -96,9 +114,13 @@ pub(crate) fn table(rows: &[Row]) -> String {
             num(r.p90_us),
             num(r.p99_us),
             num(r.cpu_us_per_call),
+            num(r.server_cpu_us_per_call),
+            num(r.caller_cpu_us_per_call),
+            num(r.agent_cpu_us_per_call),
             num(r.server_rss_bytes.map(|b| b as f64 / 1048576.0)),
             ratio(r.vs_nats_throughput),
             ratio(r.vs_nats_p50),
+            ratio(r.vs_nats_server_cpu),
             ratio(r.vs_crypto_floor),
             r.errors.to_string(),
         ]);

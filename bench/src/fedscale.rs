@@ -1,0 +1,375 @@
+//! Workload 8: federation at scale. A full mesh of brokers (`--mesh-size`,
+//! 10 by default) with `--fed-agents` agents registered on each (1,000 by
+//! default: 10,000 in all, every one an SDK agent of this process over
+//! TLS/TCP). Measured, first on the empty mesh and then with all agents
+//! registered:
+//!
+//! - the time until one new agent registered on one broker is listed by
+//!   discovery at every other broker (then a call from each must succeed);
+//! - the bytes the brokers send on their federation links for that one
+//!   registration: `fem_broker_federation_bytes_total{direction="sent"}`
+//!   summed over the brokers, read before and after, less what the links
+//!   send when idle (pings) over the same time. Without that metric the
+//!   figure is left out (n/a);
+//! - the time until every other broker withdraws it when it leaves, and
+//!   (once, at the end) when its broker is killed.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use fem_agent_sdk::{AgentBuilder, Client, Transport};
+use fem_proto::{AgentId, CapabilityPattern, SigningKey, Target};
+use futures::StreamExt as _;
+
+use crate::calls::{caller, echo_agent, echo_tool, options, start_cluster};
+use crate::federation::{ms, until_all, wait_full_mesh};
+use crate::load::median;
+use crate::procs::{BrokerProc, broker_url, host_ip, metric_sum};
+use crate::report::Row;
+use crate::{Settings, Workload};
+
+/// First host number of the mesh in the bench network (up to .60).
+const FIRST_HOST: u8 = 42;
+const LAST_HOST: u8 = 60;
+/// Registrations in flight at once, over all brokers.
+const CONNECTING_AT_ONCE: usize = 256;
+/// The link counter that is read, and the sample label summed.
+const LINK_BYTES: &str = "fem_broker_federation_bytes_total";
+const SENT: &str = "direction=\"sent\"";
+/// How long the links' idle traffic is measured before each registration;
+/// also the shortest time the registration's bytes are counted over.
+const IDLE_WINDOW: Duration = Duration::from_secs(1);
+/// Longest wait for any convergence.
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// Bytes sent on federation links, summed over `brokers`; `None` when a
+/// broker does not report the metric.
+async fn link_bytes(brokers: &[BrokerProc]) -> anyhow::Result<Option<f64>> {
+    let mut sum = 0.0;
+    for b in brokers {
+        match metric_sum(b.metrics, LINK_BYTES, SENT).await? {
+            Some(v) => sum += v,
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(sum))
+}
+
+/// Figures of one registration.
+struct Registration {
+    routable_ms: f64,
+    left_ms: f64,
+    /// Link bytes the registration caused (idle traffic subtracted).
+    bytes: Option<f64>,
+    /// Link bytes per second when idle.
+    idle_bytes_per_s: Option<f64>,
+}
+
+/// Registers one new agent on `brokers[origin]`, times its propagation to
+/// every other broker and counts the link bytes it caused; then it leaves
+/// and its withdrawal is timed.
+async fn one_registration(
+    s: &Settings,
+    brokers: &[BrokerProc],
+    callers: &[Client],
+    origin: usize,
+    tag: &str,
+) -> anyhow::Result<Registration> {
+    let b0 = link_bytes(brokers).await?;
+    let t0 = Instant::now();
+    tokio::time::sleep(IDLE_WINDOW).await;
+    let b1 = link_bytes(brokers).await?;
+    let t1 = Instant::now();
+    let idle_rate = b0.zip(b1).map(|(a, b)| (b - a) / (t1 - t0).as_secs_f64());
+
+    let cap = CapabilityPattern::new(format!("fedscale.new.{tag}"))?;
+    let opts = options(s, &brokers[origin], Transport::Quic)?;
+    let agent = echo_agent(&format!("fs-new-{tag}"), cap.as_str(), opts).await?;
+    let others: Vec<&Client> = (0..brokers.len())
+        .filter(|&i| i != origin)
+        .map(|i| &callers[i])
+        .collect();
+    let routable = until_all(&others, &cap, true, LIMIT).await?;
+    // Everything the registration set off has been sent well before twice
+    // the time it took to reach the slowest broker.
+    let window = IDLE_WINDOW.max(routable * 2 + Duration::from_millis(250));
+    tokio::time::sleep(window.saturating_sub(t1.elapsed())).await;
+    let b2 = link_bytes(brokers).await?;
+    let counted = t1.elapsed();
+    let bytes = b1
+        .zip(b2)
+        .zip(idle_rate)
+        .map(|((a, b), idle)| (b - a) - idle * counted.as_secs_f64());
+    // Routable means a call works, not only that discovery lists it.
+    for c in &others {
+        c.call(
+            Target::Agent(agent.id().clone()),
+            "echo",
+            serde_json::json!({"tag": tag}),
+        )
+        .await
+        .with_context(|| format!("call from {} to {}", c.id(), agent.id()))?;
+    }
+    agent.close();
+    let left = until_all(&others, &cap, false, LIMIT).await?;
+    Ok(Registration {
+        routable_ms: ms(routable),
+        left_ms: ms(left),
+        bytes,
+        idle_bytes_per_s: idle_rate,
+    })
+}
+
+fn registration_row(case: String, regs: &[Registration]) -> Row {
+    let mut figures = BTreeMap::new();
+    let routable: Vec<f64> = regs.iter().map(|r| r.routable_ms).collect();
+    figures.insert("median_ms".into(), median(&routable));
+    figures.insert(
+        "max_ms".into(),
+        routable.iter().copied().fold(0.0, f64::max),
+    );
+    figures.insert(
+        "left_withdrawn_median_ms".into(),
+        median(&regs.iter().map(|r| r.left_ms).collect::<Vec<_>>()),
+    );
+    let bytes: Vec<f64> = regs.iter().filter_map(|r| r.bytes).collect();
+    let idle: Vec<f64> = regs.iter().filter_map(|r| r.idle_bytes_per_s).collect();
+    let note = if bytes.is_empty() {
+        format!("link bytes per registration n/a: the brokers do not report {LINK_BYTES}")
+    } else {
+        figures.insert("link_bytes_per_registration".into(), median(&bytes));
+        figures.insert("link_bytes_idle_per_s".into(), median(&idle));
+        "link bytes: sent on all links for one registration, idle traffic subtracted".into()
+    };
+    Row {
+        workload: Workload::Fedscale.name().into(),
+        case,
+        runs: regs.len(),
+        figures,
+        note: format!("from registration accepted to the slowest broker listing it; {note}"),
+        ..Row::default()
+    }
+}
+
+/// Until every broker routes to at least `want(i)` remote agents.
+async fn until_routes(
+    brokers: &[BrokerProc],
+    want: impl Fn(usize) -> f64,
+    limit: Duration,
+) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    for (i, b) in brokers.iter().enumerate() {
+        while b.metric("fem_broker_routes").await? < want(i) {
+            if t.elapsed() > limit {
+                bail!(
+                    "broker {} routes to {} agents, not {}, after {limit:?}",
+                    b.addr,
+                    b.metric("fem_broker_routes").await?,
+                    want(i)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(t.elapsed())
+}
+
+/// Runs the fedscale workload.
+pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
+    let m = usize::from(s.mesh_size);
+    if m > usize::from(LAST_HOST - FIRST_HOST + 1) {
+        bail!(
+            "the fedscale mesh has at most {} brokers (127.x.x.{FIRST_HOST}-{LAST_HOST}); --mesh-size is {m}",
+            LAST_HOST - FIRST_HOST + 1
+        );
+    }
+    let per = s.fed_agents;
+    let total = m * per;
+    let hosts: Vec<u8> = (0..s.mesh_size).map(|i| FIRST_HOST + i).collect();
+    let urls: Vec<String> = hosts
+        .iter()
+        .map(|n| broker_url(host_ip(s.net, *n)))
+        .collect();
+    let max_conn = (per + 100).max(10_000).to_string();
+    let mut brokers = start_cluster(s, "fedscale", &hosts, |i| {
+        let mut a = vec![
+            "--federation-mode".to_owned(),
+            "mesh".to_owned(),
+            "--max-connections".to_owned(),
+            max_conn.clone(),
+        ];
+        for (j, u) in urls.iter().enumerate() {
+            if j != i {
+                a.extend(["--peer".to_owned(), u.clone()]);
+            }
+        }
+        a
+    })
+    .await?;
+    wait_full_mesh(&brokers, LIMIT).await?;
+    let mut callers = Vec::new();
+    for (i, b) in brokers.iter().enumerate() {
+        callers.push(caller(&format!("fs-caller-{i}"), options(s, b, Transport::Quic)?).await?);
+    }
+    let rounds = s.rounds;
+    let mut rows = Vec::new();
+
+    // The empty mesh first: what one registration costs with nothing else registered.
+    let mut empty = Vec::new();
+    for r in 0..rounds {
+        empty.push(one_registration(s, &brokers, &callers, r % m, &format!("e{r}")).await?);
+    }
+    rows.push(registration_row(
+        format!("mesh of {m}, no other agents: new agent routable from all"),
+        &empty,
+    ));
+
+    // Then `per` agents on every broker, registered in an interleaved order.
+    let tool = echo_tool()?;
+    let opts: Vec<_> = brokers
+        .iter()
+        .map(|b| options(s, b, Transport::Tcp))
+        .collect::<anyhow::Result<_>>()?;
+    let t0 = Instant::now();
+    let results: Vec<(usize, anyhow::Result<Client>)> = futures::stream::iter(0..total)
+        .map(|k| {
+            let (b, j) = (k % m, k / m);
+            let (opts, tool) = (opts[b].clone(), tool.clone());
+            async move {
+                let r = async {
+                    Ok(AgentBuilder::new(
+                        AgentId::new(format!("fs-{b}-{j}"))?,
+                        SigningKey::generate(),
+                    )
+                    .capability(&format!("fedscale.b{b}.n{j}"))?
+                    .tool(tool)
+                    .connect(opts)
+                    .await?)
+                }
+                .await;
+                (b, r)
+            }
+        })
+        .buffer_unordered(CONNECTING_AT_ONCE)
+        .collect()
+        .await;
+    let registered_in = t0.elapsed();
+    let mut agents: Vec<Vec<Client>> = (0..m).map(|_| Vec::new()).collect();
+    let (mut failed, mut first_error) = (0u64, None);
+    for (b, r) in results {
+        match r {
+            Ok(a) => agents[b].push(a),
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {total} agents failed to register; first error: {}",
+            first_error.unwrap_or_default()
+        );
+    }
+    // Routable from all: every broker routes to every other broker's agents.
+    let remote = ((m - 1) * per) as f64;
+    until_routes(&brokers, |_| remote, LIMIT).await?;
+    let routable_in = t0.elapsed();
+    let mut rss = 0;
+    for b in &brokers {
+        rss += b.proc.rss()?;
+    }
+    let mut figures = BTreeMap::new();
+    figures.insert("all_registered_s".into(), registered_in.as_secs_f64());
+    figures.insert(
+        "all_routable_everywhere_s".into(),
+        routable_in.as_secs_f64(),
+    );
+    figures.insert(
+        "broker_rss_per_agent_bytes".into(),
+        rss as f64 / total.max(1) as f64,
+    );
+    rows.push(Row {
+        workload: Workload::Fedscale.name().into(),
+        case: format!("mesh of {m} x {per} agents: register {total}"),
+        runs: 1,
+        calls_per_sec: Some(total as f64 / registered_in.as_secs_f64()),
+        server_rss_bytes: Some(rss),
+        figures,
+        note: format!(
+            "TLS/TCP agents of this process, {CONNECTING_AT_ONCE} registrations in flight; \
+             routable everywhere: every broker's fem_broker_routes counts all remote agents"
+        ),
+        ..Row::default()
+    });
+    // Let the last advertisements settle before counting bytes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let mut full = Vec::new();
+    for r in 0..rounds {
+        full.push(one_registration(s, &brokers, &callers, r % m, &format!("f{r}")).await?);
+    }
+    rows.push(registration_row(
+        format!("mesh of {m} x {per} agents: new agent routable from all"),
+        &full,
+    ));
+
+    // Kill the last broker with a new agent (and its `per` others) on it.
+    let last = m - 1;
+    let cap = CapabilityPattern::new("fedscale.kill")?;
+    let agent = echo_agent(
+        "fs-kill",
+        cap.as_str(),
+        options(s, &brokers[last], Transport::Quic)?,
+    )
+    .await?;
+    let others: Vec<&Client> = callers[..last].iter().collect();
+    until_all(&others, &cap, true, LIMIT).await?;
+    brokers[last].proc.kill();
+    let killed = Instant::now();
+    // Its agents would only try to reconnect.
+    agent.close();
+    for a in &agents[last] {
+        a.close();
+    }
+    let withdrawn = until_all(&others, &cap, false, LIMIT).await?;
+    let rest = ((m - 2) * per) as f64;
+    let mut all_gone = Duration::ZERO;
+    for b in &brokers[..last] {
+        while b.metric("fem_broker_routes").await? > rest {
+            if killed.elapsed() > LIMIT {
+                bail!(
+                    "broker {} still routes to the killed broker's agents",
+                    b.addr
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        all_gone = killed.elapsed();
+    }
+    let mut figures = BTreeMap::new();
+    figures.insert("median_ms".into(), ms(withdrawn));
+    figures.insert("max_ms".into(), ms(withdrawn));
+    figures.insert("all_its_agents_withdrawn_ms".into(), ms(all_gone));
+    rows.push(Row {
+        workload: Workload::Fedscale.name().into(),
+        case: format!("mesh of {m} x {per} agents: withdrawn after its broker is killed"),
+        runs: 1,
+        figures,
+        note: format!(
+            "SIGKILL of a broker holding {} agents; bounded by --link-timeout (default 3s)",
+            per + 1
+        ),
+        ..Row::default()
+    });
+    for b in &mut brokers[..last] {
+        b.proc.check_alive()?;
+    }
+    for list in &agents {
+        for a in list {
+            a.close();
+        }
+    }
+    Ok(rows)
+}
