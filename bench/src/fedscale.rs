@@ -152,6 +152,15 @@ fn registration_row(case: String, regs: &[Registration]) -> Row {
     }
 }
 
+/// Resident memory of all `brokers`, bytes.
+fn rss_sum(brokers: &[BrokerProc]) -> anyhow::Result<u64> {
+    let mut sum = 0;
+    for b in brokers {
+        sum += b.proc.rss()?;
+    }
+    Ok(sum)
+}
+
 /// Until every broker routes to at least `want(i)` remote agents.
 async fn until_routes(
     brokers: &[BrokerProc],
@@ -226,6 +235,7 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
     ));
 
     // Then `per` agents on every broker, registered in an interleaved order.
+    let rss_before = rss_sum(&brokers)?;
     let tool = echo_tool()?;
     let opts: Vec<_> = brokers
         .iter()
@@ -276,10 +286,7 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
     let remote = ((m - 1) * per) as f64;
     until_routes(&brokers, |_| remote, LIMIT).await?;
     let routable_in = t0.elapsed();
-    let mut rss = 0;
-    for b in &brokers {
-        rss += b.proc.rss()?;
-    }
+    let rss = rss_sum(&brokers)?;
     let mut figures = BTreeMap::new();
     figures.insert("all_registered_s".into(), registered_in.as_secs_f64());
     figures.insert(
@@ -288,7 +295,7 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
     );
     figures.insert(
         "broker_rss_per_agent_bytes".into(),
-        rss as f64 / total.max(1) as f64,
+        rss.saturating_sub(rss_before) as f64 / total.max(1) as f64,
     );
     rows.push(Row {
         workload: Workload::Fedscale.name().into(),

@@ -28,6 +28,10 @@ fn every_workload_produces_every_row() {
             "3",
             "--rounds",
             "1",
+            "--subscribers",
+            "1,3",
+            "--fed-agents",
+            "10",
             // Its own /24 of loopback, apart from the integration tests' hosts.
             "--net",
             "127.0.201.0",
@@ -85,6 +89,13 @@ fn every_workload_produces_every_row() {
         );
         assert_eq!(row["errors"], 0, "{w} / {case}: {}", row["note"]);
         assert!(row["p99_us"].as_f64().unwrap() >= row["p50_us"].as_f64().unwrap());
+        for role in [
+            "server_cpu_us_per_call",
+            "caller_cpu_us_per_call",
+            "agent_cpu_us_per_call",
+        ] {
+            assert!(row[role].as_f64().is_some(), "{w} / {case}: no {role}");
+        }
         if *w != "nats" {
             assert!(
                 row["vs_nats_throughput"].as_f64().is_some(),
@@ -116,6 +127,31 @@ fn every_workload_produces_every_row() {
                 .as_f64()
                 .is_some()
         );
+    }
+    for sys in ["fem-quic", "fem-tls-tcp", "nats-tls"] {
+        for n in [1, 3] {
+            let case = format!("{sys} {n} subs 256B");
+            let row = rows
+                .iter()
+                .find(|r| r["workload"] == "fanout" && r["case"] == case.as_str())
+                .unwrap_or_else(|| panic!("no fanout row {case}; rows: {:?}", cases("fanout")));
+            assert!(
+                row["calls_per_sec"].as_f64().unwrap() > 0.0,
+                "fanout / {case}: no events delivered"
+            );
+            assert_eq!(row["errors"], 0, "fanout / {case}: {row}");
+            assert!(row["p99_us"].as_f64().unwrap() >= row["p50_us"].as_f64().unwrap());
+            assert!(row["server_cpu_us_per_call"].as_f64().is_some());
+        }
+    }
+    let fedscale = cases("fedscale");
+    assert_eq!(fedscale.len(), 4, "{fedscale:?}");
+    for r in rows.iter().filter(|r| r["workload"] == "fedscale") {
+        if r["case"].as_str().unwrap().contains("register") {
+            assert!(r["calls_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+        } else {
+            assert!(r["figures"]["median_ms"].as_f64().is_some(), "{r}");
+        }
     }
     let fed = cases("federation");
     assert_eq!(fed.len(), 4, "{fed:?}");
