@@ -40,8 +40,10 @@ const SENT: &str = "direction=\"sent\"";
 /// How long the links' idle traffic is measured before each registration;
 /// also the shortest time the registration's bytes are counted over.
 const IDLE_WINDOW: Duration = Duration::from_secs(1);
-/// Longest wait for any convergence.
+/// Longest wait for the bulk registration's convergence and the kill's withdrawal.
 const LIMIT: Duration = Duration::from_secs(120);
+/// Longest wait for one registration to reach all (or to be withdrawn).
+const ROUND_LIMIT: Duration = Duration::from_secs(30);
 
 /// Bytes sent on federation links, summed over `brokers`; `None` when a
 /// broker does not report the metric.
@@ -90,7 +92,7 @@ async fn one_registration(
         .filter(|&i| i != origin)
         .map(|i| &callers[i])
         .collect();
-    let routable = until_all(&others, &cap, true, LIMIT).await?;
+    let routable = until_all(&others, &cap, true, ROUND_LIMIT).await?;
     // Everything the registration set off has been sent well before twice
     // the time it took to reach the slowest broker.
     let window = IDLE_WINDOW.max(routable * 2 + Duration::from_millis(250));
@@ -112,7 +114,13 @@ async fn one_registration(
         .with_context(|| format!("call from {} to {}", c.id(), agent.id()))?;
     }
     agent.close();
-    let left = until_all(&others, &cap, false, LIMIT).await?;
+    let left = until_all(&others, &cap, false, ROUND_LIMIT).await?;
+    eprintln!(
+        "  fedscale  {tag:<4} routable from all in {:>7.1} ms, withdrawn in {:>7.1} ms after leaving, link bytes {}",
+        ms(routable),
+        ms(left),
+        bytes.map_or_else(|| "n/a".to_owned(), |b| format!("{b:.0}"))
+    );
     Ok(Registration {
         routable_ms: ms(routable),
         left_ms: ms(left),
@@ -121,18 +129,41 @@ async fn one_registration(
     })
 }
 
-fn registration_row(case: String, regs: &[Registration]) -> Row {
+/// Registrations `0..rounds` on brokers in turn; failures are kept as such.
+async fn registrations(
+    s: &Settings,
+    brokers: &[BrokerProc],
+    callers: &[Client],
+    prefix: &str,
+) -> (Vec<Registration>, Vec<String>) {
+    let (mut ok, mut failed) = (Vec::new(), Vec::new());
+    for r in 0..s.rounds {
+        let tag = format!("{prefix}{r}");
+        match one_registration(s, brokers, callers, r % brokers.len(), &tag).await {
+            Ok(x) => ok.push(x),
+            Err(e) => {
+                eprintln!("  fedscale  {tag:<4} failed: {e:#}");
+                failed.push(format!("{e:#}"));
+            }
+        }
+    }
+    (ok, failed)
+}
+
+fn registration_row(case: String, regs: &[Registration], failed: &[String]) -> Row {
     let mut figures = BTreeMap::new();
     let routable: Vec<f64> = regs.iter().map(|r| r.routable_ms).collect();
-    figures.insert("median_ms".into(), median(&routable));
-    figures.insert(
-        "max_ms".into(),
-        routable.iter().copied().fold(0.0, f64::max),
-    );
-    figures.insert(
-        "left_withdrawn_median_ms".into(),
-        median(&regs.iter().map(|r| r.left_ms).collect::<Vec<_>>()),
-    );
+    if !regs.is_empty() {
+        figures.insert("median_ms".into(), median(&routable));
+        figures.insert(
+            "max_ms".into(),
+            routable.iter().copied().fold(0.0, f64::max),
+        );
+        figures.insert(
+            "left_withdrawn_median_ms".into(),
+            median(&regs.iter().map(|r| r.left_ms).collect::<Vec<_>>()),
+        );
+    }
     let bytes: Vec<f64> = regs.iter().filter_map(|r| r.bytes).collect();
     let idle: Vec<f64> = regs.iter().filter_map(|r| r.idle_bytes_per_s).collect();
     let note = if bytes.is_empty() {
@@ -142,12 +173,25 @@ fn registration_row(case: String, regs: &[Registration]) -> Row {
         figures.insert("link_bytes_idle_per_s".into(), median(&idle));
         "link bytes: sent on all links for one registration, idle traffic subtracted".into()
     };
+    let failures = failed
+        .first()
+        .map(|e| {
+            format!(
+                "; {} of {} failed, first: {e}",
+                failed.len(),
+                failed.len() + regs.len()
+            )
+        })
+        .unwrap_or_default();
     Row {
         workload: Workload::Fedscale.name().into(),
         case,
         runs: regs.len(),
+        errors: failed.len() as u64,
         figures,
-        note: format!("from registration accepted to the slowest broker listing it; {note}"),
+        note: format!(
+            "from registration accepted to the slowest broker listing it; {note}{failures}"
+        ),
         ..Row::default()
     }
 }
@@ -184,6 +228,55 @@ async fn until_routes(
     Ok(t.elapsed())
 }
 
+/// Registers a new agent on the last broker, kills that broker, and
+/// returns the time until every other broker has withdrawn the new agent,
+/// then until broker i routes to no more than `rest(i)` agents.
+async fn kill_last(
+    s: &Settings,
+    brokers: &mut [BrokerProc],
+    callers: &[Client],
+    its_agents: &[Client],
+    rest: impl Fn(usize) -> f64,
+) -> anyhow::Result<(Duration, Duration)> {
+    let last = brokers.len() - 1;
+    let cap = CapabilityPattern::new("fedscale.kill")?;
+    let agent = echo_agent(
+        "fs-kill",
+        cap.as_str(),
+        options(s, &brokers[last], Transport::Quic)?,
+    )
+    .await?;
+    let others: Vec<&Client> = callers[..last].iter().collect();
+    until_all(&others, &cap, true, LIMIT).await?;
+    brokers[last].proc.kill();
+    let killed = Instant::now();
+    // Its agents would only try to reconnect.
+    agent.close();
+    for a in its_agents {
+        a.close();
+    }
+    let withdrawn = until_all(&others, &cap, false, LIMIT).await?;
+    let mut all_gone = Duration::ZERO;
+    for (i, b) in brokers[..last].iter().enumerate() {
+        while b.metric("fem_broker_routes").await? > rest(i) {
+            if killed.elapsed() > LIMIT {
+                bail!(
+                    "broker {} still routes to the killed broker's agents after {LIMIT:?}",
+                    b.addr
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        all_gone = killed.elapsed();
+    }
+    eprintln!(
+        "  fedscale  after the kill: the new agent withdrawn in {:.0} ms, all its broker's agents in {:.0} ms",
+        ms(withdrawn),
+        ms(all_gone)
+    );
+    Ok((withdrawn, all_gone))
+}
+
 /// Runs the fedscale workload.
 pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
     let m = usize::from(s.mesh_size);
@@ -216,22 +309,23 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
         a
     })
     .await?;
-    wait_full_mesh(&brokers, LIMIT).await?;
+    let formed = wait_full_mesh(&brokers, LIMIT).await?;
+    eprintln!(
+        "  fedscale  mesh of {m}: all links up {:.0} ms after the last broker was ready",
+        ms(formed)
+    );
     let mut callers = Vec::new();
     for (i, b) in brokers.iter().enumerate() {
         callers.push(caller(&format!("fs-caller-{i}"), options(s, b, Transport::Quic)?).await?);
     }
-    let rounds = s.rounds;
     let mut rows = Vec::new();
 
     // The empty mesh first: what one registration costs with nothing else registered.
-    let mut empty = Vec::new();
-    for r in 0..rounds {
-        empty.push(one_registration(s, &brokers, &callers, r % m, &format!("e{r}")).await?);
-    }
+    let (empty, failed) = registrations(s, &brokers, &callers, "e").await;
     rows.push(registration_row(
         format!("mesh of {m}, no other agents: new agent routable from all"),
         &empty,
+        &failed,
     ));
 
     // Then `per` agents on every broker, registered in an interleaved order.
@@ -265,6 +359,10 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
         .collect()
         .await;
     let registered_in = t0.elapsed();
+    eprintln!(
+        "  fedscale  {total} agents registered in {:.1} s",
+        registered_in.as_secs_f64()
+    );
     let mut agents: Vec<Vec<Client>> = (0..m).map(|_| Vec::new()).collect();
     let (mut failed, mut first_error) = (0u64, None);
     for (b, r) in results {
@@ -276,23 +374,32 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
             }
         }
     }
-    if failed > 0 {
-        bail!(
-            "{failed} of {total} agents failed to register; first error: {}",
-            first_error.unwrap_or_default()
-        );
-    }
-    // Routable from all: every broker routes to every other broker's agents.
-    let remote = ((m - 1) * per) as f64;
-    until_routes(&brokers, |_| remote, LIMIT).await?;
-    let routable_in = t0.elapsed();
-    let rss = rss_sum(&brokers)?;
+    // Routable from all: every broker routes to every other broker's
+    // agents (those that registered).
+    let per_broker: Vec<usize> = agents.iter().map(Vec::len).collect();
+    let registered: usize = per_broker.iter().sum();
+    let remote = |i: usize| (registered - per_broker[i]) as f64;
     let mut figures = BTreeMap::new();
     figures.insert("all_registered_s".into(), registered_in.as_secs_f64());
-    figures.insert(
-        "all_routable_everywhere_s".into(),
-        routable_in.as_secs_f64(),
-    );
+    match until_routes(&brokers, remote, LIMIT).await {
+        Ok(_) => {
+            let routable_in = t0.elapsed();
+            eprintln!(
+                "  fedscale  every broker routes to all remote agents {:.1} s after the first registration",
+                routable_in.as_secs_f64()
+            );
+            figures.insert(
+                "all_routable_everywhere_s".into(),
+                routable_in.as_secs_f64(),
+            );
+        }
+        Err(e) => {
+            eprintln!("  fedscale  not routable everywhere: {e:#}");
+            failed += 1;
+            first_error.get_or_insert_with(|| format!("{e:#}"));
+        }
+    }
+    let rss = rss_sum(&brokers)?;
     figures.insert(
         "broker_rss_per_agent_bytes".into(),
         rss.saturating_sub(rss_before) as f64 / total.max(1) as f64,
@@ -301,75 +408,69 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
         workload: Workload::Fedscale.name().into(),
         case: format!("mesh of {m} x {per} agents: register {total}"),
         runs: 1,
-        calls_per_sec: Some(total as f64 / registered_in.as_secs_f64()),
+        calls_per_sec: Some(registered as f64 / registered_in.as_secs_f64()),
         server_rss_bytes: Some(rss),
+        errors: failed,
         figures,
         note: format!(
             "TLS/TCP agents of this process, {CONNECTING_AT_ONCE} registrations in flight; \
-             routable everywhere: every broker's fem_broker_routes counts all remote agents"
+             routable everywhere: every broker's fem_broker_routes counts all remote agents{}",
+            first_error
+                .map(|e| format!("; first error: {e}"))
+                .unwrap_or_default()
         ),
         ..Row::default()
     });
     // Let the last advertisements settle before counting bytes.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let mut full = Vec::new();
-    for r in 0..rounds {
-        full.push(one_registration(s, &brokers, &callers, r % m, &format!("f{r}")).await?);
-    }
+    let (full, failed) = registrations(s, &brokers, &callers, "f").await;
     rows.push(registration_row(
         format!("mesh of {m} x {per} agents: new agent routable from all"),
         &full,
+        &failed,
     ));
 
     // Kill the last broker with a new agent (and its `per` others) on it.
     let last = m - 1;
-    let cap = CapabilityPattern::new("fedscale.kill")?;
-    let agent = echo_agent(
-        "fs-kill",
-        cap.as_str(),
-        options(s, &brokers[last], Transport::Quic)?,
-    )
-    .await?;
-    let others: Vec<&Client> = callers[..last].iter().collect();
-    until_all(&others, &cap, true, LIMIT).await?;
-    brokers[last].proc.kill();
-    let killed = Instant::now();
-    // Its agents would only try to reconnect.
-    agent.close();
-    for a in &agents[last] {
-        a.close();
-    }
-    let withdrawn = until_all(&others, &cap, false, LIMIT).await?;
-    let rest = ((m - 2) * per) as f64;
-    let mut all_gone = Duration::ZERO;
-    for b in &brokers[..last] {
-        while b.metric("fem_broker_routes").await? > rest {
-            if killed.elapsed() > LIMIT {
-                bail!(
-                    "broker {} still routes to the killed broker's agents",
-                    b.addr
-                );
+    let case = format!("mesh of {m} x {per} agents: withdrawn after its broker is killed");
+    let note = format!(
+        "SIGKILL of a broker holding {} agents; bounded by --link-timeout (default 3s)",
+        per_broker[last] + 1
+    );
+    let rest = (registered - per_broker[last]) as f64;
+    let killed = kill_last(s, &mut brokers, &callers, &agents[last], |i| {
+        rest - per_broker[i] as f64
+    })
+    .await;
+    rows.push(match killed {
+        Ok((withdrawn, all_gone)) => {
+            let mut figures = BTreeMap::new();
+            figures.insert("median_ms".into(), ms(withdrawn));
+            figures.insert("max_ms".into(), ms(withdrawn));
+            figures.insert("all_its_agents_withdrawn_ms".into(), ms(all_gone));
+            Row {
+                workload: Workload::Fedscale.name().into(),
+                case,
+                runs: 1,
+                figures,
+                note,
+                ..Row::default()
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        all_gone = killed.elapsed();
-    }
-    let mut figures = BTreeMap::new();
-    figures.insert("median_ms".into(), ms(withdrawn));
-    figures.insert("max_ms".into(), ms(withdrawn));
-    figures.insert("all_its_agents_withdrawn_ms".into(), ms(all_gone));
-    rows.push(Row {
-        workload: Workload::Fedscale.name().into(),
-        case: format!("mesh of {m} x {per} agents: withdrawn after its broker is killed"),
-        runs: 1,
-        figures,
-        note: format!(
-            "SIGKILL of a broker holding {} agents; bounded by --link-timeout (default 3s)",
-            per + 1
-        ),
-        ..Row::default()
+        Err(e) => {
+            eprintln!("  fedscale  kill: {e:#}");
+            Row {
+                workload: Workload::Fedscale.name().into(),
+                case,
+                runs: 0,
+                errors: 1,
+                note: format!("{note}; failed: {e:#}"),
+                ..Row::default()
+            }
+        }
     });
+    let last = m - 1;
     for b in &mut brokers[..last] {
         b.proc.check_alive()?;
     }
