@@ -30,7 +30,18 @@ pub(crate) struct CryptoOps {
 }
 
 impl CryptoOps {
-    /// The operations of a call crossing `brokers` brokers.
+    /// The operations left on any path once brokers no longer verify
+    /// session envelopes or relays (proto/README.md section 8.13): the
+    /// caller and the agent sign, the agent and the caller verify.
+    pub(crate) fn edges() -> Self {
+        Self {
+            signs: 2,
+            verifies: 2,
+        }
+    }
+
+    /// The operations of a call crossing `brokers` brokers, each verifying
+    /// both envelopes on entry (the fully verified path).
     pub(crate) fn for_path(brokers: u32) -> Self {
         Self {
             signs: 2,
@@ -175,14 +186,14 @@ pub(crate) fn rows(floors: &BTreeMap<usize, Vec<Floor>>) -> Vec<Row> {
         let Some(f) = Floor::median(all) else {
             continue;
         };
-        for (path, brokers) in [
-            ("one broker", 1),
-            ("two brokers", 2),
-            ("hub and two spokes", 3),
+        for (path, ops) in [
+            ("one broker", CryptoOps::for_path(1)),
+            ("two brokers", CryptoOps::for_path(2)),
+            ("hub and two spokes", CryptoOps::for_path(3)),
+            ("at the edges", CryptoOps::edges()),
         ] {
-            let ops = CryptoOps::for_path(brokers);
             let us = f.call_us(ops);
-            let figures = BTreeMap::from([
+            let mut figures = BTreeMap::from([
                 ("sign_us".to_owned(), f.sign_us),
                 ("verify_us".to_owned(), f.verify_us),
                 ("verify_prepared_key_us".to_owned(), f.verify_prepared_us),
@@ -191,6 +202,14 @@ pub(crate) fn rows(floors: &BTreeMap<usize, Vec<Floor>>) -> Vec<Row> {
                 ("verifies".to_owned(), f64::from(ops.verifies)),
                 ("crypto_us_per_call".to_owned(), us),
             ]);
+            if path == "at the edges" {
+                // Recipients verify what arrived together as one batch.
+                figures.insert(
+                    "crypto_us_per_call_batch64".to_owned(),
+                    f64::from(ops.signs) * f.sign_us
+                        + f64::from(ops.verifies) * f.verify_batch64_us,
+                );
+            }
             rows.push(Row {
                 workload: Workload::Crypto.name().into(),
                 case: format!("floor {path} {}", size_name(p)),

@@ -107,7 +107,7 @@ fn every_workload_produces_every_row() {
             );
         }
     }
-    assert_eq!(cases("crypto").len(), 6, "{:?}", cases("crypto"));
+    assert_eq!(cases("crypto").len(), 8, "{:?}", cases("crypto"));
     let scale = cases("scale");
     for t in ["quic", "tls-tcp"] {
         for want in [
