@@ -332,6 +332,7 @@ fn main_inner(args: &Args) -> anyhow::Result<()> {
         (work.path().to_owned(), Some(work))
     };
     let s = settings(args, work_path)?;
+    let machine = machine();
     let started = Instant::now();
     let rt = tokio::runtime::Runtime::new()?;
     let rows = rt.block_on(run(&s))?;
@@ -373,7 +374,7 @@ fn main_inner(args: &Args) -> anyhow::Result<()> {
         humantime::format_duration(Duration::from_secs(started.elapsed().as_secs())).to_string(),
     );
     let report = Report {
-        machine: machine(),
+        machine,
         settings: settings_map,
         rows,
     };
