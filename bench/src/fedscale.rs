@@ -37,9 +37,13 @@ const CONNECTING_AT_ONCE: usize = 256;
 /// The link counter that is read, and the sample label summed.
 const LINK_BYTES: &str = "fem_broker_federation_bytes_total";
 const SENT: &str = "direction=\"sent\"";
-/// How long the links' idle traffic is measured before each registration;
-/// also the shortest time the registration's bytes are counted over.
-const IDLE_WINDOW: Duration = Duration::from_secs(1);
+/// The brokers' federation ping interval (their default, which the
+/// benchmark keeps).
+const PING: Duration = Duration::from_millis(500);
+/// How long the links' idle traffic is measured before each registration
+/// (a whole number of pings); also the shortest time the registration's
+/// bytes are counted over.
+const IDLE_WINDOW: Duration = Duration::from_secs(2);
 /// Longest wait for the bulk registration's convergence and the kill's withdrawal.
 const LIMIT: Duration = Duration::from_secs(120);
 /// Longest wait for one registration to reach all (or to be withdrawn).
@@ -56,6 +60,12 @@ async fn link_bytes(brokers: &[BrokerProc]) -> anyhow::Result<Option<f64>> {
         }
     }
     Ok(Some(sum))
+}
+
+/// `d` rounded up to a whole number of ping intervals.
+fn whole_pings(d: Duration) -> Duration {
+    let n = d.as_nanos().div_ceil(PING.as_nanos());
+    PING * u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// Figures of one registration.
@@ -78,12 +88,18 @@ async fn one_registration(
     origin: usize,
     tag: &str,
 ) -> anyhow::Result<Registration> {
-    let b0 = link_bytes(brokers).await?;
+    // Idle links send a ping each way every PING: over windows that are
+    // whole multiples of it, their idle bytes are the same in every window
+    // and subtract exactly. Each window runs from the start of one reading
+    // of all brokers to the start of the next. The last registration's
+    // withdrawal settles first.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let t0 = Instant::now();
-    tokio::time::sleep(IDLE_WINDOW).await;
-    let b1 = link_bytes(brokers).await?;
+    let b0 = link_bytes(brokers).await?;
+    tokio::time::sleep_until((t0 + IDLE_WINDOW).into()).await;
     let t1 = Instant::now();
-    let idle_rate = b0.zip(b1).map(|(a, b)| (b - a) / (t1 - t0).as_secs_f64());
+    let b1 = link_bytes(brokers).await?;
+    let idle = b0.zip(b1).map(|(a, b)| b - a);
 
     let cap = CapabilityPattern::new(format!("fedscale.new.{tag}"))?;
     let opts = options(s, &brokers[origin], Transport::Quic)?;
@@ -95,14 +111,15 @@ async fn one_registration(
     let routable = until_all(&others, &cap, true, ROUND_LIMIT).await?;
     // Everything the registration set off has been sent well before twice
     // the time it took to reach the slowest broker.
-    let window = IDLE_WINDOW.max(routable * 2 + Duration::from_millis(250));
-    tokio::time::sleep(window.saturating_sub(t1.elapsed())).await;
+    let window = whole_pings(IDLE_WINDOW.max(routable * 2 + Duration::from_millis(250)));
+    tokio::time::sleep_until((t1 + window).into()).await;
     let b2 = link_bytes(brokers).await?;
-    let counted = t1.elapsed();
+    let scale = window.as_secs_f64() / IDLE_WINDOW.as_secs_f64();
     let bytes = b1
         .zip(b2)
-        .zip(idle_rate)
-        .map(|((a, b), idle)| (b - a) - idle * counted.as_secs_f64());
+        .zip(idle)
+        .map(|((a, b), idle)| (b - a) - idle * scale);
+    let idle_rate = idle.map(|i| i / IDLE_WINDOW.as_secs_f64());
     // Routable means a call works, not only that discovery lists it.
     for c in &others {
         c.call(
