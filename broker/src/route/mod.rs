@@ -485,8 +485,8 @@ impl Router {
     }
 
     /// Progress from the agent on `client` for the call it runs under
-    /// `request_id`, forwarded towards the caller (at most one update per
-    /// [`PROGRESS_INTERVAL`]; non-finite numbers dropped).
+    /// `request_id`, forwarded towards the caller (per call, bursts of 10
+    /// then 20 a second; non-finite numbers dropped).
     pub fn progress(
         &mut self,
         now: Micros,
