@@ -2,9 +2,7 @@
 //! messages and relayed calls until it ends. Relayed calls are admitted here
 //! (outside the routing core's lock) and handed to the core.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use fem_net::wire::{FrameReader, write_loop};
@@ -12,12 +10,12 @@ use fem_proto::{
     AgentId, Body, CANCEL_FEATURE, DELTA_FEATURE, Envelope, EnvelopeType, ErrorCode, FedFrame,
     Header, PublicKey, RELAY_FEATURE, RegisterBroker, SignedEnvelope,
 };
-use prometheus::IntCounter;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::config::FederationMode;
+use crate::listen::counted::Counted;
 use crate::route::admission::{self, Entry, Refused, Signer};
 use crate::route::{Incoming, LinkId, LinkUp, ReplyTo};
 use crate::state::Shared;
@@ -513,56 +511,5 @@ fn relay_back(
                 );
             });
         }
-    }
-}
-
-/// A link's stream with its bytes counted (`fem_broker_federation_bytes_total`):
-/// what passes is the encoded frames, length prefixes included.
-#[derive(Debug)]
-struct Counted<T> {
-    inner: T,
-    bytes: IntCounter,
-}
-
-impl<T> Counted<T> {
-    fn new(inner: T, bytes: IntCounter) -> Self {
-        Self { inner, bytes }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = polled {
-            self.bytes.inc_by((buf.filled().len() - before) as u64);
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = polled {
-            self.bytes.inc_by(n as u64);
-        }
-        polled
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -21,9 +21,10 @@ pub(crate) use self::link::accept;
 use crate::config::FederationMode;
 use crate::state::Shared;
 
-/// True when every configured link reached its peer and a link to that
-/// peer is up (whichever of two duplicate links was kept).
-pub(crate) fn links_ready(shared: &Shared) -> bool {
+/// Configured links (peers, the hub) whose peer is not linked now: never
+/// reached, or reached and its link is down (whichever of two duplicate
+/// links was kept counts as up).
+fn links_down(shared: &Shared) -> usize {
     let peers: Vec<Option<AgentId>> = shared
         .fed
         .required
@@ -33,30 +34,24 @@ pub(crate) fn links_ready(shared: &Shared) -> bool {
     shared.view(|r| {
         peers
             .iter()
-            .all(|p| p.as_ref().is_some_and(|p| r.has_link(p)))
+            .filter(|p| !p.as_ref().is_some_and(|p| r.has_link(p)))
+            .count()
     })
 }
 
-/// Sets `fem_broker_federation_peers{state="down"}`: configured links
-/// (peers, the hub) whose peer is not linked now. Evaluated at each scrape.
+/// True when every configured link reached its peer and a link to that
+/// peer is up.
+pub(crate) fn links_ready(shared: &Shared) -> bool {
+    links_down(shared) == 0
+}
+
+/// Sets `fem_broker_federation_peers{state="down"}` (evaluated at each scrape).
 pub(crate) fn export_down(shared: &Shared) {
-    let peers: Vec<Option<AgentId>> = shared
-        .fed
-        .required
-        .iter()
-        .map(|e| e.value().clone())
-        .collect();
-    let down = shared.view(|r| {
-        peers
-            .iter()
-            .filter(|p| !p.as_ref().is_some_and(|p| r.has_link(p)))
-            .count()
-    });
     shared
         .metrics
         .federation_peers
         .with_label_values(&["down"])
-        .set(i64::try_from(down).unwrap_or(i64::MAX));
+        .set(i64::try_from(links_down(shared)).unwrap_or(i64::MAX));
 }
 
 /// Starts federation: dialers for configured peers and hubs, and the task

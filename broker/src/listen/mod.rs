@@ -26,7 +26,7 @@ use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::state::Shared;
 
-mod counted;
+pub(crate) mod counted;
 pub(crate) mod gateway;
 pub(crate) mod http;
 mod session;

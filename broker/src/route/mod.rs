@@ -230,13 +230,13 @@ struct LinkState {
     sent: HashMap<AgentId, u64>,
 }
 
-/// Progress updates of one call are forwarded at most 20 a second on
-/// average, in bursts of up to [`PROGRESS_BURST`] (a token bucket per call):
-/// they are advisory, and an agent flooding them must not fill its callers'
-/// queues. Updates over the rate are dropped.
-const PROGRESS_INTERVAL: Micros = 50_000;
+/// Progress updates of one call are forwarded at most this many a second
+/// on average (a token bucket per call): they are advisory, and an agent
+/// flooding them must not fill its callers' queues. Updates over the rate
+/// are dropped.
+const PROGRESS_RATE: u32 = 20;
 /// Progress updates one call may send back to back.
-const PROGRESS_BURST: u64 = 10;
+const PROGRESS_BURST: u32 = 10;
 
 enum Answer {
     Result {
@@ -384,10 +384,13 @@ impl Router {
         match old {
             Some(old) => {
                 debug!(agent = %reg.id, "same agent re-registered; closing its previous session");
-                self.fail_session_calls(
-                    old.session,
+                let session = old.session;
+                self.end_calls(
                     now,
+                    |t| matches!(t, CallTarget::Local { session: s, .. } if *s == session),
                     "agent re-registered on a new connection",
+                    |_| false,
+                    "",
                 );
                 self.drop_subscriptions(old.session);
                 self.out.push_back(Output::Evict {
@@ -407,8 +410,9 @@ impl Router {
     }
 
     /// A client is gone: its agent (if still current) leaves, its calls in
-    /// flight fail with AGENT_UNAVAILABLE, its subscriptions end. Answers
-    /// to calls it made are dropped when they come.
+    /// flight fail with AGENT_UNAVAILABLE, its subscriptions end, and the
+    /// calls it made are cancelled (agents stop work nobody will read and
+    /// free their slots).
     pub fn session_closed(&mut self, now: Micros, client: ClientId) {
         // Only registered sessions subscribe (a replaced one lost its
         // subscriptions when it was replaced), so a gateway request or a
@@ -422,13 +426,13 @@ impl Router {
             .metrics
             .agent_queue_length
             .remove_label_values(&[agent.id.as_str()]);
-        self.fail_session_calls(client, now, "agent disconnected with the call in flight");
-        // A caller that leaves cancels what it asked for, so agents stop
-        // work nobody will read and free their slots.
-        let made = self.pending.select(|p| p.reply == ReplyTo::Client(client));
-        for id in made {
-            self.cancel_call(id, now, "the caller disconnected");
-        }
+        self.end_calls(
+            now,
+            |t| matches!(t, CallTarget::Local { session, .. } if *session == client),
+            "agent disconnected with the call in flight",
+            |r| *r == ReplyTo::Client(client),
+            "the caller disconnected",
+        );
         self.local_changed(now, agent.id);
     }
 
@@ -528,18 +532,14 @@ impl Router {
         let Some(p) = self.pending.get_mut(id) else {
             return;
         };
-        // GCRA: each update moves the call's virtual time one interval on;
-        // it may run at most a burst ahead of now.
-        let floor = now.saturating_sub((PROGRESS_BURST - 1) * PROGRESS_INTERVAL);
-        let next = p.progressed.map_or(floor, |at| at.max(floor)) + PROGRESS_INTERVAL;
-        if next > now + PROGRESS_INTERVAL {
-            self.metrics
-                .limit_hits
-                .with_label_values(&["progress_rate"])
-                .inc();
+        let now_ms = now / 1000;
+        let bucket = p
+            .progress
+            .get_or_insert_with(|| crate::budget::TokenBucket::new(PROGRESS_BURST, now_ms));
+        if !bucket.take(now_ms, PROGRESS_RATE, PROGRESS_BURST) {
+            self.metrics.limit_hit("progress_rate");
             return;
         }
-        p.progressed = Some(next);
         let (reply, request_id) = (p.reply, p.request_id);
         let out = match reply {
             ReplyTo::Client(to) => Output::Send {
@@ -606,7 +606,6 @@ impl Router {
             pinned,
             credential,
         } = incoming;
-        let caller_id = caller;
         let grant = credential.as_deref().map(|c| &c.grant);
         let deadline_at = call.deadline_ms.saturating_mul(1000);
         if deadline_at <= now {
@@ -655,7 +654,7 @@ impl Router {
         }
         let choice = match pinned {
             Some(agent) => {
-                self.select_pinned(&call.target, agent, &call.tool, hops_left, grant, caller_id)
+                self.select_pinned(&call.target, agent, &call.tool, hops_left, grant, caller)
             }
             None => match self.select_local(&call.target, &call.tool, grant, caller) {
                 Ok(c) => Ok(c),
@@ -709,7 +708,7 @@ impl Router {
             deadline,
             holds_slot: slot,
             waiting: None,
-            progressed: None,
+            progress: None,
         });
         let Some(id) = filed else {
             let agent = target.agent();
@@ -793,12 +792,7 @@ impl Router {
         envelope: SignedEnvelope,
         key: PublicKey,
     ) {
-        let id = self.pending.local(client, result.request_id).filter(|id| {
-            self.pending
-                .get(*id)
-                .is_some_and(|p| p.caller == result.caller)
-        });
-        let Some(id) = id else {
+        let Some(id) = self.answered_by(client, result) else {
             return self.late(result.request_id);
         };
         self.finish(
@@ -812,6 +806,15 @@ impl Router {
         );
     }
 
+    /// The call the agent on `client` answers with `result` (for its caller).
+    fn answered_by(&self, client: ClientId, result: &ToolResult) -> Option<CallId> {
+        self.pending.local(client, result.request_id).filter(|id| {
+            self.pending
+                .get(*id)
+                .is_some_and(|p| p.caller == result.caller)
+        })
+    }
+
     /// An agent answered a call with an envelope the broker cannot forward
     /// (too large): the caller gets `code` at once instead of a timeout.
     pub fn result_failed(
@@ -822,12 +825,7 @@ impl Router {
         code: ErrorCode,
         message: String,
     ) {
-        let id = self.pending.local(client, result.request_id).filter(|id| {
-            self.pending
-                .get(*id)
-                .is_some_and(|p| p.caller == result.caller)
-        });
-        let Some(id) = id else {
+        let Some(id) = self.answered_by(client, result) else {
             return self.late(result.request_id);
         };
         self.finish(id, now, Answer::Failed { code, message });
@@ -1128,7 +1126,17 @@ impl Router {
                         a.in_flight = a.in_flight.saturating_sub(1);
                         a.adjust(&p.caller, |u| u.slots = u.slots.saturating_sub(1));
                     } else {
+                        // Answered while waiting (deadline, cancel): it
+                        // leaves the queue now, so the queue holds only
+                        // calls still waiting.
+                        if let Some(i) = a.queue.iter().position(|q| *q == id) {
+                            a.queue.remove(i);
+                        }
                         a.adjust(&p.caller, |u| u.waiting = u.waiting.saturating_sub(1));
+                        self.metrics
+                            .agent_queue_length
+                            .with_label_values(&[agent.as_str()])
+                            .set(i64::try_from(a.queue.len()).unwrap_or(i64::MAX));
                     }
                 }
                 if p.holds_slot {
@@ -1211,9 +1219,6 @@ impl Router {
         if a.queue.is_empty() {
             return;
         }
-        // Calls already answered (deadline passed) leave the queue here.
-        a.queue
-            .retain(|id| self.pending.get(*id).is_some_and(|p| p.waiting.is_some()));
         let cap = self.cfg.share(a.max_concurrent as usize);
         while a.in_flight < a.max_concurrent {
             let pending = &self.pending;
@@ -1251,28 +1256,36 @@ impl Router {
             .set(i64::try_from(a.queue.len()).unwrap_or(i64::MAX));
     }
 
-    fn fail_session_calls(&mut self, session: ClientId, now: Micros, why: &str) {
-        self.fail_calls(
-            now,
-            |t| matches!(t, CallTarget::Local { session: s, .. } if *s == session),
-            why,
-        );
-    }
-
-    /// Answers AGENT_UNAVAILABLE to every call whose target is `gone`.
-    fn fail_calls(&mut self, now: Micros, gone: impl Fn(&CallTarget) -> bool, why: &str) {
-        for id in self.pending.select(|p| gone(&p.target)) {
-            let Some(agent) = self.pending.get(id).map(|p| p.target.agent().clone()) else {
+    /// In one pass over the calls in flight: answers AGENT_UNAVAILABLE to
+    /// those whose target is gone, and cancels those whose caller is gone.
+    fn end_calls(
+        &mut self,
+        now: Micros,
+        target_gone: impl Fn(&CallTarget) -> bool,
+        why_target: &str,
+        origin_gone: impl Fn(&ReplyTo) -> bool,
+        why_origin: &str,
+    ) {
+        let ids = self
+            .pending
+            .select(|p| target_gone(&p.target) || origin_gone(&p.reply));
+        for id in ids {
+            let Some(p) = self.pending.get(id) else {
                 continue;
             };
-            self.finish(
-                id,
-                now,
-                Answer::Failed {
-                    code: ErrorCode::AgentUnavailable,
-                    message: format!("{agent}: {why}"),
-                },
-            );
+            if target_gone(&p.target) {
+                let message = format!("{}: {why_target}", p.target.agent());
+                self.finish(
+                    id,
+                    now,
+                    Answer::Failed {
+                        code: ErrorCode::AgentUnavailable,
+                        message,
+                    },
+                );
+            } else {
+                self.cancel_call(id, now, why_origin);
+            }
         }
     }
 
@@ -1522,18 +1535,15 @@ impl Router {
             self.links.remove(&peer);
         }
         self.peers_changed();
-        self.fail_calls(
+        // Calls relayed over the link fail; calls the peer relayed here have
+        // no one to answer any more.
+        self.end_calls(
             now,
             |t| matches!(t, CallTarget::Remote { link: l, .. } if *l == link),
             "link to the agent's broker lost",
+            |r| matches!(r, ReplyTo::Link { link: l, .. } if *l == link),
+            "the peer that relayed the call is gone",
         );
-        // Calls the peer relayed here have no one to answer any more.
-        let relayed = self
-            .pending
-            .select(|p| matches!(p.reply, ReplyTo::Link { link: l, .. } if l == link));
-        for id in relayed {
-            self.cancel_call(id, now, "the peer that relayed the call is gone");
-        }
         let changes = self.routes.peer_lost(&peer);
         self.routes_changed(changes);
     }
@@ -1758,9 +1768,14 @@ impl Router {
         }
     }
 
-    /// Local agents as peers see them (pure callers are not advertised).
+    /// Pure callers (no slots) are not advertised to peers.
+    fn is_advertised(a: &LocalAgent) -> bool {
+        a.max_concurrent > 0
+    }
+
+    /// Local agents as peers see them.
     fn advertised_locals(&self) -> impl Iterator<Item = &LocalAgent> {
-        self.registry.iter().filter(|a| a.max_concurrent > 0)
+        self.registry.iter().filter(|a| Self::is_advertised(a))
     }
 
     fn advertised(a: &LocalAgent) -> AdvertisedAgent {
@@ -1783,7 +1798,7 @@ impl Router {
         let mut added = Vec::new();
         let mut removed = Vec::new();
         for id in std::mem::take(&mut self.local_dirty) {
-            match self.registry.get(&id).filter(|a| a.max_concurrent > 0) {
+            match self.registry.get(&id).filter(|a| Self::is_advertised(a)) {
                 Some(a) => {
                     added.push(Self::advertised(a));
                     self.local_ids.insert(id);
@@ -1820,9 +1835,10 @@ impl Router {
             return;
         };
         let held = l.sent.insert(me.clone(), seq);
+        let (to, deltas) = (l.id, l.deltas);
         let frame = match delta {
             _ if held == Some(seq) => return,
-            Some((base, added, removed)) if l.deltas && held == Some(*base) => {
+            Some((base, added, removed)) if deltas && held == Some(*base) => {
                 FedFrame::AdvertiseDelta {
                     origin: me.clone(),
                     seq,
@@ -1833,23 +1849,17 @@ impl Router {
                 }
             }
             _ => {
-                let to = l.id;
                 let mut agents: Vec<AdvertisedAgent> =
                     self.advertised_locals().map(Self::advertised).collect();
                 agents.sort_by(|a, b| a.id.cmp(&b.id));
-                self.out.push_back(Output::Link {
-                    to,
-                    frame: FedFrame::Advertise {
-                        origin: me.clone(),
-                        seq,
-                        path: vec![me],
-                        agents,
-                    },
-                });
-                return;
+                FedFrame::Advertise {
+                    origin: me.clone(),
+                    seq,
+                    path: vec![me],
+                    agents,
+                }
             }
         };
-        let to = l.id;
         self.out.push_back(Output::Link { to, frame });
     }
 

@@ -51,9 +51,8 @@ pub(crate) struct Pending {
     pub(crate) holds_slot: bool,
     /// The frame to deliver, kept while the call waits for a slot.
     pub(crate) waiting: Option<Frame>,
-    /// The progress rate limit's virtual time (GCRA): an update is
-    /// forwarded while it is no later than one interval ahead of now.
-    pub(crate) progressed: Option<Micros>,
+    /// The progress rate limit, from the call's first update.
+    pub(crate) progress: Option<crate::budget::TokenBucket>,
 }
 
 /// Who may cancel a call: the client that made it, by its request id, or

@@ -81,11 +81,22 @@ impl LocalAgent {
     }
 
     /// Changes the caller's use; entries at zero are removed.
+    /// The id is copied only when the caller gets an entry.
     pub(crate) fn adjust(&mut self, caller: &AgentId, f: impl FnOnce(&mut CallerUse)) {
-        let e = self.by_caller.entry(caller.clone()).or_default();
-        f(e);
-        if *e == CallerUse::default() {
-            self.by_caller.remove(caller);
+        match self.by_caller.get_mut(caller) {
+            Some(e) => {
+                f(e);
+                if *e == CallerUse::default() {
+                    self.by_caller.remove(caller);
+                }
+            }
+            None => {
+                let mut e = CallerUse::default();
+                f(&mut e);
+                if e != CallerUse::default() {
+                    self.by_caller.insert(caller.clone(), e);
+                }
+            }
         }
     }
 }

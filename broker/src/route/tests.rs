@@ -528,12 +528,13 @@ fn progress_is_forwarded_in_bursts_and_then_at_the_rate_limit() {
     }
     assert_eq!(forwarded(&drain(&mut r)), PROGRESS_BURST as usize);
     // Then one per interval.
-    let t = T0 + 10 + PROGRESS_INTERVAL;
+    let interval = 1_000_000 / u64::from(PROGRESS_RATE);
+    let t = T0 + 10 + interval;
     r.progress(t, ClientId(1), c1.request_id, update(30.0));
     r.progress(t, ClientId(1), c1.request_id, update(31.0));
     assert_eq!(forwarded(&drain(&mut r)), 1);
     // Not a number, or from a session that does not run the call: dropped.
-    let later = t + 10 * PROGRESS_INTERVAL;
+    let later = t + 10 * interval;
     r.progress(later, ClientId(1), c1.request_id, update(f64::NAN));
     r.progress(later, ClientId(2), c1.request_id, update(40.0));
     assert_eq!(forwarded(&drain(&mut r)), 0);
