@@ -258,6 +258,11 @@ impl Metrics {
         })
     }
 
+    /// Counts one refusal (`fem_broker_refusals_total`), by code or reason.
+    pub fn refused(&self, reason: &str) {
+        self.refusals.with_label_values(&[reason]).inc();
+    }
+
     /// Counts one hit of `limit` (a name from README "Limits").
     pub fn limit_hit(&self, limit: &str) {
         self.limit_hits.with_label_values(&[limit]).inc();

@@ -66,10 +66,7 @@ impl ClientHandle {
                     queued_bytes = self.tx.queued_bytes(),
                     "slow consumer: session queue full; closing its session"
                 );
-                metrics
-                    .refusals
-                    .with_label_values(&[ErrorCode::SlowConsumer.as_str()])
-                    .inc();
+                metrics.refused(ErrorCode::SlowConsumer.as_str());
                 metrics.limit_hit(limit);
                 self.evict(
                     ErrorCode::SlowConsumer,

@@ -26,11 +26,7 @@ const LINK_QUEUE: usize = 4096;
 /// Serves a link accepted on the QUIC endpoint.
 pub(crate) async fn accept(shared: Arc<Shared>, conn: quinn::Connection) {
     if shared.config.federation.mode == FederationMode::Off {
-        shared
-            .metrics
-            .refusals
-            .with_label_values(&["PEER_REFUSED"])
-            .inc();
+        shared.metrics.refused("PEER_REFUSED");
         conn.close(2u32.into(), b"federation is not enabled on this broker");
         return;
     }
@@ -246,11 +242,7 @@ where
         }
         Err((code, reason)) => {
             warn!(%code, %reason, remote = %conn.remote_address(), "federation peer refused");
-            shared
-                .metrics
-                .refusals
-                .with_label_values(&["PEER_REFUSED"])
-                .inc();
+            shared.metrics.refused("PEER_REFUSED");
             let _ = fed_tx.send(FedFrame::Refused { code, reason }).await;
             drop(fed_tx);
             let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;

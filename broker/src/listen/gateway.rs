@@ -145,7 +145,7 @@ async fn serve(s: Arc<Shared>, body: Bytes, want: EnvelopeType, endpoint: &str) 
     let credential = match caller_credential(&s, &sender, &req) {
         Ok(c) => c,
         Err((code, message)) => {
-            s.metrics.refusals.with_label_values(&[code.as_str()]).inc();
+            s.metrics.refused(code.as_str());
             return error(&s, endpoint, code, message);
         }
     };
@@ -153,7 +153,7 @@ async fn serve(s: Arc<Shared>, body: Bytes, want: EnvelopeType, endpoint: &str) 
     if want == EnvelopeType::ToolCall
         && let Some(Err((code, message))) = credential.as_deref().map(|c| s.trust.take_call(c))
     {
-        s.metrics.refusals.with_label_values(&[code.as_str()]).inc();
+        s.metrics.refused(code.as_str());
         return error(&s, endpoint, code, message);
     }
     if let Err((code, message)) = s.check_budget() {

@@ -134,7 +134,7 @@ fn authorize(s: &Shared, headers: &HeaderMap, uri: &Uri) -> Result<(), Box<Respo
             .path_and_query()
             .map_or_else(|| uri.path(), |p| p.as_str());
         return operator_signed(s, headers, sig, path).map_err(|(code, message)| {
-            s.metrics.refusals.with_label_values(&[code.as_str()]).inc();
+            s.metrics.refused(code.as_str());
             let status = if code == ErrorCode::PermissionDenied {
                 StatusCode::FORBIDDEN
             } else {

@@ -42,11 +42,7 @@ async fn handshake<T, E: std::fmt::Display>(
         Ok(Ok(done)) => Some(done),
         Ok(Err(e)) => {
             debug!(error = %e, what, "handshake failed");
-            shared
-                .metrics
-                .refusals
-                .with_label_values(&["TLS_HANDSHAKE"])
-                .inc();
+            shared.metrics.refused("TLS_HANDSHAKE");
             None
         }
         Err(_) => {
@@ -275,11 +271,7 @@ async fn serve_native<R, W>(
 
 /// Refuses a connection before registration: one Denied frame, then close.
 async fn deny<W: AsyncWrite + Unpin>(shared: &Shared, w: W, code: ErrorCode, reason: String) {
-    shared
-        .metrics
-        .refusals
-        .with_label_values(&[code.as_str()])
-        .inc();
+    shared.metrics.refused(code.as_str());
     let (tx, rx) = mpsc::channel(1);
     let _ = tx.try_send(Frame::Denied { code, reason });
     drop(tx);

@@ -103,11 +103,7 @@ async fn register<R: AsyncRead + Unpin>(
     pending: OwnedSemaphorePermit,
 ) -> Result<Identity, Refusal> {
     let refused = |r: Refusal| {
-        shared
-            .metrics
-            .refusals
-            .with_label_values(&[r.0.as_str()])
-            .inc();
+        shared.metrics.refused(r.0.as_str());
         r
     };
     let deadline = tokio::time::Instant::now() + shared.config.registration_timeout;
@@ -339,7 +335,7 @@ async fn serve<R: AsyncRead + Unpin>(
         let frame = tokio::select! {
             () = &mut expiry => {
                 info!(agent = %me.id, "grant expired; closing the session");
-                shared.metrics.refusals.with_label_values(&[ErrorCode::PermissionDenied.as_str()]).inc();
+                shared.metrics.refused(ErrorCode::PermissionDenied.as_str());
                 send(Frame::Error {
                     code: ErrorCode::PermissionDenied,
                     message: format!(
@@ -363,11 +359,7 @@ async fn serve<R: AsyncRead + Unpin>(
         let frame = match frame {
             Err(_) => {
                 warn!(agent = %me.id, grace_ms = millis(grace), "agent silent past its grace period; evicting");
-                shared
-                    .metrics
-                    .refusals
-                    .with_label_values(&["HEARTBEAT_TIMEOUT"])
-                    .inc();
+                shared.metrics.refused("HEARTBEAT_TIMEOUT");
                 return;
             }
             Ok(Ok(Some(f))) => f,
@@ -379,11 +371,7 @@ async fn serve<R: AsyncRead + Unpin>(
                 let (code, message) = read_refusal(&e);
                 if matches!(e, ReadError::Proto(_)) {
                     info!(%code, %message, "bad frame; closing connection");
-                    shared
-                        .metrics
-                        .refusals
-                        .with_label_values(&[code.as_str()])
-                        .inc();
+                    shared.metrics.refused(code.as_str());
                     send(Frame::Error { code, message });
                 } else {
                     debug!(%message, "connection lost");
@@ -429,11 +417,7 @@ async fn serve<R: AsyncRead + Unpin>(
             }
             other => {
                 let message = format!("unexpected frame from a client: {}", frame_name(&other));
-                shared
-                    .metrics
-                    .refusals
-                    .with_label_values(&["BAD_REQUEST"])
-                    .inc();
+                shared.metrics.refused("BAD_REQUEST");
                 send(Frame::Error {
                     code: ErrorCode::BadRequest,
                     message,
@@ -566,11 +550,7 @@ fn handle_envelope(shared: &Arc<Shared>, me: &Identity, signed: SignedEnvelope) 
                     .map_or(Ok(()), |c| shared.trust.take_call(c))
             });
             if let Err((code, message)) = allowed {
-                shared
-                    .metrics
-                    .refusals
-                    .with_label_values(&[code.as_str()])
-                    .inc();
+                shared.metrics.refused(code.as_str());
                 send(Frame::CallFailed {
                     request_id: call.request_id,
                     code,

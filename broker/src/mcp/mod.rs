@@ -122,10 +122,7 @@ async fn serve(
         Ok(p) => p,
         Err(e) => {
             count(&s, "http", "unauthorized");
-            s.metrics
-                .refusals
-                .with_label_values(&["MCP_UNAUTHORIZED"])
-                .inc();
+            s.metrics.refused("MCP_UNAUTHORIZED");
             let why = match e {
                 AuthError::Missing => "missing bearer token",
                 _ => "wrong bearer token",
@@ -436,7 +433,7 @@ pub(crate) async fn call(
         Route::Capability => target_of(caller, &n.tool, &visible),
     };
     if let Some(Err((code, message))) = cred.as_deref().map(|c| s.trust.take_call(c)) {
-        s.metrics.refusals.with_label_values(&[code.as_str()]).inc();
+        s.metrics.refused(code.as_str());
         return Ok(failed(s, code, message));
     }
     let timeout = u64::try_from(s.config.mcp.call_timeout.as_millis()).unwrap_or(u64::MAX);

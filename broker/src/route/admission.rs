@@ -180,10 +180,7 @@ pub fn admit(
                 .envelopes
                 .with_label_values(&["unknown", "malformed"])
                 .inc();
-            metrics
-                .refusals
-                .with_label_values(&[e.code().as_str()])
-                .inc();
+            metrics.refused(e.code().as_str());
             return Err(Refused {
                 refusal: (e.code(), e.to_string()),
                 env: None,
@@ -209,10 +206,7 @@ pub fn admit(
             Ok(Admitted { env, key })
         }
         Err(refusal) => {
-            metrics
-                .refusals
-                .with_label_values(&[refusal.0.as_str()])
-                .inc();
+            metrics.refused(refusal.0.as_str());
             Err(Refused {
                 refusal,
                 env: Some(Box::new(env)),

@@ -877,10 +877,7 @@ impl Router {
 
     fn late(&mut self, request_id: RequestId) {
         debug!(request = %request_id, "late or unknown toolResult dropped");
-        self.metrics
-            .refusals
-            .with_label_values(&["LATE_RESULT"])
-            .inc();
+        self.metrics.refused("LATE_RESULT");
     }
 
     fn select_local(
