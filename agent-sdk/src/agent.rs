@@ -17,7 +17,7 @@ use crate::tool::Progress;
 use crate::{AgentMetrics, Options, SdkError, Tool, ToolError, ToolRequest};
 
 /// Builds and connects an agent.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct AgentBuilder {
     id: AgentId,
     key: SigningKey,

@@ -1,6 +1,6 @@
 //! Command-line options shared by the FEM programs (feature `cli`): those
-//! of fem-net, and [`ConnectArgs`] for the broker connection (with
-//! [`TrustArgs`] for its certificate).
+//! of fem-net, [`ConnectArgs`] for the broker connection (with
+//! [`TrustArgs`] for its certificate), and [`connect_retrying`].
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 pub use fem_net::cli::{LogArgs, LogFormat, TransportArg, host_name, shutdown_signal};
 
-use crate::{NetError, Options, SdkError, Transport, Trust};
+use crate::{AgentBuilder, Client, NetError, Options, SdkError, Transport, Trust};
 
 /// How to trust the broker's certificate: `--ca`, `--pin` or `--insecure`.
 #[derive(Clone, Debug, Args)]
@@ -91,6 +91,27 @@ impl ConnectArgs {
             o = o.trust_anchors(anchors);
         }
         Ok(o)
+    }
+}
+
+/// Connects `agent`, retrying until a broker accepts it (it may start after
+/// the program): 250 ms after the first failure, doubled up to 30 s, each
+/// failure logged as a warning.
+///
+/// # Errors
+/// The first error that retrying cannot mend ([`SdkError::is_config`]).
+pub async fn connect_retrying(agent: AgentBuilder, opts: &Options) -> Result<Client, SdkError> {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match agent.clone().connect(opts.clone()).await {
+            Ok(c) => return Ok(c),
+            Err(e) if e.is_config() => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot register yet");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
     }
 }
 
