@@ -17,7 +17,7 @@ use crate::tool::Progress;
 use crate::{AgentMetrics, Options, SdkError, Tool, ToolError, ToolRequest};
 
 /// Builds and connects an agent.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct AgentBuilder {
     id: AgentId,
     key: SigningKey,
@@ -290,13 +290,13 @@ pub(crate) fn serve_call(
     let span = tracing::debug_span!("call", request = %call.request_id, tool = %call.tool, caller = %caller);
     tokio::spawn(
         async move {
-            let m = inner.metrics.clone();
+            let m = inner.metrics.as_ref();
             let request_id = call.request_id;
             let run = async {
-                let queued = m.as_ref().map(|m| GaugeUp::new(&m.queue_length));
+                let queued = m.map(|m| GaugeUp::new(&m.queue_length));
                 let _permit = sem.acquire_owned().await;
                 drop(queued);
-                let _running = m.as_ref().map(|m| GaugeUp::new(&m.calls_in_flight));
+                let _running = m.map(|m| GaugeUp::new(&m.calls_in_flight));
                 let started = Instant::now();
                 let req = ToolRequest {
                     caller: caller.clone(),
@@ -326,7 +326,7 @@ pub(crate) fn serve_call(
             // for another call once it has the result.
             lock(&inner.running).remove(&request_id);
             let Ok((outcome, started)) = served else {
-                if let Some(m) = &m {
+                if let Some(m) = m {
                     m.tool_calls
                         .with_label_values(&[call.tool.as_str(), "CANCELLED"])
                         .inc();
@@ -338,7 +338,7 @@ pub(crate) fn serve_call(
                 ToolOutcome::Success(_) => "ok",
                 ToolOutcome::Error { code, .. } => code.as_str(),
             };
-            if let Some(m) = &m {
+            if let Some(m) = m {
                 let labels = [call.tool.as_str(), label];
                 m.tool_execution_duration
                     .with_label_values(&labels)

@@ -1,5 +1,6 @@
 //! Command-line options shared by the FEM programs (feature `cli`): those
-//! of fem-net, and [`ConnectArgs`] for the broker connection.
+//! of fem-net, [`ConnectArgs`] for the broker connection (with
+//! [`TrustArgs`] for its certificate), and [`connect_retrying`].
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -7,14 +8,11 @@ use std::time::Duration;
 use clap::Args;
 pub use fem_net::cli::{LogArgs, LogFormat, TransportArg, host_name, shutdown_signal};
 
-use crate::{Options, SdkError, Transport, Trust};
+use crate::{AgentBuilder, Client, NetError, Options, SdkError, Transport, Trust};
 
-/// Broker connection options: URL and certificate trust.
+/// How to trust the broker's certificate: `--ca`, `--pin` or `--insecure`.
 #[derive(Clone, Debug, Args)]
-pub struct ConnectArgs {
-    /// Broker URL (https://host:8443; quic:// or tls:// force a transport).
-    #[arg(long, env = "FEM_BROKER_URL", default_value = "https://localhost:8443")]
-    pub broker: String,
+pub struct TrustArgs {
     /// Trust the broker certificate issued by this CA (PEM file).
     #[arg(long, env = "FEM_CA")]
     pub ca: Option<PathBuf>,
@@ -24,6 +22,27 @@ pub struct ConnectArgs {
     /// Do not verify the broker certificate (development only).
     #[arg(long, env = "FEM_INSECURE")]
     pub insecure: bool,
+}
+
+impl TrustArgs {
+    /// The trust the options ask for.
+    ///
+    /// # Errors
+    /// As [`Trust::from_options`]: conflicting options or a malformed pin.
+    pub fn trust(&self) -> Result<Trust, NetError> {
+        Trust::from_options(self.ca.clone(), self.pin.as_deref(), self.insecure)
+    }
+}
+
+/// Broker connection options: URL and certificate trust.
+#[derive(Clone, Debug, Args)]
+pub struct ConnectArgs {
+    /// Broker URL (https://host:8443; quic:// or tls:// force a transport).
+    #[arg(long, env = "FEM_BROKER_URL", default_value = "https://localhost:8443")]
+    pub broker: String,
+    /// The broker's certificate.
+    #[command(flatten)]
+    pub trust: TrustArgs,
     /// Transport.
     #[arg(long, env = "FEM_TRANSPORT", value_enum, default_value = "auto")]
     pub transport: TransportArg,
@@ -45,7 +64,7 @@ impl ConnectArgs {
     /// [`SdkError::Net`] for a bad URL, conflicting trust options or a
     /// malformed pin.
     pub fn options(&self) -> Result<Options, SdkError> {
-        let trust = Trust::from_options(self.ca.clone(), self.pin.as_deref(), self.insecure)?;
+        let trust = self.trust.trust()?;
         // Auto leaves the choice to the URL's scheme.
         let transport = match self.transport {
             TransportArg::Auto => None,
@@ -72,6 +91,27 @@ impl ConnectArgs {
             o = o.trust_anchors(anchors);
         }
         Ok(o)
+    }
+}
+
+/// Connects `agent`, retrying until a broker accepts it (it may start after
+/// the program): 250 ms after the first failure, doubled up to 30 s, each
+/// failure logged as a warning.
+///
+/// # Errors
+/// The first error that retrying cannot mend ([`SdkError::is_config`]).
+pub async fn connect_retrying(agent: AgentBuilder, opts: &Options) -> Result<Client, SdkError> {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match agent.clone().connect(opts.clone()).await {
+            Ok(c) => return Ok(c),
+            Err(e) if e.is_config() => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot register yet");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
     }
 }
 
@@ -196,9 +236,9 @@ impl<'m> ConfigOverlay<'m> {
     /// As [`Self::take`].
     pub fn connection(&mut self, c: &mut ConnectArgs) -> Result<(), SdkError> {
         self.take("broker", &mut c.broker)?;
-        self.take_opt("ca", &mut c.ca)?;
-        self.take_opt("pin", &mut c.pin)?;
-        self.take("insecure", &mut c.insecure)?;
+        self.take_opt("ca", &mut c.trust.ca)?;
+        self.take_opt("pin", &mut c.trust.pin)?;
+        self.take("insecure", &mut c.trust.insecure)?;
         self.take("transport", &mut c.transport)?;
         self.take_duration("heartbeat", &mut c.heartbeat)?;
         self.take_opt("grant", &mut c.grant)?;

@@ -377,20 +377,22 @@ async fn run_once(
         tokio::spawn(
             async move {
                 let mut seen = crate::dispatch::Seen::default();
+                // One buffer for the connection, emptied by each batch.
+                let mut frames = Vec::new();
                 while let Ok(Some(f)) = reader.next().await {
                     let at = u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX);
                     last_rx.store(at, Ordering::Relaxed);
                     // Frames that arrived with this one are handled with it, so
                     // their signatures are verified as one batch. A decoding
                     // error stops the collection; the next read reports it.
-                    let mut frames = vec![f];
+                    frames.push(f);
                     while frames.len() < MAX_BATCH {
                         match reader.next_buffered() {
                             Ok(Some(f)) => frames.push(f),
                             Ok(None) | Err(_) => break,
                         }
                     }
-                    if !handle_frames(&inner, frames, epoch, &wtx, &sem, &mut seen) {
+                    if !handle_frames(&inner, &mut frames, epoch, &wtx, &sem, &mut seen) {
                         break;
                     }
                 }

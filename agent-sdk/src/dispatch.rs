@@ -84,10 +84,11 @@ pub(crate) const MAX_BATCH: usize = 64;
 /// does one by one, except that the signatures of the delivered envelopes
 /// among them are verified as one batch first (one rule, so each result is
 /// the one a single check gives: a forged envelope is still refused alone).
-/// A single frame takes the single path. False ends the connection.
+/// Fewer than two deliveries take the single path. `frames` is left empty
+/// (the reader keeps its buffer). False ends the connection.
 pub(crate) fn handle_frames(
     inner: &Arc<Inner>,
-    frames: Vec<Frame>,
+    frames: &mut Vec<Frame>,
     epoch: u64,
     wtx: &mpsc::Sender<Frame>,
     sem: &Arc<Semaphore>,
@@ -97,13 +98,13 @@ pub(crate) fn handle_frames(
         Frame::Deliver { envelope, signer } => Some((envelope, signer)),
         _ => None,
     });
-    if frames.len() < 2 || delivered.clone().count() < 2 {
+    if delivered.clone().count() < 2 {
         return frames
-            .into_iter()
+            .drain(..)
             .all(|f| handle_inbound(inner, f, epoch, wtx, sem, seen));
     }
     let mut checked = SignedEnvelope::verify_batch(delivered).into_iter();
-    for f in frames {
+    for f in frames.drain(..) {
         let go_on = match f {
             Frame::Deliver { envelope, signer } => {
                 let result = checked.next().unwrap_or(Err(ProtoError::InvalidSignature));
@@ -341,7 +342,7 @@ pub(crate) fn handle_inbound(
         Frame::Progress { request_id, update } => {
             if let Some(tx) = lock(&inner.pending)
                 .get(&request_id)
-                .and_then(|c| c.progress.clone())
+                .and_then(|c| c.progress.as_ref())
             {
                 let _ = tx.try_send(update);
             }
@@ -439,7 +440,7 @@ mod tests {
         let (wtx, mut wrx) = mpsc::channel(8);
         let sem = Arc::new(Semaphore::new(1));
         let mut seen = Seen::default();
-        assert!(handle_frames(&inner, frames, 1, &wtx, &sem, &mut seen));
+        assert!(handle_frames(&inner, &mut frames, 1, &wtx, &sem, &mut seen));
 
         for (n, (id, mut rx)) in waiting.into_iter().enumerate() {
             if n == 2 {

@@ -199,13 +199,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let key = match &key_path {
-        Some(p) => {
-            if let Some(dir) = p.parent() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-            }
-            keys::load_or_generate_key(p)?
-        }
+        // Its directory is created if missing.
+        Some(p) => keys::load_or_generate_key(p)?,
         None => fem_proto::SigningKey::generate(),
     };
     let policy = Arc::new(Policy::new(PolicyOptions {
@@ -263,33 +258,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(addr) = &args.metrics_listen {
         serve_metrics(addr, registry, Arc::clone(&client_slot)).await?;
     }
-    // Keep trying until the broker accepts us (it may start after us).
-    let mut backoff = Duration::from_millis(250);
-    let client = loop {
-        let mut b = AgentBuilder::new(id.clone(), key.clone())
-            .metrics(metrics.clone())
-            .max_concurrent(args.max_concurrent)
-            .call_timeout(args.timeout)
-            .metadata("sandbox.level", level.as_str());
-        if let Some(abi) = policy.isolation().kernel_landlock_abi() {
-            b = b.metadata("sandbox.landlock_abi", &abi.to_string());
-        }
-        for c in &args.capabilities {
-            b = b.capability(c)?;
-        }
-        for t in &tools {
-            b = b.tool(t.clone());
-        }
-        match b.connect(opts.clone()).await {
-            Ok(c) => break c,
-            Err(e) if e.is_config() => return Err(e.into()),
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot register yet");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
-    };
+    let mut b = AgentBuilder::new(id.clone(), key.clone())
+        .metrics(metrics)
+        .max_concurrent(args.max_concurrent)
+        .call_timeout(args.timeout)
+        .metadata("sandbox.level", level.as_str());
+    if let Some(abi) = policy.isolation().kernel_landlock_abi() {
+        b = b.metadata("sandbox.landlock_abi", &abi.to_string());
+    }
+    for c in &args.capabilities {
+        b = b.capability(c)?;
+    }
+    for t in tools {
+        b = b.tool(t);
+    }
+    let client = fem_agent_sdk::cli::connect_retrying(b, &opts).await?;
     let _ = client_slot.set(client.clone());
     tracing::info!(agent = %id, key = %key.public_key(), "fem-coder registered");
     fem_agent_sdk::cli::shutdown_signal().await;

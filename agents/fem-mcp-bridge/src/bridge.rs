@@ -339,7 +339,7 @@ async fn relay(up: &Up, name: &str, req: ToolRequest) -> Result<Value, ToolError
         }
     };
     let budget = req.deadline.saturating_duration_since(Instant::now());
-    let reporter = req.progress.clone();
+    let reporter = req.progress;
     let progress: crate::mcp::OnProgress =
         Arc::new(move |done, total, message| reporter.report(done, total, message));
     match tokio::time::timeout(budget, caller.call(name, arguments, Some(progress))).await {

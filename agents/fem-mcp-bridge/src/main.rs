@@ -167,44 +167,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .key
         .clone()
         .unwrap_or_else(|| keys::default_agent_key_path(id.as_str()));
-    if let Some(dir) = key_path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-    }
+    // Its directory is created if missing.
     let key = keys::load_or_generate_key(&key_path)?;
 
     let (bridge, tools) = Bridge::start(cfg.clone()).await?;
-    // Keep trying until the broker accepts us (it may start after us).
-    let mut backoff = Duration::from_millis(250);
-    let client = loop {
-        let mut b = AgentBuilder::new(id.clone(), key.clone())
-            .max_concurrent(args.max_concurrent)
-            .call_timeout(args.call_timeout)
-            .metadata("mcp.transport", cfg.server.transport())
-            .capability(cfg.capability.as_str())?;
-        for t in &tools {
-            b = b.tool(t.clone());
-        }
-        tokio::select! {
-            r = b.connect(opts.clone()) => match r {
-                Ok(c) => break c,
-                Err(e) if e.is_config() => return Err(e.into()),
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot register yet");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                }
-            },
-            () = fem_agent_sdk::cli::shutdown_signal() => {
-                tracing::info!("signal received before registration; closing");
-                return Ok(());
-            }
+    let tool_count = tools.len();
+    let mut b = AgentBuilder::new(id.clone(), key.clone())
+        .max_concurrent(args.max_concurrent)
+        .call_timeout(args.call_timeout)
+        .metadata("mcp.transport", cfg.server.transport())
+        .capability(cfg.capability.as_str())?;
+    for t in tools {
+        b = b.tool(t);
+    }
+    let client = tokio::select! {
+        r = fem_agent_sdk::cli::connect_retrying(b, &opts) => r?,
+        () = fem_agent_sdk::cli::shutdown_signal() => {
+            tracing::info!("signal received before registration; closing");
+            return Ok(());
         }
     };
     tracing::info!(
         agent = %id,
         key = %key.public_key(),
         capability = %cfg.capability,
-        tools = tools.len(),
+        tools = tool_count,
         pid = bridge.pid(),
         "fem-mcp-bridge registered"
     );

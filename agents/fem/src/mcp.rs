@@ -26,7 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
-use fem_net::{BrokerUrl, Trust};
+use fem_agent_sdk::cli::TrustArgs;
+use fem_net::BrokerUrl;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -49,15 +50,8 @@ pub(crate) struct McpArgs {
     /// broker's loopback `--mcp-listen` listener.
     #[arg(long, env = "FEM_BROKER_URL", default_value = "https://localhost:8443")]
     broker: String,
-    /// Trust the broker certificate issued by this CA (PEM file).
-    #[arg(long, env = "FEM_CA")]
-    ca: Option<PathBuf>,
-    /// Trust the broker certificate with this SHA-256 fingerprint (hex).
-    #[arg(long, env = "FEM_PIN")]
-    pin: Option<String>,
-    /// Do not verify the broker certificate (development only).
-    #[arg(long, env = "FEM_INSECURE")]
-    insecure: bool,
+    #[command(flatten)]
+    trust: TrustArgs,
     /// Serve the broker's view `/mcp/VIEW` instead of `/mcp`.
     #[arg(long, env = "FEM_MCP_VIEW")]
     view: Option<String>,
@@ -230,8 +224,7 @@ struct Forwarder {
 impl Forwarder {
     fn new(a: &McpArgs) -> Result<Self, SetupError> {
         let url = endpoint(&a.broker, a.view.as_deref())?;
-        let trust = Trust::from_options(a.ca.clone(), a.pin.as_deref(), a.insecure)?;
-        let http = crate::https::client(&trust).map_err(SetupError::Https)?;
+        let http = crate::https::client(&a.trust.trust()?).map_err(SetupError::Https)?;
         let token = match (&a.token, &a.token_file) {
             (Some(t), _) => Some(t.clone()),
             (None, Some(p)) => Some(
