@@ -11,14 +11,15 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use fem_agent_sdk::{AgentBuilder, Client, Options, Transport, Trust};
-use fem_proto::{AgentId, PublicKey, SignedGrant, SigningKey};
+use fem_agent_sdk::{Client, Options, Transport, Trust};
+use fem_proto::{PublicKey, SignedGrant, SigningKey};
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 
-use crate::calls::echo_tool;
+use crate::calls::echo_agent_with_key;
+use crate::procs::nats_connect;
 
 /// What the agent process connects.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -137,22 +138,11 @@ pub(crate) async fn serve(file: &Path) -> anyhow::Result<()> {
         if let Some(g) = &a.grant {
             opts = opts.grant(g.clone());
         }
-        agents.push(
-            AgentBuilder::new(AgentId::new(a.id.as_str())?, key)
-                .capability(&a.capability)?
-                .tool(echo_tool()?)
-                .max_concurrent(256)
-                .connect(opts)
-                .await
-                .with_context(|| format!("echo agent {}", a.id))?,
-        );
+        agents.push(echo_agent_with_key(&a.id, key, &a.capability, opts).await?);
     }
     let mut tasks = Vec::new();
     for r in &spec.nats {
-        let client = async_nats::ConnectOptions::new()
-            .add_root_certificates(spec.ca.clone())
-            .require_tls(true)
-            .connect(r.url.clone())
+        let client = nats_connect(async_nats::ConnectOptions::new(), &spec.ca, &r.url)
             .await
             .context("NATS responder")?;
         let mut sub = client

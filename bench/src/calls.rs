@@ -19,7 +19,7 @@ use crate::agentproc::{AgentHost, FemAgent, HostSpec, NatsResponder};
 use crate::crypto::{self, CryptoOps, Floor};
 use crate::load::{self, Caller, Endpoint, RunStats, median};
 use crate::procs::{BrokerProc, NatsProc, RoleCpu, RoleCpuUs, broker_url, host_ip};
-use crate::report::Row;
+use crate::report::{self, Row};
 use crate::{Settings, Workload};
 
 /// One system under test with its callers.
@@ -112,7 +112,17 @@ pub(crate) async fn echo_agent(
     capability: &str,
     opts: Options,
 ) -> anyhow::Result<Client> {
-    AgentBuilder::new(AgentId::new(id)?, SigningKey::generate())
+    echo_agent_with_key(id, SigningKey::generate(), capability, opts).await
+}
+
+/// [`echo_agent`] with `key` (one a grant names).
+pub(crate) async fn echo_agent_with_key(
+    id: &str,
+    key: SigningKey,
+    capability: &str,
+    opts: Options,
+) -> anyhow::Result<Client> {
+    AgentBuilder::new(AgentId::new(id)?, key)
         .capability(capability)?
         .tool(echo_tool()?)
         .max_concurrent(256)
@@ -381,8 +391,7 @@ async fn start_agents(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
 
 struct Measured {
     stats: RunStats,
-    /// CPU per call of every process involved, and of each role.
-    cpu_us_per_call: f64,
+    /// CPU per call of each role (`total()`: of every process involved).
     per_role: RoleCpuUs,
     /// CPU per call over the signatures' cost measured in the same repetition.
     vs_floor: Option<f64>,
@@ -412,7 +421,6 @@ async fn measure(
     }
     Ok(Measured {
         stats,
-        cpu_us_per_call: per_role.total(),
         per_role,
         vs_floor: None,
         rss,
@@ -464,7 +472,7 @@ pub(crate) async fn run(
                     let mut m = measure(s, sys, agent_pid, payload, conc).await?;
                     if sys.brokers_on_path > 0 {
                         m.vs_floor = floor.map(|f| {
-                            m.cpu_us_per_call / f.call_us(CryptoOps::for_path(sys.brokers_on_path))
+                            m.per_role.total() / f.call_us(CryptoOps::for_path(sys.brokers_on_path))
                         });
                     }
                     eprintln!(
@@ -474,7 +482,7 @@ pub(crate) async fn run(
                         m.stats.calls_per_sec,
                         m.stats.p50_us,
                         m.stats.p99_us,
-                        m.cpu_us_per_call,
+                        m.per_role.total(),
                         m.per_role.server,
                         m.per_role.caller,
                         m.per_role.agent,
@@ -495,7 +503,7 @@ pub(crate) async fn run(
                     let med = |f: &dyn Fn(&Measured) -> f64| {
                         median(&ms.iter().map(f).collect::<Vec<_>>())
                     };
-                    let cpu = med(&|m| m.cpu_us_per_call);
+                    let cpu = med(&|m| m.per_role.total());
                     let vs_floor: Vec<f64> = ms.iter().filter_map(|m| m.vs_floor).collect();
                     Row {
                         workload: sys.workload.name().into(),
@@ -521,23 +529,7 @@ pub(crate) async fn run(
                     }
                 })
                 .collect();
-            let nats = case_rows
-                .iter()
-                .find(|r| r.workload == Workload::Nats.name())
-                .map(|r| (r.calls_per_sec, r.p50_us, r.server_cpu_us_per_call));
-            if let Some((Some(nt), Some(np), nc)) = nats {
-                for r in case_rows
-                    .iter_mut()
-                    .filter(|r| r.workload != Workload::Nats.name())
-                {
-                    r.vs_nats_throughput = r.calls_per_sec.map(|t| t / nt);
-                    r.vs_nats_p50 = r.p50_us.map(|p| p / np);
-                    r.vs_nats_server_cpu = r
-                        .server_cpu_us_per_call
-                        .zip(nc.filter(|c| *c > 0.0))
-                        .map(|(c, n)| c / n);
-                }
-            }
+            report::compare_to_nats(&mut case_rows, |r| r.workload == Workload::Nats.name());
             rows.extend(case_rows);
         }
     }

@@ -26,7 +26,7 @@ use tokio::sync::Notify;
 use crate::calls::{caller, options};
 use crate::load::{median, percentile};
 use crate::procs::{BrokerProc, NatsProc, RoleCpu, host_ip};
-use crate::report::Row;
+use crate::report::{self, Row};
 use crate::{Settings, Workload};
 
 /// Size of one event's payload (JSON text).
@@ -508,23 +508,7 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
                 }
             })
             .collect();
-        let nats = case_rows
-            .iter()
-            .find(|r| r.case.starts_with("nats-tls"))
-            .map(|r| (r.calls_per_sec, r.p50_us, r.server_cpu_us_per_call));
-        if let Some((Some(nt), Some(np), nc)) = nats {
-            for r in case_rows
-                .iter_mut()
-                .filter(|r| !r.case.starts_with("nats-tls"))
-            {
-                r.vs_nats_throughput = r.calls_per_sec.map(|t| t / nt);
-                r.vs_nats_p50 = r.p50_us.map(|p| p / np);
-                r.vs_nats_server_cpu = r
-                    .server_cpu_us_per_call
-                    .zip(nc.filter(|c| *c > 0.0))
-                    .map(|(c, n)| c / n);
-            }
-        }
+        report::compare_to_nats(&mut case_rows, |r| r.case.starts_with("nats-tls"));
         rows.extend(case_rows);
     }
     if let Some(b) = &mut run.broker {

@@ -82,6 +82,32 @@ pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// Broker `i`'s flags in a full mesh of the brokers at `urls`.
+pub(crate) fn mesh_args(urls: &[String], i: usize) -> Vec<String> {
+    let mut a = vec!["--federation-mode".to_owned(), "mesh".to_owned()];
+    for (j, u) in urls.iter().enumerate() {
+        if j != i {
+            a.extend(["--peer".to_owned(), u.clone()]);
+        }
+    }
+    a
+}
+
+/// Calls `agent`'s echo tool with `params` from each of `callers`:
+/// routable means a call works, not only that discovery lists it.
+pub(crate) async fn call_from_each(
+    callers: &[&Client],
+    agent: &Client,
+    params: &serde_json::Value,
+) -> anyhow::Result<()> {
+    for c in callers {
+        c.call(Target::Agent(agent.id().clone()), "echo", params.clone())
+            .await
+            .with_context(|| format!("call from {} to {}", c.id(), agent.id()))?;
+    }
+    Ok(())
+}
+
 /// Runs the federation workload.
 pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
     let m = usize::from(s.mesh_size);
@@ -91,16 +117,7 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
         .map(|n| broker_url(host_ip(s.net, *n)))
         .collect();
     let started = Instant::now();
-    let mut brokers = start_cluster(s, "fed", &hosts, |i| {
-        let mut a = vec!["--federation-mode".to_owned(), "mesh".to_owned()];
-        for (j, u) in urls.iter().enumerate() {
-            if j != i {
-                a.extend(["--peer".to_owned(), u.clone()]);
-            }
-        }
-        a
-    })
-    .await?;
+    let mut brokers = start_cluster(s, "fed", &hosts, |i| mesh_args(&urls, i)).await?;
     let formed = wait_full_mesh(&brokers, Duration::from_secs(120)).await?;
     let formed_after_start = started.elapsed();
     let mut callers = Vec::new();
@@ -119,16 +136,7 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
             .map(|i| &callers[i])
             .collect();
         advertise.push(ms(until_all(&others, &cap, true, limit).await?));
-        // Routable means a call works, not only that discovery lists it.
-        for c in &others {
-            c.call(
-                Target::Agent(agent.id().clone()),
-                "echo",
-                serde_json::json!({"r": r}),
-            )
-            .await
-            .with_context(|| format!("call from {} to {}", c.id(), agent.id()))?;
-        }
+        call_from_each(&others, &agent, &serde_json::json!({"r": r})).await?;
         // Timed from the moment the agent hangs up (`close` does not wait
         // for its connection task to finish closing).
         agent.close();

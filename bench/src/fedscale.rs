@@ -17,13 +17,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use fem_agent_sdk::{AgentBuilder, Client, Transport};
-use fem_proto::{AgentId, CapabilityPattern, SigningKey, Target};
+use fem_proto::{AgentId, CapabilityPattern, SigningKey};
 use futures::StreamExt as _;
 
 use crate::calls::{caller, echo_agent, echo_tool, options, start_cluster};
-use crate::federation::{ms, until_all, wait_full_mesh};
+use crate::federation::{call_from_each, mesh_args, ms, until_all, wait_full_mesh};
 use crate::load::median;
 use crate::procs::{BrokerProc, broker_url, host_ip, metric_sum};
 use crate::report::Row;
@@ -120,16 +120,7 @@ async fn one_registration(
         .zip(idle)
         .map(|((a, b), idle)| (b - a) - idle * scale);
     let idle_rate = idle.map(|i| i / IDLE_WINDOW.as_secs_f64());
-    // Routable means a call works, not only that discovery lists it.
-    for c in &others {
-        c.call(
-            Target::Agent(agent.id().clone()),
-            "echo",
-            serde_json::json!({"tag": tag}),
-        )
-        .await
-        .with_context(|| format!("call from {} to {}", c.id(), agent.id()))?;
-    }
+    call_from_each(&others, &agent, &serde_json::json!({"tag": tag})).await?;
     agent.close();
     let left = until_all(&others, &cap, false, ROUND_LIMIT).await?;
     eprintln!(
@@ -312,17 +303,8 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
         .collect();
     let max_conn = (per + 100).max(10_000).to_string();
     let mut brokers = start_cluster(s, "fedscale", &hosts, |i| {
-        let mut a = vec![
-            "--federation-mode".to_owned(),
-            "mesh".to_owned(),
-            "--max-connections".to_owned(),
-            max_conn.clone(),
-        ];
-        for (j, u) in urls.iter().enumerate() {
-            if j != i {
-                a.extend(["--peer".to_owned(), u.clone()]);
-            }
-        }
+        let mut a = mesh_args(&urls, i);
+        a.extend(["--max-connections".to_owned(), max_conn.clone()]);
         a
     })
     .await?;
@@ -487,7 +469,6 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
             }
         }
     });
-    let last = m - 1;
     for b in &mut brokers[..last] {
         b.proc.check_alive()?;
     }

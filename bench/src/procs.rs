@@ -452,12 +452,21 @@ impl NatsProc {
         &self,
         opts: async_nats::ConnectOptions,
     ) -> anyhow::Result<async_nats::Client> {
-        Ok(opts
-            .add_root_certificates(self.ca.clone())
-            .require_tls(true)
-            .connect(self.url.clone())
-            .await?)
+        nats_connect(opts, &self.ca, &self.url).await
     }
+}
+
+/// A NATS client with `opts` over TLS to `url`, trusting the CA file `ca`.
+pub(crate) async fn nats_connect(
+    opts: async_nats::ConnectOptions,
+    ca: &Path,
+    url: &str,
+) -> anyhow::Result<async_nats::Client> {
+    Ok(opts
+        .add_root_certificates(ca.to_owned())
+        .require_tls(true)
+        .connect(url)
+        .await?)
 }
 
 /// Finds a program: an explicit path, else `name` beside this executable,

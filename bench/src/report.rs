@@ -63,6 +63,26 @@ pub(crate) struct Row {
     pub(crate) note: String,
 }
 
+/// Fills the `vs_nats_*` ratios of every row of one case against the row
+/// `is_nats` picks (the same case through nats-server).
+pub(crate) fn compare_to_nats(rows: &mut [Row], is_nats: impl Fn(&Row) -> bool) {
+    let nats = rows
+        .iter()
+        .find(|r| is_nats(r))
+        .map(|r| (r.calls_per_sec, r.p50_us, r.server_cpu_us_per_call));
+    let Some((Some(nt), Some(np), nc)) = nats else {
+        return;
+    };
+    for r in rows.iter_mut().filter(|r| !is_nats(r)) {
+        r.vs_nats_throughput = r.calls_per_sec.map(|t| t / nt);
+        r.vs_nats_p50 = r.p50_us.map(|p| p / np);
+        r.vs_nats_server_cpu = r
+            .server_cpu_us_per_call
+            .zip(nc.filter(|c| *c > 0.0))
+            .map(|(c, n)| c / n);
+    }
+}
+
 /// Run-wide facts printed with the table.
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct Report {

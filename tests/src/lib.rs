@@ -249,12 +249,7 @@ pub struct RawConn {
 impl RawConn {
     /// Connects with ALPN fem/1.
     pub async fn connect(addr: SocketAddr, ca: &Path) -> Self {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-        let tls = tls_client(ca, fem_proto::ALPN_NATIVE)
-            .connect(name, tcp)
-            .await
-            .unwrap();
+        let tls = tls_connect(addr, ca, fem_proto::ALPN_NATIVE).await.unwrap();
         let (r, w) = tokio::io::split(tls);
         Self {
             reader: FrameReader::new(r, 64 * 1024 * 1024),
@@ -285,6 +280,31 @@ impl RawConn {
     }
 }
 
+/// `id`'s registration under `key` (no capabilities, one call at a time)
+/// offering `tools`, stamped `timestamp_ms`, for raw connections.
+pub fn registration(
+    id: &str,
+    key: &SigningKey,
+    tools: Vec<fem_proto::ToolSpec>,
+    timestamp_ms: u64,
+) -> fem_proto::SignedEnvelope {
+    let env = fem_proto::Envelope::new(
+        fem_proto::Header {
+            sender: AgentId::new(id).unwrap(),
+            timestamp_ms,
+            nonce: fem_proto::Nonce::random(),
+        },
+        fem_proto::Body::RegisterAgent(fem_proto::RegisterAgent {
+            public_key: key.public_key(),
+            capabilities: vec![],
+            tools,
+            metadata: std::collections::BTreeMap::new(),
+            max_concurrent_calls: 1,
+        }),
+    );
+    fem_proto::SignedEnvelope::sign(&env, key).unwrap()
+}
+
 /// GET `path` over HTTPS (HTTP/1.1) from a broker; returns status and body.
 pub async fn https_get(addr: SocketAddr, ca: &Path, path: &str) -> (u16, String) {
     https(addr, ca, "GET", path, &[], "").await
@@ -299,12 +319,7 @@ pub async fn https(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, String) {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let tls = tls_client(ca, b"http/1.1")
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let tls = tls_connect(addr, ca, b"http/1.1").await.unwrap();
     exchange(tls, addr, method, path, headers, body).await
 }
 
@@ -585,24 +600,38 @@ impl BrokerProcess {
         tool: &str,
         args: &serde_json::Value,
     ) -> (i32, String, String) {
-        let (url, ca, args) = (self.url(), self.ca(), args.to_string());
-        run_fem(&[
-            "call",
-            "--broker",
-            &url,
-            "--ca",
-            &ca,
-            "--agent",
-            agent,
-            "--tool",
-            tool,
-            "--timeout",
-            "60s",
-            "--args",
-            &args,
-        ])
-        .await
+        fem_call(self.addr, Path::new(&self.ca()), agent, tool, args, "60s").await
     }
+}
+
+/// `fem call --agent AGENT --tool TOOL --args ARGS --timeout TIMEOUT`
+/// through the broker at `broker` (trusting `ca`); returns (exit code,
+/// stdout, stderr).
+pub async fn fem_call(
+    broker: SocketAddr,
+    ca: &Path,
+    agent: &str,
+    tool: &str,
+    args: &serde_json::Value,
+    timeout: &str,
+) -> (i32, String, String) {
+    let (url, args) = (format!("https://{broker}"), args.to_string());
+    run_fem(&[
+        "call",
+        "--broker",
+        &url,
+        "--ca",
+        ca.to_str().unwrap(),
+        "--agent",
+        agent,
+        "--tool",
+        tool,
+        "--timeout",
+        timeout,
+        "--args",
+        &args,
+    ])
+    .await
 }
 
 /// Starts a `fem-broker` process on `addr` in mesh mode with `peers`, in

@@ -4,18 +4,17 @@
 //! descriptors stay bounded, and a legitimate agent and caller in the same
 //! test keep getting answers. Hosts 300..=319.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fem_agent_sdk::{AgentBuilder, Client, Tool};
 use fem_proto::{
-    AgentId, Body, CapabilityPattern, Envelope, ErrorCode, Frame, Header, JsonText, Nonce,
-    RegisterAgent, RenderInstruction, SignedEnvelope, SigningKey, Target, ToolSpec,
+    AgentId, Body, CapabilityPattern, Envelope, ErrorCode, Frame, Header, JsonText,
+    RenderInstruction, SignedEnvelope, SigningKey, Target, ToolSpec,
 };
 use fem_tests::{
-    BrokerProcess, RawConn, echo_agent, eventually, host, metric, open_fds, options_for, rss_kib,
-    tls_connect,
+    BrokerProcess, RawConn, echo_agent, eventually, host, metric, open_fds, options_for,
+    registration, rss_kib, tls_connect,
 };
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -23,32 +22,6 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use crate::bounded;
 
 const MIB: u64 = 1024;
-
-fn signed(id: &str, key: &SigningKey, body: Body) -> SignedEnvelope {
-    let env = Envelope::new(
-        Header {
-            sender: AgentId::new(id).unwrap(),
-            timestamp_ms: fem_proto::now_ms(),
-            nonce: Nonce::random(),
-        },
-        body,
-    );
-    SignedEnvelope::sign(&env, key).unwrap()
-}
-
-fn registration(id: &str, key: &SigningKey, tools: Vec<ToolSpec>) -> SignedEnvelope {
-    signed(
-        id,
-        key,
-        Body::RegisterAgent(RegisterAgent {
-            public_key: key.public_key(),
-            capabilities: vec![],
-            tools,
-            metadata: BTreeMap::new(),
-            max_concurrent_calls: 1,
-        }),
-    )
-}
 
 fn tool_spec(name: &str, description_bytes: usize) -> ToolSpec {
     ToolSpec {
@@ -62,8 +35,13 @@ fn tool_spec(name: &str, description_bytes: usize) -> ToolSpec {
 async fn raw_agent(b: &BrokerProcess, id: &str) -> (RawConn, SigningKey) {
     let key = SigningKey::generate();
     let mut conn = RawConn::connect(b.addr, b.ca().as_ref()).await;
-    conn.send(&Frame::Envelope(registration(id, &key, vec![])))
-        .await;
+    conn.send(&Frame::Envelope(registration(
+        id,
+        &key,
+        vec![],
+        fem_proto::now_ms(),
+    )))
+    .await;
     assert!(
         matches!(conn.recv().await, Some(Frame::Accepted(_))),
         "{id} not accepted"
@@ -296,14 +274,14 @@ async fn a_client_that_stops_reading_is_cut_at_its_byte_budget() {
         let mut acked = 0;
         let mut refused = 0;
         for _ in 0..100 {
-            let env = signed(
-                "attacker-302",
-                &akey,
+            let env = Envelope::new(
+                Header::now(AgentId::new("attacker-302").unwrap()),
                 Body::RenderInstruction(RenderInstruction {
                     target: AgentId::new("victim-302").unwrap(),
                     instruction: JsonText::from_value(&json!({"blob": blob})),
                 }),
             );
+            let env = SignedEnvelope::sign(&env, &akey).unwrap();
             attacker.send(&Frame::Envelope(env)).await;
             match attacker.recv().await {
                 Some(Frame::Ack { .. }) => acked += 1,
@@ -343,8 +321,13 @@ async fn registrations_over_the_limits_are_refused_typed() {
         for (tools, flag) in cases {
             let key = SigningKey::generate();
             let mut conn = RawConn::connect(b.addr, b.ca().as_ref()).await;
-            conn.send(&Frame::Envelope(registration("reg-303", &key, tools)))
-                .await;
+            conn.send(&Frame::Envelope(registration(
+                "reg-303",
+                &key,
+                tools,
+                fem_proto::now_ms(),
+            )))
+            .await;
             match conn.recv().await {
                 Some(Frame::Denied { code, reason }) => {
                     assert_eq!(code, ErrorCode::TooLarge, "{reason}");
@@ -359,8 +342,13 @@ async fn registrations_over_the_limits_are_refused_typed() {
         let tools = (0..100)
             .map(|i| tool_spec(&format!("t{i}"), 4000))
             .collect();
-        conn.send(&Frame::Envelope(registration("reg-303", &key, tools)))
-            .await;
+        conn.send(&Frame::Envelope(registration(
+            "reg-303",
+            &key,
+            tools,
+            fem_proto::now_ms(),
+        )))
+        .await;
         assert!(matches!(
             conn.recv().await,
             Some(Frame::Denied {

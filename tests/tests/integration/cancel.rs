@@ -13,7 +13,7 @@ use fem_tests::{Proc, eventually, metric, options_for};
 use serde_json::{Value, json};
 
 use crate::bounded;
-use crate::mcp::{TOKEN, coder, mcp_config, python_client};
+use crate::mcp::{TOKEN, coder, mcp_client, mcp_config};
 
 /// True while a process whose command line contains `marker` runs.
 fn running(marker: &str) -> bool {
@@ -221,22 +221,19 @@ async fn progress_reaches_native_and_mcp_callers_through_two_brokers() {
 
         // The MCP Python SDK's progress callback, through /mcp on B.
         let url = format!("https://{b}/mcp");
-        let v = python_client(
-            "mcp_client.py",
-            &[
-                "--url",
-                &url,
-                "--ca",
-                ca.to_str().unwrap(),
-                "--token",
-                TOKEN,
-                "--call",
-                "steps_run",
-                "--arguments",
-                r#"{"n": 3}"#,
-                "--progress",
-            ],
-        )
+        let v = mcp_client(&[
+            "--url",
+            &url,
+            "--ca",
+            ca.to_str().unwrap(),
+            "--token",
+            TOKEN,
+            "--call",
+            "steps_run",
+            "--arguments",
+            r#"{"n": 3}"#,
+            "--progress",
+        ])
         .await;
         assert_eq!(v["call"]["isError"], false, "{v}");
         let progress = v["progress"].as_array().unwrap_or_else(|| panic!("{v}"));

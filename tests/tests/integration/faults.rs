@@ -37,7 +37,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fem_agent_sdk::wire::FrameReader;
 use fem_agent_sdk::{Client, Origin};
 use fem_proto::{
     AgentId, Body, Capability, CapabilityPattern, Envelope, ErrorCode, Frame, Header, JsonText,
@@ -127,11 +126,8 @@ impl RawCaller {
     async fn connect(addr: SocketAddr, ca: &Path, id: &str) -> Arc<Self> {
         let id = AgentId::new(id).unwrap();
         let key = SigningKey::generate();
-        let tls = fem_tests::tls_connect(addr, ca, fem_proto::ALPN_NATIVE)
-            .await
-            .unwrap();
-        let (r, mut w) = tokio::io::split(tls);
-        let mut reader = FrameReader::new(r, 64 * 1024 * 1024);
+        let mut conn = fem_tests::RawConn::connect(addr, ca).await;
+        // A caller: no tools, no slots.
         let register = Envelope::new(
             Header::now(id.clone()),
             Body::RegisterAgent(RegisterAgent {
@@ -142,11 +138,14 @@ impl RawCaller {
                 max_concurrent_calls: 0,
             }),
         );
-        let mut buf = Vec::new();
-        let reg = Frame::Envelope(SignedEnvelope::sign(&register, &key).unwrap());
-        fem_proto::encode_frame(&reg, &mut buf, usize::MAX).unwrap();
-        w.write_all(&buf).await.unwrap();
-        w.flush().await.unwrap();
+        conn.send(&Frame::Envelope(
+            SignedEnvelope::sign(&register, &key).unwrap(),
+        ))
+        .await;
+        let fem_tests::RawConn {
+            mut reader,
+            writer: mut w,
+        } = conn;
         match tokio::time::timeout(Duration::from_secs(10), reader.next()).await {
             Ok(Ok(Some(Frame::Accepted(_)))) => {}
             other => panic!("raw caller {id} not accepted: {other:?}"),
@@ -569,12 +568,16 @@ fn check_executions(records: &[Record], execs: &[Exec]) -> usize {
     ok
 }
 
-fn share(rs: &[&Record]) -> (usize, usize) {
-    let ok = rs
-        .iter()
-        .filter(|r| matches!(r.outcome, Outcome::Ok { .. }))
-        .count();
-    (ok, rs.len())
+/// (successful, all) of `rs`.
+fn share<'a>(rs: impl IntoIterator<Item = &'a Record>) -> (usize, usize) {
+    let (mut ok, mut n) = (0, 0);
+    for r in rs {
+        n += 1;
+        if matches!(r.outcome, Outcome::Ok { .. }) {
+            ok += 1;
+        }
+    }
+    (ok, n)
 }
 
 #[tokio::test]
@@ -584,27 +587,23 @@ async fn mesh_survives_broker_and_agent_kills_with_one_answer_per_call() {
         let addrs = [host(320), host(321), host(322)];
         let ca_dir = fem_tests::shared_ca();
         let ca = ca_dir.path().join("tls/ca.pem");
-        let peers = |i: usize| -> Vec<SocketAddr> {
-            (0..3).filter(|j| *j != i).map(|j| addrs[j]).collect()
+        let dirs: Vec<tempfile::TempDir> = (0..3)
+            .map(|_| {
+                let d = tempfile::tempdir().unwrap();
+                fem_tests::seed_ca(ca_dir.path(), d.path());
+                d
+            })
+            .collect();
+        // Broker i, in its data directory, linked to the two others.
+        let start_broker = async |i: usize| {
+            let peers: Vec<SocketAddr> = (0..3).filter(|j| *j != i).map(|j| addrs[j]).collect();
+            let (dir, flags) = (dirs[i].path(), BROKER_FLAGS);
+            fem_tests::mesh_broker_proc_with(addrs[i], dir, &ca, &peers, LINK_TIMEOUT, flags, &[])
+                .await
         };
-        let mut dirs = Vec::new();
         let mut brokers = Vec::new();
-        for (i, a) in addrs.iter().enumerate() {
-            let d = tempfile::tempdir().unwrap();
-            fem_tests::seed_ca(ca_dir.path(), d.path());
-            brokers.push(
-                fem_tests::mesh_broker_proc_with(
-                    *a,
-                    d.path(),
-                    &ca,
-                    &peers(i),
-                    LINK_TIMEOUT,
-                    BROKER_FLAGS,
-                    &[],
-                )
-                .await,
-            );
-            dirs.push(d);
+        for i in 0..3 {
+            brokers.push(start_broker(i).await);
         }
         for a in &addrs {
             assert!(
@@ -675,17 +674,7 @@ async fn mesh_survives_broker_and_agent_kills_with_one_answer_per_call() {
             .expect("B did not die");
         drop(b);
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let b = fem_tests::mesh_broker_proc_with(
-            addrs[1],
-            dirs[1].path(),
-            &ca,
-            &peers(1),
-            LINK_TIMEOUT,
-            BROKER_FLAGS,
-            &[],
-        )
-        .await;
-        brokers.insert(1, b);
+        brokers.insert(1, start_broker(1).await);
         for a in &addrs {
             assert!(
                 ready_within(*a, &ca, Duration::from_secs(20)).await,
@@ -744,11 +733,12 @@ async fn mesh_survives_broker_and_agent_kills_with_one_answer_per_call() {
         let ok = check_executions(&records, &execs);
         let tags: HashMap<&str, &Record> = records.iter().map(|r| (r.tag.as_str(), r)).collect();
         // Y was killed mid-call: some of its executions have no result.
-        let cut_y = execs
+        let cut_y: Vec<&Record> = execs
             .iter()
             .filter(|e| e.agent == Y)
-            .filter(|e| !matches!(tags[e.tag.as_str()].outcome, Outcome::Ok { .. }))
-            .count();
+            .map(|e| tags[e.tag.as_str()])
+            .filter(|r| !matches!(r.outcome, Outcome::Ok { .. }))
+            .collect();
         // Executions whose caller got no result: the agent died or its
         // broker did (the answer was lost with the link or the session).
         let mut cut: BTreeMap<String, usize> = BTreeMap::new();
@@ -758,13 +748,10 @@ async fn mesh_survives_broker_and_agent_kills_with_one_answer_per_call() {
                 *cut.entry(o.label()).or_default() += 1;
             }
         }
-        assert!(cut_y > 0, "Y had no call in flight when killed");
+        assert!(!cut_y.is_empty(), "Y had no call in flight when killed");
         // How long after the SIGKILL Y's calls in flight were answered.
-        let y_answered = execs
+        let y_answered = cut_y
             .iter()
-            .filter(|e| e.agent == Y)
-            .map(|e| tags[e.tag.as_str()])
-            .filter(|r| !matches!(r.outcome, Outcome::Ok { .. }))
             .map(|r| (r.issued + r.elapsed).saturating_duration_since(kill_y))
             .max()
             .unwrap_or_default();
@@ -809,8 +796,8 @@ async fn mesh_survives_broker_and_agent_kills_with_one_answer_per_call() {
             .copied()
             .filter(|r| r.issued >= recovered)
             .collect();
-        let (b_ok, b_n) = share(&before);
-        let (a_ok, a_n) = share(&after);
+        let (b_ok, b_n) = share(before.iter().copied());
+        let (a_ok, a_n) = share(after.iter().copied());
         let mut by_code: BTreeMap<String, usize> = BTreeMap::new();
         for r in &records {
             *by_code.entry(r.outcome.label()).or_default() += 1;
@@ -818,7 +805,7 @@ async fn mesh_survives_broker_and_agent_kills_with_one_answer_per_call() {
         eprintln!(
             "faults: {} calls issued ({} under load, {} probes), ok {ok}, \
              outcomes {by_code:?}; {} executions ({} of X, {} of Y), \
-             without a result {cut:?} ({cut_y} cut short on Y, killed at line \
+             without a result {cut:?} ({} cut short on Y, killed at line \
              {y_lines_at_kill}, all answered within {y_answered:?} of the kill); \
              broker A answered {answered_a} calls; raw callers: {raw_answers} \
              answers for {} calls, each exactly once; finished before the faults \
@@ -830,6 +817,7 @@ async fn mesh_survives_broker_and_agent_kills_with_one_answer_per_call() {
             execs.len(),
             execs.iter().filter(|e| e.agent == X).count(),
             execs.iter().filter(|e| e.agent == Y).count(),
+            cut_y.len(),
             raw.iter()
                 .map(|(_, _, r)| r.sent.lock().unwrap().len())
                 .sum::<usize>(),
@@ -845,25 +833,9 @@ async fn mesh_survives_broker_and_agent_kills_with_one_answer_per_call() {
             a_n > 50 && a_ok * 100 >= a_n * 90,
             "after recovery: {a_ok}/{a_n} ok"
         );
-        for (name, _, _) in &sdk {
-            let mine: Vec<&Record> = after
-                .iter()
-                .copied()
-                .filter(|r| &r.caller == name)
-                .collect();
-            let (ok, n) = share(&mine);
-            assert!(
-                n > 0 && ok * 100 >= n * 90,
-                "{name} after recovery: {ok}/{n} ok"
-            );
-        }
-        for (name, _, _) in &raw {
-            let mine: Vec<&Record> = after
-                .iter()
-                .copied()
-                .filter(|r| &r.caller == name)
-                .collect();
-            let (ok, n) = share(&mine);
+        let names = sdk.iter().map(|(n, _, _)| n);
+        for name in names.chain(raw.iter().map(|(n, _, _)| n)) {
+            let (ok, n) = share(after.iter().copied().filter(|r| &r.caller == name));
             assert!(
                 n > 0 && ok * 100 >= n * 90,
                 "{name} after recovery: {ok}/{n} ok"

@@ -468,13 +468,18 @@ async fn restart_dns(
     *old = dnsmasq(listen, srv, brokers).unwrap();
 }
 
+/// The value of the sample `name{labels}` in `b`'s metrics (0 if absent).
+fn sample(b: &TestBroker, name: &str) -> f64 {
+    b.broker
+        .metrics()
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn peers_up(b: &TestBroker) -> u32 {
-    let m = b.broker.metrics().render();
-    m.lines()
-        .find(|l| l.starts_with("fem_broker_federation_peers{state=\"up\"}"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u32)
+    sample(b, "fem_broker_federation_peers{state=\"up\"}") as u32
 }
 
 #[tokio::test]
@@ -688,24 +693,15 @@ async fn spokes_pick_hubs_by_srv_priority_and_hubs_listen_apart() {
 
 /// `fem_broker_federation_bytes_total{direction}` of an in-process broker.
 fn fed_bytes(b: &TestBroker, direction: &str) -> u64 {
-    let prefix = format!("fem_broker_federation_bytes_total{{direction=\"{direction}\"}} ");
-    b.broker
-        .metrics()
-        .render()
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str())?.parse().ok())
-        .unwrap_or(0)
+    let name = format!("fem_broker_federation_bytes_total{{direction=\"{direction}\"}}");
+    sample(b, &name) as u64
 }
 
 /// Waits until `b` routes `n` remote agents.
 async fn routes(b: &TestBroker, n: usize) {
-    let line = format!("fem_broker_routes {n}\n");
     assert!(
-        eventually(Duration::from_secs(30), || b
-            .broker
-            .metrics()
-            .render()
-            .contains(&line))
+        eventually(Duration::from_secs(30), || sample(b, "fem_broker_routes")
+            == n as f64)
         .await,
         "{} does not route {n} agents",
         b.broker.local_addr()

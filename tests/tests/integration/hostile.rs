@@ -6,31 +6,13 @@ use std::time::Duration;
 
 use fem_agent_sdk::AgentBuilder;
 use fem_proto::{
-    AgentId, Body, Envelope, ErrorCode, Frame, Header, Nonce, RegisterAgent, SignedEnvelope,
-    SigningKey, Target, ToolCall,
+    AgentId, Body, Envelope, ErrorCode, Frame, Header, RegisterAgent, SignedEnvelope, SigningKey,
+    Target, ToolCall,
 };
-use fem_tests::{RawConn, TestBroker, caller, echo_agent, eventually, host};
+use fem_tests::{RawConn, TestBroker, caller, echo_agent, eventually, host, registration};
 use serde_json::json;
 
 use crate::bounded;
-
-fn register(id: &str, key: &SigningKey, ts: u64) -> SignedEnvelope {
-    let env = Envelope::new(
-        Header {
-            sender: AgentId::new(id).unwrap(),
-            timestamp_ms: ts,
-            nonce: Nonce::random(),
-        },
-        Body::RegisterAgent(RegisterAgent {
-            public_key: key.public_key(),
-            capabilities: vec![],
-            tools: vec![],
-            metadata: BTreeMap::new(),
-            max_concurrent_calls: 1,
-        }),
-    );
-    SignedEnvelope::sign(&env, key).unwrap()
-}
 
 async fn expect_denied(conn: &mut RawConn, code: ErrorCode) -> String {
     match conn.recv().await {
@@ -67,7 +49,7 @@ async fn refusals_are_typed_and_harmless() {
 
         // Bad signature: bytes signed by one key, registered under another.
         let key = SigningKey::generate();
-        let mut signed = register("bad-sig", &key, now());
+        let mut signed = registration("bad-sig", &key, vec![], now());
         signed.signature = SigningKey::generate().sign(b"something else");
         let mut conn = RawConn::connect(addr, &ca).await;
         conn.send(&Frame::Envelope(signed)).await;
@@ -77,7 +59,7 @@ async fn refusals_are_typed_and_harmless() {
         // A small-order key with the trivial forgery (R = identity, S = 0),
         // which ZIP 215 verification accepts for any message: the signature
         // passes, the key is refused, and nothing is bound.
-        let mut signed = register("weak-key-20", &SigningKey::generate(), now());
+        let mut signed = registration("weak-key-20", &SigningKey::generate(), vec![], now());
         let mut identity = [0u8; 32];
         identity[0] = 1;
         let mut env = signed.open().unwrap();
@@ -99,9 +81,10 @@ async fn refusals_are_typed_and_harmless() {
 
         // An id held by another key.
         let mut conn = RawConn::connect(addr, &ca).await;
-        conn.send(&Frame::Envelope(register(
+        conn.send(&Frame::Envelope(registration(
             "good-20",
             &SigningKey::generate(),
+            vec![],
             now(),
         )))
         .await;
@@ -111,7 +94,7 @@ async fn refusals_are_typed_and_harmless() {
 
         // A replayed registration (same bytes, same nonce).
         let key = SigningKey::generate();
-        let once = register("replay-20", &key, now());
+        let once = registration("replay-20", &key, vec![], now());
         let mut conn = RawConn::connect(addr, &ca).await;
         conn.send(&Frame::Envelope(once.clone())).await;
         assert!(matches!(conn.recv().await, Some(Frame::Accepted(_))));
@@ -131,9 +114,10 @@ async fn refusals_are_typed_and_harmless() {
 
         // A stale timestamp (two minutes old; the window is one minute).
         let mut conn = RawConn::connect(addr, &ca).await;
-        conn.send(&Frame::Envelope(register(
+        conn.send(&Frame::Envelope(registration(
             "stale-20",
             &SigningKey::generate(),
+            vec![],
             now() - 120_000,
         )))
         .await;
@@ -169,9 +153,10 @@ async fn registered_session_refuses_forged_and_replayed_envelopes() {
         let (_good, _) = echo_agent("good-21", b.options(), 10).await;
         let key = SigningKey::generate();
         let mut conn = RawConn::connect(b.broker.local_addr(), &b.ca()).await;
-        conn.send(&Frame::Envelope(register(
+        conn.send(&Frame::Envelope(registration(
             "raw-21",
             &key,
+            vec![],
             fem_proto::now_ms(),
         )))
         .await;
@@ -298,9 +283,10 @@ async fn same_key_reconnect_replaces_a_stale_session() {
         let key = SigningKey::generate();
         let mut stale = RawConn::connect(b.broker.local_addr(), &b.ca()).await;
         stale
-            .send(&Frame::Envelope(register(
+            .send(&Frame::Envelope(registration(
                 "dup-23",
                 &key,
+                vec![],
                 fem_proto::now_ms(),
             )))
             .await;

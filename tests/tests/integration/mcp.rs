@@ -16,32 +16,25 @@ use crate::bounded;
 pub(crate) const TOKEN: &str = "mcp-test-token-8f1d";
 
 /// Runs tests/mcp_client.py with `args`; returns its JSON line.
-async fn client(args: &[&str]) -> Value {
-    python_client("mcp_client.py", args).await
-}
-
-/// Runs the Python MCP client `script` (in tests/) with `args`; returns its
-/// JSON line.
-pub(crate) async fn python_client(script: &str, args: &[&str]) -> Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+pub(crate) async fn mcp_client(args: &[&str]) -> Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/mcp_client.py");
     let out = tokio::time::timeout(
         Duration::from_secs(90),
         tokio::process::Command::new("python3")
-            .arg(&script)
+            .arg(script)
             .args(args)
             .kill_on_drop(true)
             .output(),
     )
     .await
-    .expect("the MCP client script did not finish within 90 s")
+    .expect("mcp_client.py did not finish within 90 s")
     .expect("python3 runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let line = stdout.lines().last().unwrap_or("");
     serde_json::from_str(line).unwrap_or_else(|_| {
         panic!(
-            "{} printed no JSON (is the `mcp` package installed? pip install mcp)\nstdout: {stdout}\nstderr: {stderr}",
-            script.display()
+            "mcp_client.py printed no JSON (is the `mcp` package installed? pip install mcp)\nstdout: {stdout}\nstderr: {stderr}"
         )
     })
 }
@@ -55,17 +48,21 @@ pub(crate) fn names(v: &Value) -> Vec<String> {
         .collect()
 }
 
-/// Lists through `args` until `name` appears (routes converge), within 20 s.
-async fn until_listed(args: &[&str], name: &str) -> Value {
-    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+/// Lists through `args` until every tool in `wanted` appears (routes
+/// converge), within `within`.
+pub(crate) async fn until_listed(args: &[&str], wanted: &[&str], within: Duration) -> Value {
+    let end = tokio::time::Instant::now() + within;
     loop {
-        let v = client(args).await;
-        if v.get("tools").is_some() && names(&v).iter().any(|n| n == name) {
-            return v;
+        let v = mcp_client(args).await;
+        if v.get("tools").is_some() {
+            let listed = names(&v);
+            if wanted.iter().all(|w| listed.iter().any(|n| n == w)) {
+                return v;
+            }
         }
         assert!(
             tokio::time::Instant::now() < end,
-            "{name} never listed: {v}"
+            "{wanted:?} never listed within {within:?}: {v}"
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -131,7 +128,7 @@ async fn an_mcp_client_on_one_broker_calls_fem_coder_behind_another_in_both_eras
         let url = format!("https://{b}/mcp");
         let ca_s = ca.to_str().unwrap();
         let https_args = ["--url", &url, "--ca", ca_s, "--token", TOKEN];
-        let listed = until_listed(&https_args, "shell_run").await;
+        let listed = until_listed(&https_args, &["shell_run"], Duration::from_secs(20)).await;
 
         // The SDK's default mode: server/discover at the newest revision.
         assert_eq!(listed["protocol"], "2026-07-28", "{listed}");
@@ -155,7 +152,7 @@ async fn an_mcp_client_on_one_broker_calls_fem_coder_behind_another_in_both_eras
             "--arguments",
             r#"{"argv": ["echo", "hi"]}"#,
         ]);
-        let v = client(&args).await;
+        let v = mcp_client(&args).await;
         assert_eq!(v["call"]["isError"], false, "{v}");
         let text: Value = serde_json::from_str(v["call"]["text"][0].as_str().unwrap()).unwrap();
         assert_eq!(text["stdout"], "hi\n", "{v}");
@@ -163,7 +160,7 @@ async fn an_mcp_client_on_one_broker_calls_fem_coder_behind_another_in_both_eras
         // The legacy handshake (initialize, 2025-11-25) on the plain-HTTP
         // listener; a program fem-coder does not allow is a typed FEM error.
         let plain_url = format!("http://{plain}/mcp");
-        let v = client(&[
+        let v = mcp_client(&[
             "--url",
             &plain_url,
             "--token",
@@ -190,7 +187,7 @@ async fn an_mcp_client_on_one_broker_calls_fem_coder_behind_another_in_both_eras
             "--arguments",
             r#"{"argv": ["echo", "agent"]}"#,
         ]);
-        let v = client(&args).await;
+        let v = mcp_client(&args).await;
         assert_eq!(v["call"]["isError"], false, "{v}");
     })
     .await;
@@ -212,7 +209,7 @@ async fn views_origins_and_tokens() {
         let _coder = coder("coder-264", b, Path::new(&ca), work.path()).await;
         let url = format!("https://{b}/mcp/files");
         let view_args = ["--url", url.as_str(), "--ca", &ca, "--token", TOKEN];
-        let v = until_listed(&view_args, "file_read").await;
+        let v = until_listed(&view_args, &["file_read"], Duration::from_secs(20)).await;
         assert_eq!(names(&v), ["file_read"], "the view shows file.read only");
         // A name outside the view is unknown there.
         let mut args = view_args.to_vec();
@@ -222,7 +219,7 @@ async fn views_origins_and_tokens() {
             "--arguments",
             r#"{"argv": ["echo", "hi"]}"#,
         ]);
-        let v = client(&args).await;
+        let v = mcp_client(&args).await;
         assert_eq!(v["call"]["error"]["code"], -32602, "{v}");
         // An unknown view.
         let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
@@ -291,7 +288,7 @@ async fn views_origins_and_tokens() {
             let (st, _) = https(b, ca_p, "POST", "/mcp", &h, &init).await;
             assert_eq!(st, 401);
         }
-        let v = client(&[
+        let v = mcp_client(&[
             "--url",
             &format!("https://{b}/mcp"),
             "--ca",
@@ -415,22 +412,22 @@ async fn a_principal_sees_and_calls_only_what_its_grant_allows() {
         let _a2 = agent("vault", "secret.store", "secret.read", k2, opts.grant(g2)).await;
         let url = format!("https://{b}/mcp");
         let base = ["--url", url.as_str(), "--ca", &ca, "--token", TOKEN];
-        let v = until_listed(&base, "echo_ping").await;
+        let v = until_listed(&base, &["echo_ping"], Duration::from_secs(20)).await;
         assert_eq!(names(&v), ["echo_ping"], "only what the grant allows: {v}");
         let mut args = base.to_vec();
         args.extend(["--call", "secret_read"]);
-        let v = client(&args).await;
+        let v = mcp_client(&args).await;
         assert_eq!(v["call"]["error"]["code"], -32602, "{v}");
         let mut args = base.to_vec();
         args.extend(["--call", "echo_ping", "--arguments", r#"{"x": 1}"#]);
-        let v = client(&args).await;
+        let v = mcp_client(&args).await;
         assert_eq!(v["call"]["isError"], false, "{v}");
         let out: Value = serde_json::from_str(v["call"]["text"][0].as_str().unwrap()).unwrap();
         assert_eq!(out, json!({"x": 1}));
         // The per-agent alias of a tool outside the grant is unknown too.
         let mut args = base.to_vec();
         args.extend(["--call", "vault__secret_read"]);
-        let v = client(&args).await;
+        let v = mcp_client(&args).await;
         assert_eq!(v["call"]["error"]["code"], -32602, "{v}");
     })
     .await;

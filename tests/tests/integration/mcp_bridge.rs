@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use fem_tests::{Proc, log_field, run_fem};
+use fem_tests::{Proc, log_field};
 use serde_json::Value;
 use serde_json::json;
 
@@ -64,8 +64,8 @@ fn python_has(module: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// `fem call --agent AGENT --tool TOOL --args ARGS` through the broker at
-/// `entry`; (exit code, stdout, stderr).
+/// `fem call` through the broker at `entry`, with a 20 s CLI deadline;
+/// (exit code, stdout, stderr).
 async fn call_tool(
     entry: SocketAddr,
     ca: &Path,
@@ -73,24 +73,7 @@ async fn call_tool(
     tool: &str,
     args: &Value,
 ) -> (i32, String, String) {
-    let url = format!("https://{entry}");
-    let args = args.to_string();
-    run_fem(&[
-        "call",
-        "--broker",
-        &url,
-        "--ca",
-        ca.to_str().unwrap(),
-        "--agent",
-        agent,
-        "--tool",
-        tool,
-        "--timeout",
-        "20s",
-        "--args",
-        &args,
-    ])
-    .await
+    fem_tests::fem_call(entry, ca, agent, tool, args, "20s").await
 }
 
 /// `get_current_time` of the time server in UTC.

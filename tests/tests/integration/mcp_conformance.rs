@@ -22,7 +22,7 @@ use fem_tests::host;
 use serde_json::Value;
 
 use crate::bounded;
-use crate::mcp::{names, python_client};
+use crate::mcp::until_listed;
 
 /// Scenarios a gateway of tools must pass (see docs/mcp.md).
 const MUST_PASS: &[&str] = &[
@@ -129,21 +129,12 @@ async fn the_mcp_conformance_suite_against_a_gateway_of_the_federation() {
 
         // Both servers' tools listed at B.
         let url = format!("http://{plain}/mcp");
-        let end = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let v = python_client("mcp_client.py", &["--url", &url, "--mode", "legacy"]).await;
-            let listed = v.get("tools").map(|_| names(&v)).unwrap_or_default();
-            if listed.iter().any(|n| n == "everything_echo")
-                && listed.iter().any(|n| n == "test_simple_text")
-            {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < end,
-                "tools never listed at B: {v}"
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        until_listed(
+            &["--url", &url, "--mode", "legacy"],
+            &["everything_echo", "test_simple_text"],
+            Duration::from_secs(60),
+        )
+        .await;
 
         let results = tempfile::tempdir().unwrap();
         let suite = dir.join("node_modules/@modelcontextprotocol/conformance/dist/index.js");

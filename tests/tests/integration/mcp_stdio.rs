@@ -12,15 +12,15 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::bounded;
-use crate::mcp::{coder, mcp_config, names, python_client};
+use crate::mcp::{coder, mcp_client, mcp_config, names, until_listed};
 
-/// Runs the stdio client on `fem mcp FEM_ARGS`; returns its JSON line.
-async fn stdio_client(client_args: &[&str], fem_args: &[&str]) -> Value {
-    let fem = bin("fem");
+/// The stdio client's arguments to run `FEM mcp FEM_ARGS` (`fem` is the
+/// binary's path).
+fn stdio_args<'a>(client_args: &[&'a str], fem: &'a str, fem_args: &[&'a str]) -> Vec<&'a str> {
     let mut args = client_args.to_vec();
-    args.extend(["--", fem.to_str().unwrap(), "mcp"]);
+    args.extend(["--", fem, "mcp"]);
     args.extend_from_slice(fem_args);
-    python_client("mcp_client.py", &args).await
+    args
 }
 
 /// Runs `fem mcp ARGS` with `input` on stdin (then closed); returns the
@@ -79,15 +79,10 @@ async fn fem_mcp_serves_a_brokers_tools_over_stdio_in_both_eras() {
             "--arguments",
             r#"{"argv": ["echo", "stdio"]}"#,
         ];
-        let end = tokio::time::Instant::now() + Duration::from_secs(30);
-        let v = loop {
-            let v = stdio_client(&call, &fem_args).await;
-            if v.get("tools").is_some() && names(&v).contains(&"shell_run".to_owned()) {
-                break v;
-            }
-            assert!(tokio::time::Instant::now() < end, "never listed: {v}");
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        };
+        let fem = bin("fem");
+        let fem = fem.to_str().unwrap();
+        let args = stdio_args(&call, fem, &fem_args);
+        let v = until_listed(&args, &["shell_run"], Duration::from_secs(30)).await;
         assert_eq!(v["protocol"], "2026-07-28", "{v}");
         for t in ["shell_run", "file_read", "code_execute"] {
             assert!(names(&v).contains(&t.to_owned()), "{t} missing: {v}");
@@ -102,7 +97,7 @@ async fn fem_mcp_serves_a_brokers_tools_over_stdio_in_both_eras() {
         view_args.extend(["--view", "files"]);
         let mut legacy = vec!["--mode", "legacy"];
         legacy.extend(call);
-        let v = stdio_client(&legacy, &view_args).await;
+        let v = mcp_client(&stdio_args(&legacy, fem, &view_args)).await;
         assert_eq!(v["protocol"], "2025-11-25", "{v}");
         assert_eq!(names(&v), ["file_read"], "{v}");
         assert_eq!(v["call"]["error"]["code"], -32602, "{v}");

@@ -69,6 +69,18 @@ fn rand_id() -> [u8; 16] {
     fem_proto::RequestId::random().0
 }
 
+/// An unsigned revocation of `subject`'s key, issued now.
+fn revocation(subject: fem_proto::PublicKey) -> fem_proto::Revocation {
+    fem_proto::Revocation {
+        version: 1,
+        id: rand_id(),
+        issued_ms: now(),
+        subject: Some(subject),
+        grant_id: None,
+        before_ms: None,
+    }
+}
+
 async fn trusted_broker(n: u16, operator: &SigningKey) -> TestBroker {
     let anchor = operator.public_key();
     TestBroker::start(host(n), move |c| c.trust_anchors = vec![anchor]).await
@@ -633,16 +645,7 @@ async fn a_revocation_reaches_the_mesh_survives_restarts_and_partitions() {
         assert!(routed, "the agent on broker 2 was never routable from broker 0");
 
         // The operator revokes the agent's key; anyone delivers it to broker 0.
-        let revocation = fem_proto::Revocation {
-            version: 1,
-            id: rand_id(),
-            issued_ms: now(),
-            subject: Some(ak.public_key()),
-            grant_id: None,
-            before_ms: None,
-        }
-        .sign(&op, None)
-        .unwrap();
+        let revoked = revocation(ak.public_key()).sign(&op, None).unwrap();
         let t = std::time::Instant::now();
         let (status, body) = fem_tests::https(
             addrs[0],
@@ -650,7 +653,7 @@ async fn a_revocation_reaches_the_mesh_survives_restarts_and_partitions() {
             "POST",
             "/v1/revocations",
             &[("content-type", "text/plain")],
-            &revocation.to_text().unwrap(),
+            &revoked.to_text().unwrap(),
         )
         .await;
         assert_eq!(status, 200, "{body}");
@@ -672,16 +675,9 @@ async fn a_revocation_reaches_the_mesh_survives_restarts_and_partitions() {
             "{e}"
         );
         // A forged revocation (not signed by the anchor) is refused.
-        let forged = fem_proto::Revocation {
-            version: 1,
-            id: rand_id(),
-            issued_ms: now(),
-            subject: Some(SigningKey::generate().public_key()),
-            grant_id: None,
-            before_ms: None,
-        }
-        .sign(&SigningKey::generate(), None)
-        .unwrap();
+        let forged = revocation(SigningKey::generate().public_key())
+            .sign(&SigningKey::generate(), None)
+            .unwrap();
         let (status, _) = fem_tests::https(
             addrs[1],
             &ca,
@@ -969,18 +965,11 @@ async fn operator_grants_open_the_views_and_revoke() {
             .await
             .unwrap();
         let revoke = |signer: &SigningKey, grant: Option<SignedGrant>| {
-            fem_proto::Revocation {
-                version: 1,
-                id: rand_id(),
-                issued_ms: now(),
-                subject: Some(ak.public_key()),
-                grant_id: None,
-                before_ms: None,
-            }
-            .sign(signer, grant)
-            .unwrap()
-            .to_text()
-            .unwrap()
+            revocation(ak.public_key())
+                .sign(signer, grant)
+                .unwrap()
+                .to_text()
+                .unwrap()
         };
         let post = |text: String| {
             let ca = ca.clone();
