@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use fem_proto::{
     AgentId, Body, Capability, Envelope, ErrorCode, Format, Frame, Header, JsonText, PublicKey,
     RequestId, SignedEnvelope, SigningKey, Target, ToolCall, ToolOutcome, ToolResult,
+    UnsignedEnvelope,
 };
 use tokio::sync::{Semaphore, oneshot};
 use tracing::{Instrument as _, debug, info_span, warn};
@@ -154,10 +155,18 @@ async fn start(b: AgentBuilder, opts: Options) -> Result<Client, SdkError> {
     }
 }
 
+/// How a call is answered: in the call's format, and unsigned when the
+/// call was broker-attested (its caller then takes an attested result).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AnswerAs {
+    pub(crate) format: Format,
+    pub(crate) attested: bool,
+}
+
 pub(crate) fn reply_error(
     inner: &Arc<Inner>,
     epoch: u64,
-    format: Format,
+    format: AnswerAs,
     request_id: RequestId,
     caller: AgentId,
     code: ErrorCode,
@@ -175,24 +184,36 @@ pub(crate) fn reply_error(
     );
 }
 
-fn send_result(inner: &Arc<Inner>, epoch: u64, format: Format, result: ToolResult) {
+fn send_result(inner: &Arc<Inner>, epoch: u64, how: AnswerAs, result: ToolResult) {
     let (request_id, caller) = (result.request_id, result.caller.clone());
     let env = Envelope::new(Header::now(inner.id.clone()), Body::ToolResult(result));
     // Answer in the caller's format: a JSON caller (the HTTP gateway) can
     // then verify and read the result without a postcard decoder.
-    let sign = |env: &Envelope| match format {
-        Format::Json => SignedEnvelope::sign_json(env, &inner.key),
-        _ => SignedEnvelope::sign(env, &inner.key),
+    let seal = |env: &Envelope| -> Result<(Frame, usize), fem_proto::ProtoError> {
+        if how.attested {
+            let u = match how.format {
+                Format::Json => UnsignedEnvelope::encode_json(env)?,
+                Format::Postcard => UnsignedEnvelope::encode(env)?,
+            };
+            let n = u.bytes.len();
+            return Ok((Frame::Unsigned(u), n));
+        }
+        let s = match how.format {
+            Format::Json => SignedEnvelope::sign_json(env, &inner.key)?,
+            Format::Postcard => SignedEnvelope::sign(env, &inner.key)?,
+        };
+        let n = s.bytes.len();
+        Ok((Frame::Envelope(s), n))
     };
     let max = inner
         .max_envelope
         .load(std::sync::atomic::Ordering::Relaxed);
-    let signed = match sign(&env) {
+    let sealed = match seal(&env) {
         // Too large for the broker to forward: the caller hears so at once
         // instead of waiting for its deadline.
-        Ok(s) if s.bytes.len() > max => {
+        Ok((_, n)) if n > max => {
             warn!(
-                bytes = s.bytes.len(),
+                bytes = n,
                 max, "result too large for the broker; answering TOO_LARGE"
             );
             let failed = ToolResult {
@@ -201,40 +222,43 @@ fn send_result(inner: &Arc<Inner>, epoch: u64, format: Format, result: ToolResul
                 outcome: ToolOutcome::Error {
                     code: ErrorCode::TooLarge,
                     message: format!(
-                        "the result is {} bytes encoded; the broker forwards at most {max}",
-                        s.bytes.len()
+                        "the result is {n} bytes encoded; the broker forwards at most {max}"
                     ),
                 },
             };
-            sign(&Envelope::new(
+            seal(&Envelope::new(
                 Header::now(inner.id.clone()),
                 Body::ToolResult(failed),
             ))
         }
         other => other,
     };
-    match signed {
-        Ok(s) => {
+    match sealed {
+        Ok((frame, _)) => {
             let sent = inner
                 .writer(epoch)
-                .is_some_and(|w| w.try_send(Frame::Envelope(s)).is_ok());
+                .is_some_and(|w| w.try_send(frame).is_ok());
             if !sent {
                 warn!(
                     "outgoing queue full; result dropped (the broker answers the caller at the deadline)"
                 );
             }
         }
-        Err(e) => warn!(error = %e, "cannot sign a result"),
+        Err(e) => warn!(error = %e, "cannot encode a result"),
     }
 }
 
+/// Runs a delivered call on its tool. `attested_by` is the broker that
+/// vouched for an unsigned call (None: the caller's signature verified).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn serve_call(
     inner: &Arc<Inner>,
     epoch: u64,
-    format: Format,
+    format: AnswerAs,
     header: Header,
     signer: PublicKey,
     call: ToolCall,
+    attested_by: Option<AgentId>,
     sem: &Arc<Semaphore>,
 ) {
     let caller = header.sender;
@@ -263,6 +287,18 @@ pub(crate) fn serve_call(
     let Some(tool) = lock(&inner.tools).get(&call.tool).cloned() else {
         return refuse(ErrorCode::ToolNotFound, format!("no tool {}", call.tool));
     };
+    // The tool's own setting decides, whatever a broker claims it declared.
+    if let Some(by) = &attested_by
+        && !tool.spec.accepts_attested
+    {
+        return refuse(
+            ErrorCode::PermissionDenied,
+            format!(
+                "tool {} does not accept broker-attested calls (this one was attested by {by}); sign the call",
+                call.tool
+            ),
+        );
+    }
     let now = fem_proto::now_ms();
     if call.deadline_ms <= now {
         return refuse(
@@ -301,6 +337,7 @@ pub(crate) fn serve_call(
                 let req = ToolRequest {
                     caller: caller.clone(),
                     caller_key: signer,
+                    attested_by,
                     request_id,
                     tool: call.tool.clone(),
                     params,

@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 use fem_proto::{
     AgentId, Body, Capability, CapabilityPattern, DiscoverTools, DiscoveredTool, EmbodimentUpdate,
     EmitEvent, Envelope, ErrorCode, Frame, Header, JsonText, Nonce, ProgressUpdate, PublicKey,
-    RequestId, Revoke, SignedEnvelope, SigningKey, Target, ToolCall,
+    RequestId, Revoke, SignedEnvelope, SigningKey, Target, ToolCall, UnsignedEnvelope,
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::connection::{Inner, PendingCall, lock};
+use crate::connection::{Inner, PendingCall, Subscriber, lock};
 use crate::{AgentBuilder, CallError, Options, SdkError, Tool};
 
 /// An event received on a subscribed topic.
@@ -22,6 +22,10 @@ pub struct Event {
     pub topic: Capability,
     /// Payload.
     pub payload: serde_json::Value,
+    /// The broker that vouched for `sender` when the event came unsigned
+    /// (only on [`Client::subscribe_accepting_attested`]); `None` when the
+    /// sender's signature verified.
+    pub attested_by: Option<AgentId>,
 }
 
 /// A connected agent or caller. Cheap to clone; the connection lives in a
@@ -102,12 +106,6 @@ impl Client {
         true
     }
 
-    fn sign(&self, body: Body) -> Result<SignedEnvelope, CallError> {
-        let env = Envelope::new(Header::now(self.inner.id.clone()), body);
-        SignedEnvelope::sign(&env, &self.inner.key)
-            .map_err(|e| CallError::local(ErrorCode::Internal, e.to_string()))
-    }
-
     /// The current connection's epoch and writer.
     fn connection(&self) -> Result<(u64, mpsc::Sender<Frame>), CallError> {
         lock(&self.inner.writer).clone().ok_or_else(|| {
@@ -144,7 +142,8 @@ impl Client {
         params: serde_json::Value,
         timeout: Duration,
     ) -> Result<serde_json::Value, CallError> {
-        self.call_inner(target, tool, params, timeout, None).await
+        self.call_inner(target, tool, params, timeout, None, false)
+            .await
     }
 
     /// As [`Client::call_with_timeout`], sending the progress the agent
@@ -161,7 +160,26 @@ impl Client {
         timeout: Duration,
         progress: mpsc::Sender<ProgressUpdate>,
     ) -> Result<serde_json::Value, CallError> {
-        self.call_inner(target, tool, params, timeout, Some(progress))
+        self.call_inner(target, tool, params, timeout, Some(progress), false)
+            .await
+    }
+
+    /// As [`Client::call_with_timeout`], sent unsigned: the broker attests
+    /// this client's identity to the agent, and the result comes back
+    /// unsigned too (broker-attested mode, proto/README.md §8.14). No
+    /// signature work anywhere on the call's path; only tools that declare
+    /// they accept such calls take them (others answer PERMISSION_DENIED).
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub async fn call_attested(
+        &self,
+        target: Target,
+        tool: &str,
+        params: serde_json::Value,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, CallError> {
+        self.call_inner(target, tool, params, timeout, None, true)
             .await
     }
 
@@ -172,43 +190,65 @@ impl Client {
         params: serde_json::Value,
         timeout: Duration,
         progress: Option<mpsc::Sender<ProgressUpdate>>,
+        attested: bool,
     ) -> Result<serde_json::Value, CallError> {
         let tool = Capability::new(tool)
             .map_err(|e| CallError::local(ErrorCode::BadRequest, e.to_string()))?;
         let request_id = RequestId::random();
         let deadline_ms =
             fem_proto::now_ms() + u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX / 2);
-        let signed = self.sign(Body::ToolCall(ToolCall {
-            request_id,
-            target,
-            tool,
-            parameters: JsonText::from_value(&params),
-            deadline_ms,
-            audience: lock(&self.inner.broker_id).clone(),
-        }))?;
-        self.request(request_id, signed, timeout, progress).await
+        let (frame, _) = self.seal(
+            Body::ToolCall(ToolCall {
+                request_id,
+                target,
+                tool,
+                parameters: JsonText::from_value(&params),
+                deadline_ms,
+                audience: lock(&self.inner.broker_id).clone(),
+            }),
+            attested,
+        )?;
+        self.request(request_id, frame, timeout, progress, attested)
+            .await
+    }
+
+    /// The envelope of `body` as the frame that sends it: signed, or
+    /// unsigned for the broker to attest; with its header's nonce. Refused
+    /// TOO_LARGE when the broker could not forward it.
+    fn seal(&self, body: Body, attested: bool) -> Result<(Frame, Nonce), CallError> {
+        let env = Envelope::new(Header::now(self.inner.id.clone()), body);
+        let nonce = env.header.nonce;
+        let local = |e: fem_proto::ProtoError| CallError::local(ErrorCode::Internal, e.to_string());
+        let (frame, size) = if attested {
+            let u = UnsignedEnvelope::encode(&env).map_err(local)?;
+            let n = u.bytes.len();
+            (Frame::Unsigned(u), n)
+        } else {
+            let s = SignedEnvelope::sign(&env, &self.inner.key).map_err(local)?;
+            let n = s.bytes.len();
+            (Frame::Envelope(s), n)
+        };
+        let max = self
+            .inner
+            .max_envelope
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if size > max {
+            return Err(CallError::local(
+                ErrorCode::TooLarge,
+                format!("the request is {size} bytes encoded; the broker forwards at most {max}"),
+            ));
+        }
+        Ok((frame, nonce))
     }
 
     async fn request(
         &self,
         request_id: RequestId,
-        signed: SignedEnvelope,
+        frame: Frame,
         timeout: Duration,
         progress: Option<mpsc::Sender<ProgressUpdate>>,
+        attested: bool,
     ) -> Result<serde_json::Value, CallError> {
-        let max = self
-            .inner
-            .max_envelope
-            .load(std::sync::atomic::Ordering::Relaxed);
-        if signed.bytes.len() > max {
-            return Err(CallError::local(
-                ErrorCode::TooLarge,
-                format!(
-                    "the request is {} bytes encoded; the broker forwards at most {max}",
-                    signed.bytes.len()
-                ),
-            ));
-        }
         let (epoch, writer) = self.connection()?;
         let (tx, rx) = oneshot::channel();
         lock(&self.inner.pending).insert(
@@ -217,6 +257,7 @@ impl Client {
                 epoch,
                 tx,
                 progress,
+                attested,
             },
         );
         let mut unanswered = CancelOnDrop {
@@ -225,7 +266,7 @@ impl Client {
             epoch,
             armed: true,
         };
-        if writer.send(Frame::Envelope(signed)).await.is_err() {
+        if writer.send(frame).await.is_err() {
             return Err(CallError::local(
                 ErrorCode::AgentUnavailable,
                 "connection closed",
@@ -300,15 +341,18 @@ impl Client {
             next_cursor: Option<String>,
         }
         let request_id = RequestId::random();
-        let signed = self.sign(Body::DiscoverTools(DiscoverTools {
-            request_id,
-            capability,
-            environment: None,
-            limit,
-            cursor,
-        }))?;
+        let (frame, _) = self.seal(
+            Body::DiscoverTools(DiscoverTools {
+                request_id,
+                capability,
+                environment: None,
+                limit,
+                cursor,
+            }),
+            false,
+        )?;
         let v = self
-            .request(request_id, signed, self.inner.opts.call_timeout, None)
+            .request(request_id, frame, self.inner.opts.call_timeout, None, false)
             .await?;
         let page: Page = serde_json::from_value(v)
             .map_err(|e| CallError::local(ErrorCode::Internal, e.to_string()))?;
@@ -341,14 +385,9 @@ impl Client {
         }
     }
 
-    async fn send_acked(&self, body: Body) -> Result<(), CallError> {
-        let signed = self.sign(body)?;
-        let nonce = signed
-            .open()
-            .map_err(|e| CallError::local(ErrorCode::Internal, e.to_string()))?
-            .header
-            .nonce;
-        self.acked(nonce, Frame::Envelope(signed)).await
+    async fn send_acked(&self, body: Body, attested: bool) -> Result<(), CallError> {
+        let (frame, nonce) = self.seal(body, attested)?;
+        self.acked(nonce, frame).await
     }
 
     /// Publishes an event on `topic`.
@@ -356,28 +395,71 @@ impl Client {
     /// # Errors
     /// A [`CallError`].
     pub async fn emit(&self, topic: &str, payload: serde_json::Value) -> Result<(), CallError> {
+        self.emit_inner(topic, payload, false).await
+    }
+
+    /// Publishes an event on `topic` unsigned, attested by the broker: only
+    /// subscribers that accept attested events
+    /// ([`Client::subscribe_accepting_attested`]) receive it.
+    ///
+    /// # Errors
+    /// A [`CallError`].
+    pub async fn emit_attested(
+        &self,
+        topic: &str,
+        payload: serde_json::Value,
+    ) -> Result<(), CallError> {
+        self.emit_inner(topic, payload, true).await
+    }
+
+    async fn emit_inner(
+        &self,
+        topic: &str,
+        payload: serde_json::Value,
+        attested: bool,
+    ) -> Result<(), CallError> {
         let topic = Capability::new(topic)
             .map_err(|e| CallError::local(ErrorCode::BadRequest, e.to_string()))?;
-        self.send_acked(Body::EmitEvent(EmitEvent {
+        let body = Body::EmitEvent(EmitEvent {
             topic,
             payload: JsonText::from_value(&payload),
-        }))
-        .await
+        });
+        self.send_acked(body, attested).await
     }
 
     /// Subscribes to `topic`; events arrive on the returned channel (kept
-    /// across reconnections).
+    /// across reconnections). Only events signed by their sender arrive.
     ///
     /// # Errors
     /// A [`CallError`].
     pub async fn subscribe(&self, topic: &str) -> Result<mpsc::Receiver<Event>, CallError> {
+        self.subscribe_inner(topic, false).await
+    }
+
+    /// As [`Client::subscribe`], also taking broker-attested events (their
+    /// [`Event::attested_by`] names the broker that vouched for the sender).
+    ///
+    /// # Errors
+    /// A [`CallError`].
+    pub async fn subscribe_accepting_attested(
+        &self,
+        topic: &str,
+    ) -> Result<mpsc::Receiver<Event>, CallError> {
+        self.subscribe_inner(topic, true).await
+    }
+
+    async fn subscribe_inner(
+        &self,
+        topic: &str,
+        attested: bool,
+    ) -> Result<mpsc::Receiver<Event>, CallError> {
         let topic = Capability::new(topic)
             .map_err(|e| CallError::local(ErrorCode::BadRequest, e.to_string()))?;
         let (tx, rx) = mpsc::channel(256);
         lock(&self.inner.subs)
             .entry(topic.clone())
             .or_default()
-            .push(tx);
+            .push(Subscriber { tx, attested });
         let nonce = Nonce::random();
         self.acked(nonce, Frame::Subscribe { nonce, topic }).await?;
         Ok(rx)
@@ -393,11 +475,14 @@ impl Client {
             .into_iter()
             .map(|t| (t.spec.name.clone(), Arc::new(t)))
             .collect();
-        self.send_acked(Body::EmbodimentUpdate(EmbodimentUpdate {
-            tools: specs,
-            capabilities: None,
-            metadata: None,
-        }))
+        self.send_acked(
+            Body::EmbodimentUpdate(EmbodimentUpdate {
+                tools: specs,
+                capabilities: None,
+                metadata: None,
+            }),
+            false,
+        )
         .await
     }
 
@@ -407,10 +492,13 @@ impl Client {
     /// A [`CallError`].
     pub async fn revoke(&self, reason: &str) -> Result<(), CallError> {
         let r = self
-            .send_acked(Body::Revoke(Revoke {
-                target: self.inner.id.clone(),
-                reason: reason.to_owned(),
-            }))
+            .send_acked(
+                Body::Revoke(Revoke {
+                    target: self.inner.id.clone(),
+                    reason: reason.to_owned(),
+                }),
+                false,
+            )
             .await;
         let _ = self.inner.shutdown.send(true);
         r

@@ -29,6 +29,15 @@ pub(crate) struct PendingCall {
     pub(crate) tx: oneshot::Sender<Reply>,
     /// Where the call's progress updates go, if the caller asked for them.
     pub(crate) progress: Option<mpsc::Sender<fem_proto::ProgressUpdate>>,
+    /// Sent broker-attested: only such a call takes an unsigned result.
+    pub(crate) attested: bool,
+}
+
+/// One subscription's channel.
+pub(crate) struct Subscriber {
+    pub(crate) tx: mpsc::Sender<Event>,
+    /// Takes broker-attested (unsigned) events as well as signed ones.
+    pub(crate) attested: bool,
 }
 
 pub(crate) struct Inner {
@@ -44,7 +53,7 @@ pub(crate) struct Inner {
     /// broker aborts the handler (dropping its future).
     pub(crate) running: Mutex<HashMap<RequestId, futures::future::AbortHandle>>,
     pub(crate) acks: Mutex<HashMap<Nonce, (u64, AckTx)>>,
-    pub(crate) subs: Mutex<HashMap<Capability, Vec<mpsc::Sender<Event>>>>,
+    pub(crate) subs: Mutex<HashMap<Capability, Vec<Subscriber>>>,
     /// Shared with the calls in flight, so serving a call copies no spec.
     pub(crate) tools: Mutex<BTreeMap<Capability, Arc<Tool>>>,
     pub(crate) capabilities: Mutex<Vec<Capability>>,

@@ -11,7 +11,7 @@ use fem_proto::{
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, warn};
 
-use crate::agent::{reply_error, serve_call};
+use crate::agent::{AnswerAs, reply_error, serve_call};
 use crate::caller::Event;
 use crate::connection::{Inner, Reply, lock};
 use crate::{CallError, Origin};
@@ -130,7 +130,10 @@ fn deliver(
     sem: &Arc<Semaphore>,
     seen: &mut Seen,
 ) -> bool {
-    let format = signed.format;
+    let format = AnswerAs {
+        format: signed.format,
+        attested: false,
+    };
     let env = match checked {
         Ok(env) => env,
         Err(e) => {
@@ -197,24 +200,11 @@ fn deliver(
                 );
                 return true;
             }
-            serve_call(inner, epoch, format, header, signer, call, sem);
+            serve_call(inner, epoch, format, header, signer, call, None, sem);
         }
         Body::ToolResult(r) => {
-            let reply = match r.outcome {
-                ToolOutcome::Success(v) => v.parse().map_err(|e| {
-                    CallError::local(
-                        ErrorCode::BadRequest,
-                        format!("agent sent invalid JSON: {e}"),
-                    )
-                }),
-                ToolOutcome::Error { code, message } => Err(CallError {
-                    code,
-                    message,
-                    origin: Origin::Agent,
-                }),
-            };
             if r.caller == inner.id {
-                resolve(inner, &r.request_id, reply);
+                resolve(inner, &r.request_id, result_reply(r.outcome));
             }
         }
         Body::ToolsDiscovered(d) => {
@@ -231,24 +221,108 @@ fn deliver(
             };
             resolve(inner, &d.request_id, reply);
         }
-        Body::EmitEvent(ev) => {
-            let payload = ev.payload.parse().unwrap_or(serde_json::Value::Null);
-            let mut subs = lock(&inner.subs);
-            if let Some(list) = subs.get_mut(&ev.topic) {
-                list.retain(|tx| {
-                    tx.try_send(Event {
-                        sender: header.sender.clone(),
-                        topic: ev.topic.clone(),
-                        payload: payload.clone(),
-                    })
-                    .is_ok()
-                        || !tx.is_closed()
-                });
-            }
-        }
+        Body::EmitEvent(ev) => publish(inner, header.sender, ev, None),
         other => debug!(kind = %other.kind(), "ignoring delivered envelope"),
     }
     true
+}
+
+fn result_reply(outcome: ToolOutcome) -> Reply {
+    match outcome {
+        ToolOutcome::Success(v) => v.parse().map_err(|e| {
+            CallError::local(
+                ErrorCode::BadRequest,
+                format!("agent sent invalid JSON: {e}"),
+            )
+        }),
+        ToolOutcome::Error { code, message } => Err(CallError {
+            code,
+            message,
+            origin: Origin::Agent,
+        }),
+    }
+}
+
+/// Hands an event to the topic's subscribers; an attested one (`by` the
+/// broker that vouched for its sender) only to those that accept them.
+fn publish(inner: &Inner, sender: AgentId, ev: fem_proto::EmitEvent, by: Option<AgentId>) {
+    let payload = ev.payload.parse().unwrap_or(serde_json::Value::Null);
+    let mut subs = lock(&inner.subs);
+    if let Some(list) = subs.get_mut(&ev.topic) {
+        list.retain(|sub| {
+            if by.is_some() && !sub.attested {
+                return true;
+            }
+            sub.tx
+                .try_send(Event {
+                    sender: sender.clone(),
+                    topic: ev.topic.clone(),
+                    payload: payload.clone(),
+                    attested_by: by.clone(),
+                })
+                .is_ok()
+                || !sub.tx.is_closed()
+        });
+    }
+}
+
+/// An unsigned envelope the broker attests (broker-attested mode): no
+/// signature or nonce to check; the session with the broker vouches for
+/// it. A call still passes the tool's own opt-in and, with trust anchors,
+/// the caller's grant; a result is taken only for an attested call.
+fn attested(
+    inner: &Arc<Inner>,
+    envelope: &fem_proto::UnsignedEnvelope,
+    signer: PublicKey,
+    by: AgentId,
+    epoch: u64,
+    sem: &Arc<Semaphore>,
+    seen: &Seen,
+) {
+    let how = AnswerAs {
+        format: envelope.format,
+        attested: true,
+    };
+    let Envelope { header, body } = match envelope.open() {
+        Ok(env) => env,
+        Err(e) => {
+            warn!(error = %e, "dropping an attested envelope that does not decode");
+            return;
+        }
+    };
+    match body {
+        Body::ToolCall(call) => {
+            if let Err(why) = check_caller(inner, seen, &header.sender, &signer, &call.tool) {
+                warn!(caller = %header.sender, %why, "attested call refused end to end");
+                return reply_error(
+                    inner,
+                    epoch,
+                    how,
+                    call.request_id,
+                    header.sender,
+                    ErrorCode::PermissionDenied,
+                    why,
+                );
+            }
+            serve_call(inner, epoch, how, header, signer, call, Some(by), sem);
+        }
+        Body::ToolResult(r) if r.caller == inner.id => {
+            let attested_call = lock(&inner.pending)
+                .get(&r.request_id)
+                .is_some_and(|c| c.attested);
+            let reply = if attested_call {
+                result_reply(r.outcome)
+            } else {
+                Err(CallError::local(
+                    ErrorCode::InvalidSignature,
+                    format!("the result of a signed call came unsigned (attested by {by})"),
+                ))
+            };
+            resolve(inner, &r.request_id, reply);
+        }
+        Body::EmitEvent(ev) => publish(inner, header.sender, ev, Some(by)),
+        other => debug!(kind = %other.kind(), "ignoring attested envelope"),
+    }
 }
 
 /// Handles one frame from the broker; false ends the connection.
@@ -280,6 +354,14 @@ pub(crate) fn handle_inbound(
         Frame::Deliver { envelope, signer } => {
             let checked = envelope.verify(&signer);
             deliver(inner, &envelope, checked, signer, epoch, sem, seen)
+        }
+        Frame::Attested {
+            envelope,
+            signer,
+            attested_by,
+        } => {
+            attested(inner, &envelope, signer, attested_by, epoch, sem, seen);
+            true
         }
         Frame::CallFailed {
             request_id,
@@ -348,7 +430,10 @@ pub(crate) fn handle_inbound(
             }
             true
         }
-        Frame::Envelope(_) | Frame::Subscribe { .. } | Frame::Unsubscribe { .. } => {
+        Frame::Envelope(_)
+        | Frame::Unsigned(_)
+        | Frame::Subscribe { .. }
+        | Frame::Unsubscribe { .. } => {
             debug!("ignoring a client-only frame from the broker");
             true
         }
@@ -425,6 +510,7 @@ mod tests {
                     epoch: 1,
                     tx,
                     progress: None,
+                    attested: false,
                 },
             );
             waiting.push((id, rx));

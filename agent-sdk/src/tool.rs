@@ -13,10 +13,14 @@ use crate::SdkError;
 /// One call as the handler sees it (already verified).
 #[derive(Clone, Debug)]
 pub struct ToolRequest {
-    /// The caller (signature verified).
+    /// The caller: its signature verified, or (see `attested_by`) vouched
+    /// for by a broker. With trust anchors, its grant was checked too.
     pub caller: AgentId,
     /// The caller's key.
     pub caller_key: PublicKey,
+    /// The broker that attested an unsigned call (only to a tool built with
+    /// [`Tool::accept_attested`]); `None` when the caller signed it.
+    pub attested_by: Option<AgentId>,
     /// Request id.
     pub request_id: RequestId,
     /// Tool name.
@@ -138,10 +142,22 @@ impl Tool {
                 name,
                 description: description.to_owned(),
                 input_schema: JsonText::from_value(&schema),
+                accepts_attested: false,
             },
             validator: Arc::new(validator),
             handler: Arc::new(move |req| Box::pin(handler(req))),
         })
+    }
+
+    /// Lets the tool take broker-attested calls: unsigned calls whose
+    /// caller the broker where they entered vouches for (no signature work
+    /// for the caller, the brokers or this agent; results go back unsigned
+    /// too). Any broker on the path could then forge calls to this tool, so
+    /// only for tools where that is acceptable (proto/README.md §8.14).
+    #[must_use]
+    pub fn accept_attested(mut self) -> Self {
+        self.spec.accepts_attested = true;
+        self
     }
 
     /// The tool's spec.

@@ -59,6 +59,7 @@ pub(crate) fn weight(f: &Frame) -> usize {
     OVERHEAD
         + match f {
             Frame::Envelope(e) | Frame::Deliver { envelope: e, .. } => e.bytes.len(),
+            Frame::Unsigned(e) | Frame::Attested { envelope: e, .. } => e.bytes.len(),
             Frame::Denied { reason: m, .. }
             | Frame::CallFailed { message: m, .. }
             | Frame::Nack { message: m, .. }

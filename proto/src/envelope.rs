@@ -122,6 +122,28 @@ pub struct ToolSpec {
     pub description: String,
     /// JSON Schema of the parameters.
     pub input_schema: JsonText,
+    /// The tool accepts broker-attested calls: unsigned calls whose caller
+    /// the broker where they entered vouches for (proto/README.md §8.14).
+    /// False (the default) keeps every call to it signed end to end.
+    #[serde(default)]
+    pub accepts_attested: bool,
+}
+
+impl ToolSpec {
+    /// A tool that takes signed calls only.
+    pub fn new(name: Capability, description: impl Into<String>, input_schema: JsonText) -> Self {
+        Self {
+            name,
+            description: description.into(),
+            input_schema,
+            accepts_attested: false,
+        }
+    }
+
+    /// True when this is tool `name` and it takes a call of this kind.
+    pub fn serves(&self, name: &Capability, attested: bool) -> bool {
+        self.name == *name && (self.accepts_attested || !attested)
+    }
 }
 
 /// registerAgent: the first envelope on a connection.

@@ -19,7 +19,7 @@ use crate::envelope::ToolSpec;
 use crate::error::ErrorCode;
 use crate::ids::{AgentId, Capability, RequestId};
 use crate::keys::PublicKey;
-use crate::signed::SignedEnvelope;
+use crate::signed::{SignedEnvelope, UnsignedEnvelope};
 
 /// Default limit on broker hops for a relayed call.
 pub const DEFAULT_MAX_HOPS: u8 = 8;
@@ -186,6 +186,36 @@ pub enum FedFrame {
         /// The origin broker.
         origin: AgentId,
     },
+    /// `RelayCall` for a broker-attested call (proto/README.md §8.14): the
+    /// caller's envelope is unsigned and `attested_by` vouches for it. Only
+    /// to peers that announce [`ATTESTED_FEATURE`].
+    RelayAttestedCall {
+        /// The sender's id for the call, echoed by the answer.
+        id: u64,
+        /// The agent chosen by the sending broker.
+        agent: AgentId,
+        /// Hops the call may still take after the receiver.
+        hops_left: u8,
+        /// The caller's key (as the entry broker holds it).
+        signer: PublicKey,
+        /// The caller's envelope, bytes untouched.
+        envelope: UnsignedEnvelope,
+        /// The broker where the call entered.
+        attested_by: AgentId,
+        /// The caller's grant, when the federation has a trust anchor.
+        grant: Option<crate::grant::SignedGrant>,
+    },
+    /// `RelayResult` for the unsigned result of an attested call.
+    RelayAttestedResult {
+        /// The relay id of the call.
+        id: u64,
+        /// The executing agent's key.
+        signer: PublicKey,
+        /// The agent's toolResult, bytes untouched.
+        envelope: UnsignedEnvelope,
+        /// The broker where the result entered (the agent's).
+        attested_by: AgentId,
+    },
 }
 
 /// The feature a broker announces in registerBroker when it relays calls
@@ -200,6 +230,11 @@ pub const CANCEL_FEATURE: &str = "cancel/1";
 /// The feature a broker announces in registerBroker when it takes
 /// `AdvertiseDelta` and `Resync`; a peer without it gets full `Advertise`s.
 pub const DELTA_FEATURE: &str = "advert-delta/1";
+
+/// The feature a broker announces when it relays broker-attested calls and
+/// results (`RelayAttestedCall`, `RelayAttestedResult`); attested calls are
+/// not routed through a peer without it.
+pub const ATTESTED_FEATURE: &str = "attested/1";
 
 #[cfg(test)]
 mod tests {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ErrorCode, ProtoError};
 use crate::ids::{AgentId, Capability, Nonce, RequestId};
 use crate::keys::PublicKey;
-use crate::signed::SignedEnvelope;
+use crate::signed::{SignedEnvelope, UnsignedEnvelope};
 
 /// Default maximum frame payload: 4 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 4 * 1024 * 1024;
@@ -144,6 +144,21 @@ pub enum Frame {
         request_id: RequestId,
         /// The update.
         update: ProgressUpdate,
+    },
+    /// Client to broker: an envelope without a signature, vouched for by
+    /// the session (broker-attested mode, proto/README.md §8.14): a
+    /// toolCall to a tool that accepts attested calls, the toolResult of an
+    /// attested call, or an emitEvent.
+    Unsigned(UnsignedEnvelope),
+    /// Broker to client: an unsigned envelope, the key the broker holds for
+    /// its sender, and the broker that attests the sender (where it entered).
+    Attested {
+        /// The envelope, bytes untouched.
+        envelope: UnsignedEnvelope,
+        /// The sender's registered public key.
+        signer: PublicKey,
+        /// The broker that vouches for the sender.
+        attested_by: AgentId,
     },
 }
 

@@ -45,7 +45,8 @@ pub use envelope::{
 };
 pub use error::{ErrorCode, ProtoError};
 pub use federation::{
-    AdvertisedAgent, CANCEL_FEATURE, DEFAULT_MAX_HOPS, DELTA_FEATURE, FedFrame, RELAY_FEATURE,
+    ATTESTED_FEATURE, AdvertisedAgent, CANCEL_FEATURE, DEFAULT_MAX_HOPS, DELTA_FEATURE, FedFrame,
+    RELAY_FEATURE,
 };
 pub use frame::{
     Accepted, DEFAULT_MAX_FRAME, FORWARD_OVERHEAD, FRAME_HEADER_LEN, Frame, FrameDecoder,
@@ -59,7 +60,9 @@ pub use grant::{
 pub use ids::{AgentId, Capability, CapabilityPattern, MAX_ID_LEN, MAX_NAME_LEN, Nonce, RequestId};
 pub use keys::{PublicKey, Signature, SigningKey};
 pub use replay::{DEFAULT_REPLAY_WINDOW_MS, NonceCache};
-pub use signed::{Format, SIGNATURE_DOMAIN, SignedEnvelope, signing_input};
+pub use signed::{
+    Carried, Format, SIGNATURE_DOMAIN, SignedEnvelope, UnsignedEnvelope, signing_input,
+};
 
 /// ALPN protocol id of the native client protocol (QUIC and TLS/TCP).
 pub const ALPN_NATIVE: &[u8] = b"fem/1";

@@ -92,30 +92,7 @@ impl SignedEnvelope {
     /// # Errors
     /// [`ProtoError::Malformed`] when the bytes do not decode.
     pub fn open(&self) -> Result<Envelope, ProtoError> {
-        match self.format {
-            Format::Postcard => {
-                let (env, rest) =
-                    postcard::take_from_bytes::<Envelope>(&self.bytes).map_err(|e| {
-                        ProtoError::Malformed {
-                            what: "envelope",
-                            detail: e.to_string(),
-                        }
-                    })?;
-                if !rest.is_empty() {
-                    return Err(ProtoError::Malformed {
-                        what: "envelope",
-                        detail: format!("{} trailing bytes", rest.len()),
-                    });
-                }
-                Ok(env)
-            }
-            Format::Json => {
-                serde_json::from_slice(&self.bytes).map_err(|e| ProtoError::Malformed {
-                    what: "envelope",
-                    detail: e.to_string(),
-                })
-            }
-        }
+        open_bytes(self.format, &self.bytes)
     }
 
     /// Checks the signature of an envelope already decoded with [`Self::open`].
@@ -165,6 +142,119 @@ impl SignedEnvelope {
                     .map(|()| env)
             })
             .collect()
+    }
+}
+
+/// Decodes envelope bytes of `format`, refusing trailing bytes.
+fn open_bytes(format: Format, bytes: &[u8]) -> Result<Envelope, ProtoError> {
+    match format {
+        Format::Postcard => {
+            let (env, rest) = postcard::take_from_bytes::<Envelope>(bytes).map_err(|e| {
+                ProtoError::Malformed {
+                    what: "envelope",
+                    detail: e.to_string(),
+                }
+            })?;
+            if !rest.is_empty() {
+                return Err(ProtoError::Malformed {
+                    what: "envelope",
+                    detail: format!("{} trailing bytes", rest.len()),
+                });
+            }
+            Ok(env)
+        }
+        Format::Json => serde_json::from_slice(bytes).map_err(|e| ProtoError::Malformed {
+            what: "envelope",
+            detail: e.to_string(),
+        }),
+    }
+}
+
+/// An envelope without a signature (broker-attested mode, proto/README.md
+/// §8.14): the session it arrives on vouches for its sender, and the broker
+/// where it entered attests that sender to the recipient.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnsignedEnvelope {
+    /// Encoding of `bytes`.
+    pub format: Format,
+    /// The encoded [`Envelope`].
+    #[serde(with = "crate::serde_util::vec_bytes")]
+    pub bytes: Vec<u8>,
+}
+
+impl UnsignedEnvelope {
+    /// Encodes `env` with postcard.
+    ///
+    /// # Errors
+    /// [`ProtoError::Encode`] if encoding fails.
+    pub fn encode(env: &Envelope) -> Result<Self, ProtoError> {
+        let bytes = postcard::to_stdvec(env).map_err(|e| ProtoError::Encode(e.to_string()))?;
+        Ok(Self {
+            format: Format::Postcard,
+            bytes,
+        })
+    }
+
+    /// Encodes `env` as JSON.
+    ///
+    /// # Errors
+    /// [`ProtoError::Encode`] if encoding fails.
+    pub fn encode_json(env: &Envelope) -> Result<Self, ProtoError> {
+        let bytes = serde_json::to_vec(env).map_err(|e| ProtoError::Encode(e.to_string()))?;
+        Ok(Self {
+            format: Format::Json,
+            bytes,
+        })
+    }
+
+    /// Decodes the envelope.
+    ///
+    /// # Errors
+    /// [`ProtoError::Malformed`] when the bytes do not decode.
+    pub fn open(&self) -> Result<Envelope, ProtoError> {
+        open_bytes(self.format, &self.bytes)
+    }
+}
+
+/// An envelope on its way to its recipient: signed by its sender, or
+/// attested by the broker where it entered. Brokers relay either untouched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Carried {
+    /// Signed by its sender; the recipient verifies the signature.
+    Signed(SignedEnvelope),
+    /// Unsigned; broker `by` vouches for its sender.
+    Attested {
+        /// The envelope.
+        envelope: UnsignedEnvelope,
+        /// The broker where it entered.
+        by: crate::AgentId,
+    },
+}
+
+impl Carried {
+    /// The encoded envelope.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Signed(s) => &s.bytes,
+            Self::Attested { envelope, .. } => &envelope.bytes,
+        }
+    }
+
+    /// True for a broker-attested envelope.
+    pub fn is_attested(&self) -> bool {
+        matches!(self, Self::Attested { .. })
+    }
+
+    /// The frame that delivers it to a client, with its sender's key.
+    pub fn deliver(self, signer: PublicKey) -> crate::Frame {
+        match self {
+            Self::Signed(envelope) => crate::Frame::Deliver { envelope, signer },
+            Self::Attested { envelope, by } => crate::Frame::Attested {
+                envelope,
+                signer,
+                attested_by: by,
+            },
+        }
     }
 }
 

@@ -122,11 +122,14 @@ fn metadata() -> impl Strategy<Value = BTreeMap<String, String>> {
 }
 
 fn tool_spec(c: bool) -> impl Strategy<Value = ToolSpec> {
-    (capability(), text(), json_text(c)).prop_map(|(name, description, input_schema)| ToolSpec {
-        name,
-        description,
-        input_schema,
-    })
+    (capability(), text(), json_text(c), any::<bool>()).prop_map(
+        |(name, description, input_schema, accepts_attested)| ToolSpec {
+            name,
+            description,
+            input_schema,
+            accepts_attested,
+        },
+    )
 }
 
 fn body(c: bool) -> impl Strategy<Value = Body> {

@@ -21,8 +21,8 @@ use fem_proto::{
     Accepted, AgentId, Body, Capability, CapabilityPattern, DEFAULT_MAX_FRAME, DiscoverTools,
     Envelope, EnvelopeType, ErrorCode, FRAME_HEADER_LEN, Format, Frame, FrameDecoder, Header,
     JsonText, Nonce, PublicKey, RegisterAgent, RequestId, Signature, SignedEnvelope, SigningKey,
-    Target, ToolCall, ToolOutcome, ToolResult, ToolSpec, decode_frame_payload, encode_frame,
-    signing_input,
+    Target, ToolCall, ToolOutcome, ToolResult, ToolSpec, UnsignedEnvelope, decode_frame_payload,
+    encode_frame, signing_input,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -117,6 +117,7 @@ fn shell_tool() -> ToolSpec {
             "required": ["cmd"],
             "type": "object"
         })),
+        accepts_attested: false,
     }
 }
 
@@ -297,7 +298,27 @@ fn frame_cases() -> Vec<(&'static str, Frame)> {
             let (code, message) = err(ErrorCode::ShuttingDown, "broker shutting down");
             Frame::Error { code, message }
         }),
+        (
+            "unsigned: caller-1's toolCall without a signature, vouched for by its session",
+            Frame::Unsigned(unsigned()),
+        ),
+        (
+            "attested: broker-a attests caller-1's unsigned toolCall, with caller-1's key",
+            Frame::Attested {
+                envelope: unsigned(),
+                signer: caller_key().public_key(),
+                attested_by: id("broker-a"),
+            },
+        ),
     ]
+}
+
+fn unsigned() -> UnsignedEnvelope {
+    let mut call = tool_call(0x10, Target::Agent(id("agent-1")));
+    if let Body::ToolCall(c) = &mut call.body {
+        c.audience = Some(id("broker-a"));
+    }
+    UnsignedEnvelope::encode(&call).unwrap()
 }
 
 fn encode_envelope(env: &Envelope, format: Format) -> Vec<u8> {
@@ -543,7 +564,7 @@ fn vectors() {
         .collect();
     variants.sort();
     variants.dedup();
-    assert_eq!(variants.len(), 12, "frame variants covered: {variants:?}");
+    assert_eq!(variants.len(), 14, "frame variants covered: {variants:?}");
 }
 
 /// The code's own cases still produce exactly the committed file (catches a

@@ -46,9 +46,9 @@ use fem_broker::route::{
     RouterConfig,
 };
 use fem_proto::{
-    Accepted, AgentId, Body, Capability, CapabilityPattern, Envelope, FedFrame, Frame, Header,
-    JsonText, Nonce, ProgressUpdate, RequestId, SignedEnvelope, SigningKey, Target, ToolCall,
-    ToolOutcome, ToolResult, ToolSpec,
+    Accepted, AgentId, Body, Capability, CapabilityPattern, Carried, Envelope, FedFrame, Frame,
+    Header, JsonText, Nonce, ProgressUpdate, RequestId, SignedEnvelope, SigningKey, Target,
+    ToolCall, ToolOutcome, ToolResult, ToolSpec,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -1033,7 +1033,7 @@ impl Sim {
                                     caller: &header.sender,
                                     caller_key: signer,
                                     call: &call,
-                                    envelope,
+                                    envelope: Carried::Signed(envelope),
                                     hops_left,
                                     pinned: Some(&agent),
                                     credential: None,
@@ -1051,7 +1051,14 @@ impl Sim {
                         };
                         self.note_result_at(to, result.request_id);
                         self.with_router(to, |r, now| {
-                            r.relay_result(now, link, id, &result, envelope, signer);
+                            r.relay_result(
+                                now,
+                                link,
+                                id,
+                                &result,
+                                Carried::Signed(envelope),
+                                signer,
+                            );
                         });
                     }
                     FedFrame::RelayFailed { id, code, message } => {
@@ -1085,6 +1092,7 @@ impl Sim {
                             name: cap("run"),
                             description: String::new(),
                             input_schema: JsonText::new("{}").expect("json"),
+                            accepts_attested: false,
                         };
                         (
                             a.name.clone(),
@@ -1164,7 +1172,7 @@ impl Sim {
                             caller: &name,
                             caller_key: key,
                             call: &call,
-                            envelope: env,
+                            envelope: Carried::Signed(env),
                             hops_left: fem_proto::DEFAULT_MAX_HOPS,
                             pinned: None,
                             credential: None,
@@ -1184,7 +1192,7 @@ impl Sim {
                 self.note_result_at(conn.broker, result.request_id);
                 let key = self.agents[agent].key.public_key();
                 self.with_router(conn.broker, |r, now| {
-                    r.result(now, conn.client, &result, env, key);
+                    r.result(now, conn.client, &result, Carried::Signed(env), key);
                 });
             }
             Ev::SessionClosed { conn } => {

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use fem_net::wire::{FrameReader, write_loop};
 use fem_proto::{
-    AgentId, Body, CANCEL_FEATURE, DELTA_FEATURE, Envelope, EnvelopeType, ErrorCode, FedFrame,
-    Header, PublicKey, RELAY_FEATURE, RegisterBroker, SignedEnvelope,
+    ATTESTED_FEATURE, AgentId, Body, CANCEL_FEATURE, Carried, DELTA_FEATURE, Envelope,
+    EnvelopeType, ErrorCode, FedFrame, Header, PublicKey, RELAY_FEATURE, RegisterBroker,
+    SignedEnvelope,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -59,6 +60,7 @@ fn hello(shared: &Shared) -> Result<FedFrame, fem_proto::ProtoError> {
                 "relay".into(),
                 RELAY_FEATURE.into(),
                 CANCEL_FEATURE.into(),
+                ATTESTED_FEATURE.into(),
                 DELTA_FEATURE.into(),
             ],
         }),
@@ -345,12 +347,70 @@ fn handle_frame(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>,
         | FedFrame::Resync { .. } => {
             shared.route(|r, _| r.link_frame(link, f));
         }
-        call @ FedFrame::RelayCall { .. } => relay_in(shared, link, tx, call),
+        FedFrame::RelayCall {
+            id,
+            agent,
+            hops_left,
+            signer,
+            envelope,
+            grant,
+        } => relay_in(
+            shared,
+            link,
+            tx,
+            RelayedCall {
+                id,
+                agent,
+                hops_left,
+                signer,
+                envelope: Carried::Signed(envelope),
+                grant,
+            },
+        ),
+        FedFrame::RelayAttestedCall {
+            id,
+            agent,
+            hops_left,
+            signer,
+            envelope,
+            attested_by,
+            grant,
+        } => relay_in(
+            shared,
+            link,
+            tx,
+            RelayedCall {
+                id,
+                agent,
+                hops_left,
+                signer,
+                envelope: Carried::Attested {
+                    envelope,
+                    by: attested_by,
+                },
+                grant,
+            },
+        ),
         FedFrame::RelayResult {
             id,
             signer,
             envelope,
-        } => relay_back(shared, link, id, signer, envelope),
+        } => relay_back(shared, link, id, signer, Carried::Signed(envelope)),
+        FedFrame::RelayAttestedResult {
+            id,
+            signer,
+            envelope,
+            attested_by,
+        } => relay_back(
+            shared,
+            link,
+            id,
+            signer,
+            Carried::Attested {
+                envelope,
+                by: attested_by,
+            },
+        ),
         FedFrame::RelayFailed { id, code, message } => {
             shared.route(|r, now| r.relay_failed(now, link, id, code, message));
         }
@@ -376,22 +436,30 @@ fn handle_frame(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>,
     }
 }
 
+/// A `RelayCall` or `RelayAttestedCall`, taken apart.
+struct RelayedCall {
+    id: u64,
+    agent: AgentId,
+    hops_left: u8,
+    signer: PublicKey,
+    envelope: Carried,
+    grant: Option<fem_proto::SignedGrant>,
+}
+
 /// A call relayed to us for `agent`: the caller's signature is checked on
-/// entry and, with a trust anchor, its grant (never the peer's word alone);
-/// then the core runs it on that agent; the answer goes back over the link
-/// under the peer's `id`.
-fn relay_in(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>, call: FedFrame) {
-    let FedFrame::RelayCall {
+/// entry only with `--verify-relayed` (an attested call has none: the peer
+/// vouches for it) and, with a trust anchor, its grant (never the peer's
+/// word alone); then the core runs it on that agent; the answer goes back
+/// over the link under the peer's `id`.
+fn relay_in(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>, call: RelayedCall) {
+    let RelayedCall {
         id,
         agent,
         hops_left,
         signer,
         envelope,
         grant,
-    } = call
-    else {
-        return;
-    };
+    } = call;
     let admitted = match admission::admit(
         &envelope,
         Signer::Relayed {
@@ -465,13 +533,7 @@ fn relay_in(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>, cal
 /// A result relayed back for our call `id`: admitted (the agent's signature
 /// with `signer`, its replay window) before the core takes it, where the
 /// key must be the chosen agent's; one that fails admission fails the call.
-fn relay_back(
-    shared: &Arc<Shared>,
-    link: LinkId,
-    id: u64,
-    signer: PublicKey,
-    envelope: SignedEnvelope,
-) {
+fn relay_back(shared: &Arc<Shared>, link: LinkId, id: u64, signer: PublicKey, envelope: Carried) {
     let admitted = admission::admit(
         &envelope,
         Signer::Relayed {

@@ -166,7 +166,7 @@ async fn serve(s: Arc<Shared>, body: Bytes, want: EnvelopeType, endpoint: &str) 
                 caller: &sender,
                 caller_key: req.public_key,
                 call: &c,
-                envelope: req.envelope,
+                envelope: fem_proto::Carried::Signed(req.envelope),
                 hops_left: fem_proto::DEFAULT_MAX_HOPS,
                 pinned: None,
                 credential: credential.clone(),

@@ -7,9 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use fem_net::wire::{FrameReader, ReadError, write_loop};
-use fem_proto::{
-    Accepted, AgentId, Body, ErrorCode, Frame, PublicKey, RegisterAgent, SignedEnvelope,
-};
+use fem_proto::{Accepted, AgentId, Body, Carried, ErrorCode, Frame, PublicKey, RegisterAgent};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{Instrument as _, debug, info, info_span, warn};
@@ -388,7 +386,13 @@ async fn serve<R: AsyncRead + Unpin>(
             }
             Frame::HeartbeatAck { .. } => {}
             Frame::Envelope(signed) => {
-                if !handle_envelope(shared, me, signed) {
+                if !handle_envelope(shared, me, Carried::Signed(signed)) {
+                    return;
+                }
+            }
+            Frame::Unsigned(envelope) => {
+                let by = shared.config.broker_id.clone();
+                if !handle_envelope(shared, me, Carried::Attested { envelope, by }) {
                     return;
                 }
             }
@@ -445,11 +449,14 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Grant(_) => "grant",
         Frame::Cancel { .. } => "cancel",
         Frame::Progress { .. } => "progress",
+        Frame::Unsigned(_) => "unsigned",
+        Frame::Attested { .. } => "attested",
     }
 }
 
-/// Admits and dispatches one envelope; false closes the session.
-fn handle_envelope(shared: &Arc<Shared>, me: &Identity, signed: SignedEnvelope) -> bool {
+/// Admits and dispatches one envelope, signed or (broker-attested mode)
+/// unsigned; false closes the session.
+fn handle_envelope(shared: &Arc<Shared>, me: &Identity, signed: Carried) -> bool {
     let send = |f: Frame| me.handle.send(f, &shared.metrics);
     let signer = Signer::Session {
         id: &me.id,
@@ -499,15 +506,40 @@ fn handle_envelope(shared: &Arc<Shared>, me: &Identity, signed: SignedEnvelope) 
         }
     };
     let (header, body) = (admitted.env.header, admitted.env.body);
+    // Only what a recipient checks for itself may travel unsigned: calls
+    // (to tools that accept them), their results and events.
+    if signed.is_attested()
+        && !matches!(
+            body,
+            Body::ToolCall(_) | Body::ToolResult(_) | Body::EmitEvent(_)
+        )
+    {
+        let message = format!("a {} must be signed", body.kind());
+        shared.metrics.refused("BAD_REQUEST");
+        send(match &body {
+            Body::DiscoverTools(d) => Frame::CallFailed {
+                request_id: d.request_id,
+                code: ErrorCode::BadRequest,
+                message,
+            },
+            _ => Frame::Nack {
+                nonce: header.nonce,
+                code: ErrorCode::BadRequest,
+                message,
+            },
+        });
+        return true;
+    }
     // What cannot cross the next hop is refused here, typed, rather than
     // dropped on the way.
     let max = fem_proto::max_forwarded_envelope(shared.config.max_frame);
-    if signed.bytes.len() > max {
+    let size = signed.bytes().len();
+    if size > max {
         shared.metrics.limit_hit("max_frame_size");
         let message = format!(
             "{} of {} bytes; brokers forward envelopes of at most {max} bytes (--max-frame-size less {} for forwarding)",
             body.kind(),
-            signed.bytes.len(),
+            size,
             fem_proto::FORWARD_OVERHEAD
         );
         match &body {
@@ -594,7 +626,7 @@ fn handle_envelope(shared: &Arc<Shared>, me: &Identity, signed: SignedEnvelope) 
                 )));
                 return true;
             }
-            if let Err(refusal) = me.may_emit(shared, signed.bytes.len()) {
+            if let Err(refusal) = me.may_emit(shared, size) {
                 ack(Err(refusal));
                 return true;
             }
@@ -612,6 +644,9 @@ fn handle_envelope(shared: &Arc<Shared>, me: &Identity, signed: SignedEnvelope) 
                 )));
                 return true;
             }
+            let Carried::Signed(signed) = signed else {
+                return true;
+            };
             ack(shared.route(|r, _| r.render(&ri.target, signed, me.key)));
         }
         Body::Revoke(r) => {
@@ -637,12 +672,12 @@ fn handle_envelope(shared: &Arc<Shared>, me: &Identity, signed: SignedEnvelope) 
             let limits = &shared.config.limits;
             let r = granted
                 .and_then(|()| {
-                    if signed.bytes.len() > limits.max_registration_bytes {
+                    if size > limits.max_registration_bytes {
                         return Err((
                             ErrorCode::TooLarge,
                             format!(
                                 "embodimentUpdate of {} bytes; the limit is {} (--max-registration-bytes)",
-                                signed.bytes.len(),
+                                size,
                                 limits.max_registration_bytes
                             ),
                         ));

@@ -455,7 +455,7 @@ pub(crate) async fn call(
         caller: &p.id,
         caller_key: p.public,
         call: &call,
-        envelope,
+        envelope: fem_proto::Carried::Signed(envelope),
         hops_left: fem_proto::DEFAULT_MAX_HOPS,
         pinned: None,
         credential: cred.clone(),
@@ -514,6 +514,7 @@ mod tests {
                 name: Capability::new(tool).unwrap(),
                 description: String::new(),
                 input_schema: JsonText::new("{}").unwrap(),
+                accepts_attested: false,
             },
         }
     }

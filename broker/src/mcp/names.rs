@@ -208,6 +208,7 @@ mod tests {
                 name: Capability::new(tool).unwrap(),
                 description: desc.into(),
                 input_schema: JsonText::new(r#"{"type":"object"}"#).unwrap(),
+                accepts_attested: false,
             },
         }
     }

@@ -156,6 +156,40 @@ pub struct Refused {
     pub env: Option<Box<Envelope>>,
 }
 
+/// An envelope as admission sees it: signed, or unsigned (broker-attested
+/// mode, taken only from a session or a peer).
+#[derive(Clone, Copy, Debug)]
+pub enum Sealed<'a> {
+    /// Signed by its sender.
+    Signed(&'a SignedEnvelope),
+    /// Without a signature.
+    Unsigned(&'a fem_proto::UnsignedEnvelope),
+}
+
+impl<'a> From<&'a SignedEnvelope> for Sealed<'a> {
+    fn from(s: &'a SignedEnvelope) -> Self {
+        Self::Signed(s)
+    }
+}
+
+impl<'a> From<&'a fem_proto::Carried> for Sealed<'a> {
+    fn from(c: &'a fem_proto::Carried) -> Self {
+        match c {
+            fem_proto::Carried::Signed(s) => Self::Signed(s),
+            fem_proto::Carried::Attested { envelope, .. } => Self::Unsigned(envelope),
+        }
+    }
+}
+
+impl Sealed<'_> {
+    fn open(self) -> Result<Envelope, ProtoError> {
+        match self {
+            Self::Signed(s) => s.open(),
+            Self::Unsigned(u) => u.open(),
+        }
+    }
+}
+
 /// Opens `signed`, checks the sender and signature against `signer`, checks
 /// `want` (if given) and the replay window, and counts the outcome.
 ///
@@ -163,8 +197,8 @@ pub struct Refused {
 /// [`Refused`] with the typed code: `BAD_REQUEST` for a malformed envelope
 /// or wrong type, `PERMISSION_DENIED` for a sender that is not the
 /// session's, `INVALID_SIGNATURE`, `STALE_TIMESTAMP`, `REPLAYED`.
-pub fn admit(
-    signed: &SignedEnvelope,
+pub fn admit<'a>(
+    signed: impl Into<Sealed<'a>>,
     signer: Signer<'_>,
     want: Option<EnvelopeType>,
     entry: Entry,
@@ -172,6 +206,7 @@ pub fn admit(
     metrics: &Metrics,
 ) -> Result<Admitted, Refused> {
     let started = Instant::now();
+    let signed = signed.into();
     metrics.messages_processed_total.inc();
     let env = match signed.open() {
         Ok(env) => env,
@@ -216,7 +251,7 @@ pub fn admit(
 }
 
 fn check(
-    signed: &SignedEnvelope,
+    signed: Sealed<'_>,
     env: &Envelope,
     signer: Signer<'_>,
     want: Option<EnvelopeType>,
@@ -267,8 +302,20 @@ fn check(
         },
     };
     let refuse = |e: ProtoError| (e.code(), e.to_string());
-    if verify {
-        signed.verify_opened(kind, &key).map_err(refuse)?;
+    match signed {
+        Sealed::Signed(s) if verify => s.verify_opened(kind, &key).map_err(refuse)?,
+        Sealed::Signed(_) => {}
+        // Unsigned envelopes come only from a session (its identity was
+        // checked above) or a peer (which attests them): never where a
+        // signature is the only proof of the sender.
+        Sealed::Unsigned(_) => {
+            if matches!(signer, Signer::Key(_) | Signer::Registration) {
+                return Err((
+                    ErrorCode::InvalidSignature,
+                    format!("a {kind} here must be signed"),
+                ));
+            }
+        }
     }
     if matches!(signer, Signer::Registration) {
         // Under ZIP 215 anyone can sign for a small-order key: never bind one.

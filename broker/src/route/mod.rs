@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fem_proto::{
-    AdvertisedAgent, AgentId, Capability, DiscoverTools, DiscoveredTool, EmbodimentUpdate,
+    AdvertisedAgent, AgentId, Capability, Carried, DiscoverTools, DiscoveredTool, EmbodimentUpdate,
     ErrorCode, FedFrame, Frame, PublicKey, RequestId, SignedEnvelope, Target, ToolCall,
     ToolOutcome, ToolResult, ToolSpec,
 };
@@ -143,12 +143,13 @@ pub struct Incoming<'a> {
     pub reply: ReplyTo,
     /// The caller (the envelope's sender).
     pub caller: &'a AgentId,
-    /// The key that signed it (passed on so the agent can verify).
+    /// The caller's key (passed on so the agent can verify or check the grant).
     pub caller_key: PublicKey,
     /// The call.
     pub call: &'a ToolCall,
-    /// The caller's signed bytes, relayed untouched.
-    pub envelope: SignedEnvelope,
+    /// The caller's envelope (signed, or attested by the entry broker),
+    /// relayed untouched.
+    pub envelope: Carried,
     /// Broker hops the call may still take.
     pub hops_left: u8,
     /// The agent a peer broker chose, for a relayed call.
@@ -220,6 +221,8 @@ struct LinkState {
     advertise: Option<Vec<fem_proto::IdPattern>>,
     /// The peer understands `RelayCancel` and `RelayProgress`.
     cancels: bool,
+    /// The peer relays broker-attested calls ([`fem_proto::ATTESTED_FEATURE`]).
+    attested: bool,
     /// The peer takes `AdvertiseDelta` and `Resync` ([`fem_proto::DELTA_FEATURE`]);
     /// without it every change is a full `Advertise`.
     deltas: bool,
@@ -240,7 +243,7 @@ const PROGRESS_BURST: u32 = 10;
 
 enum Answer {
     Result {
-        envelope: SignedEnvelope,
+        envelope: Carried,
         signer: PublicKey,
         outcome: &'static str,
     },
@@ -248,6 +251,31 @@ enum Answer {
         code: ErrorCode,
         message: String,
     },
+}
+
+/// What a call asks of the agent that runs it.
+#[derive(Clone, Copy)]
+struct Want<'a> {
+    tool: &'a Capability,
+    /// The call is broker-attested: the tool must accept that.
+    attested: bool,
+    grant: Option<&'a fem_proto::Grant>,
+}
+
+impl Want<'_> {
+    fn served_by(&self, tools: &[ToolSpec]) -> bool {
+        tools.iter().any(|t| t.serves(self.tool, self.attested))
+    }
+
+    fn unattested_refusal(&self, whom: &str) -> Refusal {
+        (
+            ErrorCode::PermissionDenied,
+            format!(
+                "tool {} of {whom} does not accept broker-attested calls; sign the call",
+                self.tool
+            ),
+        )
+    }
 }
 
 enum Choice {
@@ -652,13 +680,16 @@ impl Router {
                 format!("your grant does not allow calling {}", call.tool),
             );
         }
+        let want = Want {
+            tool: &call.tool,
+            attested: envelope.is_attested(),
+            grant,
+        };
         let choice = match pinned {
-            Some(agent) => {
-                self.select_pinned(&call.target, agent, &call.tool, hops_left, grant, caller)
-            }
-            None => match self.select_local(&call.target, &call.tool, grant, caller) {
+            Some(agent) => self.select_pinned(&call.target, agent, want, hops_left, caller),
+            None => match self.select_local(&call.target, want, caller) {
                 Ok(c) => Ok(c),
-                Err(e) => match self.select_remote(&call.target, &call.tool, grant) {
+                Err(e) => match self.select_remote(&call.target, want) {
                     Some(_) if hops_left == 0 => Err((
                         ErrorCode::NoRoute,
                         "the call reached its broker hop limit".into(),
@@ -709,6 +740,7 @@ impl Router {
             holds_slot: slot,
             waiting: None,
             progress: None,
+            attested: want.attested,
         });
         let Some(id) = filed else {
             let agent = target.agent();
@@ -725,10 +757,7 @@ impl Router {
         self.metrics.calls_in_flight.inc();
         match target {
             CallTarget::Local { session, agent } => {
-                let deliver = Frame::Deliver {
-                    envelope,
-                    signer: caller_key,
-                };
+                let deliver = envelope.deliver(caller_key);
                 // The agent checks the call against the caller's grant: it
                 // gets the grant once per session, before the first call.
                 if let (Some(c), Some(a)) = (&credential, self.registry.get_mut(&agent))
@@ -768,42 +797,71 @@ impl Router {
             CallTarget::Remote { link, agent, .. } => {
                 debug!(request = %call.request_id, tool = %call.tool, %agent, "relaying call");
                 *self.remote_load.entry(agent.clone()).or_default() += 1;
-                self.out.push_back(Output::Link {
-                    to: link,
-                    frame: FedFrame::RelayCall {
+                let (hops_left, grant) = (
+                    hops_left.saturating_sub(1),
+                    credential.map(|c| c.signed.clone()),
+                );
+                let frame = match envelope {
+                    Carried::Signed(envelope) => FedFrame::RelayCall {
                         id: id.0,
                         agent,
-                        hops_left: hops_left.saturating_sub(1),
+                        hops_left,
                         signer: caller_key,
                         envelope,
-                        grant: credential.map(|c| c.signed.clone()),
+                        grant,
                     },
-                });
+                    Carried::Attested { envelope, by } => FedFrame::RelayAttestedCall {
+                        id: id.0,
+                        agent,
+                        hops_left,
+                        signer: caller_key,
+                        envelope,
+                        attested_by: by,
+                        grant,
+                    },
+                };
+                self.out.push_back(Output::Link { to: link, frame });
             }
         }
     }
 
-    /// An admitted toolResult from the agent on `client` (signed by `key`).
+    /// An admitted toolResult from the agent on `client` (whose key is `key`).
     pub fn result(
         &mut self,
         now: Micros,
         client: ClientId,
         result: &ToolResult,
-        envelope: SignedEnvelope,
+        envelope: Carried,
         key: PublicKey,
     ) {
         let Some(id) = self.answered_by(client, result) else {
             return self.late(result.request_id);
         };
-        self.finish(
-            id,
-            now,
-            Answer::Result {
-                envelope,
-                signer: key,
-                outcome: outcome_label(result),
-            },
-        );
+        let answer = self.result_answer(id, result, envelope, key);
+        self.finish(id, now, answer);
+    }
+
+    /// The answer a result gives its call: only an attested call may be
+    /// answered unsigned (a signed call's caller verifies the result).
+    fn result_answer(
+        &self,
+        id: CallId,
+        result: &ToolResult,
+        envelope: Carried,
+        signer: PublicKey,
+    ) -> Answer {
+        let attested_call = self.pending.get(id).is_some_and(|p| p.attested);
+        if envelope.is_attested() && !attested_call {
+            return Answer::Failed {
+                code: ErrorCode::InvalidSignature,
+                message: "the agent answered a signed call with an unsigned result".into(),
+            };
+        }
+        Answer::Result {
+            envelope,
+            signer,
+            outcome: outcome_label(result),
+        }
     }
 
     /// The call the agent on `client` answers with `result` (for its caller).
@@ -838,7 +896,7 @@ impl Router {
         link: LinkId,
         relay: u64,
         result: &ToolResult,
-        envelope: SignedEnvelope,
+        envelope: Carried,
         signer: PublicKey,
     ) {
         let id = CallId(relay);
@@ -850,15 +908,8 @@ impl Router {
         if !ours {
             return self.late(result.request_id);
         }
-        self.finish(
-            id,
-            now,
-            Answer::Result {
-                envelope,
-                signer,
-                outcome: outcome_label(result),
-            },
-        );
+        let answer = self.result_answer(id, result, envelope, signer);
+        self.finish(id, now, answer);
     }
 
     /// A terminal failure relayed back over `link` for the call relayed as `relay`.
@@ -883,10 +934,10 @@ impl Router {
     fn select_local(
         &mut self,
         target: &Target,
-        tool: &Capability,
-        grant: Option<&fem_proto::Grant>,
+        want: Want<'_>,
         caller: &AgentId,
     ) -> Result<Choice, Refusal> {
+        let Want { tool, grant, .. } = want;
         let mut candidates: Vec<AgentId> = match target {
             Target::Agent(id) => {
                 let a = self
@@ -898,6 +949,9 @@ impl Router {
                         ErrorCode::ToolNotFound,
                         format!("agent {id} offers no tool {tool}"),
                     ));
+                }
+                if !want.served_by(&a.profile.tools) {
+                    return Err(want.unattested_refusal(&format!("agent {id}")));
                 }
                 vec![id.clone()]
             }
@@ -923,7 +977,18 @@ impl Router {
                         format!("no agent matching {p} offers tool {tool}"),
                     ));
                 }
-                with_tool
+                let served: Vec<AgentId> = with_tool
+                    .into_iter()
+                    .filter(|id| {
+                        self.registry
+                            .get(id)
+                            .is_some_and(|a| want.served_by(&a.profile.tools))
+                    })
+                    .collect();
+                if served.is_empty() {
+                    return Err(want.unattested_refusal(&format!("the agents matching {p}")));
+                }
+                served
             }
         };
         if let Some(g) = grant {
@@ -1004,18 +1069,20 @@ impl Router {
     }
 
     /// Fewest hops, then fewest calls in flight; round robin among ties.
-    fn select_remote(
-        &mut self,
-        target: &Target,
-        tool: &Capability,
-        grant: Option<&fem_proto::Grant>,
-    ) -> Option<AgentId> {
+    fn select_remote(&mut self, target: &Target, want: Want<'_>) -> Option<AgentId> {
+        let Want { tool, grant, .. } = want;
         let allowed = |id: &AgentId| grant.is_none_or(|g| g.may_call(tool, id));
+        // An attested call goes only through a peer that relays them.
+        let links = &self.links;
+        let usable = |r: &RemoteAgent| {
+            want.served_by(&r.route.agent.tools)
+                && (!want.attested || links.get(&r.route.via).is_some_and(|l| l.attested))
+        };
         match target {
             Target::Agent(id) => self
                 .remote
                 .get(id)
-                .filter(|r| r.route.agent.tools.iter().any(|t| &t.name == tool))
+                .filter(|r| usable(r))
                 .filter(|_| allowed(id))
                 .map(|_| id.clone()),
             Target::Capability(p) => {
@@ -1023,9 +1090,7 @@ impl Router {
                     .remote
                     .iter()
                     .filter(|(_, r)| {
-                        let a = &r.route.agent;
-                        a.tools.iter().any(|t| &t.name == tool)
-                            && a.capabilities.iter().any(|c| p.matches(c))
+                        usable(r) && r.route.agent.capabilities.iter().any(|c| p.matches(c))
                     })
                     .filter(|(id, _)| allowed(id))
                     .map(|(id, _)| id.clone())
@@ -1047,11 +1112,11 @@ impl Router {
         &mut self,
         target: &Target,
         agent: &AgentId,
-        tool: &Capability,
+        want: Want<'_>,
         hops_left: u8,
-        grant: Option<&fem_proto::Grant>,
         caller: &AgentId,
     ) -> Result<Choice, Refusal> {
+        let Want { tool, grant, .. } = want;
         let matches_target = match target {
             Target::Agent(id) => id == agent,
             Target::Capability(p) => match (self.registry.get(agent), self.remote.get(agent)) {
@@ -1073,9 +1138,9 @@ impl Router {
             ));
         }
         if self.registry.get(agent).is_some() {
-            return self.select_local(&Target::Agent(agent.clone()), tool, grant, caller);
+            return self.select_local(&Target::Agent(agent.clone()), want, caller);
         }
-        match self.select_remote(&Target::Agent(agent.clone()), tool, grant) {
+        match self.select_remote(&Target::Agent(agent.clone()), want) {
             Some(_) if hops_left == 0 => Err((
                 ErrorCode::NoRoute,
                 "the call reached its broker hop limit".into(),
@@ -1172,7 +1237,7 @@ impl Router {
                 },
             ) => Output::Send {
                 to,
-                frame: Frame::Deliver { envelope, signer },
+                frame: envelope.deliver(signer),
             },
             (ReplyTo::Client(to), Answer::Failed { code, message }) => Output::Send {
                 to,
@@ -1189,10 +1254,18 @@ impl Router {
                 },
             ) => Output::Link {
                 to: link,
-                frame: FedFrame::RelayResult {
-                    id: relay,
-                    signer,
-                    envelope,
+                frame: match envelope {
+                    Carried::Signed(envelope) => FedFrame::RelayResult {
+                        id: relay,
+                        signer,
+                        envelope,
+                    },
+                    Carried::Attested { envelope, by } => FedFrame::RelayAttestedResult {
+                        id: relay,
+                        signer,
+                        envelope,
+                        attested_by: by,
+                    },
                 },
             },
             (ReplyTo::Link { link, relay }, Answer::Failed { code, message }) => Output::Link {
@@ -1423,7 +1496,7 @@ impl Router {
         &mut self,
         sender: &AgentId,
         topic: &Capability,
-        envelope: &SignedEnvelope,
+        envelope: &Carried,
         key: PublicKey,
     ) {
         let Some(v) = self.subs.get(topic) else {
@@ -1433,10 +1506,7 @@ impl Router {
             if id != sender {
                 self.out.push_back(Output::Send {
                     to: *client,
-                    frame: Frame::Deliver {
-                        envelope: envelope.clone(),
-                        signer: key,
-                    },
+                    frame: envelope.clone().deliver(key),
                 });
             }
         }
@@ -1507,6 +1577,7 @@ impl Router {
                 initiator,
                 advertise,
                 cancels: features.iter().any(|f| f == fem_proto::CANCEL_FEATURE),
+                attested: features.iter().any(|f| f == fem_proto::ATTESTED_FEATURE),
                 deltas: features.iter().any(|f| f == fem_proto::DELTA_FEATURE),
                 sent: HashMap::new(),
             },

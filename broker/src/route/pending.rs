@@ -53,6 +53,8 @@ pub(crate) struct Pending {
     pub(crate) waiting: Option<Frame>,
     /// The progress rate limit, from the call's first update.
     pub(crate) progress: Option<crate::budget::TokenBucket>,
+    /// The call is broker-attested: its result may come back unsigned.
+    pub(crate) attested: bool,
 }
 
 /// Who may cancel a call: the client that made it, by its request id, or

@@ -31,6 +31,7 @@ fn tool(name: &str) -> ToolSpec {
         name: Capability::new(name).expect("tool"),
         description: String::new(),
         input_schema: JsonText::new("{}").expect("json"),
+        accepts_attested: false,
     }
 }
 
@@ -113,7 +114,7 @@ fn incoming<'a>(
         caller,
         caller_key: key.public_key(),
         call,
-        envelope,
+        envelope: Carried::Signed(envelope),
         hops_left: 8,
         pinned: None,
         credential: None,
@@ -134,7 +135,13 @@ fn a_call_waits_for_a_slot_and_times_out_exactly_once() {
     assert_eq!(r.agent(&id("a")).map(|a| a.queue.len()), Some(1));
     // The first answers; the waiting call takes the slot.
     let (res, env) = result_env(&agent, "a", &c1, "c");
-    r.result(T0 + 10, ClientId(1), &res, env, agent.public_key());
+    r.result(
+        T0 + 10,
+        ClientId(1),
+        &res,
+        Carried::Signed(env),
+        agent.public_key(),
+    );
     let out = drain(&mut r);
     assert!(
         matches!(
@@ -176,7 +183,13 @@ fn a_call_waits_for_a_slot_and_times_out_exactly_once() {
         "{out:?}"
     );
     let (res, env) = result_env(&agent, "a", &c2, "c");
-    r.result(T0 + 2_000_000, ClientId(1), &res, env, agent.public_key());
+    r.result(
+        T0 + 2_000_000,
+        ClientId(1),
+        &res,
+        Carried::Signed(env),
+        agent.public_key(),
+    );
     assert!(drain(&mut r).is_empty(), "a late result is dropped");
     assert_eq!(r.pending_len(), 0);
     assert_eq!(r.agent(&id("a")).map(|a| a.in_flight), Some(0));
@@ -194,7 +207,13 @@ fn a_result_for_another_caller_is_not_accepted() {
     r.call(T0, incoming(&cid, &caller, &c1, e1));
     drain(&mut r);
     let (res, env) = result_env(&agent, "a", &c1, "someone-else");
-    r.result(T0, ClientId(1), &res, env, agent.public_key());
+    r.result(
+        T0,
+        ClientId(1),
+        &res,
+        Carried::Signed(env),
+        agent.public_key(),
+    );
     assert!(drain(&mut r).is_empty());
     assert_eq!(r.pending_len(), 1);
 }
@@ -244,7 +263,13 @@ fn deadlines_of_answered_calls_do_not_pile_up() {
     let (res, renv) = result_env(&agent, "a", &c, "c");
     for _ in 0..5_000 {
         r.call(T0, incoming(&cid, &caller, &c, e.clone()));
-        r.result(T0, ClientId(1), &res, renv.clone(), agent.public_key());
+        r.result(
+            T0,
+            ClientId(1),
+            &res,
+            Carried::Signed(renv.clone()),
+            agent.public_key(),
+        );
         drain(&mut r);
     }
     assert!(
@@ -492,7 +517,13 @@ fn a_cancel_frees_the_slot_for_the_waiting_call_and_tells_the_agent() {
     assert_eq!(r.pending_len(), 0);
     // The agent's late result and a second cancel change nothing.
     let (res, env) = result_env(&agent, "a", &c1, "c");
-    r.result(T0 + 3, ClientId(1), &res, env, agent.public_key());
+    r.result(
+        T0 + 3,
+        ClientId(1),
+        &res,
+        Carried::Signed(env),
+        agent.public_key(),
+    );
     r.cancel(T0 + 4, ClientId(2), c1.request_id);
     assert!(drain(&mut r).is_empty());
 }
@@ -538,4 +569,141 @@ fn progress_is_forwarded_in_bursts_and_then_at_the_rate_limit() {
     r.progress(later, ClientId(1), c1.request_id, update(f64::NAN));
     r.progress(later, ClientId(2), c1.request_id, update(40.0));
     assert_eq!(forwarded(&drain(&mut r)), 0);
+}
+
+fn attested(env: &SignedEnvelope, by: &str) -> Carried {
+    Carried::Attested {
+        envelope: fem_proto::UnsignedEnvelope {
+            format: env.format,
+            bytes: env.bytes.clone(),
+        },
+        by: id(by),
+    }
+}
+
+/// Broker `b` with two agents of capability `echo`: `open` (client 1)
+/// accepts attested calls, `closed` (client 3) does not; caller `c` is
+/// client 2.
+fn attested_setup() -> (Router, SigningKey, SigningKey) {
+    let mut r = router("b");
+    let (agent, caller) = (SigningKey::generate(), SigningKey::generate());
+    for (client, name, accepts) in [(1, "open", true), (3, "closed", false)] {
+        let mut t = tool("echo");
+        t.accepts_attested = accepts;
+        r.register(
+            T0,
+            Registration {
+                client: ClientId(client),
+                id: id(name),
+                key: agent.public_key(),
+                transport: "tcp",
+                max_concurrent: 4,
+                profile: Profile {
+                    capabilities: vec![Capability::new("echo").expect("cap")],
+                    tools: vec![t],
+                    metadata: Default::default(),
+                },
+                accepted: Frame::Heartbeat { seq: 0 },
+            },
+        )
+        .expect("registered");
+    }
+    register(&mut r, 2, "c", &caller, 0);
+    drain(&mut r);
+    (r, agent, caller)
+}
+
+#[test]
+fn attested_calls_reach_only_tools_that_accept_them() {
+    let (mut r, _, caller) = attested_setup();
+    let cid = id("c");
+    let deadline = T0 / 1000 + 5_000;
+    // By id, to the tool that does not accept them: refused at entry.
+    let (c, e) = call_env(&caller, "c", Target::Agent(id("closed")), deadline);
+    let mut inc = incoming(&cid, &caller, &c, e.clone());
+    inc.envelope = attested(&e, "b");
+    r.call(T0, inc);
+    let out = drain(&mut r);
+    assert!(
+        matches!(&out[..], [Output::Send { to: ClientId(2), frame: Frame::CallFailed { code: ErrorCode::PermissionDenied, message, .. } }] if message.contains("does not accept broker-attested")),
+        "{out:?}"
+    );
+    // By capability, once per slot: always the agent that accepts them
+    // (the other has every slot free), delivered as attested by this broker.
+    for _ in 0..4 {
+        let (c, e) = call_env(
+            &caller,
+            "c",
+            Target::Capability(fem_proto::CapabilityPattern::new("echo").expect("p")),
+            deadline,
+        );
+        let mut inc = incoming(&cid, &caller, &c, e.clone());
+        inc.envelope = attested(&e, "b");
+        r.call(T0, inc);
+        let out = drain(&mut r);
+        assert!(
+            matches!(&out[..], [Output::Send { to: ClientId(1), frame: Frame::Attested { attested_by, .. } }] if *attested_by == id("b")),
+            "{out:?}"
+        );
+    }
+}
+
+#[test]
+fn only_an_attested_call_takes_an_unsigned_result() {
+    let (mut r, agent, caller) = attested_setup();
+    let cid = id("c");
+    let deadline = T0 / 1000 + 5_000;
+    // A signed call answered unsigned: the caller gets INVALID_SIGNATURE
+    // rather than a result nobody signed.
+    let (c, e) = call_env(&caller, "c", Target::Agent(id("open")), deadline);
+    r.call(T0, incoming(&cid, &caller, &c, e));
+    drain(&mut r);
+    let (res, renv) = result_env(&agent, "open", &c, "c");
+    r.result(
+        T0 + 1,
+        ClientId(1),
+        &res,
+        attested(&renv, "b"),
+        agent.public_key(),
+    );
+    let out = drain(&mut r);
+    assert!(
+        matches!(
+            &out[..],
+            [Output::Send {
+                to: ClientId(2),
+                frame: Frame::CallFailed {
+                    code: ErrorCode::InvalidSignature,
+                    ..
+                }
+            }]
+        ),
+        "{out:?}"
+    );
+    // An attested call answered unsigned: delivered as attested.
+    let (c, e) = call_env(&caller, "c", Target::Agent(id("open")), deadline);
+    let mut inc = incoming(&cid, &caller, &c, e.clone());
+    inc.envelope = attested(&e, "b");
+    r.call(T0, inc);
+    drain(&mut r);
+    let (res, renv) = result_env(&agent, "open", &c, "c");
+    r.result(
+        T0 + 2,
+        ClientId(1),
+        &res,
+        attested(&renv, "b"),
+        agent.public_key(),
+    );
+    let out = drain(&mut r);
+    assert!(
+        matches!(
+            &out[..],
+            [Output::Send {
+                to: ClientId(2),
+                frame: Frame::Attested { .. }
+            }]
+        ),
+        "{out:?}"
+    );
+    assert_eq!(r.pending_len(), 0);
 }

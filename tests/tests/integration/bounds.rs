@@ -28,6 +28,7 @@ fn tool_spec(name: &str, description_bytes: usize) -> ToolSpec {
         name: fem_proto::Capability::new(name).unwrap(),
         description: "d".repeat(description_bytes),
         input_schema: JsonText::from_value(&json!({"type": "object"})),
+        accepts_attested: false,
     }
 }
 

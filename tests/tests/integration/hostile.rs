@@ -238,6 +238,7 @@ async fn silent_agent_is_evicted_and_its_calls_answered() {
                     name: fem_proto::Capability::new("echo").unwrap(),
                     description: String::new(),
                     input_schema: fem_proto::JsonText::from_value(&json!({"type": "object"})),
+                    accepts_attested: false,
                 }],
                 metadata: BTreeMap::new(),
                 max_concurrent_calls: 4,
