@@ -541,4 +541,108 @@ mod tests {
         // Other frames of the batch are still handled, in order.
         assert!(matches!(wrx.try_recv(), Ok(Frame::HeartbeatAck { seq: 9 })));
     }
+
+    /// `env` as a broker delivers it attested (no signature) by `broker-x`.
+    fn attested_frame(env: &Envelope, signer: PublicKey) -> Frame {
+        Frame::Attested {
+            envelope: fem_proto::UnsignedEnvelope::encode(env).unwrap(),
+            signer,
+            attested_by: AgentId::new("broker-x").unwrap(),
+        }
+    }
+
+    /// A broker that forges an unsigned result for a signed call: the
+    /// caller gets INVALID_SIGNATURE, never the forged value.
+    #[test]
+    fn a_signed_call_takes_no_unsigned_result() {
+        let inner = caller();
+        let id = RequestId::random();
+        let (tx, mut rx) = oneshot::channel();
+        lock(&inner.pending).insert(
+            id,
+            PendingCall {
+                epoch: 1,
+                tx,
+                progress: None,
+                attested: false,
+            },
+        );
+        let forged = Envelope::new(
+            Header::now(AgentId::new("agent-1").unwrap()),
+            Body::ToolResult(ToolResult {
+                request_id: id,
+                caller: AgentId::new("caller-1").unwrap(),
+                outcome: ToolOutcome::Success(JsonText::from_value(&serde_json::json!("forged"))),
+            }),
+        );
+        let (wtx, _wrx) = mpsc::channel(8);
+        let sem = Arc::new(Semaphore::new(1));
+        let frame = attested_frame(&forged, SigningKey::generate().public_key());
+        assert!(handle_inbound(
+            &inner,
+            frame,
+            1,
+            &wtx,
+            &sem,
+            &mut Seen::default()
+        ));
+        let e = rx.try_recv().unwrap().unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidSignature, "{e}");
+    }
+
+    /// A broker that delivers an attested call to a tool that did not opt
+    /// in: the agent refuses it itself and the handler never runs.
+    #[test]
+    fn a_tool_that_did_not_opt_in_refuses_attested_calls() {
+        let inner = caller();
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&ran);
+        let tool = crate::Tool::new("strict", "", serde_json::json!({}), move |_| {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            async { Ok(serde_json::json!(1)) }
+        })
+        .unwrap();
+        lock(&inner.tools).insert(tool.spec.name.clone(), Arc::new(tool));
+        let (wtx, mut wrx) = mpsc::channel(8);
+        *lock(&inner.writer) = Some((1, wtx.clone()));
+        let call = Envelope::new(
+            Header::now(AgentId::new("mallory").unwrap()),
+            Body::ToolCall(fem_proto::ToolCall {
+                request_id: RequestId::random(),
+                target: fem_proto::Target::Agent(inner.id.clone()),
+                tool: fem_proto::Capability::new("strict").unwrap(),
+                parameters: JsonText::new("{}").unwrap(),
+                deadline_ms: fem_proto::now_ms() + 5_000,
+                audience: None,
+            }),
+        );
+        let sem = Arc::new(Semaphore::new(1));
+        let frame = attested_frame(&call, SigningKey::generate().public_key());
+        assert!(handle_inbound(
+            &inner,
+            frame,
+            1,
+            &wtx,
+            &sem,
+            &mut Seen::default()
+        ));
+        let Ok(Frame::Unsigned(answer)) = wrx.try_recv() else {
+            panic!("no unsigned answer");
+        };
+        let Body::ToolResult(r) = answer.open().unwrap().body else {
+            panic!("not a result");
+        };
+        assert!(
+            matches!(
+                r.outcome,
+                ToolOutcome::Error {
+                    code: ErrorCode::PermissionDenied,
+                    ..
+                }
+            ),
+            "{:?}",
+            r.outcome
+        );
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+    }
 }

@@ -695,6 +695,20 @@ impl Router {
                         "the call reached its broker hop limit".into(),
                     )),
                     Some(a) => Ok(Choice::Remote(a)),
+                    // Say why when only the attestation stands in the way.
+                    None if want.attested
+                        && self
+                            .select_remote(
+                                &call.target,
+                                Want {
+                                    attested: false,
+                                    ..want
+                                },
+                            )
+                            .is_some() =>
+                    {
+                        Err(want.unattested_refusal(&describe(&call.target)))
+                    }
                     None => Err(e),
                 },
             },

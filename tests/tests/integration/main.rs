@@ -2,6 +2,7 @@
 //! processes. Each broker has its own 127.0.x.y address on port 8443.
 #![allow(clippy::unwrap_used)]
 
+mod attested;
 mod bounds;
 mod calls;
 mod cancel;

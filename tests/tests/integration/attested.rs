@@ -1,0 +1,275 @@
+//! Broker-attested calls and events (proto/README.md §8.14) with real
+//! broker processes over TLS and QUIC: an unsigned call crosses two brokers
+//! to a tool that accepts attested calls, and the handler learns which
+//! broker vouched for the caller; tools that did not opt in are never
+//! reached by one, whatever a client or a broker sends; only subscribers
+//! that accept attested events receive them. Hosts 370 to 379.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fem_agent_sdk::{AgentBuilder, Client, Tool};
+use fem_proto::{
+    AgentId, Body, Capability, Envelope, ErrorCode, Frame, Header, JsonText, RequestId, SigningKey,
+    Target, ToolCall, UnsignedEnvelope,
+};
+use fem_tests::{RawConn, options_for, registration};
+use serde_json::{Value, json};
+
+use crate::bounded;
+
+/// A tool named `name` that answers who called it and who vouched.
+fn whoami(name: &str, seen: Arc<Mutex<Vec<Option<String>>>>) -> Tool {
+    Tool::new(
+        name,
+        "Answers its caller",
+        json!({"type": "object"}),
+        move |req| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let by = req.attested_by.as_ref().map(ToString::to_string);
+                seen.lock().unwrap().push(by.clone());
+                Ok(json!({"caller": req.caller.as_str(), "attestedBy": by}))
+            }
+        },
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn attested_calls_cross_two_brokers_only_to_tools_that_accept_them() {
+    bounded(120, async {
+        let (_brokers, [a, b], ca_dir, _dirs) =
+            fem_tests::meshed_pair(370, &[], Duration::from_secs(20)).await;
+        let ca = ca_dir.path().join("tls/ca.pem");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let _agent = AgentBuilder::new(AgentId::new("fast-370").unwrap(), SigningKey::generate())
+            .capability("fast")
+            .unwrap()
+            .tool(whoami("fast.who", Arc::clone(&seen)).accept_attested())
+            .tool(whoami("fast.strict", Arc::clone(&seen)))
+            .connect(options_for(a, &ca))
+            .await
+            .unwrap();
+        let caller = fem_tests::caller("caller-370", options_for(b, &ca)).await;
+        let agent = Target::Agent(AgentId::new("fast-370").unwrap());
+        let t = Duration::from_secs(5);
+        // Routes converge: a signed call through B reaches the agent behind A.
+        let end = tokio::time::Instant::now() + Duration::from_secs(20);
+        let signed = loop {
+            match caller.call(agent.clone(), "fast.who", json!({})).await {
+                Ok(v) => break v,
+                Err(e) if tokio::time::Instant::now() > end => panic!("no route: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        assert_eq!(
+            signed["attestedBy"],
+            Value::Null,
+            "a signed call is not attested"
+        );
+        // Unsigned, through B to A: B (where it entered) vouches.
+        let v = caller
+            .call_attested(agent.clone(), "fast.who", json!({}), t)
+            .await
+            .unwrap();
+        assert_eq!(v["caller"], "caller-370");
+        assert_eq!(v["attestedBy"], format!("mesh-{}", b.ip()));
+        // By capability too.
+        let by_cap = Target::Capability(fem_proto::CapabilityPattern::new("fast").unwrap());
+        caller
+            .call_attested(by_cap, "fast.who", json!({}), t)
+            .await
+            .unwrap();
+        // A tool that did not opt in: refused where the call entered, and
+        // its handler never ran.
+        let before = seen.lock().unwrap().len();
+        let e = caller
+            .call_attested(agent.clone(), "fast.strict", json!({}), t)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::PermissionDenied, "{e}");
+        assert!(e.message.contains("does not accept broker-attested"), "{e}");
+        assert_eq!(seen.lock().unwrap().len(), before);
+        // The same tool signed: runs.
+        caller
+            .call_with_timeout(agent, "fast.strict", json!({}), t)
+            .await
+            .unwrap();
+    })
+    .await;
+}
+
+/// An unsigned toolCall from `sender` for `tool` on `agent`.
+fn unsigned_call(sender: &str, agent: &str, tool: &str) -> (RequestId, Frame) {
+    let request_id = RequestId::random();
+    let env = Envelope::new(
+        Header::now(AgentId::new(sender).unwrap()),
+        Body::ToolCall(ToolCall {
+            request_id,
+            target: Target::Agent(AgentId::new(agent).unwrap()),
+            tool: Capability::new(tool).unwrap(),
+            parameters: JsonText::new("{}").unwrap(),
+            deadline_ms: fem_proto::now_ms() + 5_000,
+            audience: None,
+        }),
+    );
+    (
+        request_id,
+        Frame::Unsigned(UnsignedEnvelope::encode(&env).unwrap()),
+    )
+}
+
+/// The callFailed for `id` among the next frames.
+async fn failed(conn: &mut RawConn, id: RequestId) -> (ErrorCode, String) {
+    loop {
+        match conn.recv().await {
+            Some(Frame::CallFailed {
+                request_id,
+                code,
+                message,
+            }) if request_id == id => return (code, message),
+            Some(_) => {}
+            None => panic!("connection closed before the answer"),
+        }
+    }
+}
+
+/// An attacker with a raw session and a throw-away key: unsigned calls in
+/// another agent's name, to a tool that did not opt in, and unsigned
+/// envelopes the broker acts on itself are all refused, typed, and the
+/// session stays usable.
+#[tokio::test]
+async fn unsigned_envelopes_from_a_hostile_session_are_refused() {
+    bounded(60, async {
+        let b = fem_tests::BrokerProcess::start(fem_tests::host(372), &[], &[]).await;
+        let ca = b.ca();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let _agent = AgentBuilder::new(AgentId::new("victim-372").unwrap(), SigningKey::generate())
+            .tool(whoami("v.open", Arc::clone(&seen)).accept_attested())
+            .tool(whoami("v.strict", Arc::clone(&seen)))
+            .connect(options_for(b.addr, ca.as_ref()))
+            .await
+            .unwrap();
+        let key = SigningKey::generate();
+        let mut conn = RawConn::connect(b.addr, ca.as_ref()).await;
+        conn.send(&Frame::Envelope(registration(
+            "mallory-372",
+            &key,
+            vec![],
+            fem_proto::now_ms(),
+        )))
+        .await;
+        assert!(matches!(conn.recv().await, Some(Frame::Accepted(_))));
+        // In another caller's name: the session is mallory's.
+        let (id, f) = unsigned_call("victim-372", "victim-372", "v.open");
+        conn.send(&f).await;
+        let (code, msg) = failed(&mut conn, id).await;
+        assert_eq!(code, ErrorCode::PermissionDenied, "{msg}");
+        // To the tool that did not opt in.
+        let (id, f) = unsigned_call("mallory-372", "victim-372", "v.strict");
+        conn.send(&f).await;
+        let (code, msg) = failed(&mut conn, id).await;
+        assert_eq!(code, ErrorCode::PermissionDenied, "{msg}");
+        // An unsigned revoke of itself is not acted on: revokes must be signed.
+        let revoke = Envelope::new(
+            Header::now(AgentId::new("mallory-372").unwrap()),
+            Body::Revoke(fem_proto::Revoke {
+                target: AgentId::new("mallory-372").unwrap(),
+                reason: "x".into(),
+            }),
+        );
+        let nonce = revoke.header.nonce;
+        conn.send(&Frame::Unsigned(UnsignedEnvelope::encode(&revoke).unwrap()))
+            .await;
+        loop {
+            match conn.recv().await {
+                Some(Frame::Nack { nonce: n, code, .. }) if n == nonce => {
+                    assert_eq!(code, ErrorCode::BadRequest);
+                    break;
+                }
+                Some(_) => {}
+                None => panic!("closed"),
+            }
+        }
+        assert!(seen.lock().unwrap().is_empty(), "no handler ran");
+        // Its own attested call to the tool that accepts them runs, and
+        // the result comes back unsigned, attested by the broker.
+        let (id, f) = unsigned_call("mallory-372", "victim-372", "v.open");
+        conn.send(&f).await;
+        loop {
+            match conn.recv().await {
+                Some(Frame::Attested {
+                    envelope,
+                    attested_by,
+                    ..
+                }) => {
+                    let env = envelope.open().unwrap();
+                    let Body::ToolResult(r) = env.body else {
+                        panic!("not a result: {env:?}");
+                    };
+                    assert_eq!(r.request_id, id);
+                    assert_eq!(attested_by.as_str(), format!("broker-{}", b.addr.ip()));
+                    break;
+                }
+                Some(Frame::CallFailed { message, .. }) => panic!("refused: {message}"),
+                Some(_) => {}
+                None => panic!("closed"),
+            }
+        }
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    })
+    .await;
+}
+
+/// A subscriber receives attested events only when it asked for them.
+#[tokio::test]
+async fn attested_events_reach_only_subscribers_that_accept_them() {
+    bounded(60, async {
+        let b = fem_tests::BrokerProcess::start(fem_tests::host(373), &[], &[]).await;
+        let opts = || options_for(b.addr, b.ca().as_ref());
+        let publisher = fem_tests::caller("pub-373", opts()).await;
+        let strict: Client = fem_tests::caller("strict-373", opts()).await;
+        let open: Client = fem_tests::caller("open-373", opts()).await;
+        let mut strict_rx = strict.subscribe("build.done").await.unwrap();
+        let mut open_rx = open
+            .subscribe_accepting_attested("build.done")
+            .await
+            .unwrap();
+        publisher
+            .emit_attested("build.done", json!({"n": 1}))
+            .await
+            .unwrap();
+        publisher.emit("build.done", json!({"n": 2})).await.unwrap();
+        let within = Duration::from_secs(5);
+        let first = tokio::time::timeout(within, open_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.payload["n"], 1);
+        assert_eq!(
+            first.attested_by.map(|a| a.to_string()),
+            Some(format!("broker-{}", b.addr.ip()))
+        );
+        let second = tokio::time::timeout(within, open_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (second.payload["n"].clone(), second.attested_by),
+            (json!(2), None)
+        );
+        // The strict subscriber gets only the signed one.
+        let only = tokio::time::timeout(within, strict_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(only.payload["n"], 2);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), strict_rx.recv())
+                .await
+                .is_err()
+        );
+    })
+    .await;
+}
