@@ -64,6 +64,7 @@ impl Running {
             to: Endpoint::Fem {
                 client: caller,
                 target: Target::Agent(AgentId::new(agent.id.as_str())?),
+                attested: name.ends_with("+attested"),
             },
         });
         self.spec.fem.push(agent);
@@ -84,14 +85,17 @@ fn agent_spec(id: &str, b: &BrokerProc, transport: Transport) -> FemAgent {
     }
 }
 
-/// The echo tool: returns its parameters.
+/// The echo tool: returns its parameters. It accepts broker-attested
+/// calls, so the `+attested` cases can call it unsigned; signed calls to it
+/// stay signed end to end.
 pub(crate) fn echo_tool() -> anyhow::Result<Tool> {
     Ok(Tool::new(
         "echo",
         "Returns its parameters",
         serde_json::json!({"type": "object"}),
         |req| async move { Ok(req.params) },
-    )?)
+    )?
+    .accept_attested())
 }
 
 /// Options for a broker of this run (trusting the bench CA), over `transport`.
@@ -172,6 +176,8 @@ async fn start_fem(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
     a.wait_ready(Duration::from_secs(60)).await?;
     let caller_q = caller("caller-quic", options(s, &a, Transport::Quic)?).await?;
     let caller_t = caller("caller-tcp", options(s, &a, Transport::Tcp)?).await?;
+    let caller_qa = caller("caller-quic-att", options(s, &a, Transport::Quic)?).await?;
+    let caller_ta = caller("caller-tcp-att", options(s, &a, Transport::Tcp)?).await?;
     let pids = vec![a.proc.pid()];
     // The MCP row calls echo-quic (its per-agent MCP name) through /mcp:
     // the same agent and parameters as the quic row, entering over HTTPS.
@@ -191,6 +197,24 @@ async fn start_fem(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
         pids.clone(),
         caller_t,
         agent_spec("echo-tcp", &a, Transport::Tcp),
+    )?;
+    // Session-authenticated: the same echo, called unsigned and answered
+    // unsigned, with no signature work on the path.
+    run.add_fem(
+        Workload::Single,
+        "quic+attested",
+        1,
+        pids.clone(),
+        caller_qa,
+        agent_spec("echo-quic-att", &a, Transport::Quic),
+    )?;
+    run.add_fem(
+        Workload::Single,
+        "tls-tcp+attested",
+        1,
+        pids.clone(),
+        caller_ta,
+        agent_spec("echo-tcp-att", &a, Transport::Tcp),
     )?;
     run.systems.push(System {
         workload: Workload::Single,
@@ -381,6 +405,7 @@ async fn start_agents(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
         if let Endpoint::Fem {
             client,
             target: Target::Agent(id),
+            ..
         } = &sys.to
         {
             until_routable(client, id.as_str(), Duration::from_secs(30)).await?;

@@ -12,8 +12,13 @@ use fem_proto::Target;
 /// Where echo requests go.
 #[derive(Clone, Debug)]
 pub(crate) enum Endpoint {
-    /// A FEM tool call (`echo`) to `target`.
-    Fem { client: Client, target: Target },
+    /// A FEM tool call (`echo`) to `target`: signed, or unsigned for the
+    /// broker to attest when `attested`.
+    Fem {
+        client: Client,
+        target: Target,
+        attested: bool,
+    },
     /// An MCP `tools/call` through a broker's `/mcp`.
     Mcp(crate::mcp::McpClient),
     /// A NATS request on `subject`.
@@ -47,12 +52,20 @@ impl Caller {
     /// One request; the answer must equal what was sent.
     pub(crate) async fn once(&self) -> Result<(), String> {
         let same = match &self.to {
-            Endpoint::Fem { client, target } => {
-                let out = client
-                    .call(target.clone(), "echo", self.params.as_ref().clone())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                out == *self.params
+            Endpoint::Fem {
+                client,
+                target,
+                attested,
+            } => {
+                let (target, params) = (target.clone(), self.params.as_ref().clone());
+                let out = if *attested {
+                    // The SDK's default deadline, as `call` uses.
+                    let timeout = Duration::from_secs(30);
+                    client.call_attested(target, "echo", params, timeout).await
+                } else {
+                    client.call(target, "echo", params).await
+                };
+                out.map_err(|e| e.to_string())? == *self.params
             }
             Endpoint::Mcp(client) => client.call(self.params.as_ref()).await? == *self.params,
             Endpoint::Nats { client, subject } => {

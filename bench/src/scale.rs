@@ -140,6 +140,7 @@ pub(crate) async fn run(s: &Settings, n: usize, transport: Transport) -> anyhow:
             Endpoint::Fem {
                 client: c.clone(),
                 target,
+                attested: false,
             },
             256,
         );

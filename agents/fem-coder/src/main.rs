@@ -101,6 +101,15 @@ struct Args {
         hide = true
     )]
     sandbox_disable: Vec<String>,
+    /// Tools that take broker-attested calls: unsigned calls whose caller
+    /// the entry broker vouches for (faster; any broker on the path could
+    /// then forge calls to them). Off for every tool by default.
+    #[arg(
+        long = "accept-attested",
+        env = "FEM_ACCEPT_ATTESTED",
+        value_delimiter = ','
+    )]
+    accept_attested: Vec<String>,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -109,7 +118,7 @@ fn tool_error(e: SandboxError) -> ToolError {
     ToolError::new(e.code(), e.to_string())
 }
 
-fn tools(policy: &Arc<Policy>, caps: &[String]) -> anyhow::Result<Vec<Tool>> {
+fn tools(policy: &Arc<Policy>, caps: &[String], attested: &[String]) -> anyhow::Result<Vec<Tool>> {
     let mut out = Vec::new();
     for cap in caps {
         let p = Arc::clone(policy);
@@ -150,6 +159,12 @@ fn tools(policy: &Arc<Policy>, caps: &[String]) -> anyhow::Result<Vec<Tool>> {
             ),
         };
         out.push(tool);
+    }
+    for name in attested.iter().filter(|n| !n.trim().is_empty()) {
+        let Some(t) = out.iter_mut().find(|t| t.spec().name.as_str() == name) else {
+            anyhow::bail!("--accept-attested {name}: not a tool this agent offers ({caps:?})");
+        };
+        *t = t.clone().accept_attested();
     }
     Ok(out)
 }
@@ -250,7 +265,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let opts = args.conn.options()?.call_timeout(args.timeout);
-    let tools = tools(&policy, &args.capabilities)?;
+    let tools = tools(&policy, &args.capabilities, &args.accept_attested)?;
     let registry = prometheus::Registry::new();
     let metrics = AgentMetrics::new(&registry)?;
     register_sandbox_metrics(&registry, policy.isolation())?;

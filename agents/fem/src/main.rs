@@ -68,6 +68,10 @@ enum Cmd {
         /// Deadline.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// Send the call unsigned, for the broker to attest (only tools
+        /// that accept broker-attested calls take it).
+        #[arg(long)]
+        attested: bool,
     },
     /// List tools in the mesh (optionally by capability pattern).
     Tools {
@@ -186,6 +190,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tool,
             args,
             timeout,
+            attested,
         } => {
             let params: serde_json::Value = serde_json::from_str(&args)
                 .map_err(|e| anyhow::anyhow!("--args is not valid JSON: {e}"))?;
@@ -197,7 +202,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (id, key) = identity(&me)?;
             let opts = conn.options()?.call_timeout(timeout);
             let client = Client::connect(id, key, opts).await?;
-            let r = client.call(target, &tool, params).await;
+            let r = if attested {
+                client.call_attested(target, &tool, params, timeout).await
+            } else {
+                client.call(target, &tool, params).await
+            };
             client.shutdown().await;
             match r {
                 Ok(v) => {
