@@ -66,6 +66,23 @@ pub(crate) struct McpArgs {
     /// File holding the bearer token (trimmed).
     #[arg(long, env = "FEM_MCP_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Sign every request with this private key instead of a token: the
+    /// broker then attests calls as `--id` (only tools that accept
+    /// broker-attested calls can be called).
+    #[arg(
+        long,
+        env = "FEM_KEY_FILE",
+        requires = "id",
+        conflicts_with_all = ["token", "token_file"]
+    )]
+    key: Option<PathBuf>,
+    /// The id to call as, with `--key` (the grant must allow registering it).
+    #[arg(long, env = "FEM_CLIENT_ID", requires = "key")]
+    id: Option<String>,
+    /// Grant file (from `fem trust grant`) for `--key`, required by brokers
+    /// with a trust anchor.
+    #[arg(long, env = "FEM_GRANT", requires = "key")]
+    grant: Option<PathBuf>,
     /// Longest wait for the broker's answer to one message.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -100,6 +117,9 @@ pub(crate) enum SetupError {
     /// A token that cannot be an HTTP header value.
     #[error("the bearer token must be printable ASCII")]
     Token,
+    /// The signing key, grant or id.
+    #[error("--key/--grant/--id: {0:#}")]
+    Signer(anyhow::Error),
     /// The HTTP client.
     #[error("HTTP client: {0}")]
     Client(#[from] reqwest::Error),
@@ -216,6 +236,9 @@ struct Forwarder {
     http: reqwest::Client,
     url: reqwest::Url,
     token: Option<HeaderValue>,
+    /// With `--key`: the key every request is signed with, and the grant
+    /// (file form) sent beside it.
+    signer: Option<(fem_proto::SigningKey, Option<String>)>,
     timeout: Duration,
     /// The version the `initialize` handshake settled.
     negotiated: Mutex<Option<String>>,
@@ -223,7 +246,24 @@ struct Forwarder {
 
 impl Forwarder {
     fn new(a: &McpArgs) -> Result<Self, SetupError> {
-        let url = endpoint(&a.broker, a.view.as_deref())?;
+        let mut url = endpoint(&a.broker, a.view.as_deref())?;
+        let signer = match (&a.key, &a.id) {
+            (Some(k), Some(id)) => {
+                let id = fem_proto::AgentId::new(id.as_str())
+                    .map_err(|e| SetupError::Signer(e.into()))?;
+                // The caller's id is part of the signed path.
+                url.query_pairs_mut().append_pair("as", id.as_str());
+                let key = fem_net::keys::load_key(k).map_err(|e| SetupError::Signer(e.into()))?;
+                let grant = a
+                    .grant
+                    .as_deref()
+                    .map(|g| crate::trust::read_grant(g).and_then(|g| Ok(g.to_text()?)))
+                    .transpose()
+                    .map_err(SetupError::Signer)?;
+                Some((key, grant))
+            }
+            _ => None,
+        };
         let http = crate::https::client(&a.trust.trust()?).map_err(SetupError::Https)?;
         let token = match (&a.token, &a.token_file) {
             (Some(t), _) => Some(t.clone()),
@@ -250,6 +290,7 @@ impl Forwarder {
             http,
             url,
             token,
+            signer,
             timeout: a.timeout,
             negotiated: Mutex::new(None),
         })
@@ -345,10 +386,24 @@ impl Forwarder {
 
     /// POSTs `body`; returns the messages of the answer.
     async fn post(&self, msg: &Value, body: Vec<u8>) -> Result<Vec<Value>, ForwardError> {
+        let mut headers = self.headers(msg);
+        if let Some((key, grant)) = &self.signer {
+            let path = match self.url.query() {
+                Some(q) => format!("{}?{q}", self.url.path()),
+                None => self.url.path().to_owned(),
+            };
+            let sig = fem_proto::http_sig::HttpSignature::sign(key, "POST", &path, &body);
+            if let Ok(v) = HeaderValue::from_str(&sig.to_header()) {
+                headers.insert(fem_proto::http_sig::SIGNATURE_HEADER, v);
+            }
+            if let Some(v) = grant.as_deref().and_then(|g| HeaderValue::from_str(g).ok()) {
+                headers.insert(fem_proto::http_sig::GRANT_HEADER, v);
+            }
+        }
         let mut resp = self
             .http
             .post(self.url.clone())
-            .headers(self.headers(msg))
+            .headers(headers)
             .timeout(self.timeout)
             .body(body)
             .send()

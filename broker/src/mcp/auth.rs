@@ -1,6 +1,7 @@
 //! Who is calling `/mcp`: a bearer token mapped to a principal whose calls
-//! the broker signs, or, in development trust with no principal configured,
-//! a development principal for requests without a token.
+//! the broker signs; a request signed by the caller's own key (its calls
+//! are broker-attested); or, in development trust with no principal
+//! configured, a development principal for requests without a token.
 
 use std::sync::Arc;
 
@@ -14,11 +15,14 @@ use crate::BrokerError;
 /// The id of the development principal.
 pub(crate) const DEV_PRINCIPAL: &str = "mcp-dev";
 
-/// A principal ready to sign calls.
+/// Who a request calls as.
 #[derive(Debug)]
 pub(crate) struct Principal {
     pub(crate) id: AgentId,
-    pub(crate) key: SigningKey,
+    /// The key the broker signs this principal's calls with (token
+    /// principals); `None` for a signed request, whose calls the broker
+    /// attests instead (it holds no key of the caller's).
+    pub(crate) key: Option<SigningKey>,
     pub(crate) public: PublicKey,
     pub(crate) grant: Option<SignedGrant>,
     /// `None`: the development principal (requests without a token).
@@ -74,7 +78,7 @@ impl Principals {
             list.push(Arc::new(Principal {
                 id: AgentId::new(DEV_PRINCIPAL).map_err(|e| BrokerError::Config(e.to_string()))?,
                 public: key.public_key(),
-                key,
+                key: Some(key),
                 grant: None,
                 token_sha256: None,
             }));
@@ -119,11 +123,68 @@ impl Principals {
     }
 }
 
+/// The principal of a request signed by its caller (`Fem-Signature`,
+/// `Fem-Grant`, and `?as=ID` in the signed path): the id must be one the
+/// grant lets the key register (in development trust, not bound to
+/// another key). Its calls are broker-attested.
+///
+/// # Errors
+/// As [`crate::listen::http::verify_signed`]; `BAD_REQUEST` without `as`.
+pub(crate) fn signed(
+    s: &crate::state::Shared,
+    parts: &axum::http::request::Parts,
+    sig: &axum::http::HeaderValue,
+    body: &[u8],
+) -> Result<Arc<Principal>, crate::route::admission::Refusal> {
+    use fem_proto::ErrorCode;
+    let uri = &parts.uri;
+    let path = uri
+        .path_and_query()
+        .map_or_else(|| uri.path(), |p| p.as_str());
+    let id = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("as="))
+        .ok_or_else(|| {
+            (
+                ErrorCode::BadRequest,
+                "a signed /mcp request names its caller: POST /mcp?as=ID".to_owned(),
+            )
+        })?;
+    let id = AgentId::new(id).map_err(|e| (ErrorCode::BadRequest, format!("as={id}: {e}")))?;
+    let r = crate::listen::http::verify_signed(
+        s,
+        &parts.headers,
+        sig,
+        parts.method.as_str(),
+        path,
+        body,
+    )?;
+    match &r.credential {
+        Some(c) if !c.grant.may_register(&id) => {
+            return Err((
+                ErrorCode::PermissionDenied,
+                format!("the grant does not bind id {id} to the signing key"),
+            ));
+        }
+        Some(_) => {}
+        None => s.trust.check_bound(&id, &r.key)?,
+    }
+    Ok(Arc::new(Principal {
+        id,
+        key: None,
+        public: r.key,
+        grant: r.credential.map(|c| c.signed.clone()),
+        token_sha256: None,
+    }))
+}
+
 fn from_config(p: &McpPrincipal) -> Arc<Principal> {
     Arc::new(Principal {
         id: p.id.clone(),
         public: p.key.public_key(),
-        key: p.key.clone(),
+        key: Some(p.key.clone()),
         grant: p.grant.clone(),
         token_sha256: Some(p.token_sha256),
     })

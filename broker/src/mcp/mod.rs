@@ -118,6 +118,46 @@ async fn serve(
             }
         },
     };
+    if let Some(sig) = req
+        .headers()
+        .get(fem_proto::http_sig::SIGNATURE_HEADER)
+        .cloned()
+    {
+        let (parts, body) = req.into_parts();
+        // The signature covers the body: read it (bounded) and put it back.
+        let bytes = match axum::body::to_bytes(body, s.config.max_frame).await {
+            Ok(b) => b,
+            Err(_) => {
+                count(&s, "http", "too_large");
+                return (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    axum::Json(json!({"error": format!("a signed /mcp request body is at most {} bytes (--max-frame-size)", s.config.max_frame)})),
+                )
+                    .into_response();
+            }
+        };
+        let principal = match auth::signed(&s, &parts, &sig, &bytes) {
+            Ok(p) => p,
+            Err((code, message)) => {
+                count(&s, "http", "unauthorized");
+                s.metrics.refused(code.as_str());
+                let status = if code == ErrorCode::PermissionDenied {
+                    StatusCode::FORBIDDEN
+                } else {
+                    StatusCode::UNAUTHORIZED
+                };
+                return (
+                    status,
+                    [(header::WWW_AUTHENTICATE, "Bearer, FEM-Grant")],
+                    axum::Json(json!({"error": format!("{code}: {message}")})),
+                )
+                    .into_response();
+            }
+        };
+        let mut req = Request::from_parts(parts, axum::body::Body::from(bytes));
+        req.extensions_mut().insert(Caller { principal, view });
+        return svc.handle(req).await;
+    }
     let principal = match s.mcp_principals.authenticate(req.headers()) {
         Ok(p) => p,
         Err(e) => {
@@ -314,6 +354,8 @@ fn in_view<'a>(caller: &Caller, offers: &'a [Offer], n: &Named) -> Vec<&'a Offer
                 .as_ref()
                 .is_none_or(|v| v.shows(&o.tool.name, &o.capabilities))
         })
+        // A signed request's calls are attested: only tools that take them.
+        .filter(|o| caller.principal.key.is_some() || o.tool.accepts_attested)
         .collect()
 }
 
@@ -446,23 +488,44 @@ pub(crate) async fn call(
         audience: Some(s.config.broker_id.clone()),
     };
     let env = fem_proto::Envelope::new(Header::now(p.id.clone()), Body::ToolCall(call.clone()));
-    let envelope = match SignedEnvelope::sign(&env, &p.key) {
+    let sealed = match &p.key {
+        Some(k) => SignedEnvelope::sign(&env, k).map(fem_proto::Carried::Signed),
+        None => {
+            fem_proto::UnsignedEnvelope::encode(&env).map(|envelope| fem_proto::Carried::Attested {
+                envelope,
+                by: s.config.broker_id.clone(),
+            })
+        }
+    };
+    let envelope = match sealed {
         Ok(e) => e,
-        Err(e) => return Ok(failed(s, e.code(), format!("signing the call: {e}"))),
+        Err(e) => return Ok(failed(s, e.code(), format!("encoding the call: {e}"))),
     };
     let answer = crate::listen::gateway::call_once(s, &call, progress, |reply| Incoming {
         reply,
         caller: &p.id,
         caller_key: p.public,
         call: &call,
-        envelope: fem_proto::Carried::Signed(envelope),
+        envelope,
         hops_left: fem_proto::DEFAULT_MAX_HOPS,
         pinned: None,
         credential: cred.clone(),
     })
     .await;
-    let outcome = match answer {
-        Some(Frame::Deliver { envelope, .. }) => match envelope.open().map(|e| e.body) {
+    let opened = match answer {
+        Some(Frame::Deliver { envelope, .. }) => Some(envelope.open()),
+        Some(Frame::Attested { envelope, .. }) => Some(envelope.open()),
+        Some(Frame::CallFailed { code, message, .. }) => {
+            return Ok(failed(s, code, message));
+        }
+        Some(_) => Some(Err(fem_proto::ProtoError::Malformed {
+            what: "answer",
+            detail: "unexpected frame".into(),
+        })),
+        None => None,
+    };
+    let outcome = match opened {
+        Some(opened) => match opened.map(|e| e.body) {
             Ok(Body::ToolResult(r)) => match r.outcome {
                 ToolOutcome::Success(v) => match v.parse() {
                     Ok(v) => Outcome::Ok(v),
@@ -477,11 +540,6 @@ pub(crate) async fn call(
                 code: ErrorCode::Internal,
                 message: "the call was answered with something else than a toolResult".into(),
             },
-        },
-        Some(Frame::CallFailed { code, message, .. }) => Outcome::Failed { code, message },
-        Some(_) => Outcome::Failed {
-            code: ErrorCode::Internal,
-            message: "unexpected answer".into(),
         },
         None => Outcome::Failed {
             code: ErrorCode::Timeout,
@@ -525,7 +583,7 @@ mod tests {
             principal: Arc::new(Principal {
                 id: AgentId::new("p").unwrap(),
                 public: key.public_key(),
-                key,
+                key: Some(key),
                 grant: None,
                 token_sha256: None,
             }),

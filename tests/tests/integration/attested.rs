@@ -273,3 +273,128 @@ async fn attested_events_reach_only_subscribers_that_accept_them() {
     })
     .await;
 }
+
+/// `tools/call` of `name` as a JSON-RPC body.
+fn tools_call(name: &str) -> String {
+    json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+           "params": {"name": name, "arguments": {}}})
+    .to_string()
+}
+
+/// POSTs `body` to `path` signed by `key` (as `fem mcp --key` does); returns
+/// the status, the answer, and the signature header (to replay it).
+async fn signed_post(
+    b: &fem_tests::BrokerProcess,
+    key: &SigningKey,
+    path: &str,
+    body: &str,
+) -> (u16, String, String) {
+    let sig = fem_proto::http_sig::HttpSignature::sign(key, "POST", path, body.as_bytes());
+    let header = sig.to_header();
+    let (status, answer) = post(b, path, &header, body).await;
+    (status, answer, header)
+}
+
+async fn post(b: &fem_tests::BrokerProcess, path: &str, sig: &str, body: &str) -> (u16, String) {
+    fem_tests::https(
+        b.addr,
+        b.ca().as_ref(),
+        "POST",
+        path,
+        &[
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json, text/event-stream"),
+            ("MCP-Protocol-Version", "2025-11-25"),
+            (fem_proto::http_sig::SIGNATURE_HEADER, sig),
+        ],
+        body,
+    )
+    .await
+}
+
+/// Signed requests on `/mcp`: the caller's own key authenticates each
+/// request (no token), and its calls reach tools as broker-attested calls.
+/// An attacker replaying a captured request, altering its body, or using
+/// an id bound to another key is refused.
+#[tokio::test]
+async fn signed_mcp_requests_make_attested_calls() {
+    bounded(120, async {
+        let b = fem_tests::BrokerProcess::start(fem_tests::host(374), &[], &[]).await;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let agent_key = SigningKey::generate();
+        let _agent = AgentBuilder::new(AgentId::new("tools-374").unwrap(), agent_key)
+            .tool(whoami("t.open", Arc::clone(&seen)).accept_attested())
+            .tool(whoami("t.strict", Arc::clone(&seen)))
+            .connect(options_for(b.addr, b.ca().as_ref()))
+            .await
+            .unwrap();
+        let alice = SigningKey::generate();
+        let path = "/mcp?as=alice-374";
+        let list = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).to_string();
+        let (status, answer, _) = signed_post(&b, &alice, path, &list).await;
+        assert_eq!(status, 200, "{answer}");
+        assert!(answer.contains("t_open"), "{answer}");
+        assert!(
+            !answer.contains("strict"),
+            "only tools that take attested calls: {answer}"
+        );
+        // A call: the agent sees alice, attested by this broker.
+        let body = tools_call("t_open");
+        let (status, answer, sig) = signed_post(&b, &alice, path, &body).await;
+        assert_eq!(status, 200, "{answer}");
+        assert!(answer.contains("alice-374"), "{answer}");
+        assert!(
+            answer.contains(&format!("broker-{}", b.addr.ip())),
+            "{answer}"
+        );
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        // The captured request sent again: refused, not run twice.
+        let (status, answer) = post(&b, path, &sig, &body).await;
+        assert_eq!(status, 401, "{answer}");
+        assert!(answer.contains("REPLAYED"), "{answer}");
+        // Its signature on another body: refused.
+        let sig = fem_proto::http_sig::HttpSignature::sign(&alice, "POST", path, body.as_bytes());
+        let (status, answer) = post(&b, path, &sig.to_header(), &tools_call("t_other")).await;
+        assert_eq!(status, 401, "{answer}");
+        // Or for another caller id: the signed path names alice.
+        let (status, answer) = post(&b, "/mcp?as=bob-374", &sig.to_header(), &body).await;
+        assert_eq!(status, 401, "{answer}");
+        // A throw-away key calling as the agent's own id, bound to its key.
+        let mallory = SigningKey::generate();
+        let (status, answer, _) =
+            signed_post(&b, &mallory, "/mcp?as=tools-374", &tools_call("t_open")).await;
+        assert_eq!(status, 401, "{answer}");
+        assert!(answer.contains("belongs to key"), "{answer}");
+        // The tool that did not opt in cannot be called by name.
+        let (_, answer, _) = signed_post(&b, &alice, path, &tools_call("t_strict")).await;
+        assert!(
+            answer.contains("error") || answer.contains("isError"),
+            "{answer}"
+        );
+        assert_eq!(seen.lock().unwrap().len(), 1, "no other handler ran");
+        // `fem mcp --key --id` signs each message the same way over stdio.
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("carol.key");
+        fem_net::keys::save_key(&key_file, &SigningKey::generate()).unwrap();
+        let url = b.url();
+        let ca = b.ca();
+        let out = crate::mcp_stdio::raw(
+            &[
+                "--broker",
+                &url,
+                "--ca",
+                &ca,
+                "--key",
+                key_file.to_str().unwrap(),
+                "--id",
+                "carol-374",
+            ],
+            &format!("{}\n", tools_call("t_open")),
+        )
+        .await;
+        let text = out[0].to_string();
+        assert!(text.contains("carol-374"), "{text}");
+        assert_eq!(seen.lock().unwrap().len(), 2);
+    })
+    .await;
+}

@@ -25,7 +25,7 @@ fn stdio_args<'a>(client_args: &[&'a str], fem: &'a str, fem_args: &[&'a str]) -
 
 /// Runs `fem mcp ARGS` with `input` on stdin (then closed); returns the
 /// messages it printed, once it exited (successfully) within 30 s.
-async fn raw(args: &[&str], input: &str) -> Vec<Value> {
+pub(crate) async fn raw(args: &[&str], input: &str) -> Vec<Value> {
     let mut child = tokio::process::Command::new(bin("fem"))
         .arg("mcp")
         .args(args)
