@@ -125,16 +125,17 @@ async fn serve(
     {
         let (parts, body) = req.into_parts();
         // The signature covers the body: read it (bounded) and put it back.
-        let bytes = match axum::body::to_bytes(body, s.config.max_frame).await {
-            Ok(b) => b,
-            Err(_) => {
-                count(&s, "http", "too_large");
-                return (
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    axum::Json(json!({"error": format!("a signed /mcp request body is at most {} bytes (--max-frame-size)", s.config.max_frame)})),
-                )
-                    .into_response();
-            }
+        let Ok(bytes) = axum::body::to_bytes(body, s.config.max_frame).await else {
+            count(&s, "http", "too_large");
+            let message = format!(
+                "a signed /mcp request body is at most {} bytes (--max-frame-size)",
+                s.config.max_frame
+            );
+            return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                axum::Json(json!({ "error": message })),
+            )
+                .into_response();
         };
         let principal = match auth::signed(&s, &parts, &sig, &bytes) {
             Ok(p) => p,
