@@ -114,6 +114,8 @@ struct Agent {
     max: u32,
     caps: Vec<Capability>,
     conn: Option<Conn>,
+    /// Its tool accepts broker-attested calls.
+    accepts_attested: bool,
 }
 
 #[derive(Debug)]
@@ -143,6 +145,8 @@ struct CallRecord {
     result_at_entry: Option<u64>,
     deliveries: u32,
     lost: bool,
+    /// Sent unsigned, for the entry broker to attest.
+    attested: bool,
 }
 
 #[derive(Debug)]
@@ -166,13 +170,13 @@ enum Ev {
     Call {
         conn: Conn,
         call: ToolCall,
-        env: SignedEnvelope,
+        env: Carried,
         caller: usize,
     },
     Result {
         conn: Conn,
         result: ToolResult,
-        env: SignedEnvelope,
+        env: Carried,
         agent: usize,
     },
     SessionClosed {
@@ -183,6 +187,8 @@ enum Ev {
         conn: Conn,
         call: ToolCall,
         caller: AgentId,
+        /// The call came broker-attested (answered unsigned).
+        attested: bool,
     },
     IssueCall,
     Fault,
@@ -273,10 +279,25 @@ struct RouteStats {
 struct Stats {
     cancels_to_agents: u64,
     progress_to_callers: u64,
+    /// Attested calls an agent ran.
+    attested_served: u64,
+    /// Signed calls an agent answered unsigned (refused on the way back).
+    unsigned_answers_to_signed: u64,
 }
 
 fn id(s: &str) -> AgentId {
     AgentId::new(s).expect("id")
+}
+
+/// The envelope of `signed` sent unsigned, attested by broker `by`.
+fn attest(signed: SignedEnvelope, by: &AgentId) -> Carried {
+    Carried::Attested {
+        envelope: fem_proto::UnsignedEnvelope {
+            format: signed.format,
+            bytes: signed.bytes,
+        },
+        by: by.clone(),
+    }
 }
 
 fn cap(s: &str) -> Capability {
@@ -358,6 +379,7 @@ impl Sim {
                 max: rng.gen_range(1..=3),
                 caps: vec![cap(if i % 2 == 0 { "work.a" } else { "work.b" })],
                 conn: None,
+                accepts_attested: i % 3 != 2,
             })
             .collect();
         let callers = (0..n_callers)
@@ -581,6 +603,10 @@ impl Sim {
                 Ok(Body::ToolResult(r)) => (r.request_id, true, false),
                 _ => return,
             },
+            Frame::Attested { envelope, .. } => match envelope.open().map(|e| e.body) {
+                Ok(Body::ToolResult(r)) => (r.request_id, true, false),
+                _ => return,
+            },
             _ => return,
         };
         let is_caller = self
@@ -642,8 +668,10 @@ impl Sim {
         let initiator = na.clone();
         let features = |x: usize| {
             let mut f = vec![fem_proto::CANCEL_FEATURE.to_owned()];
+            // Older brokers (mixed meshes) have neither deltas nor attested relays.
             if self.brokers[x].deltas {
                 f.push(fem_proto::DELTA_FEATURE.to_owned());
+                f.push(fem_proto::ATTESTED_FEATURE.to_owned());
             }
             f
         };
@@ -885,6 +913,12 @@ impl Sim {
             i,
             true,
         );
+        let attested = self.aux.gen_bool(0.25);
+        let env = if attested {
+            attest(env, &self.brokers[conn.broker].name)
+        } else {
+            Carried::Signed(env)
+        };
         self.calls.insert(
             request_id,
             CallRecord {
@@ -898,6 +932,7 @@ impl Sim {
                 result_at_entry: None,
                 deliveries: 0,
                 lost: false,
+                attested,
             },
         );
         self.callers[i].outstanding.insert(request_id);
@@ -1017,49 +1052,46 @@ impl Sim {
                         signer,
                         envelope,
                         ..
+                    } => self.relayed_call(
+                        to,
+                        link,
+                        id,
+                        &agent,
+                        hops_left,
+                        signer,
+                        Carried::Signed(envelope),
+                    ),
+                    FedFrame::RelayAttestedCall {
+                        id,
+                        agent,
+                        hops_left,
+                        signer,
+                        envelope,
+                        attested_by,
+                        ..
                     } => {
-                        let Ok(Envelope {
-                            header,
-                            body: Body::ToolCall(call),
-                        }) = envelope.open()
-                        else {
-                            return self.violation("relayed call does not open".into());
+                        let envelope = Carried::Attested {
+                            envelope,
+                            by: attested_by,
                         };
-                        self.with_router(to, |r, now| {
-                            r.call(
-                                now,
-                                Incoming {
-                                    reply: ReplyTo::Link { link, relay: id },
-                                    caller: &header.sender,
-                                    caller_key: signer,
-                                    call: &call,
-                                    envelope: Carried::Signed(envelope),
-                                    hops_left,
-                                    pinned: Some(&agent),
-                                    credential: None,
-                                },
-                            );
-                        });
+                        self.relayed_call(to, link, id, &agent, hops_left, signer, envelope);
                     }
                     FedFrame::RelayResult {
                         id,
                         signer,
                         envelope,
+                    } => self.relayed_result(to, link, id, signer, Carried::Signed(envelope)),
+                    FedFrame::RelayAttestedResult {
+                        id,
+                        signer,
+                        envelope,
+                        attested_by,
                     } => {
-                        let Ok(Body::ToolResult(result)) = envelope.open().map(|e| e.body) else {
-                            return self.violation("relayed result does not open".into());
+                        let envelope = Carried::Attested {
+                            envelope,
+                            by: attested_by,
                         };
-                        self.note_result_at(to, result.request_id);
-                        self.with_router(to, |r, now| {
-                            r.relay_result(
-                                now,
-                                link,
-                                id,
-                                &result,
-                                Carried::Signed(envelope),
-                                signer,
-                            );
-                        });
+                        self.relayed_result(to, link, id, signer, envelope);
                     }
                     FedFrame::RelayFailed { id, code, message } => {
                         self.with_router(to, |r, now| r.relay_failed(now, link, id, code, message));
@@ -1092,7 +1124,7 @@ impl Sim {
                             name: cap("run"),
                             description: String::new(),
                             input_schema: JsonText::new("{}").expect("json"),
-                            accepts_attested: false,
+                            accepts_attested: a.accepts_attested,
                         };
                         (
                             a.name.clone(),
@@ -1172,7 +1204,7 @@ impl Sim {
                             caller: &name,
                             caller_key: key,
                             call: &call,
-                            envelope: Carried::Signed(env),
+                            envelope: env,
                             hops_left: fem_proto::DEFAULT_MAX_HOPS,
                             pinned: None,
                             credential: None,
@@ -1192,7 +1224,7 @@ impl Sim {
                 self.note_result_at(conn.broker, result.request_id);
                 let key = self.agents[agent].key.public_key();
                 self.with_router(conn.broker, |r, now| {
-                    r.result(now, conn.client, &result, Carried::Signed(env), key);
+                    r.result(now, conn.client, &result, env, key);
                 });
             }
             Ev::SessionClosed { conn } => {
@@ -1205,6 +1237,7 @@ impl Sim {
                 conn,
                 call,
                 caller,
+                attested,
             } => {
                 if self.agents[agent].conn != Some(conn) {
                     return; // crashed while running it
@@ -1224,6 +1257,18 @@ impl Sim {
                 };
                 let name = self.agents[agent].name.clone();
                 let env = self.sign(&name, Body::ToolResult(result.clone()), agent, false);
+                // An attested call is answered unsigned; now and then a
+                // faulty agent answers a signed call unsigned too, which
+                // its broker must not pass off as a result.
+                let unsigned = attested || self.aux.gen_bool(0.03);
+                if unsigned && !attested {
+                    self.stats.unsigned_answers_to_signed += 1;
+                }
+                let env = if unsigned {
+                    attest(env, &self.brokers[conn.broker].name)
+                } else {
+                    Carried::Signed(env)
+                };
                 self.fifo(
                     (3, conn.broker, usize::try_from(conn.client.0).unwrap_or(0)),
                     50,
@@ -1324,6 +1369,68 @@ impl Sim {
         }
     }
 
+    /// A call relayed to broker `to` over `link` (signed or attested).
+    #[allow(clippy::too_many_arguments)]
+    fn relayed_call(
+        &mut self,
+        to: usize,
+        link: LinkId,
+        id: u64,
+        agent: &AgentId,
+        hops_left: u8,
+        signer: fem_proto::PublicKey,
+        envelope: Carried,
+    ) {
+        let opened = match &envelope {
+            Carried::Signed(s) => s.open(),
+            Carried::Attested { envelope, .. } => envelope.open(),
+        };
+        let Ok(Envelope {
+            header,
+            body: Body::ToolCall(call),
+        }) = opened
+        else {
+            return self.violation("relayed call does not open".into());
+        };
+        self.with_router(to, |r, now| {
+            r.call(
+                now,
+                Incoming {
+                    reply: ReplyTo::Link { link, relay: id },
+                    caller: &header.sender,
+                    caller_key: signer,
+                    call: &call,
+                    envelope,
+                    hops_left,
+                    pinned: Some(agent),
+                    credential: None,
+                },
+            );
+        });
+    }
+
+    /// A result relayed back to broker `to` over `link`.
+    fn relayed_result(
+        &mut self,
+        to: usize,
+        link: LinkId,
+        id: u64,
+        signer: fem_proto::PublicKey,
+        envelope: Carried,
+    ) {
+        let opened = match &envelope {
+            Carried::Signed(s) => s.open(),
+            Carried::Attested { envelope, .. } => envelope.open(),
+        };
+        let Ok(Body::ToolResult(result)) = opened.map(|e| e.body) else {
+            return self.violation("relayed result does not open".into());
+        };
+        self.note_result_at(to, result.request_id);
+        self.with_router(to, |r, now| {
+            r.relay_result(now, link, id, &result, envelope, signer);
+        });
+    }
+
     fn client_receives(&mut self, conn: Conn, frame: Frame) {
         if let Some(i) = self.agents.iter().position(|a| a.conn == Some(conn)) {
             if let Frame::Cancel { request_id } = frame {
@@ -1333,18 +1440,34 @@ impl Sim {
                 }
                 return;
             }
-            let Frame::Deliver { envelope, .. } = frame else {
-                return;
+            let (opened, attested) = match frame {
+                Frame::Deliver { envelope, .. } => (envelope.open(), false),
+                Frame::Attested { envelope, .. } => (envelope.open(), true),
+                _ => return,
             };
             let Ok(Envelope {
                 header,
                 body: Body::ToolCall(call),
-            }) = envelope.open()
+            }) = opened
             else {
                 return;
             };
             let name = self.agents[i].name.clone();
             let request = call.request_id;
+            let sent_attested = self.calls.get(&request).is_some_and(|r| r.attested);
+            if attested != sent_attested {
+                self.violation(format!(
+                    "call {request} reached {name} attested={attested}, sent attested={sent_attested}"
+                ));
+            }
+            if attested {
+                if !self.agents[i].accepts_attested {
+                    self.violation(format!(
+                        "attested call {request} reached {name}, whose tool does not accept them"
+                    ));
+                }
+                self.stats.attested_served += 1;
+            }
             let mut twice = false;
             if let Some(rec) = self.calls.get_mut(&request) {
                 rec.deliveries += 1;
@@ -1382,6 +1505,7 @@ impl Sim {
                     conn,
                     call,
                     caller: header.sender,
+                    attested,
                 },
             );
             return;
@@ -1405,6 +1529,18 @@ impl Sim {
                 return;
             }
             Frame::CallFailed { request_id, .. } => *request_id,
+            Frame::Attested { envelope, .. } => match envelope.open().map(|e| e.body) {
+                Ok(Body::ToolResult(r)) => {
+                    if !self.calls.get(&r.request_id).is_some_and(|c| c.attested) {
+                        self.violation(format!(
+                            "signed call {} answered with an unsigned result",
+                            r.request_id
+                        ));
+                    }
+                    r.request_id
+                }
+                _ => return,
+            },
             Frame::Deliver { envelope, signer } => match envelope.open().map(|e| e.body) {
                 Ok(Body::ToolResult(r)) => {
                     let from = self.agents.iter().find(|a| a.key.public_key() == *signer);
@@ -1807,23 +1943,30 @@ fn simulation_of_the_federation_under_faults() {
                 simulated += s;
                 stats.cancels_to_agents += st.cancels_to_agents;
                 stats.progress_to_callers += st.progress_to_callers;
+                stats.attested_served += st.attested_served;
+                stats.unsigned_answers_to_signed += st.unsigned_answers_to_signed;
             }
             Err(e) => failures.push(e),
         }
     }
     println!(
-        "simulation: {} seeds, {calls} calls, {:.1} simulated hours, {:.1} s wall time, {} failed; {} cancels reached agents, {} progress updates reached callers",
+        "simulation: {} seeds, {calls} calls, {:.1} simulated hours, {:.1} s wall time, {} failed; {} cancels reached agents, {} progress updates reached callers, {} attested calls ran, {} signed calls answered unsigned",
         seeds.len(),
         simulated as f64 / 3600.0,
         started.elapsed().as_secs_f64(),
         failures.len(),
         stats.cancels_to_agents,
         stats.progress_to_callers,
+        stats.attested_served,
+        stats.unsigned_answers_to_signed,
     );
     if seeds.len() > 50 {
         assert!(
-            stats.cancels_to_agents > 0 && stats.progress_to_callers > 0,
-            "the runs never exercised cancels or progress: {stats:?}"
+            stats.cancels_to_agents > 0
+                && stats.progress_to_callers > 0
+                && stats.attested_served > 0
+                && stats.unsigned_answers_to_signed > 0,
+            "the runs never exercised cancels, progress or attested calls: {stats:?}"
         );
     }
     assert!(
@@ -1923,6 +2066,7 @@ fn simulation_load_spreads_across_brokers() {
                     result_at_entry: None,
                     deliveries: 0,
                     lost: false,
+                    attested: false,
                 },
             );
             sim.callers[0].outstanding.insert(call.request_id);
@@ -1931,7 +2075,7 @@ fn simulation_load_spreads_across_brokers() {
                 Ev::Call {
                     conn,
                     call,
-                    env,
+                    env: Carried::Signed(env),
                     caller: 0,
                 },
             );
