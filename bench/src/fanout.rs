@@ -1,7 +1,9 @@
 //! Workload 7: event fan-out. One publisher emits 256 B events on a topic
 //! that 1, 10 or 100 subscribers (each on its own connection) receive: over
-//! FEM (the SDK's `emit` and `subscribe`, QUIC and TLS/TCP, one broker)
-//! and over NATS with TLS (publish/subscribe, async-nats).
+//! FEM (the SDK's `emit` and `subscribe`, QUIC and TLS/TCP, one broker;
+//! signed events, and broker-attested ones with `emit_attested` and
+//! `subscribe_accepting_attested`) and over NATS with TLS
+//! (publish/subscribe, async-nats).
 //!
 //! Flow control is the same for both: the publisher keeps at most
 //! [`WINDOW`] events in flight, an event being in flight until every
@@ -128,17 +130,23 @@ struct Stamp {
 
 /// Where events are published.
 enum Publisher {
-    Fem(Client),
+    /// A FEM client, emitting broker-attested events when `true`.
+    Fem(Client, bool),
     Nats(async_nats::Client),
 }
 
 impl Publisher {
     async fn publish(&self, topic: &str, t_ns: u64) -> Result<(), String> {
         match self {
-            Self::Fem(c) => {
+            Self::Fem(c, attested) => {
                 let v: serde_json::Value =
                     serde_json::from_str(&event_json(t_ns)).map_err(|e| e.to_string())?;
-                c.emit(topic, v).await.map_err(|e| e.to_string())
+                let r = if *attested {
+                    c.emit_attested(topic, v).await
+                } else {
+                    c.emit(topic, v).await
+                };
+                r.map_err(|e| e.to_string())
             }
             Self::Nats(c) => c
                 .publish(topic.to_owned(), Bytes::from(event_json(t_ns)))
@@ -200,7 +208,8 @@ impl Drop for Running {
 }
 
 fn topic(system: &str, n: usize) -> String {
-    format!("bench.fanout.{system}.s{n}")
+    // A topic is a capability: no `+`.
+    format!("bench.fanout.{}.s{n}", system.replace('+', "-"))
 }
 
 async fn start_fem(
@@ -211,20 +220,25 @@ async fn start_fem(
     transport: Transport,
     base: Instant,
 ) -> anyhow::Result<()> {
+    let attested = name.ends_with("+attested");
+    // Client ids allow no `+`.
+    let id = name.replace('+', "-");
     let most = s.subscribers.iter().copied().max().unwrap_or(0);
     let mut subs = Vec::with_capacity(most);
     for i in 0..most {
-        subs.push(caller(&format!("fanout-{name}-sub-{i}"), options(s, b, transport)?).await?);
+        subs.push(caller(&format!("fanout-{id}-sub-{i}"), options(s, b, transport)?).await?);
     }
     let mut flows = Vec::new();
     for &n in &s.subscribers {
         let t = topic(name, n);
         let flow = Arc::new(Flow::new(base, n));
         for (i, c) in subs.iter().take(n).enumerate() {
-            let mut rx = c
-                .subscribe(&t)
-                .await
-                .with_context(|| format!("subscribe to {t}"))?;
+            let rx = if attested {
+                c.subscribe_accepting_attested(&t).await
+            } else {
+                c.subscribe(&t).await
+            };
+            let mut rx = rx.with_context(|| format!("subscribe to {t}"))?;
             let flow = Arc::clone(&flow);
             run.tasks.push(tokio::spawn(async move {
                 while let Some(ev) = rx.recv().await {
@@ -237,11 +251,11 @@ async fn start_fem(
         flows.push((n, t, flow));
     }
     run.fem_subscribers.extend(subs);
-    let publisher = caller(&format!("fanout-{name}-pub"), options(s, b, transport)?).await?;
+    let publisher = caller(&format!("fanout-{id}-pub"), options(s, b, transport)?).await?;
     run.systems.push(System {
         name,
         server_pid: b.proc.pid(),
-        publisher: Publisher::Fem(publisher),
+        publisher: Publisher::Fem(publisher, attested),
         flows,
         slow: SlowCounter::Broker(b.metrics),
     });
@@ -437,6 +451,16 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
     b.wait_ready(Duration::from_secs(60)).await?;
     start_fem(s, &mut run, &b, "fem-quic", Transport::Quic, base).await?;
     start_fem(s, &mut run, &b, "fem-tls-tcp", Transport::Tcp, base).await?;
+    start_fem(s, &mut run, &b, "fem-quic+attested", Transport::Quic, base).await?;
+    start_fem(
+        s,
+        &mut run,
+        &b,
+        "fem-tls-tcp+attested",
+        Transport::Tcp,
+        base,
+    )
+    .await?;
     start_nats(s, &mut run, base).await?;
     run.broker = Some(b);
 
