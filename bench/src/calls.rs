@@ -73,7 +73,7 @@ impl Running {
 }
 
 /// An echo agent of the agent process, on the broker at `b`.
-fn agent_spec(id: &str, b: &BrokerProc, transport: Transport) -> FemAgent {
+pub(crate) fn agent_spec(id: &str, b: &BrokerProc, transport: Transport) -> FemAgent {
     FemAgent {
         id: id.to_owned(),
         capability: "bench.echo".to_owned(),

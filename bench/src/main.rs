@@ -32,6 +32,7 @@ mod mcp;
 mod procs;
 mod report;
 mod scale;
+mod soak;
 
 use crate::procs::{BenchCa, find_program};
 use crate::report::{Report, Row};
@@ -93,6 +94,9 @@ struct Args {
     /// Agents per broker of the fedscale workload.
     #[arg(long, default_value_t = 1000)]
     fed_agents: usize,
+    /// Length of the soak workload [default: 600s, 30s with --quick].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    soak: Option<Duration>,
     /// Keep the working directory (broker data and logs) and print its path.
     #[arg(long)]
     keep: bool,
@@ -120,6 +124,8 @@ pub(crate) enum Workload {
     Fanout,
     /// A mesh of brokers with many agents each.
     Fedscale,
+    /// One caller at 64 in flight for `--soak`, broker memory sampled (only when named).
+    Soak,
 }
 
 impl Workload {
@@ -133,6 +139,7 @@ impl Workload {
             Self::Federation => "federation",
             Self::Fanout => "fanout",
             Self::Fedscale => "fedscale",
+            Self::Soak => "soak",
         }
     }
 }
@@ -152,6 +159,7 @@ pub(crate) struct Settings {
     pub(crate) rounds: usize,
     pub(crate) subscribers: Vec<usize>,
     pub(crate) fed_agents: usize,
+    pub(crate) soak: Duration,
     pub(crate) net: Ipv4Addr,
     pub(crate) broker_bin: PathBuf,
     pub(crate) nats_bin: PathBuf,
@@ -170,7 +178,12 @@ fn settings(a: &Args, work: PathBuf) -> anyhow::Result<Settings> {
     workloads.sort_unstable();
     workloads.dedup();
     if workloads.is_empty() {
-        workloads = Workload::value_variants().to_vec();
+        // Everything but the soak, which takes ten minutes on its own.
+        workloads = Workload::value_variants()
+            .iter()
+            .copied()
+            .filter(|w| *w != Workload::Soak)
+            .collect();
     }
     if !(2..=200).contains(&a.mesh_size) {
         bail!("--mesh-size must be 2 to 200");
@@ -215,6 +228,11 @@ fn settings(a: &Args, work: PathBuf) -> anyhow::Result<Settings> {
         rounds: a.rounds.unwrap_or(if a.quick { 2 } else { 5 }).max(1),
         subscribers: a.subscribers.clone(),
         fed_agents: a.fed_agents,
+        soak: a.soak.unwrap_or(if a.quick {
+            Duration::from_secs(30)
+        } else {
+            Duration::from_secs(600)
+        }),
         net: a.net,
         broker_bin,
         nats_bin,
@@ -296,6 +314,9 @@ async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
     if s.selected(Workload::Fedscale) {
         rows.extend(fedscale::run(s).await.context("fedscale")?);
     }
+    if s.selected(Workload::Soak) {
+        rows.extend(soak::run(s).await.context("soak")?);
+    }
     Ok(rows)
 }
 
@@ -360,6 +381,12 @@ fn main_inner(args: &Args) -> anyhow::Result<()> {
     }
     if s.selected(Workload::Fedscale) {
         settings_map.insert("fed_agents".into(), s.fed_agents.to_string());
+    }
+    if s.selected(Workload::Soak) {
+        settings_map.insert(
+            "soak".into(),
+            humantime::format_duration(s.soak).to_string(),
+        );
     }
     settings_map.insert(
         "workloads".into(),
