@@ -330,7 +330,7 @@ async fn start_federated(s: &Settings, run: &mut Running) -> anyhow::Result<()> 
         ]
     })
     .await?;
-    add_federated(s, run, "mesh2", mesh, 2).await?;
+    add_federated(s, run, ["mesh2", "mesh2+attested"], mesh, 2).await?;
 
     let hub_url = broker_url(host_ip(s.net, 5));
     let star = start_cluster(s, "hub", &[5, 6, 7], |i| {
@@ -349,26 +349,32 @@ async fn start_federated(s: &Settings, run: &mut Running) -> anyhow::Result<()> 
     // Caller on one spoke, agent on the other: the call crosses the hub.
     let [hub, a, b] =
         <[BrokerProc; 3]>::try_from(star).map_err(|_| anyhow::anyhow!("expected three brokers"))?;
-    add_federated(s, run, "hub", vec![a, b, hub], 3).await
+    add_federated(s, run, ["hub", "hub+attested"], vec![a, b, hub], 3).await
 }
 
 /// Adds a federated system: the caller on the first broker, the echo agent
 /// on the second, the call crossing `brokers_on_path` brokers.
+/// Adds the signed case `names[0]` and the broker-attested case
+/// `names[1]` across `brokers` (caller at the first, agent at the second).
 async fn add_federated(
     s: &Settings,
     run: &mut Running,
-    name: &'static str,
+    names: [&'static str; 2],
     brokers: Vec<BrokerProc>,
     brokers_on_path: u32,
 ) -> anyhow::Result<()> {
-    let agent = agent_spec(&format!("echo-{name}"), &brokers[1], Transport::Quic);
-    let c = caller(
-        &format!("caller-{name}"),
-        options(s, &brokers[0], Transport::Quic)?,
-    )
-    .await?;
-    let pids = brokers.iter().map(|b| b.proc.pid()).collect();
-    run.add_fem(Workload::Federated, name, brokers_on_path, pids, c, agent)?;
+    for name in names {
+        // Ids allow no `+`.
+        let id = name.replace('+', "-");
+        let agent = agent_spec(&format!("echo-{id}"), &brokers[1], Transport::Quic);
+        let c = caller(
+            &format!("caller-{id}"),
+            options(s, &brokers[0], Transport::Quic)?,
+        )
+        .await?;
+        let pids = brokers.iter().map(|b| b.proc.pid()).collect();
+        run.add_fem(Workload::Federated, name, brokers_on_path, pids, c, agent)?;
+    }
     run.brokers.extend(brokers);
     Ok(())
 }
@@ -495,7 +501,9 @@ pub(crate) async fn run(
                 };
                 for (i, sys) in run.systems.iter().enumerate() {
                     let mut m = measure(s, sys, agent_pid, payload, conc).await?;
-                    if sys.brokers_on_path > 0 {
+                    // Attested calls do no signature work: no floor to compare with.
+                    let signed = !matches!(sys.to, Endpoint::Fem { attested: true, .. });
+                    if sys.brokers_on_path > 0 && signed {
                         m.vs_floor = floor.map(|f| {
                             m.per_role.total() / f.call_us(CryptoOps::for_path(sys.brokers_on_path))
                         });
