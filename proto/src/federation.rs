@@ -19,7 +19,7 @@ use crate::envelope::ToolSpec;
 use crate::error::ErrorCode;
 use crate::ids::{AgentId, Capability, RequestId};
 use crate::keys::PublicKey;
-use crate::signed::{SignedEnvelope, UnsignedEnvelope};
+use crate::signed::{Carried, SignedEnvelope, UnsignedEnvelope};
 
 /// Default limit on broker hops for a relayed call.
 pub const DEFAULT_MAX_HOPS: u8 = 8;
@@ -216,6 +216,99 @@ pub enum FedFrame {
         /// The broker where the result entered (the agent's).
         attested_by: AgentId,
     },
+}
+
+/// A call relayed by a peer (`RelayCall` or `RelayAttestedCall`), taken apart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayedCall {
+    /// The sender's id for the call.
+    pub id: u64,
+    /// The agent the sending broker chose.
+    pub agent: AgentId,
+    /// Hops the call may still take after the receiver.
+    pub hops_left: u8,
+    /// The caller's key.
+    pub signer: PublicKey,
+    /// The caller's envelope, signed or attested.
+    pub envelope: Carried,
+    /// The caller's grant, with a trust anchor.
+    pub grant: Option<crate::grant::SignedGrant>,
+}
+
+impl FedFrame {
+    /// The call of a `RelayCall` or `RelayAttestedCall`; any other frame
+    /// is given back.
+    ///
+    /// # Errors
+    /// The frame itself when it is not a relayed call.
+    pub fn into_call(self) -> Result<RelayedCall, Box<Self>> {
+        match self {
+            Self::RelayCall {
+                id,
+                agent,
+                hops_left,
+                signer,
+                envelope,
+                grant,
+            } => Ok(RelayedCall {
+                id,
+                agent,
+                hops_left,
+                signer,
+                envelope: Carried::Signed(envelope),
+                grant,
+            }),
+            Self::RelayAttestedCall {
+                id,
+                agent,
+                hops_left,
+                signer,
+                envelope,
+                attested_by,
+                grant,
+            } => Ok(RelayedCall {
+                id,
+                agent,
+                hops_left,
+                signer,
+                envelope: Carried::Attested {
+                    envelope,
+                    by: attested_by,
+                },
+                grant,
+            }),
+            other => Err(Box::new(other)),
+        }
+    }
+
+    /// `(id, signer, envelope)` of a `RelayResult` or `RelayAttestedResult`;
+    /// any other frame is given back.
+    ///
+    /// # Errors
+    /// The frame itself when it is not a relayed result.
+    pub fn into_result(self) -> Result<(u64, PublicKey, Carried), Box<Self>> {
+        match self {
+            Self::RelayResult {
+                id,
+                signer,
+                envelope,
+            } => Ok((id, signer, Carried::Signed(envelope))),
+            Self::RelayAttestedResult {
+                id,
+                signer,
+                envelope,
+                attested_by,
+            } => Ok((
+                id,
+                signer,
+                Carried::Attested {
+                    envelope,
+                    by: attested_by,
+                },
+            )),
+            other => Err(Box::new(other)),
+        }
+    }
 }
 
 /// The feature a broker announces in registerBroker when it relays calls

@@ -46,7 +46,7 @@ pub use envelope::{
 pub use error::{ErrorCode, ProtoError};
 pub use federation::{
     ATTESTED_FEATURE, AdvertisedAgent, CANCEL_FEATURE, DEFAULT_MAX_HOPS, DELTA_FEATURE, FedFrame,
-    RELAY_FEATURE,
+    RELAY_FEATURE, RelayedCall,
 };
 pub use frame::{
     Accepted, DEFAULT_MAX_FRAME, FORWARD_OVERHEAD, FRAME_HEADER_LEN, Frame, FrameDecoder,

@@ -240,6 +240,17 @@ impl Carried {
         }
     }
 
+    /// Decodes the envelope (a signature is the recipient's to check).
+    ///
+    /// # Errors
+    /// [`ProtoError::Malformed`] when the bytes do not decode.
+    pub fn open(&self) -> Result<Envelope, ProtoError> {
+        match self {
+            Self::Signed(s) => s.open(),
+            Self::Attested { envelope, .. } => envelope.open(),
+        }
+    }
+
     /// True for a broker-attested envelope.
     pub fn is_attested(&self) -> bool {
         matches!(self, Self::Attested { .. })

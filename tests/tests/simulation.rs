@@ -1044,55 +1044,17 @@ impl Sim {
                     return;
                 };
                 let link = if self.edges[edge].a == to { a } else { b };
+                let frame = match frame.into_call() {
+                    Ok(call) => return self.relayed_call(to, link, call),
+                    Err(f) => *f,
+                };
+                let frame = match frame.into_result() {
+                    Ok((id, signer, envelope)) => {
+                        return self.relayed_result(to, link, id, signer, envelope);
+                    }
+                    Err(f) => *f,
+                };
                 match frame {
-                    FedFrame::RelayCall {
-                        id,
-                        agent,
-                        hops_left,
-                        signer,
-                        envelope,
-                        ..
-                    } => self.relayed_call(
-                        to,
-                        link,
-                        id,
-                        &agent,
-                        hops_left,
-                        signer,
-                        Carried::Signed(envelope),
-                    ),
-                    FedFrame::RelayAttestedCall {
-                        id,
-                        agent,
-                        hops_left,
-                        signer,
-                        envelope,
-                        attested_by,
-                        ..
-                    } => {
-                        let envelope = Carried::Attested {
-                            envelope,
-                            by: attested_by,
-                        };
-                        self.relayed_call(to, link, id, &agent, hops_left, signer, envelope);
-                    }
-                    FedFrame::RelayResult {
-                        id,
-                        signer,
-                        envelope,
-                    } => self.relayed_result(to, link, id, signer, Carried::Signed(envelope)),
-                    FedFrame::RelayAttestedResult {
-                        id,
-                        signer,
-                        envelope,
-                        attested_by,
-                    } => {
-                        let envelope = Carried::Attested {
-                            envelope,
-                            by: attested_by,
-                        };
-                        self.relayed_result(to, link, id, signer, envelope);
-                    }
                     FedFrame::RelayFailed { id, code, message } => {
                         self.with_router(to, |r, now| r.relay_failed(now, link, id, code, message));
                     }
@@ -1370,25 +1332,11 @@ impl Sim {
     }
 
     /// A call relayed to broker `to` over `link` (signed or attested).
-    #[allow(clippy::too_many_arguments)]
-    fn relayed_call(
-        &mut self,
-        to: usize,
-        link: LinkId,
-        id: u64,
-        agent: &AgentId,
-        hops_left: u8,
-        signer: fem_proto::PublicKey,
-        envelope: Carried,
-    ) {
-        let opened = match &envelope {
-            Carried::Signed(s) => s.open(),
-            Carried::Attested { envelope, .. } => envelope.open(),
-        };
+    fn relayed_call(&mut self, to: usize, link: LinkId, c: fem_proto::RelayedCall) {
         let Ok(Envelope {
             header,
             body: Body::ToolCall(call),
-        }) = opened
+        }) = c.envelope.open()
         else {
             return self.violation("relayed call does not open".into());
         };
@@ -1396,13 +1344,13 @@ impl Sim {
             r.call(
                 now,
                 Incoming {
-                    reply: ReplyTo::Link { link, relay: id },
+                    reply: ReplyTo::Link { link, relay: c.id },
                     caller: &header.sender,
-                    caller_key: signer,
+                    caller_key: c.signer,
                     call: &call,
-                    envelope,
-                    hops_left,
-                    pinned: Some(agent),
+                    envelope: c.envelope,
+                    hops_left: c.hops_left,
+                    pinned: Some(&c.agent),
                     credential: None,
                 },
             );
@@ -1418,11 +1366,7 @@ impl Sim {
         signer: fem_proto::PublicKey,
         envelope: Carried,
     ) {
-        let opened = match &envelope {
-            Carried::Signed(s) => s.open(),
-            Carried::Attested { envelope, .. } => envelope.open(),
-        };
-        let Ok(Body::ToolResult(result)) = opened.map(|e| e.body) else {
+        let Ok(Body::ToolResult(result)) = envelope.open().map(|e| e.body) else {
             return self.violation("relayed result does not open".into());
         };
         self.note_result_at(to, result.request_id);

@@ -9,7 +9,7 @@ use fem_net::wire::{FrameReader, write_loop};
 use fem_proto::{
     ATTESTED_FEATURE, AgentId, Body, CANCEL_FEATURE, Carried, DELTA_FEATURE, Envelope,
     EnvelopeType, ErrorCode, FedFrame, Header, PublicKey, RELAY_FEATURE, RegisterBroker,
-    SignedEnvelope,
+    RelayedCall, SignedEnvelope,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -340,6 +340,14 @@ where
 }
 
 fn handle_frame(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>, f: FedFrame) {
+    let f = match f.into_call() {
+        Ok(call) => return relay_in(shared, link, tx, call),
+        Err(f) => *f,
+    };
+    let f = match f.into_result() {
+        Ok((id, signer, envelope)) => return relay_back(shared, link, id, signer, envelope),
+        Err(f) => *f,
+    };
     match f {
         FedFrame::Advertise { .. }
         | FedFrame::AdvertiseDelta { .. }
@@ -347,70 +355,6 @@ fn handle_frame(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>,
         | FedFrame::Resync { .. } => {
             shared.route(|r, _| r.link_frame(link, f));
         }
-        FedFrame::RelayCall {
-            id,
-            agent,
-            hops_left,
-            signer,
-            envelope,
-            grant,
-        } => relay_in(
-            shared,
-            link,
-            tx,
-            RelayedCall {
-                id,
-                agent,
-                hops_left,
-                signer,
-                envelope: Carried::Signed(envelope),
-                grant,
-            },
-        ),
-        FedFrame::RelayAttestedCall {
-            id,
-            agent,
-            hops_left,
-            signer,
-            envelope,
-            attested_by,
-            grant,
-        } => relay_in(
-            shared,
-            link,
-            tx,
-            RelayedCall {
-                id,
-                agent,
-                hops_left,
-                signer,
-                envelope: Carried::Attested {
-                    envelope,
-                    by: attested_by,
-                },
-                grant,
-            },
-        ),
-        FedFrame::RelayResult {
-            id,
-            signer,
-            envelope,
-        } => relay_back(shared, link, id, signer, Carried::Signed(envelope)),
-        FedFrame::RelayAttestedResult {
-            id,
-            signer,
-            envelope,
-            attested_by,
-        } => relay_back(
-            shared,
-            link,
-            id,
-            signer,
-            Carried::Attested {
-                envelope,
-                by: attested_by,
-            },
-        ),
         FedFrame::RelayFailed { id, code, message } => {
             shared.route(|r, now| r.relay_failed(now, link, id, code, message));
         }
@@ -430,20 +374,14 @@ fn handle_frame(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>,
                 }
             }
         }
+        FedFrame::RelayCall { .. }
+        | FedFrame::RelayAttestedCall { .. }
+        | FedFrame::RelayResult { .. }
+        | FedFrame::RelayAttestedResult { .. } => {}
         FedFrame::Call { .. } | FedFrame::Result { .. } | FedFrame::CallFailed { .. } => {
             warn!("relay/1 message from a relay/2 peer; dropped");
         }
     }
-}
-
-/// A `RelayCall` or `RelayAttestedCall`, taken apart.
-struct RelayedCall {
-    id: u64,
-    agent: AgentId,
-    hops_left: u8,
-    signer: PublicKey,
-    envelope: Carried,
-    grant: Option<fem_proto::SignedGrant>,
 }
 
 /// A call relayed to us for `agent`: the caller's signature is checked on
