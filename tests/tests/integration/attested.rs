@@ -398,3 +398,70 @@ async fn signed_mcp_requests_make_attested_calls() {
     })
     .await;
 }
+
+/// fem-coder as an operator starts it: `--accept-attested file.read` lets
+/// `fem call --attested` read a file, while `shell.run` still refuses the
+/// same unsigned call (nothing is started).
+#[tokio::test]
+async fn fem_coder_takes_attested_calls_only_on_the_tools_named() {
+    bounded(90, async {
+        let b = fem_tests::BrokerProcess::start(fem_tests::host(375), &[], &[]).await;
+        let work = tempfile::tempdir().unwrap();
+        std::fs::write(work.path().join("note.txt"), "attested read").unwrap();
+        let url = b.url();
+        let ca = b.ca();
+        let mut coder = fem_tests::Proc::spawn(
+            "fem-coder",
+            &[
+                "--broker",
+                &url,
+                "--ca",
+                &ca,
+                "--agent",
+                "coder-375",
+                "--work-dir",
+                work.path().to_str().unwrap(),
+                "--accept-attested",
+                "file.read",
+            ],
+            &[],
+        );
+        coder
+            .wait_for("fem-coder registered", Duration::from_secs(30))
+            .await;
+        let call = |tool: &'static str, args: Value| {
+            let (url, ca) = (url.clone(), ca.clone());
+            async move {
+                let args = args.to_string();
+                fem_tests::run_fem(&[
+                    "call",
+                    "--broker",
+                    &url,
+                    "--ca",
+                    &ca,
+                    "--agent",
+                    "coder-375",
+                    "--tool",
+                    tool,
+                    "--args",
+                    &args,
+                    "--attested",
+                ])
+                .await
+            }
+        };
+        let (code, out, err) = call("file.read", json!({"path": "note.txt"})).await;
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("attested read"), "{out}");
+        let marker = work.path().join("started");
+        let (code, out, err) = call(
+            "shell.run",
+            json!({"argv": ["sh", "-c", format!("touch {}", marker.display())]}),
+        )
+        .await;
+        assert_ne!(code, 0, "{out}");
+        assert!(err.contains("does not accept broker-attested"), "{err}");
+        assert!(!marker.exists(), "shell.run ran an attested call");
+    })
+    .await;
+}
