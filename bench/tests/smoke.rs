@@ -76,6 +76,12 @@ fn every_workload_produces_every_row() {
             want_calls.push(("federated", format!("mesh2 {size} c={c}")));
             want_calls.push(("federated", format!("hub {size} c={c}")));
             want_calls.push(("nats", format!("nats-tls {size} c={c}")));
+            for attested in ["quic+attested", "tls-tcp+attested"] {
+                want_calls.push(("single", format!("{attested} {size} c={c}")));
+            }
+            for attested in ["mesh2+attested", "hub+attested"] {
+                want_calls.push(("federated", format!("{attested} {size} c={c}")));
+            }
         }
     }
     for (w, case) in &want_calls {
@@ -101,9 +107,11 @@ fn every_workload_produces_every_row() {
                 row["vs_nats_throughput"].as_f64().is_some(),
                 "{w} / {case}: no NATS ratio"
             );
-            assert!(
+            // Attested calls do no signature work: no floor to compare with.
+            assert_eq!(
                 row["vs_crypto_floor"].as_f64().is_some(),
-                "{w} / {case}: no floor ratio"
+                !case.contains("+attested"),
+                "{w} / {case}: floor ratio"
             );
         }
     }
@@ -128,7 +136,13 @@ fn every_workload_produces_every_row() {
                 .is_some()
         );
     }
-    for sys in ["fem-quic", "fem-tls-tcp", "nats-tls"] {
+    for sys in [
+        "fem-quic",
+        "fem-tls-tcp",
+        "fem-quic+attested",
+        "fem-tls-tcp+attested",
+        "nats-tls",
+    ] {
         for n in [1, 3] {
             let case = format!("{sys} {n} subs 256B");
             let row = rows
@@ -158,4 +172,34 @@ fn every_workload_produces_every_row() {
     for r in rows.iter().filter(|r| r["workload"] == "federation") {
         assert!(r["figures"]["median_ms"].as_f64().is_some(), "{r}");
     }
+}
+
+/// The soak (run only when named) produces its row with its memory figures.
+#[test]
+fn the_soak_produces_its_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("results.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_fem-bench"))
+        .args(["soak", "--soak", "3s", "--net", "127.0.202.0", "--json"])
+        .arg(&json)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fem-bench soak failed: {}",
+        out.status
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = &rows[0];
+    assert_eq!(row["workload"], "soak");
+    assert_eq!(row["errors"], 0, "{row}");
+    assert!(row["calls_per_sec"].as_f64().unwrap() > 0.0, "{row}");
+    assert!(
+        row["figures"]["rss_end_mib"].as_f64().unwrap() > 0.0,
+        "{row}"
+    );
 }
