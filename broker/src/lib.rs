@@ -443,9 +443,10 @@ const QUIC_STREAM_WINDOW: u32 = 1_250_000;
 /// 1452-byte UDP payload, what Ethernet paths carry), instead of a binary
 /// search from 1200 in four probes. Each probe is a padded packet that the
 /// receiver parses byte by byte; the search ran on every connection (and
-/// again every 10 minutes), and in the registration profile parsing padding
-/// took about a tenth of the broker's CPU. A path that cannot carry 1452
-/// stays at 1200, QUIC's minimum. The SDK does the same.
+/// again every 10 minutes). With 10,000 agents registering, parsing padding
+/// (probes and Initial packets) was 12 % of the broker's CPU samples, 7 %
+/// with one probe. A path that cannot carry 1452 stays at 1200, QUIC's
+/// minimum. The SDK does the same.
 fn one_probe_mtu_discovery() -> quinn::MtuDiscoveryConfig {
     let mut mtud = quinn::MtuDiscoveryConfig::default();
     mtud.upper_bound(1452).minimum_change(1452 - 1200);
