@@ -100,8 +100,60 @@ type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 struct Link {
     reader: Reader,
     writer: Writer,
-    quic: Option<(quinn::Endpoint, quinn::Connection)>,
+    quic: Option<(Arc<quinn::Endpoint>, quinn::Connection)>,
     transport: &'static str,
+}
+
+/// The QUIC client endpoints in use, one per runtime and address family:
+/// every connection of a process (all its agents and callers) shares one
+/// UDP socket and one endpoint driver instead of a socket, a driver task and
+/// a receive buffer each. Each connection keeps its own TLS and transport
+/// configuration (`connect_with`). An endpoint is closed when its last
+/// connection drops it; one is made per tokio runtime, since its driver
+/// task lives on the runtime that made it.
+static ENDPOINTS: Mutex<Vec<(tokio::runtime::Id, bool, Weak<quinn::Endpoint>)>> =
+    Mutex::new(Vec::new());
+
+/// Socket buffers asked for on a shared client endpoint, which carries the
+/// handshakes of every connection of the process at once: with the kernel's
+/// default (about 208 KiB) a burst of them can overflow it, and each dropped
+/// packet costs a retransmission timeout. The kernel caps it at
+/// net.core.rmem_max / wmem_max; memory is used only while packets wait.
+const CLIENT_UDP_BUFFER: usize = 4 * 1024 * 1024;
+
+/// The shared client endpoint of this runtime for `addr`'s family, made on
+/// first use.
+fn client_endpoint(addr: std::net::SocketAddr) -> Result<Arc<quinn::Endpoint>, String> {
+    let runtime = tokio::runtime::Handle::current().id();
+    let v6 = addr.is_ipv6();
+    let mut endpoints = lock(&ENDPOINTS);
+    endpoints.retain(|(_, _, e)| e.strong_count() > 0);
+    if let Some(e) = endpoints
+        .iter()
+        .find(|(r, f, _)| *r == runtime && *f == v6)
+        .and_then(|(_, _, e)| e.upgrade())
+    {
+        return Ok(e);
+    }
+    let bind: std::net::SocketAddr = if v6 {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(bind).map_err(|e| format!("QUIC endpoint: {e}"))?;
+    let socket = socket2::Socket::from(socket);
+    let _ = socket.set_recv_buffer_size(CLIENT_UDP_BUFFER);
+    let _ = socket.set_send_buffer_size(CLIENT_UDP_BUFFER);
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket.into(),
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| format!("QUIC endpoint: {e}"))?;
+    let endpoint = Arc::new(endpoint);
+    endpoints.push((runtime, v6, Arc::downgrade(&endpoint)));
+    Ok(endpoint)
 }
 
 async fn open_link(opts: &Options) -> Result<Link, SdkError> {
@@ -174,12 +226,7 @@ async fn open_quic(
     tls: rustls::ClientConfig,
     opts: &Options,
 ) -> Result<Link, String> {
-    let bind: std::net::SocketAddr = if addr.is_ipv6() {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| format!("QUIC endpoint: {e}"))?;
+    let endpoint = client_endpoint(addr)?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| format!("QUIC TLS: {e}"))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
@@ -188,10 +235,17 @@ async fn open_quic(
     // The broker never opens streams towards a client.
     transport.max_concurrent_bidi_streams(0u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
+    // Nor sends datagrams.
+    transport.datagram_receive_buffer_size(None);
+    // Path MTU discovery with one probe at 1452 bytes rather than a binary
+    // search of four from 1200: each probe is a padded packet the broker
+    // parses byte by byte, on every connection (the broker does the same).
+    let mut mtud = quinn::MtuDiscoveryConfig::default();
+    mtud.upper_bound(1452).minimum_change(1452 - 1200);
+    transport.mtu_discovery_config(Some(mtud));
     cfg.transport_config(Arc::new(transport));
-    endpoint.set_default_client_config(cfg);
     let conn = endpoint
-        .connect(addr, host)
+        .connect_with(cfg, addr, host)
         .map_err(|e| format!("QUIC connect: {e}"))?
         .await
         .map_err(|e| format!("QUIC: {e}"))?;
@@ -281,7 +335,14 @@ async fn run_once(
         let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
         if let Some((endpoint, conn)) = quic {
             conn.close(0u32.into(), b"bye");
-            let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
+            drop(conn);
+            // The endpoint's driver sends the close while any connection
+            // uses it; the last one out waits for it (the process may be
+            // about to exit).
+            if Arc::strong_count(&endpoint) == 1 {
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
+            }
         }
     };
 

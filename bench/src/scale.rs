@@ -10,7 +10,7 @@ use futures::StreamExt as _;
 
 use crate::calls::{caller, echo_tool, options, size_name};
 use crate::load::{self, Caller, Endpoint};
-use crate::procs::{BrokerProc, host_ip};
+use crate::procs::{BrokerProc, cpu_of, host_ip};
 use crate::report::Row;
 use crate::{Settings, Workload};
 
@@ -47,6 +47,9 @@ pub(crate) async fn run(s: &Settings, n: usize, transport: Transport) -> anyhow:
     let rss_before = b.proc.rss()?;
 
     let tool = echo_tool()?;
+    // CPU of each side over the registrations: the broker, and this process
+    // (which holds the agents), to tell which side limits the rate.
+    let cpu0 = (cpu_of(b.proc.pid())?, cpu_of(std::process::id())?);
     let t0 = Instant::now();
     let results: Vec<anyhow::Result<Client>> = futures::stream::iter(0..n)
         .map(|i| {
@@ -65,6 +68,7 @@ pub(crate) async fn run(s: &Settings, n: usize, transport: Transport) -> anyhow:
         .collect()
         .await;
     let registered_in = t0.elapsed();
+    let cpu1 = (cpu_of(b.proc.pid())?, cpu_of(std::process::id())?);
     let mut agents = Vec::with_capacity(n);
     let mut failed = 0u64;
     let mut first_error = None;
@@ -103,6 +107,8 @@ pub(crate) async fn run(s: &Settings, n: usize, transport: Transport) -> anyhow:
     let rss_after = b.proc.rss()?;
     let per_agent = (rss_after.saturating_sub(rss_before)) as f64 / agents.len().max(1) as f64;
 
+    let per_reg = |d: Duration| d.as_secs_f64() * 1e6 / agents.len().max(1) as f64;
+    let (broker_us, agents_us) = (per_reg(cpu1.0 - cpu0.0), per_reg(cpu1.1 - cpu0.1));
     let mid = n / 2;
     let mut rows = Vec::new();
     let mut figures = BTreeMap::new();
@@ -110,16 +116,21 @@ pub(crate) async fn run(s: &Settings, n: usize, transport: Transport) -> anyhow:
     figures.insert("all_routable_s".into(), routable_in.as_secs_f64());
     figures.insert("broker_rss_per_agent_bytes".into(), per_agent);
     figures.insert("broker_rss_before_bytes".into(), rss_before as f64);
+    figures.insert("broker_cpu_us_per_registration".into(), broker_us);
+    figures.insert("agents_cpu_us_per_registration".into(), agents_us);
     rows.push(Row {
         workload: Workload::Scale.name().into(),
         case: format!("{tname} {n} agents register"),
         runs: 1,
         calls_per_sec: Some(agents.len() as f64 / registered_in.as_secs_f64()),
         server_rss_bytes: Some(rss_after),
+        cpu_us_per_call: Some(broker_us + agents_us),
+        server_cpu_us_per_call: Some(broker_us),
+        caller_cpu_us_per_call: Some(agents_us),
         errors: failed,
         figures,
         note: format!(
-            "{CONNECTING_AT_ONCE} registrations in flight{}",
+            "{CONNECTING_AT_ONCE} registrations in flight; CPU per registration: srv = broker, caller = the agents (fem-bench){}",
             first_error
                 .map(|e| format!("; first error: {e}"))
                 .unwrap_or_default()
