@@ -38,6 +38,8 @@ pub(crate) struct Config {
     pub(crate) capability: Capability,
     /// `--tool-name MCP=FEM` overrides.
     pub(crate) overrides: BTreeMap<String, Capability>,
+    /// FEM tool names (patterns) that take broker-attested calls.
+    pub(crate) accept_attested: Vec<fem_proto::CapabilityPattern>,
     /// First restart delay, doubled after each failed start.
     pub(crate) backoff_initial: Duration,
     /// Longest restart delay.
@@ -115,7 +117,7 @@ impl Bridge {
         };
         let mapping = map_tools(&cfg, listed)?;
         let up: Up = Arc::new(Mutex::new(Some(session.caller())));
-        let tools = fem_tools(&up, &mapping)?;
+        let tools = fem_tools(&up, &mapping, &cfg.accept_attested)?;
         log_mapping(&mapping);
         Ok((
             Self {
@@ -219,7 +221,7 @@ impl Bridge {
         if mapping == self.registered {
             return;
         }
-        let tools = match fem_tools(&self.up, &mapping) {
+        let tools = match fem_tools(&self.up, &mapping, &self.cfg.accept_attested) {
             Ok(t) => t,
             Err(e) => {
                 error!(error = %chain(&e), "new MCP tool list refused; the registered tools stay");
@@ -278,8 +280,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// One FEM tool per mapped MCP tool. A schema the SDK does not accept is
-/// replaced by `{"type":"object"}` with a warning.
-fn fem_tools(up: &Up, mapping: &Mapping) -> Result<Vec<Tool>, BridgeError> {
+/// replaced by `{"type":"object"}` with a warning. Tools whose FEM name
+/// matches one of `attested` take broker-attested calls.
+fn fem_tools(
+    up: &Up,
+    mapping: &Mapping,
+    attested: &[fem_proto::CapabilityPattern],
+) -> Result<Vec<Tool>, BridgeError> {
     let mut out = Vec::with_capacity(mapping.len());
     for (fem, t) in mapping {
         let up = Arc::clone(up);
@@ -314,6 +321,11 @@ fn fem_tools(up: &Up, mapping: &Mapping) -> Result<Vec<Tool>, BridgeError> {
                     source,
                 })?
             }
+        };
+        let tool = if attested.iter().any(|p| p.matches(fem)) {
+            tool.accept_attested()
+        } else {
+            tool
         };
         out.push(tool);
     }

@@ -76,6 +76,15 @@ struct Args {
     /// Calls relayed at once.
     #[arg(long, env = "FEM_MAX_CONCURRENT", default_value_t = 10)]
     max_concurrent: usize,
+    /// FEM tool names (patterns such as `time.*`) that also take
+    /// broker-attested calls: unsigned, the entry broker vouching for the
+    /// caller (any broker on the path could forge them). None by default.
+    #[arg(
+        long = "accept-attested",
+        env = "FEM_ACCEPT_ATTESTED",
+        value_delimiter = ','
+    )]
+    accept_attested: Vec<String>,
     #[command(flatten)]
     log: LogArgs,
     /// The MCP server: PROGRAM and its arguments, after `--` (run directly,
@@ -105,6 +114,11 @@ fn parse_args() -> anyhow::Result<Args> {
             o.take_duration("restart_backoff_initial", &mut args.restart_backoff_initial)?;
             o.take_duration("restart_backoff_max", &mut args.restart_backoff_max)?;
             o.take("max_concurrent", &mut args.max_concurrent)?;
+            let mut attested: Option<Vec<String>> = None;
+            o.take_opt("accept_attested", &mut attested)?;
+            if let Some(a) = attested {
+                args.accept_attested = a;
+            }
             let mut command: Option<Vec<String>> = None;
             o.take_opt("command", &mut command)?;
             if let Some(c) = command {
@@ -146,10 +160,20 @@ fn bridge_config(args: &Args) -> anyhow::Result<Config> {
             anyhow::bail!("--tool-name {mcp}: given twice");
         }
     }
+    let accept_attested = args
+        .accept_attested
+        .iter()
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            fem_proto::CapabilityPattern::new(p.as_str())
+                .map_err(|e| anyhow::anyhow!("--accept-attested {p}: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Config {
         server,
         capability,
         overrides,
+        accept_attested,
         backoff_initial: args.restart_backoff_initial,
         backoff_max: args.restart_backoff_max.max(args.restart_backoff_initial),
         stable_after: Duration::from_secs(10),

@@ -14,7 +14,7 @@
 //!   them, unless `--tool-name` separates them.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fem_tests::{Proc, log_field};
@@ -335,6 +335,77 @@ async fn mcp_bridge_follows_a_changed_tool_list_and_refuses_colliding_names() {
         )
         .await;
         assert_eq!(v, json!({"result": "Hello.There"}));
+    })
+    .await;
+}
+
+/// `--accept-attested time.get_current_time`: `fem call --attested` reaches
+/// the wrapped server's tool through a broker, while the server's other
+/// tool still refuses the same unsigned call.
+#[tokio::test]
+async fn mcp_bridge_takes_attested_calls_on_the_tools_named() {
+    bounded(120, async {
+        assert!(
+            python_has("mcp_server_time"),
+            "this test needs the MCP server mcp-server-time: pip install mcp-server-time"
+        );
+        let broker = fem_tests::BrokerProcess::start(fem_tests::host(376), &[], &[]).await;
+        let ca = PathBuf::from(broker.ca());
+        let keys = tempfile::tempdir().unwrap();
+        let mut bridge = fem_tests::mcp_bridge_proc(
+            "mcp-time-376",
+            broker.addr,
+            &ca,
+            keys.path(),
+            &[
+                "--capability",
+                "time",
+                "--accept-attested",
+                "time.get_current_time",
+            ],
+            &[
+                "python3",
+                "-m",
+                "mcp_server_time",
+                "--local-timezone",
+                "UTC",
+            ],
+        );
+        bridge
+            .wait_for("fem-mcp-bridge registered", Duration::from_secs(60))
+            .await;
+        let url = broker.url();
+        let attested = |tool: &'static str, args: Value| {
+            let (url, ca) = (url.clone(), ca.clone());
+            async move {
+                let args = args.to_string();
+                fem_tests::run_fem(&[
+                    "call",
+                    "--broker",
+                    &url,
+                    "--ca",
+                    ca.to_str().unwrap(),
+                    "--agent",
+                    "mcp-time-376",
+                    "--tool",
+                    tool,
+                    "--args",
+                    &args,
+                    "--attested",
+                ])
+                .await
+            }
+        };
+        let (code, out, err) = attested(TOOL, json!({"timezone": "UTC"})).await;
+        assert_eq!(code, 0, "{out}{err}");
+        assert_time_answer(&serde_json::from_str(&out).unwrap());
+        let (code, out, err) = attested(
+            "time.convert_time",
+            json!({"source_timezone": "UTC", "time": "12:00", "target_timezone": "UTC"}),
+        )
+        .await;
+        assert_ne!(code, 0, "{out}");
+        assert!(err.contains("does not accept broker-attested"), "{err}");
     })
     .await;
 }
