@@ -5,15 +5,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fem_proto::{
-    AgentId, Body, Capability, Envelope, ErrorCode, Format, Frame, Header, JsonText, PublicKey,
-    RequestId, SignedEnvelope, SigningKey, Target, ToolCall, ToolOutcome, ToolResult,
-    UnsignedEnvelope,
+    AgentId, Body, Capability, Envelope, ErrorCode, Header, JsonText, PublicKey, RequestId,
+    SigningKey, Target, ToolCall, ToolOutcome, ToolResult,
 };
 use tokio::sync::{Semaphore, oneshot};
 use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::caller::{Client, CloseOnDrop};
-use crate::connection::{Inner, connection_task, lock};
+use crate::connection::{Inner, Sealing, connection_task, lock};
 use crate::tool::Progress;
 use crate::{AgentMetrics, Options, SdkError, Tool, ToolError, ToolRequest};
 
@@ -155,18 +154,10 @@ async fn start(b: AgentBuilder, opts: Options) -> Result<Client, SdkError> {
     }
 }
 
-/// How a call is answered: in the call's format, and unsigned when the
-/// call was broker-attested (its caller then takes an attested result).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct AnswerAs {
-    pub(crate) format: Format,
-    pub(crate) attested: bool,
-}
-
 pub(crate) fn reply_error(
     inner: &Arc<Inner>,
     epoch: u64,
-    format: AnswerAs,
+    how: Sealing,
     request_id: RequestId,
     caller: AgentId,
     code: ErrorCode,
@@ -175,7 +166,7 @@ pub(crate) fn reply_error(
     send_result(
         inner,
         epoch,
-        format,
+        how,
         ToolResult {
             request_id,
             caller,
@@ -184,27 +175,13 @@ pub(crate) fn reply_error(
     );
 }
 
-fn send_result(inner: &Arc<Inner>, epoch: u64, how: AnswerAs, result: ToolResult) {
+fn send_result(inner: &Arc<Inner>, epoch: u64, how: Sealing, result: ToolResult) {
     let (request_id, caller) = (result.request_id, result.caller.clone());
     let env = Envelope::new(Header::now(inner.id.clone()), Body::ToolResult(result));
-    // Answer in the caller's format: a JSON caller (the HTTP gateway) can
-    // then verify and read the result without a postcard decoder.
-    let seal = |env: &Envelope| -> Result<(Frame, usize), fem_proto::ProtoError> {
-        if how.attested {
-            let u = match how.format {
-                Format::Json => UnsignedEnvelope::encode_json(env)?,
-                Format::Postcard => UnsignedEnvelope::encode(env)?,
-            };
-            let n = u.bytes.len();
-            return Ok((Frame::Unsigned(u), n));
-        }
-        let s = match how.format {
-            Format::Json => SignedEnvelope::sign_json(env, &inner.key)?,
-            Format::Postcard => SignedEnvelope::sign(env, &inner.key)?,
-        };
-        let n = s.bytes.len();
-        Ok((Frame::Envelope(s), n))
-    };
+    // Answer in the caller's format (a JSON caller, the HTTP gateway, can
+    // then read the result without a postcard decoder), unsigned when the
+    // call came attested.
+    let seal = |env: &Envelope| inner.seal(env, how);
     let max = inner
         .max_envelope
         .load(std::sync::atomic::Ordering::Relaxed);
@@ -254,7 +231,7 @@ fn send_result(inner: &Arc<Inner>, epoch: u64, how: AnswerAs, result: ToolResult
 pub(crate) fn serve_call(
     inner: &Arc<Inner>,
     epoch: u64,
-    format: AnswerAs,
+    how: Sealing,
     header: Header,
     signer: PublicKey,
     call: ToolCall,
@@ -267,7 +244,7 @@ pub(crate) fn serve_call(
         reply_error(
             inner,
             epoch,
-            format,
+            how,
             call.request_id,
             caller.clone(),
             code,
@@ -386,7 +363,7 @@ pub(crate) fn serve_call(
             send_result(
                 &inner,
                 epoch,
-                format,
+                how,
                 ToolResult {
                     request_id,
                     caller,

@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 use fem_proto::{
     AgentId, Body, Capability, CapabilityPattern, DiscoverTools, DiscoveredTool, EmbodimentUpdate,
     EmitEvent, Envelope, ErrorCode, Frame, Header, JsonText, Nonce, ProgressUpdate, PublicKey,
-    RequestId, Revoke, SignedEnvelope, SigningKey, Target, ToolCall, UnsignedEnvelope,
+    RequestId, Revoke, SigningKey, Target, ToolCall,
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::connection::{Inner, PendingCall, Subscriber, lock};
+use crate::connection::{Inner, PendingCall, Sealing, Subscriber, lock};
 use crate::{AgentBuilder, CallError, Options, SdkError, Tool};
 
 /// An event received on a subscribed topic.
@@ -218,16 +218,14 @@ impl Client {
     fn seal(&self, body: Body, attested: bool) -> Result<(Frame, Nonce), CallError> {
         let env = Envelope::new(Header::now(self.inner.id.clone()), body);
         let nonce = env.header.nonce;
-        let local = |e: fem_proto::ProtoError| CallError::local(ErrorCode::Internal, e.to_string());
-        let (frame, size) = if attested {
-            let u = UnsignedEnvelope::encode(&env).map_err(local)?;
-            let n = u.bytes.len();
-            (Frame::Unsigned(u), n)
-        } else {
-            let s = SignedEnvelope::sign(&env, &self.inner.key).map_err(local)?;
-            let n = s.bytes.len();
-            (Frame::Envelope(s), n)
+        let how = Sealing {
+            format: fem_proto::Format::Postcard,
+            attested,
         };
+        let (frame, size) = self
+            .inner
+            .seal(&env, how)
+            .map_err(|e| CallError::local(ErrorCode::Internal, e.to_string()))?;
         let max = self
             .inner
             .max_envelope

@@ -80,7 +80,30 @@ impl fmt::Debug for Inner {
     }
 }
 
+/// How an envelope leaves this client: its encoding, and unsigned (for the
+/// broker to attest) or signed. An answer takes its call's.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Sealing {
+    pub(crate) format: fem_proto::Format,
+    pub(crate) attested: bool,
+}
+
 impl Inner {
+    /// The frame that sends `env` sealed as `how`, and its envelope's size.
+    pub(crate) fn seal(
+        &self,
+        env: &Envelope,
+        how: Sealing,
+    ) -> Result<(Frame, usize), fem_proto::ProtoError> {
+        use fem_proto::{Format, UnsignedEnvelope};
+        Ok(match (how.attested, how.format) {
+            (true, Format::Postcard) => unsigned(UnsignedEnvelope::encode(env)?),
+            (true, Format::Json) => unsigned(UnsignedEnvelope::encode_json(env)?),
+            (false, Format::Postcard) => signed(SignedEnvelope::sign(env, &self.key)?),
+            (false, Format::Json) => signed(SignedEnvelope::sign_json(env, &self.key)?),
+        })
+    }
+
     /// The writer of connection `epoch`, if it is still the current one.
     pub(crate) fn writer(&self, epoch: u64) -> Option<mpsc::Sender<Frame>> {
         match &*lock(&self.writer) {
@@ -539,4 +562,14 @@ fn fail_pending(inner: &Inner, which: impl Fn(u64) -> bool, why: &str) {
     for tx in acks {
         let _ = tx.send(Err(CallError::local(ErrorCode::AgentUnavailable, why)));
     }
+}
+
+fn unsigned(u: fem_proto::UnsignedEnvelope) -> (Frame, usize) {
+    let n = u.bytes.len();
+    (Frame::Unsigned(u), n)
+}
+
+fn signed(s: SignedEnvelope) -> (Frame, usize) {
+    let n = s.bytes.len();
+    (Frame::Envelope(s), n)
 }

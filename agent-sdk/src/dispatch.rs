@@ -11,9 +11,9 @@ use fem_proto::{
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, warn};
 
-use crate::agent::{AnswerAs, reply_error, serve_call};
+use crate::agent::{reply_error, serve_call};
 use crate::caller::Event;
-use crate::connection::{Inner, Reply, lock};
+use crate::connection::{Inner, Reply, Sealing, lock};
 use crate::{CallError, Origin};
 
 fn resolve(inner: &Inner, id: &RequestId, reply: Reply) {
@@ -130,7 +130,7 @@ fn deliver(
     sem: &Arc<Semaphore>,
     seen: &mut Seen,
 ) -> bool {
-    let format = AnswerAs {
+    let how = Sealing {
         format: signed.format,
         attested: false,
     };
@@ -149,7 +149,7 @@ fn deliver(
                 reply_error(
                     inner,
                     epoch,
-                    format,
+                    how,
                     c.request_id,
                     header.sender,
                     ErrorCode::InvalidSignature,
@@ -175,7 +175,7 @@ fn deliver(
             reply_error(
                 inner,
                 epoch,
-                format,
+                how,
                 c.request_id,
                 env.header.sender.clone(),
                 e.code(),
@@ -192,7 +192,7 @@ fn deliver(
                 reply_error(
                     inner,
                     epoch,
-                    format,
+                    how,
                     call.request_id,
                     header.sender,
                     ErrorCode::PermissionDenied,
@@ -200,7 +200,7 @@ fn deliver(
                 );
                 return true;
             }
-            serve_call(inner, epoch, format, header, signer, call, None, sem);
+            serve_call(inner, epoch, how, header, signer, call, None, sem);
         }
         Body::ToolResult(r) => {
             if r.caller == inner.id {
@@ -279,7 +279,7 @@ fn attested(
     sem: &Arc<Semaphore>,
     seen: &Seen,
 ) {
-    let how = AnswerAs {
+    let how = Sealing {
         format: envelope.format,
         attested: true,
     };
@@ -542,6 +542,12 @@ mod tests {
         assert!(matches!(wrx.try_recv(), Ok(Frame::HeartbeatAck { seq: 9 })));
     }
 
+    /// Handles one frame of connection 1 with a fresh state and one slot.
+    fn handle_alone(inner: &Arc<Inner>, frame: Frame, wtx: &mpsc::Sender<Frame>) -> bool {
+        let sem = Arc::new(Semaphore::new(1));
+        handle_inbound(inner, frame, 1, wtx, &sem, &mut Seen::default())
+    }
+
     /// `env` as a broker delivers it attested (no signature) by `broker-x`.
     fn attested_frame(env: &Envelope, signer: PublicKey) -> Frame {
         Frame::Attested {
@@ -576,16 +582,8 @@ mod tests {
             }),
         );
         let (wtx, _wrx) = mpsc::channel(8);
-        let sem = Arc::new(Semaphore::new(1));
         let frame = attested_frame(&forged, SigningKey::generate().public_key());
-        assert!(handle_inbound(
-            &inner,
-            frame,
-            1,
-            &wtx,
-            &sem,
-            &mut Seen::default()
-        ));
+        assert!(handle_alone(&inner, frame, &wtx));
         let e = rx.try_recv().unwrap().unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidSignature, "{e}");
     }
@@ -616,16 +614,8 @@ mod tests {
                 audience: None,
             }),
         );
-        let sem = Arc::new(Semaphore::new(1));
         let frame = attested_frame(&call, SigningKey::generate().public_key());
-        assert!(handle_inbound(
-            &inner,
-            frame,
-            1,
-            &wtx,
-            &sem,
-            &mut Seen::default()
-        ));
+        assert!(handle_alone(&inner, frame, &wtx));
         let Ok(Frame::Unsigned(answer)) = wrx.try_recv() else {
             panic!("no unsigned answer");
         };

@@ -26,6 +26,12 @@ const CHUNK: usize = 8 * 1024;
 /// (with 8 KiB each, 10,000 idle agents held 80 MB of buffers).
 const SMALL_CHUNK: usize = 512;
 
+/// Consecutive small reads after which a large read buffer is given back
+/// (one small read does not mean the stream went quiet: at moderate rates
+/// reads alternate between full and small, and each switch is an 8 KiB
+/// allocation on the per-message path).
+const QUIET_READS: u8 = 16;
+
 /// Write buffers above this are released after use.
 const KEEP_BUFFER: usize = 64 * 1024;
 
@@ -35,12 +41,15 @@ const KEEP_BUFFER: usize = 64 * 1024;
 /// actually received: a declared length is never allocated ahead, and one
 /// above the maximum is refused as soon as its 4-byte header has arrived,
 /// without reading its payload. The read buffer is 512 bytes while the
-/// stream is quiet and 8 KiB while reads fill it.
+/// stream is quiet and 8 KiB from a read that fills it until 16 reads in a
+/// row would have fit in 512 bytes.
 #[derive(Debug)]
 pub struct FrameReader<R> {
     inner: R,
     decoder: FrameDecoder,
     chunk: Box<[u8]>,
+    /// Small reads in a row into the large buffer.
+    small_reads: u8,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -50,6 +59,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             inner,
             decoder: FrameDecoder::new(max),
             chunk: vec![0; SMALL_CHUNK].into_boxed_slice(),
+            small_reads: 0,
         }
     }
 
@@ -103,13 +113,23 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             self.decoder.push(&self.chunk[..n]);
             // A full read: more is probably waiting, read it in large
-            // chunks. One that a small buffer would have held: the stream
-            // is drained, and the reader waits holding only a small buffer.
+            // chunks. Reads a small buffer would have held, QUIET_READS in
+            // a row: the stream has calmed, and the reader waits holding
+            // only a small buffer.
             let len = self.chunk.len();
             if n == len && len < CHUNK {
                 self.chunk = vec![0; CHUNK].into_boxed_slice();
-            } else if n <= SMALL_CHUNK && len > SMALL_CHUNK {
-                self.chunk = vec![0; SMALL_CHUNK].into_boxed_slice();
+                self.small_reads = 0;
+            } else if len > SMALL_CHUNK {
+                if n > SMALL_CHUNK {
+                    self.small_reads = 0;
+                } else {
+                    self.small_reads += 1;
+                    if self.small_reads >= QUIET_READS {
+                        self.chunk = vec![0; SMALL_CHUNK].into_boxed_slice();
+                        self.small_reads = 0;
+                    }
+                }
             }
         }
     }

@@ -236,12 +236,9 @@ pub struct RelayedCall {
 }
 
 impl FedFrame {
-    /// The call of a `RelayCall` or `RelayAttestedCall`; any other frame
-    /// is given back.
-    ///
-    /// # Errors
-    /// The frame itself when it is not a relayed call.
-    pub fn into_call(self) -> Result<RelayedCall, Box<Self>> {
+    /// The call of a `RelayCall` or `RelayAttestedCall`; `None` for any
+    /// other frame (match the two variants first).
+    pub fn into_call(self) -> Option<RelayedCall> {
         match self {
             Self::RelayCall {
                 id,
@@ -250,7 +247,7 @@ impl FedFrame {
                 signer,
                 envelope,
                 grant,
-            } => Ok(RelayedCall {
+            } => Some(RelayedCall {
                 id,
                 agent,
                 hops_left,
@@ -266,7 +263,7 @@ impl FedFrame {
                 envelope,
                 attested_by,
                 grant,
-            } => Ok(RelayedCall {
+            } => Some(RelayedCall {
                 id,
                 agent,
                 hops_left,
@@ -277,28 +274,25 @@ impl FedFrame {
                 },
                 grant,
             }),
-            other => Err(Box::new(other)),
+            _ => None,
         }
     }
 
     /// `(id, signer, envelope)` of a `RelayResult` or `RelayAttestedResult`;
-    /// any other frame is given back.
-    ///
-    /// # Errors
-    /// The frame itself when it is not a relayed result.
-    pub fn into_result(self) -> Result<(u64, PublicKey, Carried), Box<Self>> {
+    /// `None` for any other frame (match the two variants first).
+    pub fn into_result(self) -> Option<(u64, PublicKey, Carried)> {
         match self {
             Self::RelayResult {
                 id,
                 signer,
                 envelope,
-            } => Ok((id, signer, Carried::Signed(envelope))),
+            } => Some((id, signer, Carried::Signed(envelope))),
             Self::RelayAttestedResult {
                 id,
                 signer,
                 envelope,
                 attested_by,
-            } => Ok((
+            } => Some((
                 id,
                 signer,
                 Carried::Attested {
@@ -306,7 +300,7 @@ impl FedFrame {
                     by: attested_by,
                 },
             )),
-            other => Err(Box::new(other)),
+            _ => None,
         }
     }
 }

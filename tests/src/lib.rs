@@ -615,8 +615,21 @@ pub async fn fem_call(
     args: &serde_json::Value,
     timeout: &str,
 ) -> (i32, String, String) {
+    fem_call_with(broker, ca, agent, tool, args, timeout, &[]).await
+}
+
+/// [`fem_call`] with more flags of `fem call` (e.g. `--attested`).
+pub async fn fem_call_with(
+    broker: SocketAddr,
+    ca: &Path,
+    agent: &str,
+    tool: &str,
+    args: &serde_json::Value,
+    timeout: &str,
+    extra: &[&str],
+) -> (i32, String, String) {
     let (url, args) = (format!("https://{broker}"), args.to_string());
-    run_fem(&[
+    let mut all = vec![
         "call",
         "--broker",
         &url,
@@ -630,8 +643,9 @@ pub async fn fem_call(
         timeout,
         "--args",
         &args,
-    ])
-    .await
+    ];
+    all.extend_from_slice(extra);
+    run_fem(&all).await
 }
 
 /// Starts a `fem-broker` process on `addr` in mesh mode with `peers`, in

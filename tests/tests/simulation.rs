@@ -1044,17 +1044,17 @@ impl Sim {
                     return;
                 };
                 let link = if self.edges[edge].a == to { a } else { b };
-                let frame = match frame.into_call() {
-                    Ok(call) => return self.relayed_call(to, link, call),
-                    Err(f) => *f,
-                };
-                let frame = match frame.into_result() {
-                    Ok((id, signer, envelope)) => {
-                        return self.relayed_result(to, link, id, signer, envelope);
-                    }
-                    Err(f) => *f,
-                };
                 match frame {
+                    f @ (FedFrame::RelayCall { .. } | FedFrame::RelayAttestedCall { .. }) => {
+                        if let Some(call) = f.into_call() {
+                            self.relayed_call(to, link, call);
+                        }
+                    }
+                    f @ (FedFrame::RelayResult { .. } | FedFrame::RelayAttestedResult { .. }) => {
+                        if let Some((id, signer, envelope)) = f.into_result() {
+                            self.relayed_result(to, link, id, signer, envelope);
+                        }
+                    }
                     FedFrame::RelayFailed { id, code, message } => {
                         self.with_router(to, |r, now| r.relay_failed(now, link, id, code, message));
                     }

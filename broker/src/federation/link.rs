@@ -340,15 +340,17 @@ where
 }
 
 fn handle_frame(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>, f: FedFrame) {
-    let f = match f.into_call() {
-        Ok(call) => return relay_in(shared, link, tx, call),
-        Err(f) => *f,
-    };
-    let f = match f.into_result() {
-        Ok((id, signer, envelope)) => return relay_back(shared, link, id, signer, envelope),
-        Err(f) => *f,
-    };
     match f {
+        f @ (FedFrame::RelayCall { .. } | FedFrame::RelayAttestedCall { .. }) => {
+            if let Some(call) = f.into_call() {
+                relay_in(shared, link, tx, call);
+            }
+        }
+        f @ (FedFrame::RelayResult { .. } | FedFrame::RelayAttestedResult { .. }) => {
+            if let Some((id, signer, envelope)) = f.into_result() {
+                relay_back(shared, link, id, signer, envelope);
+            }
+        }
         FedFrame::Advertise { .. }
         | FedFrame::AdvertiseDelta { .. }
         | FedFrame::Withdraw { .. }
@@ -374,10 +376,6 @@ fn handle_frame(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>,
                 }
             }
         }
-        FedFrame::RelayCall { .. }
-        | FedFrame::RelayAttestedCall { .. }
-        | FedFrame::RelayResult { .. }
-        | FedFrame::RelayAttestedResult { .. } => {}
         FedFrame::Call { .. } | FedFrame::Result { .. } | FedFrame::CallFailed { .. } => {
             warn!("relay/1 message from a relay/2 peer; dropped");
         }

@@ -864,8 +864,7 @@ impl Router {
         envelope: Carried,
         signer: PublicKey,
     ) -> Answer {
-        let attested_call = self.pending.get(id).is_some_and(|p| p.attested);
-        if envelope.is_attested() && !attested_call {
+        if envelope.is_attested() && !self.pending.get(id).is_some_and(|p| p.attested) {
             return Answer::Failed {
                 code: ErrorCode::InvalidSignature,
                 message: "the agent answered a signed call with an unsigned result".into(),
@@ -964,9 +963,6 @@ impl Router {
                         format!("agent {id} offers no tool {tool}"),
                     ));
                 }
-                if !want.served_by(&a.profile.tools) {
-                    return Err(want.unattested_refusal(&format!("agent {id}")));
-                }
                 vec![id.clone()]
             }
             Target::Capability(p) => {
@@ -991,20 +987,21 @@ impl Router {
                         format!("no agent matching {p} offers tool {tool}"),
                     ));
                 }
-                let served: Vec<AgentId> = with_tool
-                    .into_iter()
-                    .filter(|id| {
-                        self.registry
-                            .get(id)
-                            .is_some_and(|a| want.served_by(&a.profile.tools))
-                    })
-                    .collect();
-                if served.is_empty() {
-                    return Err(want.unattested_refusal(&format!("the agents matching {p}")));
-                }
-                served
+                with_tool
             }
         };
+        // Like the grant below, attestation narrows the agents that offer
+        // the tool; signed calls skip it.
+        if want.attested {
+            let reg = &self.registry;
+            candidates.retain(|id| {
+                reg.get(id)
+                    .is_some_and(|a| want.served_by(&a.profile.tools))
+            });
+            if candidates.is_empty() {
+                return Err(want.unattested_refusal(&describe(target)));
+            }
+        }
         if let Some(g) = grant {
             candidates.retain(|id| g.may_call(tool, id));
             if candidates.is_empty() {

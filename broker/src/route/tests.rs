@@ -613,17 +613,23 @@ fn attested_setup() -> (Router, SigningKey, SigningKey) {
     (r, agent, caller)
 }
 
+/// Caller `c` (client 2) sends an attested call to `target` at broker `b`;
+/// the call and what the router put out.
+fn call_attested(r: &mut Router, key: &SigningKey, target: Target) -> (ToolCall, Vec<Output>) {
+    let cid = id("c");
+    let (c, e) = call_env(key, "c", target, T0 / 1000 + 5_000);
+    let mut inc = incoming(&cid, key, &c, e.clone());
+    inc.envelope = attested(&e, "b");
+    r.call(T0, inc);
+    let out = drain(r);
+    (c, out)
+}
+
 #[test]
 fn attested_calls_reach_only_tools_that_accept_them() {
     let (mut r, _, caller) = attested_setup();
-    let cid = id("c");
-    let deadline = T0 / 1000 + 5_000;
     // By id, to the tool that does not accept them: refused at entry.
-    let (c, e) = call_env(&caller, "c", Target::Agent(id("closed")), deadline);
-    let mut inc = incoming(&cid, &caller, &c, e.clone());
-    inc.envelope = attested(&e, "b");
-    r.call(T0, inc);
-    let out = drain(&mut r);
+    let (_, out) = call_attested(&mut r, &caller, Target::Agent(id("closed")));
     assert!(
         matches!(&out[..], [Output::Send { to: ClientId(2), frame: Frame::CallFailed { code: ErrorCode::PermissionDenied, message, .. } }] if message.contains("does not accept broker-attested")),
         "{out:?}"
@@ -631,16 +637,8 @@ fn attested_calls_reach_only_tools_that_accept_them() {
     // By capability, once per slot: always the agent that accepts them
     // (the other has every slot free), delivered as attested by this broker.
     for _ in 0..4 {
-        let (c, e) = call_env(
-            &caller,
-            "c",
-            Target::Capability(fem_proto::CapabilityPattern::new("echo").expect("p")),
-            deadline,
-        );
-        let mut inc = incoming(&cid, &caller, &c, e.clone());
-        inc.envelope = attested(&e, "b");
-        r.call(T0, inc);
-        let out = drain(&mut r);
+        let echo = fem_proto::CapabilityPattern::new("echo").expect("p");
+        let (_, out) = call_attested(&mut r, &caller, Target::Capability(echo));
         assert!(
             matches!(&out[..], [Output::Send { to: ClientId(1), frame: Frame::Attested { attested_by, .. } }] if *attested_by == id("b")),
             "{out:?}"
@@ -681,11 +679,7 @@ fn only_an_attested_call_takes_an_unsigned_result() {
         "{out:?}"
     );
     // An attested call answered unsigned: delivered as attested.
-    let (c, e) = call_env(&caller, "c", Target::Agent(id("open")), deadline);
-    let mut inc = incoming(&cid, &caller, &c, e.clone());
-    inc.envelope = attested(&e, "b");
-    r.call(T0, inc);
-    drain(&mut r);
+    let (c, _) = call_attested(&mut r, &caller, Target::Agent(id("open")));
     let (res, renv) = result_env(&agent, "open", &c, "c");
     r.result(
         T0 + 2,

@@ -120,19 +120,31 @@ fn unsigned_call(sender: &str, agent: &str, tool: &str) -> (RequestId, Frame) {
     )
 }
 
-/// The callFailed for `id` among the next frames.
-async fn failed(conn: &mut RawConn, id: RequestId) -> (ErrorCode, String) {
+/// The first of the next frames that `pick` takes (other frames are
+/// skipped; the connection closing first fails the test).
+async fn next_picked<T>(conn: &mut RawConn, mut pick: impl FnMut(Frame) -> Option<T>) -> T {
     loop {
-        match conn.recv().await {
-            Some(Frame::CallFailed {
-                request_id,
-                code,
-                message,
-            }) if request_id == id => return (code, message),
-            Some(_) => {}
-            None => panic!("connection closed before the answer"),
+        let frame = conn
+            .recv()
+            .await
+            .expect("connection closed before the answer");
+        if let Some(t) = pick(frame) {
+            return t;
         }
     }
+}
+
+/// The callFailed for `id` among the next frames.
+async fn failed(conn: &mut RawConn, id: RequestId) -> (ErrorCode, String) {
+    next_picked(conn, |f| match f {
+        Frame::CallFailed {
+            request_id,
+            code,
+            message,
+        } if request_id == id => Some((code, message)),
+        _ => None,
+    })
+    .await
 }
 
 /// An attacker with a raw session and a throw-away key: unsigned calls in
@@ -182,41 +194,32 @@ async fn unsigned_envelopes_from_a_hostile_session_are_refused() {
         let nonce = revoke.header.nonce;
         conn.send(&Frame::Unsigned(UnsignedEnvelope::encode(&revoke).unwrap()))
             .await;
-        loop {
-            match conn.recv().await {
-                Some(Frame::Nack { nonce: n, code, .. }) if n == nonce => {
-                    assert_eq!(code, ErrorCode::BadRequest);
-                    break;
-                }
-                Some(_) => {}
-                None => panic!("closed"),
-            }
-        }
+        let code = next_picked(&mut conn, |f| match f {
+            Frame::Nack { nonce: n, code, .. } if n == nonce => Some(code),
+            _ => None,
+        })
+        .await;
+        assert_eq!(code, ErrorCode::BadRequest);
         assert!(seen.lock().unwrap().is_empty(), "no handler ran");
         // Its own attested call to the tool that accepts them runs, and
         // the result comes back unsigned, attested by the broker.
         let (id, f) = unsigned_call("mallory-372", "victim-372", "v.open");
         conn.send(&f).await;
-        loop {
-            match conn.recv().await {
-                Some(Frame::Attested {
-                    envelope,
-                    attested_by,
-                    ..
-                }) => {
-                    let env = envelope.open().unwrap();
-                    let Body::ToolResult(r) = env.body else {
-                        panic!("not a result: {env:?}");
-                    };
-                    assert_eq!(r.request_id, id);
-                    assert_eq!(attested_by.as_str(), format!("broker-{}", b.addr.ip()));
-                    break;
-                }
-                Some(Frame::CallFailed { message, .. }) => panic!("refused: {message}"),
-                Some(_) => {}
-                None => panic!("closed"),
-            }
-        }
+        let (env, attested_by) = next_picked(&mut conn, |f| match f {
+            Frame::Attested {
+                envelope,
+                attested_by,
+                ..
+            } => Some((envelope.open().unwrap(), attested_by)),
+            Frame::CallFailed { message, .. } => panic!("refused: {message}"),
+            _ => None,
+        })
+        .await;
+        let Body::ToolResult(r) = env.body else {
+            panic!("not a result: {env:?}");
+        };
+        assert_eq!(r.request_id, id);
+        assert_eq!(attested_by.as_str(), format!("broker-{}", b.addr.ip()));
         assert_eq!(seen.lock().unwrap().len(), 1);
     })
     .await;
@@ -430,23 +433,17 @@ async fn fem_coder_takes_attested_calls_only_on_the_tools_named() {
             .wait_for("fem-coder registered", Duration::from_secs(30))
             .await;
         let call = |tool: &'static str, args: Value| {
-            let (url, ca) = (url.clone(), ca.clone());
+            let ca = std::path::PathBuf::from(&ca);
             async move {
-                let args = args.to_string();
-                fem_tests::run_fem(&[
-                    "call",
-                    "--broker",
-                    &url,
-                    "--ca",
+                fem_tests::fem_call_with(
+                    b.addr,
                     &ca,
-                    "--agent",
                     "coder-375",
-                    "--tool",
                     tool,
-                    "--args",
                     &args,
-                    "--attested",
-                ])
+                    "30s",
+                    &["--attested"],
+                )
                 .await
             }
         };

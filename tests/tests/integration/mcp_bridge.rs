@@ -374,25 +374,19 @@ async fn mcp_bridge_takes_attested_calls_on_the_tools_named() {
         bridge
             .wait_for("fem-mcp-bridge registered", Duration::from_secs(60))
             .await;
-        let url = broker.url();
         let attested = |tool: &'static str, args: Value| {
-            let (url, ca) = (url.clone(), ca.clone());
+            let ca = ca.clone();
+            let addr = broker.addr;
             async move {
-                let args = args.to_string();
-                fem_tests::run_fem(&[
-                    "call",
-                    "--broker",
-                    &url,
-                    "--ca",
-                    ca.to_str().unwrap(),
-                    "--agent",
+                fem_tests::fem_call_with(
+                    addr,
+                    &ca,
                     "mcp-time-376",
-                    "--tool",
                     tool,
-                    "--args",
                     &args,
-                    "--attested",
-                ])
+                    "30s",
+                    &["--attested"],
+                )
                 .await
             }
         };
