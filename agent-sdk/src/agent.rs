@@ -225,19 +225,29 @@ fn send_result(inner: &Arc<Inner>, epoch: u64, how: Sealing, result: ToolResult)
     }
 }
 
-/// Runs a delivered call on its tool. `attested_by` is the broker that
-/// vouched for an unsigned call (None: the caller's signature verified).
-#[allow(clippy::too_many_arguments)]
+/// A call whose sender is proven: by its signature, or (`attested_by`) by
+/// the broker that vouched for it.
+pub(crate) struct Proven {
+    pub(crate) header: Header,
+    pub(crate) signer: PublicKey,
+    pub(crate) call: ToolCall,
+    pub(crate) attested_by: Option<AgentId>,
+}
+
+/// Runs a delivered call on its tool.
 pub(crate) fn serve_call(
     inner: &Arc<Inner>,
     epoch: u64,
     how: Sealing,
-    header: Header,
-    signer: PublicKey,
-    call: ToolCall,
-    attested_by: Option<AgentId>,
+    proven: Proven,
     sem: &Arc<Semaphore>,
 ) {
+    let Proven {
+        header,
+        signer,
+        call,
+        attested_by,
+    } = proven;
     let caller = header.sender;
     // Every refusal before the handler runs answers the same call.
     let refuse = |code: ErrorCode, message: String| {

@@ -11,7 +11,7 @@ use fem_proto::{
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, warn};
 
-use crate::agent::{reply_error, serve_call};
+use crate::agent::{Proven, reply_error, serve_call};
 use crate::caller::Event;
 use crate::connection::{Inner, Reply, Sealing, lock};
 use crate::{CallError, Origin};
@@ -68,6 +68,33 @@ fn check_caller(
         ));
     }
     Ok(())
+}
+
+/// Runs a proven call once its caller's grant allows it (with anchors),
+/// else answers PERMISSION_DENIED.
+fn run_call(
+    inner: &Arc<Inner>,
+    epoch: u64,
+    how: Sealing,
+    p: Proven,
+    sem: &Arc<Semaphore>,
+    seen: &Seen,
+) {
+    let caller = &p.header.sender;
+    if let Err(why) = check_caller(inner, seen, caller, &p.signer, &p.call.tool) {
+        let attested = p.attested_by.is_some();
+        warn!(%caller, attested, %why, "call refused end to end");
+        return reply_error(
+            inner,
+            epoch,
+            how,
+            p.call.request_id,
+            p.header.sender,
+            ErrorCode::PermissionDenied,
+            why,
+        );
+    }
+    serve_call(inner, epoch, how, p, sem);
 }
 
 /// Nonces kept per sender within the 60 s replay window. Brokers leave
@@ -187,20 +214,13 @@ fn deliver(
     let Envelope { header, body } = env;
     match body {
         Body::ToolCall(call) => {
-            if let Err(why) = check_caller(inner, seen, &header.sender, &signer, &call.tool) {
-                warn!(caller = %header.sender, %why, "call refused end to end");
-                reply_error(
-                    inner,
-                    epoch,
-                    how,
-                    call.request_id,
-                    header.sender,
-                    ErrorCode::PermissionDenied,
-                    why,
-                );
-                return true;
-            }
-            serve_call(inner, epoch, how, header, signer, call, None, sem);
+            let call = Proven {
+                header,
+                signer,
+                call,
+                attested_by: None,
+            };
+            run_call(inner, epoch, how, call, sem, seen);
         }
         Body::ToolResult(r) => {
             if r.caller == inner.id {
@@ -292,19 +312,13 @@ fn attested(
     };
     match body {
         Body::ToolCall(call) => {
-            if let Err(why) = check_caller(inner, seen, &header.sender, &signer, &call.tool) {
-                warn!(caller = %header.sender, %why, "attested call refused end to end");
-                return reply_error(
-                    inner,
-                    epoch,
-                    how,
-                    call.request_id,
-                    header.sender,
-                    ErrorCode::PermissionDenied,
-                    why,
-                );
-            }
-            serve_call(inner, epoch, how, header, signer, call, Some(by), sem);
+            let call = Proven {
+                header,
+                signer,
+                call,
+                attested_by: Some(by),
+            };
+            run_call(inner, epoch, how, call, sem, seen);
         }
         Body::ToolResult(r) if r.caller == inner.id => {
             let attested_call = lock(&inner.pending)
