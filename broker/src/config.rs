@@ -201,6 +201,10 @@ pub struct FederationConfig {
     /// Verify the signatures of relayed calls and results here too (their
     /// recipients always do): defence in depth, at a CPU cost per call.
     pub verify_relayed: bool,
+    /// Take capability summaries from peers instead of every agent set, and
+    /// advertise only this broker's own agents (a stub, for spokes that do
+    /// not need every agent id; proto/README.md §8.15).
+    pub stub: bool,
 }
 
 impl Default for FederationConfig {
@@ -220,6 +224,7 @@ impl Default for FederationConfig {
             dns_server: None,
             listen: None,
             verify_relayed: false,
+            stub: false,
         }
     }
 }

@@ -134,6 +134,11 @@ struct Args {
     /// Verify relayed calls and results at this broker too (recipients always do) [default: off].
     #[arg(long, env = "FEM_VERIFY_RELAYED")]
     verify_relayed: bool,
+    /// What peers send this broker: `full` (every agent, by id) or `summary` (kinds of
+    /// agent without ids; this broker then advertises only its own agents, for spokes
+    /// that do not need every agent id) [default: full].
+    #[arg(long, env = "FEM_FEDERATION_ROUTES", value_enum)]
+    federation_routes: Option<RoutesArg>,
     /// Silence after which a federation link is dropped and its routes withdrawn [default: 3s].
     #[arg(long, env = "FEM_LINK_TIMEOUT", value_parser = humantime::parse_duration)]
     link_timeout: Option<Duration>,
@@ -260,6 +265,16 @@ enum ModeArg {
     Mesh,
 }
 
+/// What peers send this broker (`--federation-routes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RoutesArg {
+    /// Every agent, by id.
+    Full,
+    /// Capability summaries (a stub).
+    Summary,
+}
+
 /// The `federation:` section of the YAML file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -276,6 +291,7 @@ struct FileFederation {
     #[serde(default, with = "opt_duration")]
     link_timeout: Option<Duration>,
     verify_relayed: Option<bool>,
+    routes: Option<RoutesArg>,
     discovery: Option<FileDiscovery>,
 }
 
@@ -648,6 +664,7 @@ fn federation(args: &Args, file: FileFederation) -> anyhow::Result<FederationCon
             .or(file.link_timeout)
             .unwrap_or(d.link_timeout),
         verify_relayed: args.verify_relayed || file.verify_relayed.unwrap_or(false),
+        stub: args.federation_routes.or(file.routes) == Some(RoutesArg::Summary),
         ..d
     })
 }

@@ -166,6 +166,8 @@ impl Shared {
                     .limits
                     .discovery_page_bytes
                     .min(fem_proto::max_forwarded_envelope(config.max_frame) / 2),
+                stub: config.federation.stub,
+                max_summary_bytes: config.max_frame / 2,
             },
             metrics.clone(),
             now_micros(),

@@ -38,6 +38,40 @@ pub struct AdvertisedAgent {
     pub tools: Vec<ToolSpec>,
 }
 
+/// A tool as a capability summary names it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SummaryTool {
+    /// Tool name.
+    pub name: Capability,
+    /// The tool takes broker-attested calls.
+    pub accepts_attested: bool,
+}
+
+/// One kind of agent reachable through the sender of a
+/// [`FedFrame::Summary`]: what such agents offer, without their ids.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SummaryProfile {
+    /// Broker hops from the receiver to the nearest such agent (1: an agent
+    /// of the sender itself).
+    pub hops: u8,
+    /// Capabilities such an agent offers (sorted).
+    pub capabilities: Vec<Capability>,
+    /// Its tools (sorted by name).
+    pub tools: Vec<SummaryTool>,
+}
+
+impl SummaryProfile {
+    /// True when an agent of this kind serves `tool` (taking an attested
+    /// call only if the tool accepts them).
+    pub fn serves(&self, tool: &Capability, attested: bool) -> bool {
+        self.tools
+            .iter()
+            .any(|t| t.name == *tool && (t.accepts_attested || !attested))
+    }
+}
+
 /// A message on a federation link. postcard encodes variants by index: only append.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
@@ -216,15 +250,55 @@ pub enum FedFrame {
         /// The broker where the result entered (the agent's).
         attested_by: AgentId,
     },
+    /// What the sender can route to, as kinds of agent without their ids,
+    /// replacing any summary it sent before: sent instead of advertisements
+    /// to a peer that announced [`SUMMARY_FEATURE`] (proto/README.md §8.15).
+    Summary {
+        /// The kinds, fewest hops first.
+        profiles: Vec<SummaryProfile>,
+    },
+    /// A call relayed without a chosen agent, by a broker that holds only
+    /// this broker's summary: the receiver resolves the call's target among
+    /// its own agents and the agents it knows by id, and never relays it
+    /// on without choosing one. Answered as `RelayCall` is.
+    RelayOpenCall {
+        /// The sender's id for the call, echoed by the answer.
+        id: u64,
+        /// Hops the call may still take after the receiver.
+        hops_left: u8,
+        /// The caller's key (as the sending broker holds it).
+        signer: PublicKey,
+        /// The caller's envelope, bytes untouched.
+        envelope: SignedEnvelope,
+        /// The caller's grant, when the federation has a trust anchor.
+        grant: Option<crate::grant::SignedGrant>,
+    },
+    /// `RelayOpenCall` for a broker-attested call.
+    RelayOpenAttestedCall {
+        /// The sender's id for the call, echoed by the answer.
+        id: u64,
+        /// Hops the call may still take after the receiver.
+        hops_left: u8,
+        /// The caller's key (as the entry broker holds it).
+        signer: PublicKey,
+        /// The caller's envelope, bytes untouched.
+        envelope: UnsignedEnvelope,
+        /// The broker where the call entered.
+        attested_by: AgentId,
+        /// The caller's grant, when the federation has a trust anchor.
+        grant: Option<crate::grant::SignedGrant>,
+    },
 }
 
-/// A call relayed by a peer (`RelayCall` or `RelayAttestedCall`), taken apart.
+/// A call relayed by a peer (`RelayCall`, `RelayOpenCall` or their
+/// attested forms), taken apart.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RelayedCall {
     /// The sender's id for the call.
     pub id: u64,
-    /// The agent the sending broker chose.
-    pub agent: AgentId,
+    /// The agent the sending broker chose; `None` for an open relay (the
+    /// receiver chooses).
+    pub agent: Option<AgentId>,
     /// Hops the call may still take after the receiver.
     pub hops_left: u8,
     /// The caller's key.
@@ -236,10 +310,11 @@ pub struct RelayedCall {
 }
 
 impl FedFrame {
-    /// The call of a `RelayCall` or `RelayAttestedCall`; `None` for any
-    /// other frame (match the two variants first).
+    /// The call of a `RelayCall`, `RelayAttestedCall`, `RelayOpenCall` or
+    /// `RelayOpenAttestedCall`; `None` for any other frame (match the four
+    /// variants first).
     pub fn into_call(self) -> Option<RelayedCall> {
-        match self {
+        let (id, agent, hops_left, signer, envelope, grant) = match self {
             Self::RelayCall {
                 id,
                 agent,
@@ -247,14 +322,28 @@ impl FedFrame {
                 signer,
                 envelope,
                 grant,
-            } => Some(RelayedCall {
+            } => (
                 id,
-                agent,
+                Some(agent),
                 hops_left,
                 signer,
-                envelope: Carried::Signed(envelope),
+                Carried::Signed(envelope),
                 grant,
-            }),
+            ),
+            Self::RelayOpenCall {
+                id,
+                hops_left,
+                signer,
+                envelope,
+                grant,
+            } => (
+                id,
+                None,
+                hops_left,
+                signer,
+                Carried::Signed(envelope),
+                grant,
+            ),
             Self::RelayAttestedCall {
                 id,
                 agent,
@@ -263,18 +352,81 @@ impl FedFrame {
                 envelope,
                 attested_by,
                 grant,
-            } => Some(RelayedCall {
+            } => {
+                let envelope = Carried::Attested {
+                    envelope,
+                    by: attested_by,
+                };
+                (id, Some(agent), hops_left, signer, envelope, grant)
+            }
+            Self::RelayOpenAttestedCall {
+                id,
+                hops_left,
+                signer,
+                envelope,
+                attested_by,
+                grant,
+            } => {
+                let envelope = Carried::Attested {
+                    envelope,
+                    by: attested_by,
+                };
+                (id, None, hops_left, signer, envelope, grant)
+            }
+            _ => return None,
+        };
+        Some(RelayedCall {
+            id,
+            agent,
+            hops_left,
+            signer,
+            envelope,
+            grant,
+        })
+    }
+
+    /// The relay frame for a call: pinned to `agent`, or open (`None`).
+    pub fn relay_call(
+        id: u64,
+        agent: Option<AgentId>,
+        hops_left: u8,
+        signer: PublicKey,
+        envelope: Carried,
+        grant: Option<crate::grant::SignedGrant>,
+    ) -> Self {
+        match (agent, envelope) {
+            (Some(agent), Carried::Signed(envelope)) => Self::RelayCall {
                 id,
                 agent,
                 hops_left,
                 signer,
-                envelope: Carried::Attested {
-                    envelope,
-                    by: attested_by,
-                },
+                envelope,
                 grant,
-            }),
-            _ => None,
+            },
+            (Some(agent), Carried::Attested { envelope, by }) => Self::RelayAttestedCall {
+                id,
+                agent,
+                hops_left,
+                signer,
+                envelope,
+                attested_by: by,
+                grant,
+            },
+            (None, Carried::Signed(envelope)) => Self::RelayOpenCall {
+                id,
+                hops_left,
+                signer,
+                envelope,
+                grant,
+            },
+            (None, Carried::Attested { envelope, by }) => Self::RelayOpenAttestedCall {
+                id,
+                hops_left,
+                signer,
+                envelope,
+                attested_by: by,
+                grant,
+            },
         }
     }
 
@@ -322,6 +474,16 @@ pub const DELTA_FEATURE: &str = "advert-delta/1";
 /// results (`RelayAttestedCall`, `RelayAttestedResult`); attested calls are
 /// not routed through a peer without it.
 pub const ATTESTED_FEATURE: &str = "attested/1";
+
+/// The feature a broker announces when it wants capability summaries
+/// ([`FedFrame::Summary`]) instead of every agent set, and relays calls it
+/// cannot resolve to the peers that sent them ([`FedFrame::RelayOpenCall`]).
+/// Such a broker (a stub) advertises only its own agents.
+pub const SUMMARY_FEATURE: &str = "summary/1";
+
+/// Most profiles a broker keeps from one peer's summary (more are dropped
+/// and counted).
+pub const MAX_SUMMARY_PROFILES: usize = 4096;
 
 #[cfg(test)]
 mod tests {

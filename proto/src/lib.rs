@@ -46,7 +46,7 @@ pub use envelope::{
 pub use error::{ErrorCode, ProtoError};
 pub use federation::{
     ATTESTED_FEATURE, AdvertisedAgent, CANCEL_FEATURE, DEFAULT_MAX_HOPS, DELTA_FEATURE, FedFrame,
-    RELAY_FEATURE, RelayedCall,
+    MAX_SUMMARY_PROFILES, RELAY_FEATURE, RelayedCall, SUMMARY_FEATURE, SummaryProfile, SummaryTool,
 };
 pub use frame::{
     Accepted, DEFAULT_MAX_FRAME, FORWARD_OVERHEAD, FRAME_HEADER_LEN, Frame, FrameDecoder,

@@ -42,8 +42,8 @@ use std::time::Duration;
 
 use fem_broker::Metrics;
 use fem_broker::route::{
-    ClientId, Incoming, LinkId, LinkUp, Micros, Output, Profile, Registration, ReplyTo, Router,
-    RouterConfig,
+    Arrival, ClientId, Incoming, LinkId, LinkUp, Micros, Output, Profile, Registration, ReplyTo,
+    Router, RouterConfig,
 };
 use fem_proto::{
     Accepted, AgentId, Body, Capability, CapabilityPattern, Carried, Envelope, FedFrame, Frame,
@@ -76,6 +76,8 @@ struct Broker {
     name: AgentId,
     /// It announces advertisement deltas (else its peers send it full sets).
     deltas: bool,
+    /// A stub: it takes capability summaries and advertises only its own agents.
+    stub: bool,
     router: Option<Router>,
     incarnation: u64,
     paused_until: Micros,
@@ -269,6 +271,7 @@ struct RouteStats {
     delta: u64,
     withdraw: u64,
     resync: u64,
+    summary: u64,
     dropped: u64,
     bytes: u64,
 }
@@ -283,6 +286,8 @@ struct Stats {
     attested_served: u64,
     /// Signed calls an agent answered unsigned (refused on the way back).
     unsigned_answers_to_signed: u64,
+    /// Calls a stub relayed open to a peer whose summary it held.
+    open_relays: u64,
 }
 
 fn id(s: &str) -> AgentId {
@@ -300,6 +305,22 @@ fn attest(signed: SignedEnvelope, by: &AgentId) -> Carried {
     }
 }
 
+/// What a summary says of an agent: its capabilities and tools (sorted).
+type Kind = (Vec<String>, Vec<(String, bool)>);
+
+fn kind(caps: &[Capability], tools: &[ToolSpec]) -> Kind {
+    let mut c: Vec<String> = caps.iter().map(|c| c.to_string()).collect();
+    c.sort();
+    c.dedup();
+    let mut t: Vec<(String, bool)> = tools
+        .iter()
+        .map(|t| (t.name.to_string(), t.accepts_attested))
+        .collect();
+    t.sort();
+    t.dedup();
+    (c, t)
+}
+
 fn cap(s: &str) -> Capability {
     Capability::new(s).expect("capability")
 }
@@ -311,6 +332,7 @@ impl Sim {
             .map(|i| Broker {
                 name: id(&format!("b{i}")),
                 deltas: true,
+                stub: false,
                 router: None,
                 incarnation: 0,
                 paused_until: 0,
@@ -456,6 +478,8 @@ impl Sim {
                 caller_share_percent: self.caller_share,
                 max_waiting_bytes: 1 << 30,
                 discovery_page_bytes: 1 << 20,
+                stub: self.brokers[b].stub,
+                max_summary_bytes: 1 << 20,
             },
             Metrics::new().expect("metrics"),
             self.now,
@@ -556,6 +580,7 @@ impl Sim {
             FedFrame::AdvertiseDelta { .. } => &mut self.routes.delta,
             FedFrame::Withdraw { .. } => &mut self.routes.withdraw,
             FedFrame::Resync { .. } => &mut self.routes.resync,
+            FedFrame::Summary { .. } => &mut self.routes.summary,
             _ => return false,
         };
         *kind += 1;
@@ -666,16 +691,21 @@ impl Sim {
         }
         let (na, nb) = (self.brokers[a].name.clone(), self.brokers[b].name.clone());
         let initiator = na.clone();
-        let features = |x: usize| {
+        // What `x` announces, as `to` takes it: older brokers (mixed
+        // meshes) have neither deltas nor attested relays, and do not know
+        // what a stub's summary feature means.
+        let features = |x: usize, to: usize| {
             let mut f = vec![fem_proto::CANCEL_FEATURE.to_owned()];
-            // Older brokers (mixed meshes) have neither deltas nor attested relays.
             if self.brokers[x].deltas {
                 f.push(fem_proto::DELTA_FEATURE.to_owned());
                 f.push(fem_proto::ATTESTED_FEATURE.to_owned());
             }
+            if self.brokers[x].stub && self.brokers[to].deltas {
+                f.push(fem_proto::SUMMARY_FEATURE.to_owned());
+            }
             f
         };
-        let (fa, fb) = (features(a), features(b));
+        let (fa, fb) = (features(a, b), features(b, a));
         let mut ups = Vec::new();
         self.with_router(a, |r, now| {
             ups.push(r.link_up(now, la, nb, initiator.clone(), None, &fb))
@@ -1045,8 +1075,12 @@ impl Sim {
                 };
                 let link = if self.edges[edge].a == to { a } else { b };
                 match frame {
-                    f @ (FedFrame::RelayCall { .. } | FedFrame::RelayAttestedCall { .. }) => {
+                    f @ (FedFrame::RelayCall { .. }
+                    | FedFrame::RelayAttestedCall { .. }
+                    | FedFrame::RelayOpenCall { .. }
+                    | FedFrame::RelayOpenAttestedCall { .. }) => {
                         if let Some(call) = f.into_call() {
+                            self.stats.open_relays += u64::from(call.agent.is_none());
                             self.relayed_call(to, link, call);
                         }
                     }
@@ -1064,7 +1098,7 @@ impl Sim {
                     FedFrame::RelayProgress { id, update } => {
                         self.with_router(to, |r, now| r.relay_progress(now, link, id, update));
                     }
-                    other => self.with_router(to, |r, _| r.link_frame(link, other)),
+                    other => self.with_router(to, |r, now| r.link_frame(now, link, other)),
                 }
             }
             Ev::ToClient { conn, frame } => self.client_receives(conn, frame),
@@ -1168,7 +1202,7 @@ impl Sim {
                             call: &call,
                             envelope: env,
                             hops_left: fem_proto::DEFAULT_MAX_HOPS,
-                            pinned: None,
+                            arrival: Arrival::Entry,
                             credential: None,
                         },
                     );
@@ -1350,7 +1384,7 @@ impl Sim {
                     call: &call,
                     envelope: c.envelope,
                     hops_left: c.hops_left,
-                    pinned: Some(&c.agent),
+                    arrival: c.agent.as_ref().map_or(Arrival::Open, Arrival::Pinned),
                     credential: None,
                 },
             );
@@ -1576,8 +1610,19 @@ impl Sim {
                 }
             }
         }
+        let live_kinds: BTreeSet<Kind> = self
+            .brokers
+            .iter()
+            .filter_map(|b| b.router.as_ref())
+            .flat_map(|r| r.agents().filter(|a| a.max_concurrent > 0))
+            .map(|a| kind(&a.profile.capabilities, &a.profile.tools))
+            .collect();
         for b in &self.brokers {
             let Some(r) = &b.router else { continue };
+            if b.stub {
+                self.check_stub(b, r, &holders, &live_kinds)?;
+                continue;
+            }
             let mut seen: BTreeMap<AgentId, AgentId> = r
                 .agents()
                 .filter(|a| a.max_concurrent > 0)
@@ -1613,6 +1658,49 @@ impl Sim {
                     b.name
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// A stub knows agents by id only where they are its own or came in
+    /// full from an older peer, each through the broker that holds it; with
+    /// its peers' summaries it reaches exactly the kinds of agent that live.
+    fn check_stub(
+        &self,
+        b: &Broker,
+        r: &Router,
+        holders: &BTreeMap<AgentId, AgentId>,
+        live_kinds: &BTreeSet<Kind>,
+    ) -> Result<(), String> {
+        let mut kinds = BTreeSet::new();
+        for a in r.agents().filter(|a| a.max_concurrent > 0) {
+            kinds.insert(kind(&a.profile.capabilities, &a.profile.tools));
+        }
+        for (id, ra) in r.remote_agents() {
+            if holders.get(id) != Some(&ra.route.origin) {
+                return Err(format!(
+                    "stub {} routes {id} to {} (live agents {holders:?})",
+                    b.name, ra.route.origin
+                ));
+            }
+            kinds.insert(kind(&ra.route.agent.capabilities, &ra.route.agent.tools));
+        }
+        for (_, profiles) in r.summaries() {
+            for p in profiles {
+                let tools: Vec<(String, bool)> = p
+                    .tools
+                    .iter()
+                    .map(|t| (t.name.to_string(), t.accepts_attested))
+                    .collect();
+                let caps = p.capabilities.iter().map(|c| c.to_string()).collect();
+                kinds.insert((caps, tools));
+            }
+        }
+        if kinds != *live_kinds {
+            return Err(format!(
+                "stub {} reaches kinds {kinds:?}, but the live agents are of kinds {live_kinds:?}",
+                b.name
+            ));
         }
         Ok(())
     }
@@ -1715,6 +1803,8 @@ struct Scenario {
     drop_deltas: f64,
     /// See [`Sim::churn_every`].
     churn_every: Micros,
+    /// Spokes that are stubs (take summaries, advertise only their own agents).
+    stubs: Vec<bool>,
 }
 
 impl Scenario {
@@ -1733,7 +1823,8 @@ impl Scenario {
         let agents = pick.gen_range(2..=6);
         let callers = pick.gen_range(1..=3);
         let mixed = pick.gen_bool(0.3);
-        let legacy = (0..brokers).map(|_| mixed && pick.gen_bool(0.5)).collect();
+        let legacy: Vec<bool> = (0..brokers).map(|_| mixed && pick.gen_bool(0.5)).collect();
+        let stubs = Self::stubs(seed, topology, &legacy);
         Self {
             topology,
             brokers,
@@ -1742,6 +1833,7 @@ impl Scenario {
             legacy,
             drop_deltas: 0.0,
             churn_every: 0,
+            stubs,
         }
     }
 
@@ -1756,15 +1848,36 @@ impl Scenario {
             _ => Topology::Mixed,
         };
         let mixed = pick.gen_bool(0.3);
+        let legacy: Vec<bool> = (0..brokers).map(|_| mixed && pick.gen_bool(0.5)).collect();
+        let stubs = Self::stubs(seed, topology, &legacy);
         Self {
             topology,
             brokers,
             agents: pick.gen_range(60..=200),
             callers: 2,
-            legacy: (0..brokers).map(|_| mixed && pick.gen_bool(0.5)).collect(),
+            legacy,
             drop_deltas: if pick.gen_bool(0.5) { 0.05 } else { 0.0 },
             churn_every: pick.gen_range(5 * MS..=40 * MS),
+            stubs,
         }
+    }
+
+    /// In half the seeds with hubs, each spoke (not an older broker) is a
+    /// stub with even odds (drawn apart, so the rest of a seed's scenario
+    /// stays what it was).
+    fn stubs(seed: u64, topology: Topology, legacy: &[bool]) -> Vec<bool> {
+        let mut pick = StdRng::seed_from_u64(seed ^ 0x57ab);
+        let hubs = match topology {
+            Topology::Mesh => return vec![false; legacy.len()],
+            Topology::HubSpoke { hubs } => hubs.min(legacy.len() - 1).max(1),
+            Topology::Mixed => 2.min(legacy.len() - 1),
+        };
+        let some = pick.gen_bool(0.5);
+        legacy
+            .iter()
+            .enumerate()
+            .map(|(b, old)| some && b >= hubs && !old && pick.gen_bool(0.5))
+            .collect()
     }
 }
 
@@ -1787,6 +1900,7 @@ fn run_scenario(seed: u64, sc: &Scenario) -> Result<(Outcome, RouteStats), Strin
     let mut sim = Sim::new(seed, sc.topology, n, n_agents + tails, n_callers);
     for (b, legacy) in sc.legacy.iter().enumerate() {
         sim.brokers[b].deltas = !legacy;
+        sim.brokers[b].stub = sc.stubs[b];
     }
     sim.drop_deltas = sc.drop_deltas;
     sim.churn_every = sc.churn_every;
@@ -1889,12 +2003,13 @@ fn simulation_of_the_federation_under_faults() {
                 stats.progress_to_callers += st.progress_to_callers;
                 stats.attested_served += st.attested_served;
                 stats.unsigned_answers_to_signed += st.unsigned_answers_to_signed;
+                stats.open_relays += st.open_relays;
             }
             Err(e) => failures.push(e),
         }
     }
     println!(
-        "simulation: {} seeds, {calls} calls, {:.1} simulated hours, {:.1} s wall time, {} failed; {} cancels reached agents, {} progress updates reached callers, {} attested calls ran, {} signed calls answered unsigned",
+        "simulation: {} seeds, {calls} calls, {:.1} simulated hours, {:.1} s wall time, {} failed; {} cancels reached agents, {} progress updates reached callers, {} attested calls ran, {} signed calls answered unsigned, {} calls relayed open by stubs",
         seeds.len(),
         simulated as f64 / 3600.0,
         started.elapsed().as_secs_f64(),
@@ -1903,14 +2018,16 @@ fn simulation_of_the_federation_under_faults() {
         stats.progress_to_callers,
         stats.attested_served,
         stats.unsigned_answers_to_signed,
+        stats.open_relays,
     );
     if seeds.len() > 50 {
         assert!(
             stats.cancels_to_agents > 0
                 && stats.progress_to_callers > 0
                 && stats.attested_served > 0
-                && stats.unsigned_answers_to_signed > 0,
-            "the runs never exercised cancels, progress or attested calls: {stats:?}"
+                && stats.unsigned_answers_to_signed > 0
+                && stats.open_relays > 0,
+            "the runs never exercised cancels, progress, attested calls or open relays: {stats:?}"
         );
     }
     assert!(
@@ -2063,6 +2180,7 @@ fn simulation_converges_under_agent_churn_flaps_and_lost_deltas() {
                 total.delta += st.delta;
                 total.withdraw += st.withdraw;
                 total.resync += st.resync;
+                total.summary += st.summary;
                 total.dropped += st.dropped;
                 total.bytes += st.bytes;
             }
@@ -2091,6 +2209,7 @@ fn simulation_converges_under_agent_churn_flaps_and_lost_deltas() {
             total.dropped > 0 && total.resync > 0,
             "no gap was found: {total:?}"
         );
+        assert!(total.summary > 0, "no stub was sent a summary: {total:?}");
     }
 }
 

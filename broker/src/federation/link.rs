@@ -9,7 +9,7 @@ use fem_net::wire::{FrameReader, write_loop};
 use fem_proto::{
     ATTESTED_FEATURE, AgentId, Body, CANCEL_FEATURE, Carried, DELTA_FEATURE, Envelope,
     EnvelopeType, ErrorCode, FedFrame, Header, PublicKey, RELAY_FEATURE, RegisterBroker,
-    RelayedCall, SignedEnvelope,
+    RelayedCall, SUMMARY_FEATURE, SignedEnvelope,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -18,7 +18,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 use crate::config::FederationMode;
 use crate::listen::counted::Counted;
 use crate::route::admission::{self, Entry, Refused, Signer};
-use crate::route::{Incoming, LinkId, LinkUp, ReplyTo};
+use crate::route::{Arrival, Incoming, LinkId, LinkUp, ReplyTo};
 use crate::state::Shared;
 
 /// Messages queued towards one peer before the link counts as stuck.
@@ -62,7 +62,16 @@ fn hello(shared: &Shared) -> Result<FedFrame, fem_proto::ProtoError> {
                 CANCEL_FEATURE.into(),
                 ATTESTED_FEATURE.into(),
                 DELTA_FEATURE.into(),
-            ],
+            ]
+            .into_iter()
+            .chain(
+                shared
+                    .config
+                    .federation
+                    .stub
+                    .then(|| SUMMARY_FEATURE.into()),
+            )
+            .collect(),
         }),
     );
     Ok(FedFrame::Hello(SignedEnvelope::sign(
@@ -341,7 +350,10 @@ where
 
 fn handle_frame(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>, f: FedFrame) {
     match f {
-        f @ (FedFrame::RelayCall { .. } | FedFrame::RelayAttestedCall { .. }) => {
+        f @ (FedFrame::RelayCall { .. }
+        | FedFrame::RelayAttestedCall { .. }
+        | FedFrame::RelayOpenCall { .. }
+        | FedFrame::RelayOpenAttestedCall { .. }) => {
             if let Some(call) = f.into_call() {
                 relay_in(shared, link, tx, call);
             }
@@ -354,8 +366,9 @@ fn handle_frame(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>,
         FedFrame::Advertise { .. }
         | FedFrame::AdvertiseDelta { .. }
         | FedFrame::Withdraw { .. }
+        | FedFrame::Summary { .. }
         | FedFrame::Resync { .. } => {
-            shared.route(|r, _| r.link_frame(link, f));
+            shared.route(|r, now| r.link_frame(now, link, f));
         }
         FedFrame::RelayFailed { id, code, message } => {
             shared.route(|r, now| r.relay_failed(now, link, id, code, message));
@@ -459,7 +472,7 @@ fn relay_in(shared: &Arc<Shared>, link: LinkId, tx: &mpsc::Sender<FedFrame>, cal
                 call: &call,
                 envelope,
                 hops_left,
-                pinned: Some(&agent),
+                arrival: agent.as_ref().map_or(Arrival::Open, Arrival::Pinned),
                 credential,
             },
         );

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::route::admission::{self, Credential, Entry, Refused, Signer};
-use crate::route::{ClientId, Incoming, ReplyTo};
+use crate::route::{Arrival, ClientId, Incoming, ReplyTo};
 use crate::state::Shared;
 
 #[derive(Debug, Deserialize)]
@@ -168,7 +168,7 @@ async fn serve(s: Arc<Shared>, body: Bytes, want: EnvelopeType, endpoint: &str) 
                 call: &c,
                 envelope: fem_proto::Carried::Signed(req.envelope),
                 hops_left: fem_proto::DEFAULT_MAX_HOPS,
-                pinned: None,
+                arrival: Arrival::Entry,
                 credential: credential.clone(),
             })
             .await

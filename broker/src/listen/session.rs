@@ -13,7 +13,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::route::admission::{self, Credential, Entry, Refusal, Refused, Signer};
-use crate::route::{ClientId, Incoming, Profile, Registration, ReplyTo};
+use crate::route::{Arrival, ClientId, Incoming, Profile, Registration, ReplyTo};
 use crate::state::{ClientHandle, Shared};
 
 /// The registered identity of a session.
@@ -607,7 +607,7 @@ fn handle_envelope(shared: &Arc<Shared>, me: &Identity, signed: Carried) -> bool
                         call: &call,
                         envelope: signed,
                         hops_left: fem_proto::DEFAULT_MAX_HOPS,
-                        pinned: None,
+                        arrival: Arrival::Entry,
                         credential: me.credential.clone(),
                     },
                 );

@@ -24,8 +24,8 @@ use fem_proto::{
 };
 use serde_json::json;
 
-use crate::route::Incoming;
 use crate::route::admission::{Credential, Refusal};
+use crate::route::{Arrival, Incoming};
 use crate::state::Shared;
 
 mod auth;
@@ -509,7 +509,7 @@ pub(crate) async fn call(
         call: &call,
         envelope,
         hops_left: fem_proto::DEFAULT_MAX_HOPS,
-        pinned: None,
+        arrival: Arrival::Entry,
         credential: cred.clone(),
     })
     .await;

@@ -17,6 +17,7 @@ pub mod admission;
 pub mod paths;
 mod pending;
 mod registry;
+mod summary;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -34,6 +35,7 @@ use self::paths::{Advert, Change, Delta, Gap, RemoteRoute, RouteTable};
 use self::pending::{CallTarget, Pending, PendingTable};
 use self::registry::Registry;
 pub use self::registry::{LocalAgent, Profile};
+use self::summary::{Kind, SummaryIndex};
 use crate::metrics::Metrics;
 
 /// Time in microseconds since the Unix epoch (virtual in the simulation).
@@ -152,10 +154,22 @@ pub struct Incoming<'a> {
     pub envelope: Carried,
     /// Broker hops the call may still take.
     pub hops_left: u8,
-    /// The agent a peer broker chose, for a relayed call.
-    pub pinned: Option<&'a AgentId>,
+    /// Where the call comes from.
+    pub arrival: Arrival<'a>,
     /// The caller's verified grant, when the broker has a trust anchor.
     pub credential: Option<Arc<Credential>>,
+}
+
+/// Where a call comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrival<'a> {
+    /// A session, the gateway or MCP of this broker: the call enters here.
+    Entry,
+    /// Relayed by a peer that chose this agent: it runs there or fails.
+    Pinned(&'a AgentId),
+    /// Relayed by a stub peer that holds only this broker's summary: this
+    /// broker chooses the agent, and never relays the call on unchosen.
+    Open,
 }
 
 /// Whether a new link is kept.
@@ -194,6 +208,13 @@ pub struct RouterConfig {
     pub max_waiting_bytes: usize,
     /// Largest discovery answer page, bytes of tools.
     pub discovery_page_bytes: usize,
+    /// This broker is a stub (`--federation-routes summary`): peers send it
+    /// capability summaries instead of agent sets, and it advertises only
+    /// its own agents.
+    pub stub: bool,
+    /// Largest capability summary sent to a stub peer, bytes (under the
+    /// frame size).
+    pub max_summary_bytes: usize,
 }
 
 impl RouterConfig {
@@ -231,6 +252,15 @@ struct LinkState {
     /// origin was withdrawn or never sent. A change whose previous version
     /// the link holds goes as a delta.
     sent: HashMap<AgentId, u64>,
+    /// The peer is a stub ([`fem_proto::SUMMARY_FEATURE`]): it is sent
+    /// capability summaries instead of advertisements.
+    stub: bool,
+    /// The summary last sent to it.
+    summary_sent: Option<Vec<fem_proto::SummaryProfile>>,
+    /// The summary it sent (this broker being a stub).
+    summary: Vec<fem_proto::SummaryProfile>,
+    /// Open relays in flight to it.
+    open_in_flight: u32,
 }
 
 /// Progress updates of one call are forwarded at most this many a second
@@ -282,6 +312,8 @@ enum Choice {
     Slot(AgentId),
     Queue(AgentId),
     Remote(AgentId),
+    /// An open relay to this stub's peer, which chooses the agent.
+    Open(AgentId),
 }
 
 /// The routing core of one broker.
@@ -311,6 +343,10 @@ pub struct Router {
     out: VecDeque<Output>,
     /// Bumped whenever the tools this broker can route to may have changed.
     generation: u64,
+    /// Agents counted by kind, while a stub peer is linked.
+    index: Option<SummaryIndex>,
+    /// What stub peers were sent may be out of date.
+    summary_dirty: bool,
 }
 
 impl Router {
@@ -336,6 +372,8 @@ impl Router {
             advert_due: None,
             out: VecDeque::new(),
             generation: 0,
+            index: None,
+            summary_dirty: false,
         }
     }
 
@@ -496,7 +534,7 @@ impl Router {
                 });
             }
             CallTarget::Local { .. } => {}
-            CallTarget::Remote { link, .. } => {
+            CallTarget::Remote { link, .. } | CallTarget::Open { link, .. } => {
                 if self.link_cancels(*link) {
                     self.out.push_back(Output::Link {
                         to: *link,
@@ -549,7 +587,7 @@ impl Router {
         let id = CallId(relay);
         self.pending
             .get(id)
-            .is_some_and(|p| matches!(&p.target, CallTarget::Remote { link: l, .. } if *l == link))
+            .is_some_and(|p| p.target.link() == Some(link))
             .then_some(id)
     }
 
@@ -631,7 +669,7 @@ impl Router {
             call,
             envelope,
             hops_left,
-            pinned,
+            arrival,
             credential,
         } = incoming;
         let grant = credential.as_deref().map(|c| &c.grant);
@@ -648,7 +686,7 @@ impl Router {
         let deadline = now + (deadline_at - now).min(max);
         // The audience is checked where a call enters (relays carry calls
         // addressed to another broker), and required under a grant.
-        if pinned.is_none() {
+        if arrival == Arrival::Entry {
             match &call.audience {
                 Some(a) if *a != self.cfg.broker_id => {
                     return self.refuse_call(
@@ -685,32 +723,46 @@ impl Router {
             attested: envelope.is_attested(),
             grant,
         };
-        let choice = match pinned {
-            Some(agent) => self.select_pinned(&call.target, agent, want, hops_left, caller),
-            None => match self.select_local(&call.target, want, caller) {
+        let choice = match arrival {
+            Arrival::Pinned(agent) => {
+                self.select_pinned(&call.target, agent, want, hops_left, caller)
+            }
+            Arrival::Entry | Arrival::Open => match self.select_local(&call.target, want, caller) {
                 Ok(c) => Ok(c),
-                Err(e) => match self.select_remote(&call.target, want) {
-                    Some(_) if hops_left == 0 => Err((
-                        ErrorCode::NoRoute,
-                        "the call reached its broker hop limit".into(),
-                    )),
-                    Some(a) => Ok(Choice::Remote(a)),
-                    // Say why when only the attestation stands in the way.
-                    None if want.attested
-                        && self
-                            .select_remote(
-                                &call.target,
-                                Want {
-                                    attested: false,
-                                    ..want
-                                },
-                            )
-                            .is_some() =>
-                    {
-                        Err(want.unattested_refusal(&describe(&call.target)))
+                Err(e) => {
+                    // Agents known by id first; a stub then tries its
+                    // peers' summaries (only where the call entered: an
+                    // open relay is never relayed on unchosen).
+                    let found = self.select_remote(&call.target, want).map(Choice::Remote);
+                    let found = match found {
+                        None if arrival == Arrival::Entry => {
+                            self.select_summary(&call.target, want).map(Choice::Open)
+                        }
+                        f => f,
+                    };
+                    match found {
+                        Some(_) if hops_left == 0 => Err((
+                            ErrorCode::NoRoute,
+                            "the call reached its broker hop limit".into(),
+                        )),
+                        Some(c) => Ok(c),
+                        // Say why when only the attestation stands in the way.
+                        None if want.attested
+                            && self
+                                .select_remote(
+                                    &call.target,
+                                    Want {
+                                        attested: false,
+                                        ..want
+                                    },
+                                )
+                                .is_some() =>
+                        {
+                            Err(want.unattested_refusal(&describe(&call.target)))
+                        }
+                        None => Err(e),
                     }
-                    None => Err(e),
-                },
+                }
             },
         };
         let choice = match choice {
@@ -739,6 +791,18 @@ impl Router {
                         link: r.link,
                         agent: a.clone(),
                         key: r.route.agent.key,
+                    },
+                    false,
+                )
+            }
+            Choice::Open(peer) => {
+                let Some(l) = self.links.get(peer) else {
+                    return;
+                };
+                (
+                    CallTarget::Open {
+                        link: l.id,
+                        peer: peer.clone(),
                     },
                     false,
                 )
@@ -811,29 +875,29 @@ impl Router {
             CallTarget::Remote { link, agent, .. } => {
                 debug!(request = %call.request_id, tool = %call.tool, %agent, "relaying call");
                 *self.remote_load.entry(agent.clone()).or_default() += 1;
-                let (hops_left, grant) = (
+                let frame = FedFrame::relay_call(
+                    id.0,
+                    Some(agent),
                     hops_left.saturating_sub(1),
+                    caller_key,
+                    envelope,
                     credential.map(|c| c.signed.clone()),
                 );
-                let frame = match envelope {
-                    Carried::Signed(envelope) => FedFrame::RelayCall {
-                        id: id.0,
-                        agent,
-                        hops_left,
-                        signer: caller_key,
-                        envelope,
-                        grant,
-                    },
-                    Carried::Attested { envelope, by } => FedFrame::RelayAttestedCall {
-                        id: id.0,
-                        agent,
-                        hops_left,
-                        signer: caller_key,
-                        envelope,
-                        attested_by: by,
-                        grant,
-                    },
-                };
+                self.out.push_back(Output::Link { to: link, frame });
+            }
+            CallTarget::Open { link, peer } => {
+                debug!(request = %call.request_id, tool = %call.tool, %peer, "relaying call open to a summary");
+                if let Some(l) = self.links.get_mut(&peer) {
+                    l.open_in_flight += 1;
+                }
+                let frame = FedFrame::relay_call(
+                    id.0,
+                    None,
+                    hops_left.saturating_sub(1),
+                    caller_key,
+                    envelope,
+                    credential.map(|c| c.signed.clone()),
+                );
                 self.out.push_back(Output::Link { to: link, frame });
             }
         }
@@ -916,7 +980,13 @@ impl Router {
         let ours = self.pending.get(id).is_some_and(|p| {
             p.caller == result.caller
                 && p.request_id == result.request_id
-                && matches!(&p.target, CallTarget::Remote { link: l, key, .. } if *l == link && *key == signer)
+                && match &p.target {
+                    CallTarget::Remote { link: l, key, .. } => *l == link && *key == signer,
+                    // The peer resolved the call: its word on the key is
+                    // what an advertisement would have said.
+                    CallTarget::Open { link: l, .. } => *l == link,
+                    CallTarget::Local { .. } => false,
+                }
         });
         if !ours {
             return self.late(result.request_id);
@@ -1117,6 +1187,27 @@ impl Router {
         }
     }
 
+    /// A stub's choice among the peers whose summaries hold a kind of agent
+    /// that could take the call: fewest hops, then fewest open relays in
+    /// flight; round robin among ties.
+    fn select_summary(&mut self, target: &Target, want: Want<'_>) -> Option<AgentId> {
+        let candidates: Vec<(AgentId, u8, u32)> = self
+            .links
+            .iter()
+            .filter(|(_, l)| !want.attested || l.attested)
+            .filter_map(|(peer, l)| {
+                summary::best_hops(&l.summary, target, want.tool, want.attested)
+                    .map(|h| (peer.clone(), h, l.open_in_flight))
+            })
+            .collect();
+        self.rr = self.rr.wrapping_add(1);
+        let ids: Vec<AgentId> = candidates.iter().map(|c| c.0.clone()).collect();
+        least(&ids, self.rr, |id| {
+            let (_, hops, load) = candidates.iter().find(|c| c.0 == *id)?;
+            Some(u64::from(*hops) << 32 | u64::from(*load))
+        })
+    }
+
     /// A relayed call runs on the agent the entry broker chose, which must
     /// match the signed target; through a hub it is relayed on.
     fn select_pinned(
@@ -1222,6 +1313,11 @@ impl Router {
                     if *n == 0 {
                         self.remote_load.remove(agent);
                     }
+                }
+            }
+            CallTarget::Open { link, peer } => {
+                if let Some(l) = self.links.get_mut(peer).filter(|l| l.id == *link) {
+                    l.open_in_flight = l.open_in_flight.saturating_sub(1);
                 }
             }
         }
@@ -1591,12 +1687,21 @@ impl Router {
                 attested: features.iter().any(|f| f == fem_proto::ATTESTED_FEATURE),
                 deltas: features.iter().any(|f| f == fem_proto::DELTA_FEATURE),
                 sent: HashMap::new(),
+                stub: features.iter().any(|f| f == fem_proto::SUMMARY_FEATURE),
+                summary_sent: None,
+                summary: Vec::new(),
+                open_in_flight: 0,
             },
         );
         self.link_peer.insert(link, peer.clone());
         self.peers_changed();
         // Pending local changes to the other peers (as deltas), and our
-        // own agents in full to the new one; then every route we chose.
+        // own agents in full to the new one; then every route we chose (a
+        // stub peer gets a summary of them all instead).
+        if self.links.get(&peer).is_some_and(|l| l.stub) {
+            self.index_agents();
+            self.summary_dirty = true;
+        }
         self.flush_local();
         let deltas = self.links.get(&peer).is_some_and(|l| l.deltas);
         for origin in self.routes.chosen_origins() {
@@ -1610,27 +1715,33 @@ impl Router {
         let Some(peer) = self.link_peer.remove(&link) else {
             return;
         };
-        if self.links.get(&peer).is_some_and(|l| l.id == link) {
-            self.links.remove(&peer);
+        if self.links.get(&peer).is_some_and(|l| l.id == link)
+            && let Some(l) = self.links.remove(&peer)
+            && !l.summary.is_empty()
+        {
+            self.generation += 1;
+        }
+        if !self.links.values().any(|l| l.stub) {
+            self.index = None;
         }
         self.peers_changed();
         // Calls relayed over the link fail; calls the peer relayed here have
         // no one to answer any more.
         self.end_calls(
             now,
-            |t| matches!(t, CallTarget::Remote { link: l, .. } if *l == link),
+            |t| t.link() == Some(link),
             "link to the agent's broker lost",
             |r| matches!(r, ReplyTo::Link { link: l, .. } if *l == link),
             "the peer that relayed the call is gone",
         );
         let changes = self.routes.peer_lost(&peer);
-        self.routes_changed(changes);
+        self.routes_changed(now, changes);
     }
 
     /// A route message from a link (advertise, its delta, withdraw, or a
     /// request for a resync); other messages have their own entry points
     /// and are ignored here.
-    pub fn link_frame(&mut self, link: LinkId, frame: FedFrame) {
+    pub fn link_frame(&mut self, now: Micros, link: LinkId, frame: FedFrame) {
         let Some(peer) = self.link_peer.get(&link).cloned() else {
             return;
         };
@@ -1687,6 +1798,10 @@ impl Router {
                 }
             }
             FedFrame::Withdraw { origin } => self.routes.withdrawn(&peer, origin),
+            FedFrame::Summary { profiles } => {
+                self.summary_from(&peer, profiles);
+                None
+            }
             FedFrame::Resync { origin } => {
                 if origin == me {
                     if let Some(l) = self.links.get_mut(&peer) {
@@ -1701,8 +1816,37 @@ impl Router {
             _ => None,
         };
         if let Some(c) = change {
-            self.routes_changed(vec![c]);
+            self.routes_changed(now, vec![c]);
         }
+    }
+
+    /// Keeps `peer`'s summary, when this broker is a stub and the peer's
+    /// grant does not limit the agents it may advertise (a summary names no
+    /// agents, so a limited peer could claim any kind of agent).
+    fn summary_from(&mut self, peer: &AgentId, mut profiles: Vec<fem_proto::SummaryProfile>) {
+        let stub = self.cfg.stub;
+        let Some(l) = self.links.get_mut(peer) else {
+            return;
+        };
+        if !stub {
+            debug!(%peer, "capability summary from a peer that was not asked for one; ignored");
+            return;
+        }
+        if l.advertise.is_some() {
+            debug!(%peer, "capability summary from a peer whose grant limits what it advertises; ignored");
+            self.metrics.refused("SUMMARY_OUTSIDE_GRANT");
+            return;
+        }
+        if profiles.len() > fem_proto::MAX_SUMMARY_PROFILES {
+            let over = profiles.len() - fem_proto::MAX_SUMMARY_PROFILES;
+            self.metrics
+                .limit_hits
+                .with_label_values(&["summary_profiles"])
+                .inc_by(over as u64);
+            profiles.truncate(fem_proto::MAX_SUMMARY_PROFILES);
+        }
+        l.summary = profiles;
+        self.generation += 1;
     }
 
     /// Drops agents outside `peer`'s grant from what it advertised (counted).
@@ -1725,13 +1869,14 @@ impl Router {
     /// or, where it has none (or the peer is on its path), a withdrawal when
     /// `withdraw` says so.
     fn send_route(&mut self, peer: &AgentId, origin: &AgentId, withdraw: bool) {
-        let Some(l) = self.links.get_mut(peer) else {
+        let Some(l) = self.links.get_mut(peer).filter(|l| !l.stub) else {
             return;
         };
+        // A stub advertises only its own agents.
         let chosen = self
             .routes
             .chosen(origin)
-            .filter(|c| RouteTable::passes_to(peer, origin, &c.advert));
+            .filter(|c| !self.cfg.stub && RouteTable::passes_to(peer, origin, &c.advert));
         match chosen {
             Some(c) => l.sent.insert(origin.clone(), c.version),
             None => l.sent.remove(origin),
@@ -1746,13 +1891,16 @@ impl Router {
 
     /// Passes changes of choice on to every peer, and updates the routes to
     /// the agents they touch.
-    fn routes_changed(&mut self, changes: Vec<Change>) {
+    fn routes_changed(&mut self, now: Micros, changes: Vec<Change>) {
         if changes.is_empty() {
             return;
         }
         self.generation += 1;
         let me = &self.cfg.broker_id;
         for (peer, l) in &mut self.links {
+            if l.stub || self.cfg.stub {
+                continue;
+            }
             for c in &changes {
                 if let Some(frame) = Self::route_frame(&self.routes, me, peer, l, c) {
                     self.out.push_back(Output::Link { to: l.id, frame });
@@ -1774,11 +1922,18 @@ impl Router {
                     let link = self.links.get(&route.via)?.id;
                     Some(RemoteAgent { route, link })
                 });
+                if let Some(ix) = &mut self.index {
+                    ix.set(false, &id, remote.as_ref().map(Self::kind_place));
+                }
                 match remote {
                     Some(r) => self.remote.insert(id, r),
                     None => self.remote.remove(&id),
                 };
             }
+        }
+        if self.index.is_some() {
+            self.summary_dirty = true;
+            self.schedule_advert(now);
         }
         self.metrics
             .routes
@@ -1840,10 +1995,96 @@ impl Router {
         if self.links.is_empty() {
             return;
         }
+        if self.index.is_some() {
+            let now_here = self
+                .registry
+                .get(&id)
+                .filter(|a| Self::is_advertised(a))
+                .map(|a| self.local_place(a));
+            if let Some(ix) = &mut self.index {
+                ix.set(true, &id, now_here);
+            }
+            self.summary_dirty = true;
+        }
         self.local_dirty.insert(id);
+        self.schedule_advert(now);
+    }
+
+    /// The next advertisement (and summaries) go out after `advert_delay`,
+    /// batching what changes until then.
+    fn schedule_advert(&mut self, now: Micros) {
         if self.advert_due.is_none() {
             let delay = u64::try_from(self.cfg.advert_delay.as_micros()).unwrap_or(u64::MAX);
             self.advert_due = Some(now.saturating_add(delay));
+        }
+    }
+
+    /// Kind and place of a local agent, for the summary index.
+    fn local_place(&self, a: &LocalAgent) -> (Arc<Kind>, u32, AgentId, AgentId) {
+        let me = self.cfg.broker_id.clone();
+        (
+            Kind::of(&a.profile.capabilities, &a.profile.tools),
+            0,
+            me.clone(),
+            me,
+        )
+    }
+
+    /// Kind and place of a remote agent, for the summary index.
+    fn kind_place(r: &RemoteAgent) -> (Arc<Kind>, u32, AgentId, AgentId) {
+        let a = &r.route.agent;
+        (
+            Kind::of(&a.capabilities, &a.tools),
+            r.route.hops,
+            r.route.origin.clone(),
+            r.route.via.clone(),
+        )
+    }
+
+    /// Builds the summary index from every agent this broker routes to,
+    /// when the first stub peer links (it is then kept up to date).
+    fn index_agents(&mut self) {
+        if self.index.is_some() {
+            return;
+        }
+        let mut ix = SummaryIndex::default();
+        for a in self.advertised_locals() {
+            ix.set(true, &a.id, Some(self.local_place(a)));
+        }
+        for (id, r) in &self.remote {
+            ix.set(false, id, Some(Self::kind_place(r)));
+        }
+        self.index = Some(ix);
+    }
+
+    /// Sends each stub peer its summary, where it changed since the last.
+    fn flush_summaries(&mut self) {
+        if !std::mem::take(&mut self.summary_dirty) {
+            return;
+        }
+        let Some(ix) = &self.index else {
+            return;
+        };
+        for (peer, l) in &mut self.links {
+            if !l.stub {
+                continue;
+            }
+            let (profiles, dropped) = ix.summary_for(peer, self.cfg.max_summary_bytes);
+            if dropped > 0 {
+                debug!(%peer, dropped, "kinds of agent left out of a capability summary (over its size)");
+                self.metrics
+                    .limit_hits
+                    .with_label_values(&["summary_profiles"])
+                    .inc_by(dropped as u64);
+            }
+            if l.summary_sent.as_ref() == Some(&profiles) {
+                continue;
+            }
+            l.summary_sent = Some(profiles.clone());
+            self.out.push_back(Output::Link {
+                to: l.id,
+                frame: FedFrame::Summary { profiles },
+            });
         }
     }
 
@@ -1874,6 +2115,7 @@ impl Router {
         if self.links.is_empty() {
             return;
         }
+        self.flush_summaries();
         let mut added = Vec::new();
         let mut removed = Vec::new();
         for id in std::mem::take(&mut self.local_dirty) {
@@ -1913,6 +2155,9 @@ impl Router {
         let Some(l) = self.links.get_mut(peer) else {
             return;
         };
+        if l.stub {
+            return;
+        }
         let held = l.sent.insert(me.clone(), seq);
         let (to, deltas) = (l.id, l.deltas);
         let frame = match delta {
@@ -1972,6 +2217,14 @@ impl Router {
     /// Agents behind peer brokers, with their best route.
     pub fn remote_agents(&self) -> impl Iterator<Item = (&AgentId, &RemoteAgent)> {
         self.remote.iter()
+    }
+
+    /// The capability summaries peers sent this broker (a stub), by peer.
+    pub fn summaries(&self) -> impl Iterator<Item = (&AgentId, &[fem_proto::SummaryProfile])> {
+        self.links
+            .iter()
+            .filter(|(_, l)| !l.summary.is_empty())
+            .map(|(peer, l)| (peer, l.summary.as_slice()))
     }
 
     /// Calls in flight to a remote agent, as this broker counts them.

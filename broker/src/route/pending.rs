@@ -27,6 +27,14 @@ pub(crate) enum CallTarget {
         /// Its advertised key: the result must be signed by it.
         key: PublicKey,
     },
+    /// Relayed open over `link` to `peer`, whose summary this stub holds:
+    /// the peer chooses the agent.
+    Open {
+        /// The link the call left on.
+        link: LinkId,
+        /// The peer.
+        peer: AgentId,
+    },
 }
 
 impl CallTarget {
@@ -34,6 +42,15 @@ impl CallTarget {
     pub(crate) fn agent(&self) -> &AgentId {
         match self {
             Self::Local { agent, .. } | Self::Remote { agent, .. } => agent,
+            Self::Open { peer, .. } => peer,
+        }
+    }
+
+    /// The link a relayed call left on.
+    pub(crate) fn link(&self) -> Option<LinkId> {
+        match self {
+            Self::Local { .. } => None,
+            Self::Remote { link, .. } | Self::Open { link, .. } => Some(*link),
         }
     }
 }

@@ -20,6 +20,8 @@ fn router(name: &str) -> Router {
             caller_share_percent: 100,
             max_waiting_bytes: 1 << 30,
             discovery_page_bytes: 1 << 20,
+            stub: false,
+            max_summary_bytes: 1 << 20,
         },
         Metrics::new().expect("metrics"),
         T0,
@@ -116,7 +118,7 @@ fn incoming<'a>(
         call,
         envelope: Carried::Signed(envelope),
         hops_left: 8,
-        pinned: None,
+        arrival: Arrival::Entry,
         credential: None,
     }
 }
@@ -311,13 +313,20 @@ impl Net {
             self.routers[a].broker_id().clone(),
             self.routers[b].broker_id().clone(),
         );
-        let mut features = vec![fem_proto::CANCEL_FEATURE.to_owned()];
-        if deltas {
-            features.push(fem_proto::DELTA_FEATURE.to_owned());
-        }
-        let up = self.routers[a].link_up(T0, la, nb, na.clone(), None, &features);
+        let features = |r: &Router| {
+            let mut f = vec![fem_proto::CANCEL_FEATURE.to_owned()];
+            if deltas {
+                f.push(fem_proto::DELTA_FEATURE.to_owned());
+            }
+            if r.cfg.stub {
+                f.push(fem_proto::SUMMARY_FEATURE.to_owned());
+            }
+            f
+        };
+        let (fa, fb) = (features(&self.routers[a]), features(&self.routers[b]));
+        let up = self.routers[a].link_up(T0, la, nb, na.clone(), None, &fb);
         assert_eq!(up, LinkUp::Accepted);
-        let up = self.routers[b].link_up(T0, lb, na.clone(), na, None, &features);
+        let up = self.routers[b].link_up(T0, lb, na.clone(), na, None, &fa);
         assert_eq!(up, LinkUp::Accepted);
         self.pump();
     }
@@ -343,7 +352,7 @@ impl Net {
                 return;
             }
             for (j, lj, frame) in frames {
-                self.routers[j].link_frame(lj, frame);
+                self.routers[j].link_frame(T0, lj, frame);
             }
         }
     }
@@ -355,8 +364,18 @@ impl Net {
             self.next_client += 1;
             register(&mut self.routers[at], self.next_client, name, &key, 4);
         }
-        self.routers[at].tick(now + 60_000);
-        self.pump();
+        self.settle(now + 60_000);
+    }
+
+    /// Runs every router's timer at `now` and delivers what follows, until
+    /// nothing is left (a batched advertisement or summary a hop away).
+    fn settle(&mut self, now: Micros) {
+        for _ in 0..self.routers.len() + 1 {
+            for r in &mut self.routers {
+                r.tick(now);
+            }
+            self.pump();
+        }
     }
 }
 
@@ -412,8 +431,8 @@ fn a_resync_gets_the_current_set_and_a_gap_asks_once() {
     // A peer asks again (as after a gap): the whole set, or a withdrawal
     // where there is no route.
     let (a, b) = (id("a"), id("b"));
-    net.routers[1].link_frame(LinkId(101), FedFrame::Resync { origin: b.clone() });
-    net.routers[1].link_frame(LinkId(101), FedFrame::Resync { origin: id("x") });
+    net.routers[1].link_frame(T0, LinkId(101), FedFrame::Resync { origin: b.clone() });
+    net.routers[1].link_frame(T0, LinkId(101), FedFrame::Resync { origin: id("x") });
     let out = drain(&mut net.routers[1]);
     match out.as_slice() {
         [
@@ -428,7 +447,7 @@ fn a_resync_gets_the_current_set_and_a_gap_asks_once() {
         ] => assert_eq!((origin, agents.len(), x), (&b, 0, &id("x"))),
         other => panic!("{other:?}"),
     }
-    net.routers[0].link_frame(LinkId(100), FedFrame::Resync { origin: a.clone() });
+    net.routers[0].link_frame(T0, LinkId(100), FedFrame::Resync { origin: a.clone() });
     let out = drain(&mut net.routers[0]);
     match out.as_slice() {
         [
@@ -450,8 +469,8 @@ fn a_resync_gets_the_current_set_and_a_gap_asks_once() {
         added: Vec::new(),
         removed: vec![id("agent-0")],
     };
-    net.routers[1].link_frame(LinkId(101), delta(T0 + 100));
-    net.routers[1].link_frame(LinkId(101), delta(T0 + 101));
+    net.routers[1].link_frame(T0, LinkId(101), delta(T0 + 100));
+    net.routers[1].link_frame(T0, LinkId(101), delta(T0 + 101));
     let out = drain(&mut net.routers[1]);
     assert!(
         matches!(
@@ -700,4 +719,188 @@ fn only_an_attested_call_takes_an_unsigned_result() {
         "{out:?}"
     );
     assert_eq!(r.pending_len(), 0);
+}
+
+/// Registers agent `name` at router `at` offering capability `cap` (and
+/// tool echo), and lets the batched advertisement go.
+fn register_kind(net: &mut Net, at: usize, name: &str, cap: &str, now: Micros) {
+    net.next_client += 1;
+    let r = &mut net.routers[at];
+    r.register(
+        now,
+        Registration {
+            client: ClientId(net.next_client),
+            id: id(name),
+            key: SigningKey::generate().public_key(),
+            transport: "tcp",
+            max_concurrent: 2,
+            profile: Profile {
+                capabilities: vec![Capability::new(cap).expect("cap")],
+                tools: vec![tool("echo")],
+                metadata: Default::default(),
+            },
+            accepted: Frame::Heartbeat { seq: 0 },
+        },
+    )
+    .expect("registered");
+    drain(r);
+    net.settle(now + 60_000);
+}
+
+#[test]
+fn a_stub_holds_summaries_relays_open_and_advertises_only_its_own_agents() {
+    // Hub h, stub s, spokes p (behind h) and q (beside s, full routes).
+    let mut net = Net::new(&["h", "s", "p", "q"]);
+    net.routers[1] = Router::new(
+        RouterConfig {
+            stub: true,
+            ..net.routers[1].cfg.clone()
+        },
+        Metrics::new().expect("metrics"),
+        T0,
+    );
+    net.link(0, 1, true);
+    net.link(0, 2, true);
+    net.link(1, 3, true);
+    let names: Vec<String> = (0..200).map(|i| format!("p-{i:03}")).collect();
+    net.register(2, &names, T0);
+    register_kind(&mut net, 1, "s-own", "local.only", T0 + 100_000);
+
+    // The stub knows no remote agent by id, one kind of agent two hops away.
+    let stub = &net.routers[1];
+    assert_eq!(stub.remote_agents().count(), 0);
+    let held = &stub.links[&id("h")].summary;
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0].hops, 2);
+    // Its own agent reaches everyone in full; q learns nothing else from it.
+    assert!(
+        net.routers[0]
+            .remote_agents()
+            .any(|(a, _)| *a == id("s-own"))
+    );
+    assert!(
+        net.routers[2]
+            .remote_agents()
+            .any(|(a, _)| *a == id("s-own"))
+    );
+    let q: Vec<_> = net.routers[3]
+        .remote_agents()
+        .map(|(a, _)| a.clone())
+        .collect();
+    assert_eq!(q, vec![id("s-own")]);
+
+    // More agents of a known kind cost the stub's link nothing; a new kind
+    // is one summary frame.
+    net.sent.clear();
+    let more: Vec<String> = (0..50).map(|i| format!("p-more-{i:03}")).collect();
+    net.register(2, &more, T0 + 200_000);
+    assert_eq!(net.sent.get(&(0, 1)), None, "{:?}", net.sent);
+    register_kind(&mut net, 2, "p-new", "other.kind", T0 + 300_000);
+    assert_eq!(net.sent.get(&(0, 1)).map(|s| s.1), Some(1));
+    assert_eq!(net.routers[1].links[&id("h")].summary.len(), 2);
+
+    // A call by capability at the stub goes open to the hub, which chooses.
+    let caller = SigningKey::generate();
+    register(&mut net.routers[1], 7, "caller", &caller, 0);
+    let cid = id("caller");
+    let (call, env) = call_env(
+        &caller,
+        "caller",
+        Target::Capability("echo".parse().expect("pattern")),
+        u64::MAX / 2000,
+    );
+    net.routers[1].call(T0 + 400_000, incoming(&cid, &caller, &call, env));
+    let out = drain(&mut net.routers[1]);
+    let relayed = match out.as_slice() {
+        [Output::Link { to, frame }] => (*to, frame.clone().into_call().expect("a relayed call")),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(relayed.1.agent, None, "an open relay");
+    let (hub_end, _) = net.ends[&(1, relayed.0)];
+    assert_eq!(hub_end, 0);
+    let hub_link = net.ends[&(1, relayed.0)].1;
+    net.routers[0].call(
+        T0 + 400_000,
+        Incoming {
+            reply: ReplyTo::Link {
+                link: hub_link,
+                relay: relayed.1.id,
+            },
+            caller: &cid,
+            caller_key: relayed.1.signer,
+            call: &call,
+            envelope: relayed.1.envelope,
+            hops_left: relayed.1.hops_left,
+            arrival: Arrival::Open,
+            credential: None,
+        },
+    );
+    match drain(&mut net.routers[0]).as_slice() {
+        [
+            Output::Link {
+                frame: FedFrame::RelayCall { agent, .. },
+                ..
+            },
+        ] => assert!(agent.as_str().starts_with("p-"), "{agent}"),
+        other => panic!("{other:?}"),
+    }
+    // The result comes back signed by whichever agent the hub chose.
+    let agent_key = SigningKey::generate();
+    let (result, renv) = result_env(&agent_key, "p-007", &call, "caller");
+    net.routers[1].relay_result(
+        T0 + 500_000,
+        relayed.0,
+        relayed.1.id,
+        &result,
+        Carried::Signed(renv),
+        agent_key.public_key(),
+    );
+    match drain(&mut net.routers[1]).as_slice() {
+        [
+            Output::Send {
+                to: ClientId(2),
+                frame: Frame::Deliver { .. },
+            },
+        ] => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(net.routers[1].pending_len(), 0);
+
+    // An open relay is never relayed open again: the hub answers NO_ROUTE
+    // for what neither it nor its routes hold.
+    let (call, env) = call_env(
+        &caller,
+        "caller",
+        Target::Capability("nothing.*".parse().expect("pattern")),
+        u64::MAX / 2000,
+    );
+    net.routers[0].call(
+        T0 + 600_000,
+        Incoming {
+            reply: ReplyTo::Link {
+                link: hub_link,
+                relay: 99,
+            },
+            caller: &cid,
+            caller_key: caller.public_key(),
+            call: &call,
+            envelope: Carried::Signed(env),
+            hops_left: 7,
+            arrival: Arrival::Open,
+            credential: None,
+        },
+    );
+    match drain(&mut net.routers[0]).as_slice() {
+        [
+            Output::Link {
+                frame: FedFrame::RelayFailed { code, .. },
+                ..
+            },
+        ] => assert_eq!(*code, ErrorCode::NoRoute),
+        other => panic!("{other:?}"),
+    }
+
+    // The hub's link to the stub goes: the summary and the calls on it go.
+    net.routers[1].link_down(T0 + 700_000, relayed.0);
+    assert!(!net.routers[1].links.contains_key(&id("h")));
 }
