@@ -1821,8 +1821,8 @@ impl Router {
     }
 
     /// Keeps `peer`'s summary, when this broker is a stub and the peer's
-    /// grant does not limit the agents it may advertise (a summary names no
-    /// agents, so a limited peer could claim any kind of agent).
+    /// grant lets it advertise every id (`*`): a summary names no agents,
+    /// so a peer limited to some ids could claim any kind of agent.
     fn summary_from(&mut self, peer: &AgentId, mut profiles: Vec<fem_proto::SummaryProfile>) {
         let stub = self.cfg.stub;
         let Some(l) = self.links.get_mut(peer) else {
@@ -1832,7 +1832,11 @@ impl Router {
             debug!(%peer, "capability summary from a peer that was not asked for one; ignored");
             return;
         }
-        if l.advertise.is_some() {
+        let limited = l
+            .advertise
+            .as_ref()
+            .is_some_and(|ids| !ids.iter().any(|p| p.as_str() == "*"));
+        if limited {
             debug!(%peer, "capability summary from a peer whose grant limits what it advertises; ignored");
             self.metrics.refused("SUMMARY_OUTSIDE_GRANT");
             return;

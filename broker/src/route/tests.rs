@@ -904,3 +904,53 @@ fn a_stub_holds_summaries_relays_open_and_advertises_only_its_own_agents() {
     net.routers[1].link_down(T0 + 700_000, relayed.0);
     assert!(!net.routers[1].links.contains_key(&id("h")));
 }
+
+#[test]
+fn a_stub_takes_summaries_only_from_peers_that_may_advertise_every_id() {
+    let mut r = Router::new(
+        RouterConfig {
+            stub: true,
+            ..router("s").cfg.clone()
+        },
+        Metrics::new().expect("metrics"),
+        T0,
+    );
+    let pattern = |p: &str| fem_proto::IdPattern::new(p).expect("pattern");
+    let features = [fem_proto::DELTA_FEATURE.to_owned()];
+    r.link_up(
+        T0,
+        LinkId(1),
+        id("limited"),
+        id("limited"),
+        Some(vec![pattern("team-a-*")]),
+        &features,
+    );
+    r.link_up(
+        T0,
+        LinkId(2),
+        id("open"),
+        id("open"),
+        Some(vec![pattern("*")]),
+        &features,
+    );
+    drain(&mut r);
+    let summary = || FedFrame::Summary {
+        profiles: vec![fem_proto::SummaryProfile {
+            hops: 1,
+            capabilities: vec![Capability::new("echo").expect("cap")],
+            tools: vec![fem_proto::SummaryTool {
+                name: Capability::new("echo").expect("tool"),
+                accepts_attested: false,
+            }],
+        }],
+    };
+    r.link_frame(T0, LinkId(1), summary());
+    r.link_frame(T0, LinkId(2), summary());
+    let held: Vec<&AgentId> = r.summaries().map(|(p, _)| p).collect();
+    assert_eq!(held, vec![&id("open")]);
+    // A broker that is not a stub ignores summaries it did not ask for.
+    let mut full = router("f");
+    full.link_up(T0, LinkId(3), id("open"), id("open"), None, &features);
+    full.link_frame(T0, LinkId(3), summary());
+    assert_eq!(full.summaries().count(), 0);
+}

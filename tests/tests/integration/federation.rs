@@ -761,3 +761,142 @@ async fn link_bytes_per_registration_do_not_grow_with_the_agents_registered() {
     })
     .await;
 }
+
+/// A stub spoke (`--federation-routes summary`) learns kinds of agent, not
+/// agent ids: it routes nothing by id, yet calls by capability and by id
+/// reach agents behind the hub, which chooses; its own agent is reachable
+/// from the other spoke; more agents of a kind it knows cost its link
+/// nothing, and a new kind is one summary.
+#[tokio::test]
+async fn a_stub_spoke_routes_through_summaries_without_agent_ids() {
+    bounded(120, async {
+        let (h, s, p) = (host(380), host(381), host(382));
+        let (bs, _ca) = cluster(&[h, s, p], |i, ca| FederationConfig {
+            // Only route messages cross the links while bytes are counted.
+            ping_interval: Duration::from_secs(60),
+            link_timeout: Duration::from_secs(120),
+            stub: i == 1,
+            ..match i {
+                0 => fed(FederationMode::Hub, vec![], vec![], ca),
+                _ => fed(FederationMode::Spoke, vec![], vec![url(h)], ca),
+            }
+        })
+        .await;
+        let mut agents = Vec::new();
+        for i in 0..20 {
+            agents.push(echo_agent(&format!("p-agent-{i:02}"), bs[2].options(), 4).await);
+        }
+        let counter = std::sync::Arc::new(std::sync::Mutex::new(0));
+        let _own = fem_agent_sdk::AgentBuilder::new(
+            AgentId::new("s-agent").unwrap(),
+            fem_proto::SigningKey::generate(),
+        )
+        .capability("local.only")
+        .unwrap()
+        .tool(fem_tests::echo_tool(std::sync::Arc::clone(&counter)))
+        .connect(bs[1].options())
+        .await
+        .unwrap();
+        routes(&bs[0], 21).await;
+        routes(&bs[2], 1).await;
+
+        let c = caller("stub-caller", bs[1].options()).await;
+        let by_cap = Target::Capability(CapabilityPattern::new("echo.*").unwrap());
+        let t = Instant::now();
+        let r = loop {
+            match c.call(by_cap.clone(), "echo", json!({"n": 1})).await {
+                Err(e) if e.code == ErrorCode::NoRoute && t.elapsed() < Duration::from_secs(20) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                r => break r,
+            }
+        };
+        assert_eq!(r.unwrap(), json!({"n": 1}));
+        eprintln!("stub: first call by capability through the summary after {:?}", t.elapsed());
+        // No agent id crossed to the stub.
+        assert_eq!(sample(&bs[1], "fem_broker_routes"), 0.0);
+        let r = c
+            .call(
+                Target::Agent(AgentId::new("p-agent-07").unwrap()),
+                "echo",
+                json!({"n": 2}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r, json!({"n": 2}));
+        assert_eq!(*agents[7].1.lock().unwrap(), 1, "p-agent-07 ran the call by id");
+        let served: u32 = agents.iter().map(|a| *a.1.lock().unwrap()).sum();
+        assert_eq!(served, 2);
+        // The hub answers for ids it does not know; the stub for kinds no
+        // summary holds.
+        let e = c
+            .call(
+                Target::Agent(AgentId::new("nobody").unwrap()),
+                "echo",
+                json!({}),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::NoRoute, "{e}");
+        let e = c
+            .call(
+                Target::Capability(CapabilityPattern::new("nothing.*").unwrap()),
+                "echo",
+                json!({}),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::NoRoute, "{e}");
+        // The stub's own agent is advertised in full: the other spoke calls it by id.
+        let pc = caller("p-caller", bs[2].options()).await;
+        let r = pc
+            .call(
+                Target::Agent(AgentId::new("s-agent").unwrap()),
+                "echo",
+                json!({"n": 3}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r, json!({"n": 3}));
+        assert_eq!(*counter.lock().unwrap(), 1);
+
+        // Ten more agents of a kind the stub knows: nothing reaches it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = fed_bytes(&bs[1], "received");
+        for i in 20..30 {
+            agents.push(echo_agent(&format!("p-agent-{i:02}"), bs[2].options(), 4).await);
+        }
+        routes(&bs[0], 31).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let same_kind = fed_bytes(&bs[1], "received") - before;
+        // One agent of a new kind: one summary.
+        let _new = fem_agent_sdk::AgentBuilder::new(
+            AgentId::new("p-new-kind").unwrap(),
+            fem_proto::SigningKey::generate(),
+        )
+        .capability("other.kind")
+        .unwrap()
+        .tool(fem_tests::echo_tool(std::sync::Arc::new(std::sync::Mutex::new(0))))
+        .connect(bs[2].options())
+        .await
+        .unwrap();
+        routes(&bs[0], 32).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let new_kind = fed_bytes(&bs[1], "received") - before - same_kind;
+        eprintln!(
+            "stub link bytes: {same_kind} for 10 agents of a known kind, {new_kind} for one of a new kind"
+        );
+        assert_eq!(same_kind, 0);
+        assert!(new_kind > 0 && new_kind < 300, "{new_kind}");
+        let r = c
+            .call(
+                Target::Capability(CapabilityPattern::new("other.*").unwrap()),
+                "echo",
+                json!({"n": 4}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r, json!({"n": 4}));
+    })
+    .await;
+}
