@@ -308,7 +308,12 @@ async fn peers(State(s): State<Arc<Shared>>, headers: HeaderMap, uri: Uri) -> Re
         r.peers()
             .map(|p| {
                 let n = r.remote_agents().filter(|(_, a)| &a.route.via == p).count();
-                json!({"id": p, "state": "up", "routes": n})
+                // A stub shows the kinds of agent each peer summarised.
+                let kinds = r.summaries().find(|(q, _)| q == &p).map(|(_, k)| k);
+                match kinds {
+                    Some(k) => json!({"id": p, "state": "up", "routes": n, "summary": k}),
+                    None => json!({"id": p, "state": "up", "routes": n}),
+                }
             })
             .collect()
     });

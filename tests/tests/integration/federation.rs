@@ -771,17 +771,28 @@ async fn link_bytes_per_registration_do_not_grow_with_the_agents_registered() {
 async fn a_stub_spoke_routes_through_summaries_without_agent_ids() {
     bounded(120, async {
         let (h, s, p) = (host(380), host(381), host(382));
-        let (bs, _ca) = cluster(&[h, s, p], |i, ca| FederationConfig {
-            // Only route messages cross the links while bytes are counted.
-            ping_interval: Duration::from_secs(60),
-            link_timeout: Duration::from_secs(120),
-            stub: i == 1,
-            ..match i {
-                0 => fed(FederationMode::Hub, vec![], vec![], ca),
-                _ => fed(FederationMode::Spoke, vec![], vec![url(h)], ca),
-            }
-        })
-        .await;
+        let ca_dir = fem_tests::shared_ca();
+        let ca = ca_dir.path().join("tls/ca.pem");
+        let mut bs = Vec::new();
+        for (i, a) in [h, s, p].into_iter().enumerate() {
+            let fc = FederationConfig {
+                // Only route messages cross the links while bytes are counted.
+                ping_interval: Duration::from_secs(60),
+                link_timeout: Duration::from_secs(120),
+                stub: i == 1,
+                ..match i {
+                    0 => fed(FederationMode::Hub, vec![], vec![], &ca),
+                    _ => fed(FederationMode::Spoke, vec![], vec![url(h)], &ca),
+                }
+            };
+            bs.push(
+                TestBroker::start_sharing_ca(a, ca_dir.path(), |c| {
+                    c.federation = fc;
+                    c.admin_token = Some("view-token".into());
+                })
+                .await,
+            );
+        }
         let mut agents = Vec::new();
         for i in 0..20 {
             agents.push(echo_agent(&format!("p-agent-{i:02}"), bs[2].options(), 4).await);
@@ -813,8 +824,12 @@ async fn a_stub_spoke_routes_through_summaries_without_agent_ids() {
         };
         assert_eq!(r.unwrap(), json!({"n": 1}));
         eprintln!("stub: first call by capability through the summary after {:?}", t.elapsed());
-        // No agent id crossed to the stub.
+        // No agent id crossed to the stub; its peers view shows the kind.
         assert_eq!(sample(&bs[1], "fem_broker_routes"), 0.0);
+        let auth = [("Authorization", "Bearer view-token")];
+        let (status, body) = fem_tests::https(s, &bs[1].ca(), "GET", "/v1/peers", &auth, "").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"summary\"") && body.contains("echo.basic"), "{body}");
         let r = c
             .call(
                 Target::Agent(AgentId::new("p-agent-07").unwrap()),
