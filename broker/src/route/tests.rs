@@ -954,3 +954,40 @@ fn a_stub_takes_summaries_only_from_peers_that_may_advertise_every_id() {
     full.link_frame(T0, LinkId(3), summary());
     assert_eq!(full.summaries().count(), 0);
 }
+
+/// What a stub's link carries against a full spoke's as agents of a few
+/// kinds register behind the hub (bytes counted on the encoded frames).
+#[test]
+fn a_stub_link_carries_kinds_not_agents() {
+    let mut net = Net::new(&["h", "s", "p", "f"]);
+    net.routers[1] = Router::new(
+        RouterConfig {
+            stub: true,
+            ..net.routers[1].cfg.clone()
+        },
+        Metrics::new().expect("metrics"),
+        T0,
+    );
+    for spoke in 1..4 {
+        net.link(0, spoke, true);
+    }
+    net.sent.clear();
+    for i in 0..2000 {
+        register_kind(
+            &mut net,
+            2,
+            &format!("p-{i:04}"),
+            &format!("kind.k{}", i % 10),
+            T0 + i * 1000,
+        );
+    }
+    let (stub, full) = (net.sent[&(0, 1)], net.sent[&(0, 3)]);
+    println!(
+        "2,000 registrations of 10 kinds behind the hub: {} bytes in {} frames to the stub, {} bytes in {} frames to a full spoke",
+        stub.0, stub.1, full.0, full.1
+    );
+    assert_eq!(stub.1, 10, "one summary per new kind");
+    assert!(full.0 > 100 * stub.0, "{stub:?} {full:?}");
+    assert_eq!(net.routers[3].remote_agents().count(), 2000);
+    assert_eq!(net.routers[1].remote_agents().count(), 0);
+}
