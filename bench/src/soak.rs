@@ -55,7 +55,16 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
                 if let Ok(rss) = crate::procs::rss_of(pid)
                     && let Ok(mut v) = samples.lock()
                 {
-                    v.push((t0.elapsed().as_secs_f64(), rss));
+                    let t = t0.elapsed().as_secs_f64();
+                    v.push((t, rss));
+                    // A line a minute, so a long soak shows where it is.
+                    if v.len() % 6 == 0 {
+                        eprintln!(
+                            "  soak      {:.0} s: broker RSS {:.1} MiB",
+                            t,
+                            rss as f64 / (1024.0 * 1024.0)
+                        );
+                    }
                 }
                 tokio::time::sleep(SAMPLE_EVERY).await;
             }

@@ -406,3 +406,74 @@ async fn fem_coder_reads_its_yaml_config_and_flags_win() {
     })
     .await;
 }
+
+/// The shipped `fem-broker` as a stub spoke (`FEM_FEDERATION_ROUTES=summary`)
+/// behind a hub process: `fem call` at the stub reaches an agent of the hub
+/// by id, through the hub's summary and an open relay.
+#[tokio::test]
+async fn a_stub_spoke_process_calls_through_its_hubs_summary() {
+    bounded(90, async {
+        let ca_dir = fem_tests::shared_ca();
+        let ca = ca_dir.path().join("tls/ca.pem");
+        let ca_s = ca.to_str().unwrap().to_owned();
+        let dirs: Vec<tempfile::TempDir> = (0..2)
+            .map(|_| {
+                let d = tempfile::tempdir().unwrap();
+                fem_tests::seed_ca(ca_dir.path(), d.path());
+                d
+            })
+            .collect();
+        let mut dirs = dirs.into_iter();
+        let (hub_addr, stub_addr) = (host(383), host(384));
+        let hub = BrokerProcess::start_in(
+            hub_addr,
+            dirs.next().unwrap(),
+            &["--federation-mode", "hub", "--ca", &ca_s],
+            &[],
+        )
+        .await;
+        let hub_url = hub.url();
+        let metrics = std::net::SocketAddr::new(stub_addr.ip(), 9090);
+        let m = metrics.to_string();
+        let _stub = BrokerProcess::start_in(
+            stub_addr,
+            dirs.next().unwrap(),
+            &[
+                "--federation-mode",
+                "spoke",
+                "--federation-hub",
+                &hub_url,
+                "--ca",
+                &ca_s,
+                "--metrics-listen",
+                &m,
+            ],
+            &[("FEM_FEDERATION_ROUTES", "summary")],
+        )
+        .await;
+        let (_agent, count) = echo_agent("hub-agent-383", options_for(hub_addr, &ca), 4).await;
+        let t = Instant::now();
+        let (rc, out, err) = loop {
+            let r = fem_tests::fem_call(
+                stub_addr,
+                &ca,
+                "hub-agent-383",
+                "echo",
+                &json!({"x": 1}),
+                "10s",
+            )
+            .await;
+            if r.0 == 0 || t.elapsed() > Duration::from_secs(30) {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(rc, 0, "{out}\n{err}");
+        assert!(out.contains("\"x\""), "{out}");
+        assert_eq!(*count.lock().unwrap(), 1);
+        // The stub holds no route by id: the call went by the summary.
+        let (_, text) = fem_tests::http(metrics, "GET", "/metrics", &[], "").await;
+        assert!(text.lines().any(|l| l == "fem_broker_routes 0"), "{text}");
+    })
+    .await;
+}
