@@ -33,6 +33,7 @@ mod procs;
 mod report;
 mod scale;
 mod soak;
+mod stubs;
 
 use crate::procs::{BenchCa, find_program};
 use crate::report::{Report, Row};
@@ -126,6 +127,8 @@ pub(crate) enum Workload {
     Fedscale,
     /// One caller at 64 in flight for `--soak`, broker memory sampled (only when named).
     Soak,
+    /// A hub with full spokes, then with stub spokes, many agents each (only when named).
+    Stubs,
 }
 
 impl Workload {
@@ -140,6 +143,7 @@ impl Workload {
             Self::Fanout => "fanout",
             Self::Fedscale => "fedscale",
             Self::Soak => "soak",
+            Self::Stubs => "stubs",
         }
     }
 }
@@ -178,11 +182,12 @@ fn settings(a: &Args, work: PathBuf) -> anyhow::Result<Settings> {
     workloads.sort_unstable();
     workloads.dedup();
     if workloads.is_empty() {
-        // Everything but the soak, which takes ten minutes on its own.
+        // Everything but the soak, which takes ten minutes on its own, and
+        // the stubs run, which registers twice as many agents as fedscale.
         workloads = Workload::value_variants()
             .iter()
             .copied()
-            .filter(|w| *w != Workload::Soak)
+            .filter(|w| !matches!(w, Workload::Soak | Workload::Stubs))
             .collect();
     }
     if !(2..=200).contains(&a.mesh_size) {
@@ -317,6 +322,9 @@ async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
     if s.selected(Workload::Soak) {
         rows.extend(soak::run(s).await.context("soak")?);
     }
+    if s.selected(Workload::Stubs) {
+        rows.extend(stubs::run(s).await.context("stubs")?);
+    }
     Ok(rows)
 }
 
@@ -379,7 +387,7 @@ fn main_inner(args: &Args) -> anyhow::Result<()> {
                 .join(","),
         );
     }
-    if s.selected(Workload::Fedscale) {
+    if s.selected(Workload::Fedscale) || s.selected(Workload::Stubs) {
         settings_map.insert("fed_agents".into(), s.fed_agents.to_string());
     }
     if s.selected(Workload::Soak) {

@@ -203,3 +203,53 @@ fn the_soak_produces_its_row() {
         "{row}"
     );
 }
+
+/// The stubs run (only when named) produces a row per topology; the stub
+/// spokes hold no agent id, so they receive less per registration.
+#[test]
+fn the_stubs_run_produces_both_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("results.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_fem-bench"))
+        .args([
+            "stubs",
+            "--mesh-size",
+            "3",
+            "--fed-agents",
+            "40",
+            "--net",
+            "127.0.203.0",
+            "--json",
+        ])
+        .arg(&json)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fem-bench stubs failed: {}",
+        out.status
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let bytes = |r: &serde_json::Value| {
+        assert_eq!(r["workload"], "stubs");
+        assert_eq!(r["errors"], 0, "{r}");
+        assert!(
+            r["figures"]["new_kind_callable_from_all_ms"]
+                .as_f64()
+                .is_some(),
+            "{r}"
+        );
+        r["figures"]["spoke_bytes_received_per_registration"]
+            .as_f64()
+            .unwrap()
+    };
+    let (full, stub) = (bytes(&rows[0]), bytes(&rows[1]));
+    assert!(
+        stub < full,
+        "stub spokes received {stub} B per registration, full spokes {full}"
+    );
+}
