@@ -67,9 +67,11 @@ struct Place {
 pub(super) struct SummaryIndex {
     /// Each agent's kind and place (own agents and remote ones apart: an
     /// id may be both while a route catches up).
-    local: HashMap<AgentId, (Arc<Kind>, Place)>,
-    remote: HashMap<AgentId, (Arc<Kind>, Place)>,
-    counts: BTreeMap<Arc<Kind>, BTreeMap<Place, u32>>,
+    local: HashMap<AgentId, (Arc<Kind>, Arc<Place>)>,
+    remote: HashMap<AgentId, (Arc<Kind>, Arc<Place>)>,
+    counts: BTreeMap<Arc<Kind>, BTreeMap<Arc<Place>, u32>>,
+    /// Every place an agent is counted at (few: origins times peers).
+    places: BTreeMap<Arc<Place>, u32>,
 }
 
 impl SummaryIndex {
@@ -80,12 +82,24 @@ impl SummaryIndex {
         id: &AgentId,
         now: Option<(Arc<Kind>, u32, AgentId, AgentId)>,
     ) {
+        let new = now.map(|(kind, hops, origin, via)| {
+            let place = Place { hops, origin, via };
+            // The shared copies, where the kind or place is counted already.
+            let kind = self
+                .counts
+                .get_key_value(&kind)
+                .map_or(kind, |(k, _)| Arc::clone(k));
+            let place = self
+                .places
+                .get_key_value(&place)
+                .map_or_else(|| Arc::new(place), |(p, _)| Arc::clone(p));
+            (kind, place)
+        });
         let map = if local {
             &mut self.local
         } else {
             &mut self.remote
         };
-        let new = now.map(|(kind, hops, origin, via)| (kind, Place { hops, origin, via }));
         let old = match &new {
             Some(n) => map.insert(id.clone(), n.clone()),
             None => map.remove(id),
@@ -93,20 +107,27 @@ impl SummaryIndex {
         if old == new {
             return;
         }
-        if let Some((kind, place)) = old
-            && let Some(places) = self.counts.get_mut(&kind)
-        {
-            if let Some(n) = places.get_mut(&place) {
-                *n -= 1;
-                if *n == 0 {
-                    places.remove(&place);
+        if let Some((kind, place)) = old {
+            if let Some(places) = self.counts.get_mut(&kind) {
+                if let Some(n) = places.get_mut(&place) {
+                    *n -= 1;
+                    if *n == 0 {
+                        places.remove(&place);
+                    }
+                }
+                if places.is_empty() {
+                    self.counts.remove(&kind);
                 }
             }
-            if places.is_empty() {
-                self.counts.remove(&kind);
+            if let Some(n) = self.places.get_mut(&place) {
+                *n -= 1;
+                if *n == 0 {
+                    self.places.remove(&place);
+                }
             }
         }
         if let Some((kind, place)) = new {
+            *self.places.entry(Arc::clone(&place)).or_default() += 1;
             *self
                 .counts
                 .entry(kind)
@@ -211,13 +232,17 @@ mod tests {
         let (s, dropped) = ix.summary_for(&id("stub"), 1 << 20);
         assert_eq!(dropped, 0);
         assert_eq!(s.len(), 1);
+        // One kind and one place, shared by the thousand agents (with the
+        // index's keys, and the test's `kind`).
+        let (k, p) = &ix.local[&id("a7")];
+        assert_eq!((Arc::strong_count(k), Arc::strong_count(p)), (1002, 1002));
         assert_eq!(s[0].hops, 1);
         assert_eq!(s[0].capabilities, vec![cap("work.a"), cap("work.b")]);
         for i in 0..1000 {
             ix.set(true, &id(&format!("a{i}")), None);
         }
         assert!(ix.summary_for(&id("stub"), 1 << 20).0.is_empty());
-        assert!(ix.counts.is_empty());
+        assert!(ix.counts.is_empty() && ix.places.is_empty());
     }
 
     #[test]
