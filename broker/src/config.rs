@@ -100,6 +100,12 @@ pub struct Limits {
     pub event_rate: u32,
     /// Largest discovery answer page, bytes (further pages by cursor).
     pub discovery_page_bytes: usize,
+    /// Signed envelopes one key may send per second, averaged over the
+    /// replay window, where the broker keeps nonces (the JSON gateway,
+    /// signed `/mcp` requests, operator views; sessions keep none): the
+    /// nonces kept per key are this times the window, and beyond them
+    /// requests are refused RATE_LIMITED.
+    pub replay_key_rate: u32,
 }
 
 impl Default for Limits {
@@ -122,6 +128,7 @@ impl Default for Limits {
             max_event_bytes: 64 * 1024,
             event_rate: 100,
             discovery_page_bytes: 1024 * 1024,
+            replay_key_rate: 3_000,
         }
     }
 }

@@ -215,6 +215,9 @@ limits! {
     event_rate: u32, "FEM_EVENT_RATE", parse_rate;
     /// Largest discovery answer page [default: 1MiB].
     discovery_page_bytes: usize, "FEM_DISCOVERY_PAGE_BYTES", parse_bytes;
+    /// Signed requests one key may send per second over the replay window, where the
+    /// broker keeps nonces (gateway, signed /mcp, operator views) [default: 3000].
+    replay_key_rate: u32, "FEM_REPLAY_KEY_RATE", parse_rate;
 }
 
 fn parse_count(s: &str) -> Result<usize, String> {

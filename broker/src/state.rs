@@ -187,7 +187,7 @@ impl Shared {
         let shared = Arc::new(Self {
             broker_key: identity.public_key(),
             identity,
-            replay: ReplayGuard::new(config.replay_window_ms),
+            replay: ReplayGuard::for_rate(config.replay_window_ms, config.limits.replay_key_rate),
             trust: crate::trust::Trust::new(config.trust_anchors.clone(), &config.data_dir),
             conn_limit: Arc::new(Semaphore::new(config.max_connections)),
             pending_limit: Arc::new(Semaphore::new(config.limits.max_pending_connections)),

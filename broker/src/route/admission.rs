@@ -17,9 +17,6 @@ use crate::metrics::Metrics;
 /// A refusal: the code and a message for the peer.
 pub type Refusal = (ErrorCode, String);
 
-/// Maximum nonces remembered per sender within one replay window.
-const MAX_NONCES_PER_SENDER: usize = 200_000;
-
 /// Timestamp window and nonce cache per signing key. Keyed by the key that
 /// signed, not the id an envelope claims: a stranger signing envelopes in a
 /// victim's name can fill only its own key's cache.
@@ -31,9 +28,12 @@ pub struct ReplayGuard {
 }
 
 impl ReplayGuard {
-    /// A guard accepting timestamps within `window_ms` of now.
-    pub fn new(window_ms: u64) -> Self {
-        Self::with_capacity(window_ms, MAX_NONCES_PER_SENDER)
+    /// A guard accepting timestamps within `window_ms` of now and, from one
+    /// key, `rate` envelopes a second averaged over that window
+    /// (`--replay-key-rate`): the nonces it keeps per key.
+    pub fn for_rate(window_ms: u64, rate: u32) -> Self {
+        let per_key = u64::from(rate).saturating_mul(window_ms.div_ceil(1000).max(1));
+        Self::with_capacity(window_ms, usize::try_from(per_key).unwrap_or(usize::MAX))
     }
 
     /// A guard remembering at most `per_key` nonces per key and window.

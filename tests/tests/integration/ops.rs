@@ -41,6 +41,34 @@ fn json_call_for(
     json!({"publicKey": key.public_key(), "envelope": signed}).to_string()
 }
 
+/// The gateway's per-key replay limit is the rate `--replay-key-rate` says
+/// (averaged over the 60 s window), not a side effect: with 1 a second, one
+/// key gets 60 signed requests a window and then RATE_LIMITED, while
+/// another key is served.
+#[tokio::test]
+async fn the_gateway_limits_each_key_to_its_replay_rate() {
+    bounded(90, async {
+        let b = TestBroker::start(host(385), |c| c.limits.replay_key_rate = 1).await;
+        let (_a, _) = echo_agent("gw-385", b.options(), 64).await;
+        let (addr, ca) = (b.broker.local_addr(), b.ca());
+        let key = SigningKey::generate();
+        for i in 0..60 {
+            let body = json_call("flood-1", &key, "gw-385", json!({"i": i}));
+            let (status, out) = fem_tests::https(addr, &ca, "POST", "/v1/call", &[], &body).await;
+            assert_eq!(status, 200, "request {i}: {out}");
+        }
+        let body = json_call("flood-1", &key, "gw-385", json!({"i": 60}));
+        let (status, out) = fem_tests::https(addr, &ca, "POST", "/v1/call", &[], &body).await;
+        assert_eq!(status, 429, "{out}");
+        assert!(out.contains("RATE_LIMITED"), "{out}");
+        let other = SigningKey::generate();
+        let body = json_call("calm-2", &other, "gw-385", json!({}));
+        let (status, out) = fem_tests::https(addr, &ca, "POST", "/v1/call", &[], &body).await;
+        assert_eq!(status, 200, "{out}");
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn json_gateway_calls_and_refusals() {
     bounded(90, async {
