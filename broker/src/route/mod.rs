@@ -1841,6 +1841,20 @@ impl Router {
             self.metrics.refused("SUMMARY_OUTSIDE_GRANT");
             return;
         }
+        // A kind no agent could register (over the names one agent may
+        // offer) is dropped: it would only slow every match.
+        let before = profiles.len();
+        profiles.retain(|p| {
+            p.capabilities.len() <= summary::MAX_PROFILE_NAMES
+                && p.tools.len() <= summary::MAX_PROFILE_NAMES
+        });
+        let oversized = before - profiles.len();
+        if oversized > 0 {
+            self.metrics
+                .limit_hits
+                .with_label_values(&["summary_profiles"])
+                .inc_by(oversized as u64);
+        }
         if profiles.len() > fem_proto::MAX_SUMMARY_PROFILES {
             let over = profiles.len() - fem_proto::MAX_SUMMARY_PROFILES;
             self.metrics

@@ -13,6 +13,10 @@ use fem_proto::{
     AgentId, Capability, MAX_SUMMARY_PROFILES, SummaryProfile, SummaryTool, Target, ToolSpec,
 };
 
+/// Most capabilities, and most tools, one profile of a received summary may
+/// name (beyond the names one agent may register under any sane limits).
+pub(super) const MAX_PROFILE_NAMES: usize = 1024;
+
 /// What agents of one kind offer (the profile of a summary without hops).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(super) struct Kind {

@@ -948,6 +948,18 @@ fn a_stub_takes_summaries_only_from_peers_that_may_advertise_every_id() {
     r.link_frame(T0, LinkId(2), summary());
     let held: Vec<&AgentId> = r.summaries().map(|(p, _)| p).collect();
     assert_eq!(held, vec![&id("open")]);
+    // A kind no agent could register is dropped, the rest kept.
+    let mut oversized = summary();
+    if let FedFrame::Summary { profiles } = &mut oversized {
+        let mut huge = profiles[0].clone();
+        huge.capabilities = (0..2000)
+            .map(|i| Capability::new(format!("c{i}")).expect("cap"))
+            .collect();
+        profiles.push(huge);
+    }
+    r.link_frame(T0, LinkId(2), oversized);
+    let kept: Vec<usize> = r.summaries().map(|(_, k)| k.len()).collect();
+    assert_eq!(kept, vec![1]);
     // A broker that is not a stub ignores summaries it did not ask for.
     let mut full = router("f");
     full.link_up(T0, LinkId(3), id("open"), id("open"), None, &features);
