@@ -174,13 +174,13 @@ fn every_workload_produces_every_row() {
     }
 }
 
-/// The soak (run only when named) produces its row with its memory figures.
-#[test]
-fn the_soak_produces_its_row() {
+/// Runs `fem-bench ARGS --json FILE` and returns the rows it wrote.
+fn bench_rows(args: &[&str]) -> Vec<serde_json::Value> {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("results.json");
     let out = Command::new(env!("CARGO_BIN_EXE_fem-bench"))
-        .args(["soak", "--soak", "3s", "--net", "127.0.202.0", "--json"])
+        .args(args)
+        .arg("--json")
         .arg(&json)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
@@ -188,11 +188,17 @@ fn the_soak_produces_its_row() {
         .unwrap();
     assert!(
         out.status.success(),
-        "fem-bench soak failed: {}",
+        "fem-bench {args:?} failed: {}",
         out.status
     );
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let rows = report["rows"].as_array().unwrap();
+    report["rows"].as_array().unwrap().clone()
+}
+
+/// The soak (run only when named) produces its row with its memory figures.
+#[test]
+fn the_soak_produces_its_row() {
+    let rows = bench_rows(&["soak", "--soak", "3s", "--net", "127.0.202.0"]);
     assert_eq!(rows.len(), 1, "{rows:?}");
     let row = &rows[0];
     assert_eq!(row["workload"], "soak");
@@ -208,31 +214,15 @@ fn the_soak_produces_its_row() {
 /// spokes hold no agent id, so they receive less per registration.
 #[test]
 fn the_stubs_run_produces_both_rows() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("results.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_fem-bench"))
-        .args([
-            "stubs",
-            "--mesh-size",
-            "3",
-            "--fed-agents",
-            "40",
-            "--net",
-            "127.0.203.0",
-            "--json",
-        ])
-        .arg(&json)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "fem-bench stubs failed: {}",
-        out.status
-    );
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let rows = report["rows"].as_array().unwrap();
+    let rows = bench_rows(&[
+        "stubs",
+        "--mesh-size",
+        "3",
+        "--fed-agents",
+        "40",
+        "--net",
+        "127.0.203.0",
+    ]);
     assert_eq!(rows.len(), 2, "{rows:?}");
     let bytes = |r: &serde_json::Value| {
         assert_eq!(r["workload"], "stubs");

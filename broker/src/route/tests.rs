@@ -721,6 +721,18 @@ fn only_an_attested_call_takes_an_unsigned_result() {
     assert_eq!(r.pending_len(), 0);
 }
 
+/// A router that is a stub (`--federation-routes summary`).
+fn stub_router(name: &str) -> Router {
+    Router::new(
+        RouterConfig {
+            stub: true,
+            ..router(name).cfg.clone()
+        },
+        Metrics::new().expect("metrics"),
+        T0,
+    )
+}
+
 /// Registers agent `name` at router `at` offering capability `cap` (and
 /// tool echo), and lets the batched advertisement go.
 fn register_kind(net: &mut Net, at: usize, name: &str, cap: &str, now: Micros) {
@@ -751,14 +763,7 @@ fn register_kind(net: &mut Net, at: usize, name: &str, cap: &str, now: Micros) {
 fn a_stub_holds_summaries_relays_open_and_advertises_only_its_own_agents() {
     // Hub h, stub s, spokes p (behind h) and q (beside s, full routes).
     let mut net = Net::new(&["h", "s", "p", "q"]);
-    net.routers[1] = Router::new(
-        RouterConfig {
-            stub: true,
-            ..net.routers[1].cfg.clone()
-        },
-        Metrics::new().expect("metrics"),
-        T0,
-    );
+    net.routers[1] = stub_router("s");
     net.link(0, 1, true);
     net.link(0, 2, true);
     net.link(1, 3, true);
@@ -907,14 +912,7 @@ fn a_stub_holds_summaries_relays_open_and_advertises_only_its_own_agents() {
 
 #[test]
 fn a_stub_takes_summaries_only_from_peers_that_may_advertise_every_id() {
-    let mut r = Router::new(
-        RouterConfig {
-            stub: true,
-            ..router("s").cfg.clone()
-        },
-        Metrics::new().expect("metrics"),
-        T0,
-    );
+    let mut r = stub_router("s");
     let pattern = |p: &str| fem_proto::IdPattern::new(p).expect("pattern");
     let features = [fem_proto::DELTA_FEATURE.to_owned()];
     r.link_up(
@@ -972,14 +970,7 @@ fn a_stub_takes_summaries_only_from_peers_that_may_advertise_every_id() {
 #[test]
 fn a_stub_link_carries_kinds_not_agents() {
     let mut net = Net::new(&["h", "s", "p", "f"]);
-    net.routers[1] = Router::new(
-        RouterConfig {
-            stub: true,
-            ..net.routers[1].cfg.clone()
-        },
-        Metrics::new().expect("metrics"),
-        T0,
-    );
+    net.routers[1] = stub_router("s");
     for spoke in 1..4 {
         net.link(0, spoke, true);
     }
