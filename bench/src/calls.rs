@@ -319,18 +319,34 @@ pub(crate) async fn start_cluster(
     Ok(out)
 }
 
-async fn start_federated(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
-    let mesh_urls = [3u8, 4].map(|n| broker_url(host_ip(s.net, n)));
-    let mesh = start_cluster(s, "mesh2", &[3, 4], |i| {
-        vec![
+/// Two brokers at hosts `ns` meshed together, with `extra` flags on both.
+async fn mesh_of_two(
+    s: &Settings,
+    name: &str,
+    ns: [u8; 2],
+    extra: &[&str],
+) -> anyhow::Result<Vec<BrokerProc>> {
+    let urls = ns.map(|n| broker_url(host_ip(s.net, n)));
+    start_cluster(s, name, &ns, |i| {
+        let mut a: Vec<String> = vec![
             "--federation-mode".into(),
             "mesh".into(),
             "--peer".into(),
-            mesh_urls[1 - i].clone(),
-        ]
+            urls[1 - i].clone(),
+        ];
+        a.extend(extra.iter().map(|x| (*x).to_owned()));
+        a
     })
-    .await?;
-    add_federated(s, run, ["mesh2", "mesh2+attested"], mesh, 2).await?;
+    .await
+}
+
+async fn start_federated(s: &Settings, run: &mut Running) -> anyhow::Result<()> {
+    let mesh = mesh_of_two(s, "mesh2", [3, 4], &[]).await?;
+    add_federated(s, run, &["mesh2", "mesh2+attested"], mesh, 2).await?;
+    // The same path with the relaying brokers verifying signatures too
+    // (defence in depth; signed calls only: attested ones carry none).
+    let verifying = mesh_of_two(s, "mesh2-verify", [10, 11], &["--verify-relayed"]).await?;
+    add_federated(s, run, &["mesh2+verify"], verifying, 2).await?;
 
     let hub_url = broker_url(host_ip(s.net, 5));
     let star = start_cluster(s, "hub", &[5, 6, 7], |i| {
@@ -349,21 +365,20 @@ async fn start_federated(s: &Settings, run: &mut Running) -> anyhow::Result<()> 
     // Caller on one spoke, agent on the other: the call crosses the hub.
     let [hub, a, b] =
         <[BrokerProc; 3]>::try_from(star).map_err(|_| anyhow::anyhow!("expected three brokers"))?;
-    add_federated(s, run, ["hub", "hub+attested"], vec![a, b, hub], 3).await
+    add_federated(s, run, &["hub", "hub+attested"], vec![a, b, hub], 3).await
 }
 
-/// Adds a federated system: the caller on the first broker, the echo agent
-/// on the second, the call crossing `brokers_on_path` brokers.
-/// Adds the signed case `names[0]` and the broker-attested case
-/// `names[1]` across `brokers` (caller at the first, agent at the second).
+/// Adds the cases `names` (broker-attested where the name ends in
+/// `+attested`) across `brokers`: the caller on the first broker, the echo
+/// agent on the second, the call crossing `brokers_on_path` brokers.
 async fn add_federated(
     s: &Settings,
     run: &mut Running,
-    names: [&'static str; 2],
+    names: &[&'static str],
     brokers: Vec<BrokerProc>,
     brokers_on_path: u32,
 ) -> anyhow::Result<()> {
-    for name in names {
+    for &name in names {
         // Ids allow no `+`.
         let id = name.replace('+', "-");
         let agent = agent_spec(&format!("echo-{id}"), &brokers[1], Transport::Quic);

@@ -74,6 +74,7 @@ fn every_workload_produces_every_row() {
             want_calls.push(("single", format!("tls-tcp {size} c={c}")));
             want_calls.push(("single", format!("mcp-https {size} c={c}")));
             want_calls.push(("federated", format!("mesh2 {size} c={c}")));
+            want_calls.push(("federated", format!("mesh2+verify {size} c={c}")));
             want_calls.push(("federated", format!("hub {size} c={c}")));
             want_calls.push(("nats", format!("nats-tls {size} c={c}")));
             for attested in ["quic+attested", "tls-tcp+attested"] {
