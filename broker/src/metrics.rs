@@ -42,8 +42,11 @@ impl Labelled for HistogramVec {
 #[derive(Clone)]
 pub struct Family<V: Labelled> {
     vec: V,
-    seen: Arc<[OnceLock<(Box<[String]>, V::Child)>]>,
+    seen: Arc<[Slot<V::Child>]>,
 }
+
+/// A remembered label set and its child.
+type Slot<M> = OnceLock<(Box<[String]>, M)>;
 
 impl<V: Labelled> std::fmt::Debug for Family<V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
