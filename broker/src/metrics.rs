@@ -1,9 +1,114 @@
 //! Prometheus metrics: one registry created at start and passed around.
 
+use std::ops::Deref;
+use std::sync::{Arc, OnceLock};
+
+use prometheus::core::Collector;
 use prometheus::{
     Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// Label sets a [`Family`] remembers; further ones are looked up each time.
+const FAMILY_SLOTS: usize = 32;
+
+/// A labelled metric family of prometheus.
+pub trait Labelled: Clone + Collector + 'static {
+    /// One child.
+    type Child: Clone;
+    /// As prometheus' `with_label_values`.
+    fn lookup(&self, labels: &[&str]) -> Self::Child;
+}
+
+impl Labelled for IntCounterVec {
+    type Child = IntCounter;
+    fn lookup(&self, labels: &[&str]) -> IntCounter {
+        self.with_label_values(labels)
+    }
+}
+
+impl Labelled for HistogramVec {
+    type Child = Histogram;
+    fn lookup(&self, labels: &[&str]) -> Histogram {
+        self.with_label_values(labels)
+    }
+}
+
+/// A labelled metric recorded on every call or envelope, whose children
+/// are found without hashing or locking once seen: prometheus'
+/// `with_label_values` hashes the labels and takes a read lock each time.
+/// A child stays what prometheus returned for its labels (these families
+/// are never pruned), so what is exported is unchanged.
+#[derive(Clone)]
+pub struct Family<V: Labelled> {
+    vec: V,
+    seen: Arc<[Slot<V::Child>]>,
+}
+
+/// A remembered label set and its child.
+type Slot<M> = OnceLock<(Box<[String]>, M)>;
+
+impl<V: Labelled> std::fmt::Debug for Family<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let seen = self.seen.iter().filter(|s| s.get().is_some()).count();
+        f.debug_struct("Family").field("seen", &seen).finish()
+    }
+}
+
+/// A child of a [`Family`]: remembered, or looked up for this use only.
+#[derive(Debug)]
+pub enum Child<'a, M> {
+    /// Found among the remembered label sets.
+    Seen(&'a M),
+    /// Looked up in the family (no free slot was left).
+    Looked(M),
+}
+
+impl<M> Deref for Child<'_, M> {
+    type Target = M;
+    fn deref(&self) -> &M {
+        match self {
+            Self::Seen(m) => m,
+            Self::Looked(m) => m,
+        }
+    }
+}
+
+impl<V: Labelled> Family<V> {
+    fn new(vec: V) -> Self {
+        Self {
+            vec,
+            seen: (0..FAMILY_SLOTS).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// The child for `labels`, as prometheus' `with_label_values`.
+    ///
+    /// # Panics
+    /// As prometheus: when the number of labels is not the family's.
+    pub fn with_label_values(&self, labels: &[&str]) -> Child<'_, V::Child> {
+        for slot in self.seen.iter() {
+            let Some((known, m)) = slot.get() else {
+                break;
+            };
+            if known.len() == labels.len() && known.iter().zip(labels).all(|(k, l)| k == l) {
+                return Child::Seen(m);
+            }
+        }
+        let m = self.vec.lookup(labels);
+        // Slots fill in order; two threads may remember the same labels
+        // twice, which only costs a slot.
+        for slot in self.seen.iter() {
+            if slot.get().is_none() {
+                let known = labels.iter().map(|l| (*l).to_owned()).collect();
+                if slot.set((known, m.clone())).is_ok() {
+                    break;
+                }
+            }
+        }
+        Child::Looked(m)
+    }
+}
 
 /// The broker's metrics.
 #[derive(Clone, Debug)]
@@ -16,13 +121,13 @@ pub struct Metrics {
     /// Envelopes processed (all types).
     pub messages_processed_total: IntCounter,
     /// Envelopes by type and outcome.
-    pub envelopes: IntCounterVec,
+    pub envelopes: Family<IntCounterVec>,
     /// Open connections by transport.
     pub connections: IntGaugeVec,
     /// Tool calls by outcome (ok or error code).
-    pub tool_calls: IntCounterVec,
+    pub tool_calls: Family<IntCounterVec>,
     /// Tool-call duration seen at the broker.
-    pub tool_call_duration: HistogramVec,
+    pub tool_call_duration: Family<HistogramVec>,
     /// Calls in flight.
     pub calls_in_flight: IntGauge,
     /// Refusals by reason (error code).
@@ -221,9 +326,12 @@ impl Metrics {
         registry.register(Box::new(registered_agents.clone()))?;
         registry.register(Box::new(messages_processed_total.clone()))?;
         registry.register(Box::new(envelopes.clone()))?;
+        let envelopes = Family::new(envelopes);
         registry.register(Box::new(connections.clone()))?;
         registry.register(Box::new(tool_calls.clone()))?;
         registry.register(Box::new(tool_call_duration.clone()))?;
+        let tool_calls = Family::new(tool_calls);
+        let tool_call_duration = Family::new(tool_call_duration);
         registry.register(Box::new(calls_in_flight.clone()))?;
         registry.register(Box::new(refusals.clone()))?;
         registry.register(Box::new(registrations.clone()))?;
@@ -284,5 +392,33 @@ impl Metrics {
             return String::new();
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Remembered or not, every label set counts into prometheus' own
+    /// child, so the exposition is what `with_label_values` would give.
+    #[test]
+    fn family_counts_into_prometheus_children() {
+        let vec = IntCounterVec::new(Opts::new("t_total", "t"), &["a", "b"]).expect("valid");
+        let family = Family::new(vec.clone());
+        let labels: Vec<String> = (0..FAMILY_SLOTS + 8).map(|i| format!("l{i}")).collect();
+        for round in 0..3 {
+            for l in &labels {
+                family.with_label_values(&[l, "x"]).inc();
+            }
+            family.with_label_values(&["l0", "y"]).inc_by(round + 1);
+        }
+        for l in &labels {
+            assert_eq!(vec.with_label_values(&[l, "x"]).get(), 3, "{l}");
+        }
+        assert_eq!(vec.with_label_values(&["l0", "y"]).get(), 6);
+        assert!(matches!(
+            family.with_label_values(&["l0", "x"]),
+            Child::Seen(_)
+        ));
     }
 }

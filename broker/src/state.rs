@@ -100,6 +100,33 @@ pub(crate) struct Fed {
     pub(crate) linked: DashMap<AgentId, PublicKey>,
 }
 
+/// Hashes the broker's own sequential client and link ids, looked up for
+/// every frame sent: one multiplication instead of SipHash, which guards
+/// against keys chosen by a peer and these are not.
+type IdHash = std::hash::BuildHasherDefault<IdHasher>;
+
+/// See [`IdHash`].
+#[derive(Debug, Default)]
+pub(crate) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        // Fibonacci hashing: spreads sequential ids over the high bits
+        // (DashMap's shard, hashbrown's tag) and keeps the low bits distinct.
+        self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8)) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
+}
+
 /// A discovery page to sign once the router lock is released.
 type Discovered = (
     ClientId,
@@ -135,8 +162,8 @@ pub(crate) struct Shared {
     /// The tools each MCP principal may call, while they hold.
     pub(crate) mcp_catalogs: crate::mcp::Catalogs,
     router: Mutex<Router>,
-    clients: DashMap<ClientId, Arc<ClientHandle>>,
-    links: DashMap<LinkId, Arc<LinkHandle>>,
+    clients: DashMap<ClientId, Arc<ClientHandle>, IdHash>,
+    links: DashMap<LinkId, Arc<LinkHandle>, IdHash>,
     next_id: AtomicU64,
     /// The timeout the timer task sleeps towards (u64::MAX: none); only an
     /// earlier one wakes it.
@@ -199,8 +226,8 @@ impl Shared {
             mcp_principals,
             mcp_catalogs: crate::mcp::Catalogs::default(),
             router: Mutex::new(router),
-            clients: DashMap::new(),
-            links: DashMap::new(),
+            clients: DashMap::default(),
+            links: DashMap::default(),
             next_id: AtomicU64::new(1),
             armed: AtomicU64::new(u64::MAX),
             timer_wake: Arc::new(Notify::new()),

@@ -52,17 +52,32 @@ impl LogArgs {
     /// Installs the global subscriber (logs go to stderr); `default_level`
     /// applies when neither `--log-level` nor RUST_LOG is set.
     pub fn init(&self, default_level: &str) {
+        use tracing_subscriber::filter::{EnvFilter, Targets};
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        use tracing_subscriber::{Layer, Registry};
+
         let level = self.log_level.as_deref().unwrap_or(default_level);
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        let from_env = std::env::var("RUST_LOG").ok();
+        let directives = from_env.as_deref().unwrap_or(level);
+        // Levels by target (all FEM's defaults) need no state per span:
+        // EnvFilter, kept for span and field directives, looks every
+        // entered span up under a shared lock, on every poll of every
+        // instrumented task.
+        let filter: Box<dyn Layer<Registry> + Send + Sync> = match directives.parse::<Targets>() {
+            Ok(targets) if !directives.is_empty() => Box::new(targets),
+            _ => Box::new(
+                EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)),
+            ),
+        };
         let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-        let b = tracing_subscriber::fmt()
-            .with_env_filter(filter)
+        let fmt = tracing_subscriber::fmt::layer()
             .with_ansi(ansi)
             .with_writer(std::io::stderr);
+        let registry = tracing_subscriber::registry().with(filter);
         match self.log_format.unwrap_or(LogFormat::Text) {
-            LogFormat::Text => b.init(),
-            LogFormat::Json => b.json().flatten_event(true).init(),
+            LogFormat::Text => registry.with(fmt).init(),
+            LogFormat::Json => registry.with(fmt.json().flatten_event(true)).init(),
         }
     }
 }

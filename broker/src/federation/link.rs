@@ -291,34 +291,34 @@ where
         let mut ping = tokio::time::interval(shared.config.federation.ping_interval);
         let mut last_rx = Instant::now();
         let mut seq = 0u64;
-        // Reading is not cancel-safe: it runs on its own task.
-        let (itx, mut irx) = mpsc::channel::<FedFrame>(LINK_QUEUE);
-        let read_task = tokio::spawn(async move {
-            while let Ok(Some(f)) = reader.next_message::<FedFrame>().await {
-                if itx.send(f).await.is_err() {
-                    break;
+        // The read is cancel-safe (bytes read stay in the decoder), so it
+        // runs here rather than on a task of its own: no channel hop and
+        // wake-up per frame. The other futures live across frames, so none
+        // registers a waiter anew per frame.
+        let mut closed = Box::pin(handle.close.notified());
+        let left_dns = async {
+            match &mut stop {
+                Some(s) => {
+                    let _ = s.wait_for(|v| *v).await;
                 }
+                None => std::future::pending::<()>().await,
             }
-        });
+        };
+        tokio::pin!(left_dns);
         loop {
             tokio::select! {
-                f = irx.recv() => match f {
-                    Some(f) => {
+                f = reader.next_message::<FedFrame>() => match f {
+                    Ok(Some(f)) => {
                         last_rx = Instant::now();
                         handle_frame(&shared, link, &fed_tx, f);
                     }
-                    None => break,
+                    Ok(None) | Err(_) => break,
                 },
-                () = handle.close.notified() => {
+                () = &mut closed => {
                     info!("link replaced or stuck; closing it");
                     break;
                 }
-                () = async {
-                    match &mut stop {
-                        Some(s) => { let _ = s.wait_for(|v| *v).await; }
-                        None => std::future::pending::<()>().await,
-                    }
-                } => {
+                () = &mut left_dns => {
                     info!("peer left DNS; closing the link");
                     break;
                 }
@@ -335,7 +335,7 @@ where
                 break;
             }
         }
-        read_task.abort();
+        drop(closed);
         shared.remove_link(link);
         drop(fed_tx);
         drop(handle);

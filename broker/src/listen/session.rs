@@ -328,7 +328,15 @@ async fn serve<R: AsyncRead + Unpin>(
             None => std::future::pending().await,
         }
     };
-    tokio::pin!(expiry);
+    // Every future but the read lives across frames: made per frame, each
+    // would register and unregister a waiter (a lock each) per frame.
+    let closed = me.handle.close.notified();
+    let stopping = shutdown.wait_for(|s| *s);
+    // The silence deadline is moved only when it fires (to the last frame
+    // plus the grace), not re-armed in the timer wheel on every frame.
+    let silence = tokio::time::sleep(grace);
+    let mut last_frame = tokio::time::Instant::now();
+    tokio::pin!(expiry, closed, stopping, silence);
     loop {
         let frame = tokio::select! {
             () = &mut expiry => {
@@ -343,29 +351,34 @@ async fn serve<R: AsyncRead + Unpin>(
                 });
                 return;
             }
-            () = me.handle.close.notified() => {
+            () = &mut closed => {
                 let (code, message) = me.handle.take_reason().unwrap_or_else(|| (ErrorCode::AgentUnavailable, "session closed by the broker".into()));
                 send(Frame::Error { code, message });
                 return;
             }
-            _ = shutdown.wait_for(|s| *s) => {
+            _ = &mut stopping => {
                 send(Frame::Error { code: ErrorCode::ShuttingDown, message: "broker shutting down".into() });
                 return;
             }
-            r = tokio::time::timeout(grace, reader.next()) => r,
-        };
-        let frame = match frame {
-            Err(_) => {
+            () = &mut silence => {
+                let due = last_frame + grace;
+                if due > tokio::time::Instant::now() {
+                    silence.as_mut().reset(due);
+                    continue;
+                }
                 warn!(agent = %me.id, grace_ms = millis(grace), "agent silent past its grace period; evicting");
                 shared.metrics.refused("HEARTBEAT_TIMEOUT");
                 return;
             }
-            Ok(Ok(Some(f))) => f,
-            Ok(Ok(None)) => {
+            r = reader.next() => r,
+        };
+        let frame = match frame {
+            Ok(Some(f)) => f,
+            Ok(None) => {
                 debug!("connection closed by peer");
                 return;
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 let (code, message) = read_refusal(&e);
                 if matches!(e, ReadError::Proto(_)) {
                     info!(%code, %message, "bad frame; closing connection");
@@ -377,6 +390,7 @@ async fn serve<R: AsyncRead + Unpin>(
                 return;
             }
         };
+        last_frame = tokio::time::Instant::now();
         me.handle
             .last_seen_ms
             .store(fem_proto::now_ms(), Ordering::Relaxed);
