@@ -101,31 +101,9 @@ pub(crate) struct Fed {
 }
 
 /// Hashes the broker's own sequential client and link ids, looked up for
-/// every frame sent: one multiplication instead of SipHash, which guards
-/// against keys chosen by a peer and these are not.
-type IdHash = std::hash::BuildHasherDefault<IdHasher>;
-
-/// See [`IdHash`].
-#[derive(Debug, Default)]
-pub(crate) struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        // Fibonacci hashing: spreads sequential ids over the high bits
-        // (DashMap's shard, hashbrown's tag) and keeps the low bits distinct.
-        self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(8)) ^ u64::from(*b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 ^= n;
-    }
-}
+/// every frame sent: FxHash (one multiplication) instead of SipHash, which
+/// guards against keys chosen by a peer and these are not.
+type IdHash = rustc_hash::FxBuildHasher;
 
 /// A discovery page to sign once the router lock is released.
 type Discovered = (
