@@ -659,8 +659,9 @@ impl Router {
     // ----- calls -----
 
     /// Routes an admitted toolCall. A call relayed by a peer names the agent
-    /// the entry broker chose ([`Incoming::pinned`]); it runs there or
-    /// fails, never on another agent.
+    /// the entry broker chose ([`Arrival::Pinned`]); it runs there or fails,
+    /// never on another agent. An open relay ([`Arrival::Open`]) is resolved
+    /// here and never relayed on unchosen.
     pub fn call(&mut self, now: Micros, incoming: Incoming<'_>) {
         let Incoming {
             reply,
