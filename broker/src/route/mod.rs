@@ -834,6 +834,7 @@ impl Router {
             );
         };
         self.metrics.calls_in_flight.inc();
+        let open = matches!(target, CallTarget::Open { .. });
         match target {
             CallTarget::Local { session, agent } => {
                 let deliver = envelope.deliver(caller_key);
@@ -873,27 +874,21 @@ impl Router {
                     }
                 }
             }
-            CallTarget::Remote { link, agent, .. } => {
-                debug!(request = %call.request_id, tool = %call.tool, %agent, "relaying call");
-                *self.remote_load.entry(agent.clone()).or_default() += 1;
+            CallTarget::Remote { link, agent, .. } | CallTarget::Open { link, peer: agent } => {
+                // A remote agent counts its load; an open relay its peer's.
+                let pinned = if open {
+                    if let Some(l) = self.links.get_mut(&agent) {
+                        l.open_in_flight += 1;
+                    }
+                    None
+                } else {
+                    *self.remote_load.entry(agent.clone()).or_default() += 1;
+                    Some(agent)
+                };
+                debug!(request = %call.request_id, tool = %call.tool, agent = ?pinned, "relaying call");
                 let frame = FedFrame::relay_call(
                     id.0,
-                    Some(agent),
-                    hops_left.saturating_sub(1),
-                    caller_key,
-                    envelope,
-                    credential.map(|c| c.signed.clone()),
-                );
-                self.out.push_back(Output::Link { to: link, frame });
-            }
-            CallTarget::Open { link, peer } => {
-                debug!(request = %call.request_id, tool = %call.tool, %peer, "relaying call open to a summary");
-                if let Some(l) = self.links.get_mut(&peer) {
-                    l.open_in_flight += 1;
-                }
-                let frame = FedFrame::relay_call(
-                    id.0,
-                    None,
+                    pinned,
                     hops_left.saturating_sub(1),
                     caller_key,
                     envelope,
@@ -1192,21 +1187,23 @@ impl Router {
     /// that could take the call: fewest hops, then fewest open relays in
     /// flight; round robin among ties.
     fn select_summary(&mut self, target: &Target, want: Want<'_>) -> Option<AgentId> {
-        let candidates: Vec<(AgentId, u8, u32)> = self
+        let candidates: Vec<(&AgentId, (u8, u32))> = self
             .links
             .iter()
             .filter(|(_, l)| !want.attested || l.attested)
             .filter_map(|(peer, l)| {
                 summary::best_hops(&l.summary, target, want.tool, want.attested)
-                    .map(|h| (peer.clone(), h, l.open_in_flight))
+                    .map(|h| (peer, (h, l.open_in_flight)))
             })
             .collect();
         self.rr = self.rr.wrapping_add(1);
-        let ids: Vec<AgentId> = candidates.iter().map(|c| c.0.clone()).collect();
-        least(&ids, self.rr, |id| {
-            let (_, hops, load) = candidates.iter().find(|c| c.0 == *id)?;
-            Some(u64::from(*hops) << 32 | u64::from(*load))
-        })
+        let start = self.rr % candidates.len().max(1);
+        // The first of the least from the round-robin start, as `least`.
+        candidates[start..]
+            .iter()
+            .chain(&candidates[..start])
+            .min_by_key(|c| c.1)
+            .map(|c| c.0.clone())
     }
 
     /// A relayed call runs on the agent the entry broker chose, which must
