@@ -1840,26 +1840,19 @@ impl Router {
             return;
         }
         // A kind no agent could register (over the names one agent may
-        // offer) is dropped: it would only slow every match.
+        // offer) is dropped: it would only slow every match. Then at most
+        // MAX_SUMMARY_PROFILES are kept.
         let before = profiles.len();
         profiles.retain(|p| {
             p.capabilities.len() <= summary::MAX_PROFILE_NAMES
                 && p.tools.len() <= summary::MAX_PROFILE_NAMES
         });
-        let oversized = before - profiles.len();
-        if oversized > 0 {
+        profiles.truncate(fem_proto::MAX_SUMMARY_PROFILES);
+        if profiles.len() < before {
             self.metrics
                 .limit_hits
                 .with_label_values(&["summary_profiles"])
-                .inc_by(oversized as u64);
-        }
-        if profiles.len() > fem_proto::MAX_SUMMARY_PROFILES {
-            let over = profiles.len() - fem_proto::MAX_SUMMARY_PROFILES;
-            self.metrics
-                .limit_hits
-                .with_label_values(&["summary_profiles"])
-                .inc_by(over as u64);
-            profiles.truncate(fem_proto::MAX_SUMMARY_PROFILES);
+                .inc_by((before - profiles.len()) as u64);
         }
         l.summary = profiles;
         self.generation += 1;
