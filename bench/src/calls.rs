@@ -14,6 +14,7 @@ use fem_proto::{
     AgentId, CallRule, CapabilityPattern, ErrorCode, Grant, IdPattern, Role, SignedGrant,
     SigningKey, Target,
 };
+use futures::StreamExt as _;
 
 use crate::agentproc::{AgentHost, FemAgent, HostSpec, NatsResponder};
 use crate::crypto::{self, CryptoOps, Floor};
@@ -70,6 +71,40 @@ impl Running {
         self.spec.fem.push(agent);
         Ok(())
     }
+}
+
+/// Registrations in flight at once when a workload connects many agents:
+/// enough to keep a broker busy, few enough that the client side is not
+/// what limits the rate.
+pub(crate) const CONNECTING_AT_ONCE: usize = 256;
+
+/// Connects `n` agents of this process offering `tool`, [`CONNECTING_AT_ONCE`]
+/// at a time; agent `k` gets the id, capability and options `spec(k)` gives.
+/// Returns each `k` with its outcome, in the order they finished.
+pub(crate) async fn connect_agents(
+    n: usize,
+    tool: &Tool,
+    spec: impl Fn(usize) -> (String, String, Options),
+) -> Vec<(usize, anyhow::Result<Client>)> {
+    futures::stream::iter(0..n)
+        .map(|k| {
+            let (id, capability, opts) = spec(k);
+            let tool = tool.clone();
+            async move {
+                let r = async {
+                    Ok(AgentBuilder::new(AgentId::new(id)?, SigningKey::generate())
+                        .capability(&capability)?
+                        .tool(tool)
+                        .connect(opts)
+                        .await?)
+                }
+                .await;
+                (k, r)
+            }
+        })
+        .buffer_unordered(CONNECTING_AT_ONCE)
+        .collect()
+        .await
 }
 
 /// An echo agent of the agent process, on the broker at `b`.

@@ -18,11 +18,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use fem_agent_sdk::{AgentBuilder, Client, Transport};
-use fem_proto::{AgentId, CapabilityPattern, SigningKey};
-use futures::StreamExt as _;
+use fem_agent_sdk::{Client, Transport};
+use fem_proto::CapabilityPattern;
 
-use crate::calls::{caller, echo_agent, echo_tool, options, start_cluster};
+use crate::calls::{
+    CONNECTING_AT_ONCE, caller, connect_agents, echo_agent, echo_tool, options, start_cluster,
+};
 use crate::federation::{call_from_each, mesh_args, ms, until_all, wait_full_mesh};
 use crate::load::median;
 use crate::procs::{BrokerProc, broker_url, host_ip, metric_sum};
@@ -32,8 +33,6 @@ use crate::{Settings, Workload};
 /// First host number of the mesh in the bench network (up to .60).
 const FIRST_HOST: u8 = 42;
 const LAST_HOST: u8 = 60;
-/// Registrations in flight at once, over all brokers.
-const CONNECTING_AT_ONCE: usize = 256;
 /// The link counter that is read, and the sample label summed.
 const LINK_BYTES: &str = "fem_broker_federation_bytes_total";
 const SENT: &str = "direction=\"sent\"";
@@ -335,28 +334,15 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
         .map(|b| options(s, b, Transport::Tcp))
         .collect::<anyhow::Result<_>>()?;
     let t0 = Instant::now();
-    let results: Vec<(usize, anyhow::Result<Client>)> = futures::stream::iter(0..total)
-        .map(|k| {
-            let (b, j) = (k % m, k / m);
-            let (opts, tool) = (opts[b].clone(), tool.clone());
-            async move {
-                let r = async {
-                    Ok(AgentBuilder::new(
-                        AgentId::new(format!("fs-{b}-{j}"))?,
-                        SigningKey::generate(),
-                    )
-                    .capability(&format!("fedscale.b{b}.n{j}"))?
-                    .tool(tool)
-                    .connect(opts)
-                    .await?)
-                }
-                .await;
-                (b, r)
-            }
-        })
-        .buffer_unordered(CONNECTING_AT_ONCE)
-        .collect()
-        .await;
+    let results = connect_agents(total, &tool, |k| {
+        let (b, j) = (k % m, k / m);
+        (
+            format!("fs-{b}-{j}"),
+            format!("fedscale.b{b}.n{j}"),
+            opts[b].clone(),
+        )
+    })
+    .await;
     let registered_in = t0.elapsed();
     eprintln!(
         "  fedscale  {total} agents registered in {:.1} s",
@@ -364,9 +350,9 @@ pub(crate) async fn run(s: &Settings) -> anyhow::Result<Vec<Row>> {
     );
     let mut agents: Vec<Vec<Client>> = (0..m).map(|_| Vec::new()).collect();
     let (mut failed, mut first_error) = (0u64, None);
-    for (b, r) in results {
+    for (k, r) in results {
         match r {
-            Ok(a) => agents[b].push(a),
+            Ok(a) => agents[k % m].push(a),
             Err(e) => {
                 failed += 1;
                 first_error.get_or_insert_with(|| format!("{e:#}"));

@@ -4,19 +4,14 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use fem_agent_sdk::{AgentBuilder, Client, Transport};
-use fem_proto::{AgentId, CapabilityPattern, SigningKey, Target};
-use futures::StreamExt as _;
+use fem_agent_sdk::Transport;
+use fem_proto::{AgentId, CapabilityPattern, Target};
 
-use crate::calls::{caller, echo_tool, options, size_name};
+use crate::calls::{CONNECTING_AT_ONCE, caller, connect_agents, echo_tool, options, size_name};
 use crate::load::{self, Caller, Endpoint};
 use crate::procs::{BrokerProc, cpu_of, host_ip};
 use crate::report::Row;
 use crate::{Settings, Workload};
-
-/// Registrations in flight at once: enough to keep the broker busy, few
-/// enough that the client side is not what limits the rate.
-const CONNECTING_AT_ONCE: usize = 256;
 
 /// Connects `n` agents (over `transport`, one echo tool and one capability each) to a
 /// fresh broker and measures registrations per second, the time until the
@@ -51,28 +46,16 @@ pub(crate) async fn run(s: &Settings, n: usize, transport: Transport) -> anyhow:
     // (which holds the agents), to tell which side limits the rate.
     let cpu0 = (cpu_of(b.proc.pid())?, cpu_of(std::process::id())?);
     let t0 = Instant::now();
-    let results: Vec<anyhow::Result<Client>> = futures::stream::iter(0..n)
-        .map(|i| {
-            let (opts, tool) = (opts.clone(), tool.clone());
-            async move {
-                Ok(
-                    AgentBuilder::new(AgentId::new(format!("scale-{i}"))?, SigningKey::generate())
-                        .capability(&format!("scale.n{i}"))?
-                        .tool(tool)
-                        .connect(opts)
-                        .await?,
-                )
-            }
-        })
-        .buffer_unordered(CONNECTING_AT_ONCE)
-        .collect()
-        .await;
+    let results = connect_agents(n, &tool, |i| {
+        (format!("scale-{i}"), format!("scale.n{i}"), opts.clone())
+    })
+    .await;
     let registered_in = t0.elapsed();
     let cpu1 = (cpu_of(b.proc.pid())?, cpu_of(std::process::id())?);
     let mut agents = Vec::with_capacity(n);
     let mut failed = 0u64;
     let mut first_error = None;
-    for r in results {
+    for (_, r) in results {
         match r {
             Ok(a) => agents.push(a),
             Err(e) => {

@@ -16,11 +16,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use fem_agent_sdk::{AgentBuilder, Client, Transport};
-use fem_proto::{AgentId, CapabilityPattern, ErrorCode, SigningKey, Target};
-use futures::StreamExt as _;
+use fem_agent_sdk::Transport;
+use fem_proto::{CapabilityPattern, ErrorCode, Target};
 
-use crate::calls::{caller, echo_agent, echo_tool, options, start_cluster};
+use crate::calls::{caller, connect_agents, echo_agent, echo_tool, options, start_cluster};
 use crate::federation::ms;
 use crate::load::median;
 use crate::procs::{BrokerProc, broker_url, host_ip, metric_sum};
@@ -34,8 +33,6 @@ const FIRST_HOST: u8 = 62;
 const MAX_BROKERS: u8 = 10;
 /// Kinds of agent on each spoke.
 const KINDS: usize = 10;
-/// Registrations in flight at once, over all spokes.
-const CONNECTING_AT_ONCE: usize = 256;
 /// Longest wait for registrations to be routed, and for the new kind.
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -112,26 +109,18 @@ async fn one(s: &Settings, stub: bool) -> anyhow::Result<Row> {
         .collect::<anyhow::Result<_>>()?;
     let total = spokes.len() * per;
     let t0 = Instant::now();
-    let results: Vec<anyhow::Result<Client>> = futures::stream::iter(0..total)
-        .map(|k| {
-            let (b, j) = (k % spokes.len(), k / spokes.len());
-            let (opts, tool) = (opts[b].clone(), tool.clone());
-            async move {
-                Ok(
-                    AgentBuilder::new(AgentId::new(format!("st-{b}-{j}"))?, SigningKey::generate())
-                        .capability(&format!("stubs.k{}", j % KINDS))?
-                        .tool(tool)
-                        .connect(opts)
-                        .await?,
-                )
-            }
-        })
-        .buffer_unordered(CONNECTING_AT_ONCE)
-        .collect()
-        .await;
+    let results = connect_agents(total, &tool, |k| {
+        let (b, j) = (k % spokes.len(), k / spokes.len());
+        (
+            format!("st-{b}-{j}"),
+            format!("stubs.k{}", j % KINDS),
+            opts[b].clone(),
+        )
+    })
+    .await;
     let mut agents = Vec::new();
     let mut failed = 0u64;
-    for r in results {
+    for (_, r) in results {
         match r {
             Ok(a) => agents.push(a),
             Err(e) => {
